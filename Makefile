@@ -1,0 +1,41 @@
+# Every target that runs something first does the whole set-up on a fresh machine: a virtual environment
+# with pinned dependencies (requirements/), then the build of pydc._C (CUDA sources too where a toolkit is
+# found; see setup.py). `make test` is what CI runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+
+DEPS_STAMP := $(VENV)/.deps-installed
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+BUILD_STAMP := build/.pydc-built
+
+.PHONY: setup build test test-cuda bench clean
+
+setup: $(DEPS_STAMP)
+
+$(DEPS_STAMP): requirements/base.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	touch $@
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) setup.py build_ext --inplace
+	mkdir -p build && touch $@
+
+test: build
+	$(PY) -m pytest tests
+
+test-cuda: build
+	$(PY) -m pytest -m cuda tests
+
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf build pydc/_C*.so pydc/_build_info.json
