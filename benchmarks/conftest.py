@@ -1,0 +1,105 @@
+"""Shared benchmark machinery: every kernel is timed beside its reference on the same inputs, in one run.
+
+A benchmark sets `benchmark.group` to name the comparison and `benchmark.extra_info["role"]` to "pydc" or
+"reference". At the end of the run each group's ratio (reference median / pydc median, so > 1 means pydc is
+faster) is printed and added to the --benchmark-json output under "pydc_ratios"; extra_info keys such as
+"bytes" (memory moved) or "flop" give achieved bandwidth and rate as well.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from collections import defaultdict
+
+import pytest
+import torch
+
+import pydc
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def synchronized(fn, device):
+    """fn followed by a device synchronize, so that the timer sees the kernel's whole run."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+def _ratios(benchmarks) -> list[dict]:
+    groups = defaultdict(dict)
+    for bench in benchmarks:
+        role = bench.extra_info.get("role")
+        if role in ("pydc", "reference") and bench.stats:
+            groups[bench.group][role] = bench
+    rows = []
+    for group, pair in sorted(groups.items()):
+        ours, reference = pair.get("pydc"), pair.get("reference")
+        if ours is None or reference is None:
+            continue
+        row = {
+            "group": group,
+            "pydc_median_s": ours.stats.median,
+            "reference_median_s": reference.stats.median,
+            "reference_name": reference.extra_info.get("reference", reference.name),
+            "speedup": reference.stats.median / ours.stats.median,
+        }
+        for key in ("bytes", "flop"):
+            if key in ours.extra_info:
+                row[key] = ours.extra_info[key]
+        if "bytes" in row:
+            row["pydc_GBps"] = row["bytes"] / ours.stats.median / 1e9
+        if "flop" in row:
+            row["pydc_TFLOPs"] = row["flop"] / ours.stats.median / 1e12
+        if "floor_s" in ours.extra_info:
+            row["floor_s"] = ours.extra_info["floor_s"]
+            row["pydc_over_floor"] = ours.stats.median / ours.extra_info["floor_s"]
+        rows.append(row)
+    return rows
+
+
+def _machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["card"] = torch.cuda.get_device_name()
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=False).stdout.strip()
+    except OSError:
+        pass
+    if pydc.extension.has_ops():
+        info["pydc_build"] = pydc.extension.build_info()
+    return info
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["pydc_ratios"] = _ratios(benchmarks)
+    output_json["pydc_machine"] = _machine()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    rows = _ratios(session.benchmarks) if session is not None else []
+    if not rows:
+        return
+    terminalreporter.section("pydc vs reference (median times, same inputs, same run)")
+    for row in rows:
+        line = (f"{row['group']}: pydc {row['pydc_median_s'] * 1e3:.3f} ms, {row['reference_name']} "
+                f"{row['reference_median_s'] * 1e3:.3f} ms -> {row['speedup']:.2f}x")
+        if "pydc_GBps" in row:
+            line += f", {row['pydc_GBps']:.0f} GB/s"
+        if "pydc_over_floor" in row:
+            line += f", {row['pydc_over_floor']:.2f}x the bandwidth floor"
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
