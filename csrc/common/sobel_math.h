@@ -7,11 +7,7 @@
 // a_c = scale / (3 std_c) and bias = -sum_c mean_c / (3 std_c), where scale is 1/255 for uint8 input.
 #pragma once
 
-#if defined(__CUDACC__)
-#define PYDC_HD __host__ __device__ __forceinline__
-#else
-#define PYDC_HD inline
-#endif
+#include "common/hd.h"
 
 namespace pydc {
 

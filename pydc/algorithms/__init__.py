@@ -1,0 +1,1 @@
+"""The two training algorithms: DeepCluster (per-epoch k-means) and ODC (online memory)."""

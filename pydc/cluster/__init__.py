@@ -1,0 +1,1 @@
+"""Clustering: PCA-whitening, k-means backends, DeepCluster's uniform sampler, NMI and cluster statistics."""

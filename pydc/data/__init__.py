@@ -1,0 +1,1 @@
+"""Data: image-folder indexing, DALI and torchvision loaders, bundled demo data."""
