@@ -1,0 +1,1 @@
+"""Trainer utilities: atomic checkpoints and RNG state, JSON-lines logging, plots, torch.distributed helpers."""

@@ -1,0 +1,124 @@
+"""Command-line options of `python -m pydc.train`, grouped and explained, with --config files underneath flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pydc.models import ARCHITECTURES
+
+# Cluster counts for the bundled digits (1797 images) when --k is not given: DeepCluster over-clusters (as the
+# original does with k = 10000 on ImageNet's 1000 classes); ODC keeps clusters above its minimum size.
+DEFAULT_K = {"deepcluster": 100, "odc": 40}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pydc.train",
+        description="Train visual features without labels by DeepCluster or ODC. With no flags: DeepCluster with "
+                    "the `small` net on the bundled digits, on whatever device is there (a few minutes on a CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="YAML or JSON file of options (keys as the long flags, - or _); flags override it")
+
+    algorithm = parser.add_argument_group("algorithm")
+    algorithm.add_argument("--algo", choices=["deepcluster", "odc"], default="deepcluster",
+                           help="deepcluster: k-means over all features every epoch; odc: an online memory bank")
+    algorithm.add_argument("--arch", choices=list(ARCHITECTURES), default="small",
+                           help="backbone behind the Sobel stem; small is sized for 32x32 digits on a CPU")
+    algorithm.add_argument("--k", type=int, default=None,
+                           help=f"number of clusters (default: {DEFAULT_K} on digits; 10000 is the ImageNet value)")
+    algorithm.add_argument("--pca-dim", type=int, default=32,
+                           help="DeepCluster: PCA-whitening dimension before k-means (256 on ImageNet)")
+    algorithm.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations per clustering")
+    algorithm.add_argument("--kmeans-backend", default="auto", help="pydc.cluster.kmeans backend")
+    algorithm.add_argument("--odc-momentum", type=float, default=0.5, help="ODC: memory update momentum")
+    algorithm.add_argument("--odc-min-cluster", type=int, default=20,
+                           help="ODC: clusters smaller than this are dissolved every step")
+    algorithm.add_argument("--odc-centroid-interval", type=int, default=10,
+                           help="ODC: recompute the centroids every this many steps")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, help="image folder (default: the bundled digits); class sub-folders, "
+                                                   "when present, are used only to report NMI against labels")
+    data.add_argument("--crop", type=int, default=None, help="training crop size (default: 32 for small, else 224)")
+    data.add_argument("--batch-size", type=int, default=64, help="images per step and per process (256 on ImageNet)")
+    data.add_argument("--workers", type=int, default=2, help="decoding threads per process")
+    data.add_argument("--data-backend", default="auto", help="pydc.data loader backend (auto, dali, torchvision)")
+
+    optimization = parser.add_argument_group("optimization")
+    optimization.add_argument("--epochs", type=int, default=12)
+    optimization.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (backbone and top layer)")
+    optimization.add_argument("--wd", type=float, default=1e-5, help="weight decay")
+    optimization.add_argument("--momentum", type=float, default=0.9, help="backbone SGD momentum (the top layer "
+                                                                         "has none)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cpu or cuda; under torchrun each process uses the GPU of its LOCAL_RANK")
+    run.add_argument("--output", default="runs/digits", help="folder for the log, checkpoints, assignments, plots")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint to resume from exactly; 'auto' = OUTPUT/checkpoint.pt if it exists")
+    run.add_argument("--checkpoint-steps", type=int, default=200,
+                     help="also checkpoint every this many steps inside an epoch (0: only at epoch ends)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels: a resumed run ends bit-identical to an uninterrupted one")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    run.add_argument("--no-eval", action="store_true", help="skip the final k-NN / probe / NMI evaluation")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars to OUTPUT/tb")
+    return parser
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    text = file.read_text()
+    if file.suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+    known = {action.dest for action in parser._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise ValueError(f"--config {path}: unknown option {key!r}; valid keys are the long flags of "
+                             f"`python -m pydc.train --help`")
+        defaults[dest] = value
+    return defaults
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags over --config over built-in defaults; fills --k and --crop from the algorithm and arch."""
+    parser = get_args_parser()
+    preliminary, _ = parser.parse_known_args(argv)
+    if preliminary.config:
+        try:
+            parser.set_defaults(**_config_defaults(parser, preliminary.config))
+        except ValueError as error:
+            parser.error(str(error))
+    args = parser.parse_args(argv)
+    if args.arch not in ARCHITECTURES:  # a config file bypasses argparse's choices
+        parser.error(f"unknown architecture {args.arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if args.algo not in DEFAULT_K:
+        parser.error(f"unknown algorithm {args.algo!r}; expected deepcluster or odc")
+    if args.k is None:
+        args.k = DEFAULT_K[args.algo]
+    if args.crop is None:
+        from pydc.models import DEFAULT_INPUT_SIZE
+
+        args.crop = DEFAULT_INPUT_SIZE[args.arch]
+    for name in ("k", "epochs", "batch_size", "pca_dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
