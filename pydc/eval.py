@@ -7,7 +7,9 @@ backbone's clustering features (the same as training clusters) on centre crops, 
 classifiers train on a stratified 70% split and are scored on the other 30% (fixed by --seed):
 - k-NN: cosine similarity on L2-normalised features, majority vote of the --knn-k nearest training images;
 - linear probe: scikit-learn LogisticRegression on standardised features;
-- NMI: k-means with k = number of classes on the L2-normalised features of every image, against the labels.
+- NMI: k-means with k = number of classes on the features of every image, PCA-whitened to --pca-dim and
+  L2-normalised as DeepCluster clusters them (`nmi_kmeans`; default: the run's --pca-dim), and on the
+  L2-normalised features alone (`nmi_kmeans_l2`), against the labels.
 """
 
 from __future__ import annotations
@@ -43,15 +45,23 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, 
     return float(probe.score(test_features, test_labels))
 
 
-def kmeans_nmi(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> float:
-    from pydc.cluster import kmeans, nmi
+def kmeans_nmi(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int, pca_dim: int | None) -> float:
+    """NMI against the labels of k-means (k = classes) on the features prepared as DeepCluster clusters them:
+    PCA-whitened to `pca_dim` and L2-normalised (or only L2-normalised when pca_dim is None)."""
+    from pydc.cluster import PCAWhitening, kmeans, nmi
 
-    result = kmeans(F.normalize(features.float(), dim=1), num_classes, niter=50, seed=seed)
+    features = features.float()
+    if pca_dim:
+        prepared = PCAWhitening(n_components=min(pca_dim, features.shape[1], features.shape[0] - 1)).fit_transform(
+            features)
+    else:
+        prepared = F.normalize(features, dim=1)
+    result = kmeans(prepared, num_classes, niter=50, seed=seed)
     return float(nmi(result.labels.cpu(), labels.cpu()))
 
 
 def evaluate_features(features: torch.Tensor, labels, seed: int = 0, knn_k: int = 20,
-                      test_fraction: float = 0.3) -> dict:
+                      test_fraction: float = 0.3, pca_dim: int = 32) -> dict:
     """The three scores for (N, D) features and N integer labels (tensor or array)."""
     from sklearn.model_selection import train_test_split
 
@@ -73,7 +83,9 @@ def evaluate_features(features: torch.Tensor, labels, seed: int = 0, knn_k: int 
         "linear_probe_accuracy": linear_probe_accuracy(features[train_index].numpy(), labels[train_index].numpy(),
                                                        features[test_index].numpy(), labels[test_index].numpy(),
                                                        seed),
-        "nmi_kmeans": kmeans_nmi(features, labels, num_classes, seed),
+        "pca_dim": pca_dim,
+        "nmi_kmeans": kmeans_nmi(features, labels, num_classes, seed, pca_dim),
+        "nmi_kmeans_l2": kmeans_nmi(features, labels, num_classes, seed, None),
     }
 
 
@@ -110,6 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN classifier")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split and of k-means")
+    parser.add_argument("--pca-dim", type=int, default=None,
+                        help="PCA-whitening dimension before k-means (default: the checkpoint's --pca-dim)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     return parser
@@ -129,7 +143,8 @@ def main(argv=None) -> int:
         if labels is None:
             raise ValueError(f"{data_dir} has no class sub-folders, so there are no labels to evaluate against; "
                              f"point --data at a folder with one sub-folder per class")
-        scores = evaluate_features(features, labels, seed=args.seed, knn_k=args.knn_k)
+        pca_dim = args.pca_dim or state["args"].get("pca_dim") or 32
+        scores = evaluate_features(features, labels, seed=args.seed, knn_k=args.knn_k, pca_dim=pca_dim)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"pydc.eval: error: {error}", file=sys.stderr)
         return 2

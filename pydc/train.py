@@ -303,7 +303,7 @@ def train(args) -> dict:
         if rank == 0:
             from pydc.eval import evaluate_features
 
-            final.update(evaluate_features(features, true_labels, seed=args.seed))
+            final.update(evaluate_features(features, true_labels, seed=args.seed, pca_dim=args.pca_dim))
     if rank == 0:
         log.write(final)
         outputs.final(index, state["assignments"], args.k)

@@ -84,8 +84,10 @@ class RunOutputs:
         sizes = np.bincount(labels, minlength=num_clusters)
         largest = [int(c) for c in np.argsort(-sizes, kind="stable")[:clusters] if sizes[c] > 0]
         rows = []
+        generator = np.random.default_rng(0)
         for cluster in largest:
-            members = np.flatnonzero(labels == cluster)[:per_cluster]
+            members = np.flatnonzero(labels == cluster)
+            members = np.sort(generator.choice(members, min(per_cluster, len(members)), replace=False))
             images = [torch.from_numpy(np.asarray(Image.open(index.paths[i]).convert("RGB").resize((64, 64))))
                       .permute(2, 0, 1) for i in members]
             rows.append(torch.stack(images))
