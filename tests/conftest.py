@@ -45,3 +45,17 @@ def random_images(shape, dtype, device="cpu", generator=None):
     if dtype == torch.uint8:
         return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(device)
     return torch.rand(shape, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
+
+
+def poison_cuda_allocator(nbytes: int = 64 << 20) -> None:
+    """Fill and free a block of the CUDA caching allocator with NaN bytes, so that an output the next kernel
+    allocates but does not fully write shows up as NaN instead of happening to hold zeros."""
+    if CUDA_AVAILABLE:
+        block = torch.full((nbytes // 4,), float("nan"), device="cuda")
+        del block
+
+
+@pytest.fixture
+def poisoned(request):
+    """Use in CUDA-parametrized tests: poisons the allocator before the test body runs."""
+    poison_cuda_allocator()

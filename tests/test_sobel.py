@@ -46,7 +46,7 @@ def layout(images: torch.Tensor, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_chain(device, in_dtype, out_dtype, memory, size):
+def test_matches_float64_chain(device, in_dtype, out_dtype, memory, size, poisoned):
     batch, height, width = size
     images = layout(random_images((batch, 3, height, width), in_dtype, device), memory)
     out = OP(images, list(MEAN), list(STD), out_dtype)
