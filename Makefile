@@ -12,7 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 BUILD_STAMP := build/.pydc-built
 
-.PHONY: setup build test test-cuda bench clean
+.PHONY: setup build train test test-cuda bench clean
 
 setup: $(DEPS_STAMP)
 
@@ -26,6 +26,10 @@ build: $(BUILD_STAMP)
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PY) setup.py build_ext --inplace
 	mkdir -p build && touch $@
+
+# The product's main job: DeepCluster with the `small` net on the bundled digits (a few minutes on a CPU).
+train: build
+	$(PY) -m pydc.train
 
 test: build
 	$(PY) -m pytest tests

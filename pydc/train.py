@@ -139,6 +139,10 @@ def _wrap(model, device):
 def train_one_epoch(args, model, loader, optimizer, head_optimizer, state, on_step, memory=None) -> dict:
     """Train on `loader` from `state["step"]` on; returns this call's stats (loss sum, images, seconds).
 
+    A resumed epoch iterates past its first `state["step"]` batches without training on them: the loader's
+    augmentation draws depend on the batch number, so this is what reproduces the uninterrupted epoch exactly
+    (at the price of decoding those batches once more).
+
     DeepCluster's targets are `state["assignments"]`; ODC's are the memory's labels, and every step then
     updates the memory (features, labels), its centroids every --odc-centroid-interval steps and its small
     clusters. `on_step(step)` runs after every step (checkpoints).
@@ -147,7 +151,10 @@ def train_one_epoch(args, model, loader, optimizer, head_optimizer, state, on_st
     stats = {"loss_sum": 0.0, "images": 0, "steps": 0, "change_ratio_sum": 0.0, "time_train": 0.0}
     start = time.perf_counter()
     progress = _progress(len(loader), f"epoch {state['epoch']} train")
-    for batch in loader:
+    progress.update(state["step"])
+    for batch_number, batch in enumerate(loader):
+        if batch_number < state["step"]:
+            continue
         images = batch.images
         indices = batch.indices.to(images.device)
         if memory is None:
@@ -261,7 +268,7 @@ def train(args) -> dict:
                                                          state)
             order = _training_order(args, state, memory, num_images, rank, world_size)
             train_loader.set_epoch(epoch)
-            train_loader.set_order(order[state["step"] * args.batch_size:])
+            train_loader.set_order(order)
             if args.algo == "deepcluster" and state["step"] == 0:
                 # A fresh top layer (reset in _cluster_stage) gets a fresh optimizer; a resumed epoch keeps the
                 # loaded one.
