@@ -333,10 +333,14 @@ def _cluster_stage(args, model, memory, feature_loader, num_images, device, stat
     if memory is None:
         pca = PCAWhitening(n_components=min(args.pca_dim, model.backbone.feature_dim, num_images))
         streaming = not dist_utils.is_distributed()
-        features = compute_features(model.backbone.features, feature_loader, num_images, device,
-                                    on_batch=pca.partial_fit if streaming else None, progress=progress)
-        if not streaming and dist_utils.is_main_process():
-            pca.fit(features)
+        try:
+            features = compute_features(model.backbone.features, feature_loader, num_images, device,
+                                        on_batch=pca.partial_fit if streaming else None, progress=progress)
+            if not streaming and dist_utils.is_main_process():
+                pca.fit(features)
+        except ValueError as error:  # PCA refuses NaN/Inf features: the network has diverged
+            raise TrainingError(f"epoch {epoch}: the features are not finite ({error}); training has diverged. "
+                                f"Lower --lr and resume from an earlier checkpoint") from None
     else:
         pca = None
         features = F.normalize(compute_features(model.embed, feature_loader, num_images, device, progress=progress),
@@ -344,8 +348,11 @@ def _cluster_stage(args, model, memory, feature_loader, num_images, device, stat
     progress.close()
     record = {"time_features": time.perf_counter() - start}
     if memory is None:
-        labels, timings = cluster_features(features, pca, args.k, _epoch_seed(args, epoch), args.kmeans_backend,
-                                           args.kmeans_iters)
+        try:
+            labels, timings = cluster_features(features, pca, args.k, _epoch_seed(args, epoch), args.kmeans_backend,
+                                               args.kmeans_iters)
+        except ValueError as error:
+            raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
         model.reset_top_layer(args.seed, epoch)
     else:
         labels, timings = cluster_features(features, _Identity(), args.k, _epoch_seed(args, epoch),

@@ -11,7 +11,7 @@ from pydc.eval import evaluate_features, knn_accuracy
 
 def _blobs(num_classes=4, per_class=60, dim=32, spread=0.3, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_classes, dim, generator=generator) * 3
+    centres = 4 * torch.eye(num_classes, dim) + 0.5 * torch.randn(num_classes, dim, generator=generator)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     features = centres[labels] + spread * torch.randn(len(labels), dim, generator=generator)
     return features, labels
