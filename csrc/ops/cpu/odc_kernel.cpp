@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -125,7 +126,11 @@ int64_t update_samples_impl(at::Tensor& feature_bank, at::Tensor& label_bank, at
                          old_rows.mutable_data_ptr<scalar_t>());
 
   const at::Tensor similarity = at::mm(applied, centroids.t()).contiguous();
-  const double max_centroid_norm = at::linalg_vector_norm(centroids, 2, {1}, false, at::kDouble).max().item<double>();
+  const scalar_t* centroid = centroids.const_data_ptr<scalar_t>();
+  double max_centroid_norm = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    max_centroid_norm = std::max(max_centroid_norm, std::sqrt(odc_sum_squares(centroid + k * D, D)));
+  }
   const double tolerance = odc_candidate_tolerance(D, odc_unit_roundoff(feature_bank),
                                                    odc_gemm_input_rounding(centroids), max_centroid_norm);
   std::vector<int64_t> new_labels(B);
