@@ -7,3 +7,20 @@ the oracle of the tests and the fallback when the compiled library is not built.
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, sobel_normalize, sobel_normalize_reference
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "sobel_normalize", "sobel_normalize_reference"]
+from pydc.ops.odc import (  # noqa: E402
+    odc_centroids_from_sums,
+    odc_centroids_from_sums_reference,
+    odc_class_sums,
+    odc_class_sums_reference,
+    odc_update_samples,
+    odc_update_samples_reference,
+)
+
+__all__ += [
+    "odc_centroids_from_sums",
+    "odc_centroids_from_sums_reference",
+    "odc_class_sums",
+    "odc_class_sums_reference",
+    "odc_update_samples",
+    "odc_update_samples_reference",
+]
