@@ -183,3 +183,49 @@ def test_loader_rejects_bad_arguments(mixed_index):
     loader = TrainLoader(mixed_index, 16, 4)
     with pytest.raises(ValueError, match="sample indices"):
         loader.set_order([0, len(mixed_index)])
+
+
+@pytest.mark.cuda
+def test_cuda_feature_pass_matches_cpu(mixed_index):
+    # PNGs decode on the CPU either way; the GPU resizes in float and rounds, the CPU in fixed point.
+    cpu_images, cpu_indices, _ = _cat(FeatureLoader(mixed_index, 24, 5, backend="torchvision", device="cpu",
+                                                    cache_in_memory=False))
+    gpu = FeatureLoader(mixed_index, 24, 5, backend="torchvision", device="cuda", cache_in_memory=False)
+    gpu_images, gpu_indices, _ = _cat(gpu)
+    assert gpu_images.device.type == "cuda" and torch.equal(gpu_indices, cpu_indices)
+    assert (gpu_images.cpu().int() - cpu_images.int()).abs().max() <= 1
+
+
+@pytest.mark.cuda
+def test_cuda_jpeg_decoding_matches_cpu(tmp_path):
+    from pydc.data import synthetic_jpegs
+
+    synthetic_jpegs(tmp_path / "jpegs", 6, size=(120, 90), seed=2)
+    index = ImageFolderIndex(tmp_path / "jpegs", use_cache=False)
+    cpu_images = _cat(FeatureLoader(index, 64, 4, backend="torchvision", device="cpu", cache_in_memory=False))[0]
+    gpu_images = _cat(FeatureLoader(index, 64, 4, backend="torchvision", device="cuda", cache_in_memory=False))[0]
+    difference = (gpu_images.cpu().int() - cpu_images.int()).abs()
+    assert difference.float().mean() < 2.0  # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling
+
+
+@pytest.mark.cuda
+def test_cuda_training_from_memory(mixed_index):
+    order = torch.tensor([4, 4, 1, 20, 13, 4])
+    loaders = [TrainLoader(mixed_index, 16, 4, device=device, backend="torchvision", seed=2) for device in
+               ("cpu", "cuda")]
+    for loader in loaders:
+        loader.set_order(order)
+    (cpu_images, cpu_indices, _), (gpu_images, gpu_indices, _) = _cat(loaders[0]), _cat(loaders[1])
+    assert loaders[1].memory is not None and gpu_images.device.type == "cuda"
+    assert torch.equal(cpu_indices, order) and torch.equal(gpu_indices, order)
+    assert (gpu_images.cpu().int() - cpu_images.int()).abs().max() <= 1
+
+
+@pytest.mark.cuda
+@needs_dali
+def test_dali_mixed_decoding_matches_cpu_graph(mixed_index):
+    cpu_images = _cat(FeatureLoader(mixed_index, 24, 5, backend="dali", device="cpu"))[0]
+    gpu = FeatureLoader(mixed_index, 24, 5, backend="dali", device="cuda")
+    gpu_images = _cat(gpu)[0]
+    assert gpu._decoder.fallback_batches == 0 and gpu_images.device.type == "cuda"
+    assert (gpu_images.cpu().int() - cpu_images.int()).abs().float().mean() < 1.0

@@ -1,8 +1,12 @@
 """FeatureLoader and TrainLoader: uint8 (B, 3, size, size) batches on the compute device, with indices.
 
 Backends (backend=): "dali" (pydc.data.dali_backend), "torchvision" (pydc.data.torchvision_backend), or
-"auto": small datasets (see pydc.data.memory) are decoded once by torchvision and kept in memory; otherwise
-DALI when it imports, else torchvision. Normalisation is left to the model's fused Sobel stem.
+"auto": small datasets (see pydc.data.memory) are decoded once by torchvision and kept in memory; otherwise,
+on a GPU, DALI when it imports (nvJPEG decoding and GPU resizing in one graph), else torchvision; on the CPU,
+torchvision: DALI's CPU decoding is as fast as torchvision's per thread, but its CPU resize took ~4 ms per
+500x375 image against ~0.9 ms for torchvision's uint8 antialiased kernel on this project's 2-core machine
+(benchmarks/test_bench_data.py), so the DALI CPU graph is there to test the GPU graph, not to be fast.
+Normalisation is left to the model's fused Sobel stem.
 
 Bad files: every file is probed before decoding (pydc.data.decode). A file that cannot be decoded is skipped
 with one warning (per loader) and counted in `stats` of the epoch: {"decoded": samples handed out,
@@ -72,7 +76,7 @@ class _Loader:
             self.backend = "torchvision"
             self._decoder = None
         else:
-            use_dali = backend == "dali" or (backend == "auto" and dali_available())
+            use_dali = backend == "dali" or (backend == "auto" and self.device.type == "cuda" and dali_available())
             self.backend = "dali" if use_dali else "torchvision"
             self._decoder = DaliBackend(self.device, num_threads, batch_size, seed) if use_dali \
                 else TorchvisionBackend(self.device, num_threads)
