@@ -16,7 +16,7 @@ from pydc.data import FeatureLoader, ImageFolderIndex, TrainLoader
 from pydc.data.dali_backend import dali_available
 from pydc.data.decode import MAX_PIXELS, UnreadableImage, decode, probe
 
-BACKENDS = ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
+BACKENDS = ["torchvision", "torchvision-memory", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
                                                                           reason="NVIDIA DALI not installed"))]
 # Files that must decode, with the RGB array each must decode to (exactly: lossless formats or conversions
 # that PIL defines), and files that must be skipped.
@@ -99,9 +99,10 @@ def test_huge_header_is_refused_before_decoding(bad_folder):
 
 
 def _run(loader_class, index, backend, **kwargs):
-    loader = loader_class(index, 24, 4, backend=backend, cache_in_memory=False, **kwargs)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # the memory cache decodes (and warns) at construction
         warnings.simplefilter("always")
+        loader = loader_class(index, 24, 4, backend=backend.split("-")[0], cache_in_memory=backend.endswith("memory"),
+                              **kwargs)
         batches = list(loader)
     return loader, batches, [str(w.message) for w in caught if "pydc.data: skipping" in str(w.message)]
 
@@ -126,7 +127,7 @@ def test_loaders_survive_bad_files(bad_folder, backend, loader_class):
         for batch in reference:
             if index.paths[batch.indices.item()].endswith(".png"):
                 difference = (rows[batch.indices.item()].int() - batch.images[0].int()).abs()
-                if backend == "torchvision":
+                if backend.startswith("torchvision"):
                     assert difference.max() == 0
                 else:  # DALI's antialiasing filter differs on downscaling (see test_data_loaders.py); a row
                     # holding another sample's (random) pixels would differ by ~85 on average
@@ -134,6 +135,8 @@ def test_loaders_survive_bad_files(bad_folder, backend, loader_class):
 
     # A second epoch counts the same, warns no more, and (DALI) needs no pipeline rebuild.
     fallbacks = getattr(loader._decoder, "fallback_batches", 0)
+    if backend == "dali":
+        assert fallbacks >= 1  # the truncated JPEG passes the header probe and fails inside DALI
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         list(loader)
@@ -163,3 +166,26 @@ def test_labels_follow_their_samples_past_bad_files(tmp_path):
             assert torch.equal(batch.labels, torch.tensor([index.labels[i] for i in batch.indices.tolist()]))
             colour = batch.images[:, 0, 8, 8].long()
             assert torch.equal(colour, 60 * (batch.labels + 1))
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI not installed")
+def test_dali_routes_refused_files_to_torchvision_in_mixed_batches(bad_folder):
+    root, _ = bad_folder
+    index = ImageFolderIndex(root, use_cache=False)
+    loaders = {backend: TrainLoader(index, 24, 4, backend=backend, seed=9, cache_in_memory=False)
+               for backend in ("dali", "torchvision")}
+    orders = [torch.arange(len(index)), torch.arange(len(index)).flip(0).repeat(2)]  # epoch 2: new batch mates
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for epoch, order in enumerate(orders):
+            results = {}
+            for backend, loader in loaders.items():
+                loader.set_order(order)
+                loader.set_epoch(epoch)
+                batches = list(loader)
+                results[backend] = (torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]))
+                assert loader.stats["skipped"] == len(UNDECODABLE) * (epoch + 1)
+            assert torch.equal(results["dali"][1], results["torchvision"][1])
+            difference = (results["dali"][0].int() - results["torchvision"][0].int()).abs().float()
+            assert difference.mean(dim=(1, 2, 3)).max() < 2.0  # per row: same file, same window
+    assert loaders["dali"]._decoder.refused  # some files went the torchvision way in epoch 2

@@ -124,7 +124,7 @@ def test_backends_cut_the_same_training_windows(mixed_index):
     assert loaders[0]._decoder.fallback_batches == 0
     assert torch.equal(dali_indices, order) and torch.equal(tv_indices, order)
     difference = (dali_images.int() - tv_images.int()).abs()
-    assert difference.float().mean() < 2.0  # same window and flip; only the resampling filter differs
+    assert difference.float().mean(dim=(1, 2, 3)).max() < 2.0  # same window and flip per row; filters differ
 
 
 @pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=needs_dali)])

@@ -16,7 +16,8 @@ Bad files: DALI has no per-sample error handling; one undecodable sample (a trun
 raises out of pipeline.run() and leaves the pipeline unusable. So (1) every file is probed first
 (pydc.data.decode.probe: empty, unidentifiable and oversized files never reach DALI), and (2) if a batch
 still fails, the pipeline is rebuilt and that one batch is decoded by the torchvision backend, which reports
-failures per sample. The loaders remember the files that failed, so later epochs do not pay for a rebuild.
+failures per sample. The files of such a batch go to torchvision from then on (DALI cannot say which sample
+failed), and the loaders remember the files that failed everywhere, so later epochs pay for no rebuild.
 """
 
 from __future__ import annotations
@@ -52,19 +53,64 @@ class DaliBackend:
         self.fallback = TorchvisionBackend(device, num_threads)
         self.pipelines: dict[tuple[str, int], object] = {}
         self.fallback_batches = 0  # batches that DALI refused and torchvision decoded
+        self.refused: set[int] = set()  # keys (dataset indices) of the samples of those batches
 
-    def feature(self, headers: list[ImageHeader], size: int):
-        geometry = np.array([feature_geometry(h.height, h.width, size) for h in headers], dtype=np.float32)
-        inputs = {"resize_y": geometry[:, 0], "resize_x": geometry[:, 1], "anchor": geometry[:, 2:4]}
-        return self._run("feature", size, headers, inputs, lambda: self.fallback.feature(headers, size))
+    def feature(self, headers: list[ImageHeader], size: int, keys=None):
+        def dali_inputs(rows):
+            geometry = np.array([feature_geometry(headers[r].height, headers[r].width, size) for r in rows],
+                                dtype=np.float32).reshape(-1, 4)
+            return {"resize_y": geometry[:, 0], "resize_x": geometry[:, 1], "anchor": geometry[:, 2:4]}
 
-    def train(self, headers: list[ImageHeader], windows: CropWindows, size: int):
-        inputs = {"anchor": np.stack([windows.top, windows.left], axis=1).astype(np.float32),
-                  "shape": np.stack([windows.height, windows.width], axis=1).astype(np.float32),
-                  "flip": windows.flip.astype(np.int32)}
-        return self._run("train", size, headers, inputs, lambda: self.fallback.train(headers, windows, size))
+        def fallback(rows):
+            return self.fallback.feature([headers[r] for r in rows], size)
 
-    def _run(self, kind, size, headers, inputs, fallback):
+        return self._run("feature", size, headers, keys, dali_inputs, fallback)
+
+    def train(self, headers: list[ImageHeader], windows: CropWindows, size: int, keys=None):
+        def dali_inputs(rows):
+            return {"anchor": np.stack([windows.top[rows], windows.left[rows]], axis=1).astype(np.float32),
+                    "shape": np.stack([windows.height[rows], windows.width[rows]], axis=1).astype(np.float32),
+                    "flip": windows.flip[rows].astype(np.int32)}
+
+        def fallback(rows):
+            return self.fallback.train([headers[r] for r in rows], windows.select(rows), size)
+
+        return self._run("train", size, headers, keys, dali_inputs, fallback)
+
+    def _run(self, kind, size, headers, keys, dali_inputs, fallback):
+        """(images of the rows that decoded, in row order; {row: reason} for the others).
+
+        Rows whose key is in `refused` skip DALI. If DALI fails on a batch, its rows' keys join `refused` and
+        torchvision decodes them, so a file DALI cannot read costs one pipeline rebuild, not one per epoch.
+        """
+        keys = list(range(len(headers))) if keys is None else list(keys)
+        rows = np.arange(len(headers), dtype=np.int64)
+        use_dali = np.array([key not in self.refused for key in keys], dtype=bool)
+        decoded: dict[int, torch.Tensor] = {}
+        if use_dali.any():
+            dali_rows = rows[use_dali]
+            images = self._run_dali(kind, size, [headers[r] for r in dali_rows], dali_inputs(dali_rows))
+            if images is None:
+                self.refused.update(keys[r] for r in dali_rows.tolist())
+                use_dali[:] = False
+            else:
+                decoded.update(zip(dali_rows.tolist(), images.unbind(0)))
+        failed: dict[int, str] = {}
+        other_rows = rows[~use_dali]
+        if len(other_rows):
+            images, other_failed = fallback(other_rows)
+            failed = {int(other_rows[position]): reason for position, reason in other_failed.items()}
+            good = [r for r in other_rows.tolist() if r not in failed]
+            if images is not None:
+                decoded.update(zip(good, images.unbind(0)))
+        if not decoded:
+            return None, failed
+        if len(decoded) == len(rows) and use_dali.all():
+            return images, failed  # the common case: one DALI batch, no copy
+        return torch.stack([decoded[r] for r in sorted(decoded)]), failed
+
+    def _run_dali(self, kind, size, headers, inputs) -> torch.Tensor | None:
+        """(B, 3, size, size) uint8 from DALI, or None when DALI refused the batch (the pipeline is then rebuilt)."""
         pipeline = self._pipeline(kind, size)
         rows = np.arange(len(headers), dtype=np.int64)
         try:
@@ -76,12 +122,11 @@ class DaliBackend:
         except Exception:  # noqa: BLE001  DALI raises RuntimeError/IndexError/... and the pipeline is dead
             del self.pipelines[(kind, size)]
             self.fallback_batches += 1
-            return fallback()
+            return None
         returned_rows = _to_torch(out_rows, torch.device("cpu")).reshape(-1)
         if not torch.equal(returned_rows, torch.from_numpy(rows)):
             raise RuntimeError(f"DALI returned rows {returned_rows.tolist()} for rows {rows.tolist()}")
-        batch = _to_torch(images, self.device)  # (B, size, size, 3)
-        return batch.permute(0, 3, 1, 2).contiguous(), {}
+        return _to_torch(images, self.device).permute(0, 3, 1, 2).contiguous()  # from (B, size, size, 3)
 
     def _pipeline(self, kind: str, size: int):
         key = (kind, size)

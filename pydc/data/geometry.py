@@ -51,6 +51,10 @@ class CropWindows:
     width: np.ndarray  # int64 (B,)
     flip: np.ndarray  # bool (B,)
 
+    def select(self, rows) -> "CropWindows":
+        """The windows of the given rows (an index array or boolean mask)."""
+        return CropWindows(self.top[rows], self.left[rows], self.height[rows], self.width[rows], self.flip[rows])
+
 
 def random_resized_crops(heights, widths, seed: int, epoch: int, batch_number: int) -> CropWindows:
     """RandomResizedCrop windows and flips for a batch of images of the given sizes."""

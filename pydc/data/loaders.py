@@ -10,7 +10,7 @@ Normalisation is left to the model's fused Sobel stem.
 
 Bad files: every file is probed before decoding (pydc.data.decode). A file that cannot be decoded is skipped
 with one warning (per loader) and counted in `stats` of the epoch: {"decoded": samples handed out,
-"skipped": samples left out, "skipped_files": paths left out}. A batch then holds fewer rows, and its
+"skipped": samples left out (a bad file drawn twice counts twice), "skipped_files": the distinct paths}. A batch then holds fewer rows, and its
 `indices` and `labels` are those of the rows it holds, so nothing shifts onto another sample. A batch whose
 samples all failed is not yielded.
 """
@@ -64,6 +64,7 @@ class _Loader:
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="pydc-probe")
         self._known_bad: dict[int, str] = {}  # dataset index -> reason, remembered across epochs
         self._warned: set[int] = set()
+        self._skipped_this_epoch: set[str] = set()
         self.stats = _empty_stats()
 
         self.memory = None
@@ -72,7 +73,8 @@ class _Loader:
             if self.memory is None and cache_in_memory:
                 raise ValueError("cache_in_memory=True but the dataset exceeds pydc.data.memory's limits")
         if self.memory is not None:
-            self._known_bad.update(self.memory.failures)
+            for index_of_file, reason in sorted(self.memory.failures.items()):
+                self._mark_bad(index_of_file, reason)
             self.backend = "torchvision"
             self._decoder = None
         else:
@@ -88,6 +90,7 @@ class _Loader:
     def __iter__(self):
         indices = np.asarray(self._epoch_indices(), dtype=np.int64)
         self.stats = _empty_stats()
+        self._skipped_this_epoch: set[str] = set()
         chunks = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
         batches = (self._batch(chunk, number) for number, chunk in enumerate(chunks))
         if self.memory is None:
@@ -127,16 +130,16 @@ class _Loader:
         windows = self._windows(sizes[:, 0], sizes[:, 1], batch_number)
         good = np.array(sorted(headers), dtype=np.int64)
         if len(good) > 0:
-            good_windows = None if windows is None else CropWindows(
-                *(getattr(windows, f)[good] for f in ("top", "left", "height", "width", "flip")))
+            good_windows = None if windows is None else windows.select(good)
             if self.memory is not None:
                 good_indices = torch.from_numpy(indices[good])
                 images, failed = (self.memory.feature(good_indices, self.size) if windows is None
                                   else self.memory.train(good_indices, good_windows, self.size))
             else:
                 good_headers = [headers[row] for row in good.tolist()]
-                images, failed = (self._decoder.feature(good_headers, self.size) if windows is None
-                                  else self._decoder.train(good_headers, good_windows, self.size))
+                keys = indices[good].tolist()
+                images, failed = (self._decoder.feature(good_headers, self.size, keys) if windows is None
+                                  else self._decoder.train(good_headers, good_windows, self.size, keys))
             for position, reason in failed.items():
                 self._mark_bad(int(indices[good[position]]), reason)
             kept = np.array([row for position, row in enumerate(good.tolist()) if position not in failed],
@@ -146,7 +149,8 @@ class _Loader:
         for row in np.setdiff1d(rows, kept).tolist():
             self.stats["skipped"] += 1
             path = self.index.paths[int(indices[row])]
-            if path not in self.stats["skipped_files"]:
+            if path not in self._skipped_this_epoch:
+                self._skipped_this_epoch.add(path)
                 self.stats["skipped_files"].append(path)
         if images is None or len(kept) == 0:
             return None

@@ -64,10 +64,10 @@ class TorchvisionBackend:
             return _decode_cuda(headers, self.device, self.pool)
         return list(self.pool.map(_decode_or_error, headers))
 
-    def feature(self, headers, size):
+    def feature(self, headers, size, keys=None):
         return self._apply(headers, lambda image, row: feature_transform(image, size))
 
-    def train(self, headers, windows: CropWindows, size):
+    def train(self, headers, windows: CropWindows, size, keys=None):
         return self._apply(headers, lambda image, row: train_transform(image, windows, row, size))
 
     def _apply(self, headers, transform):
