@@ -27,7 +27,8 @@ def _write_pngs(root, sizes, classes=3, seed=0):
     for number, (height, width) in enumerate(sizes):
         folder = root / f"class_{number % classes}"
         folder.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(folder / f"{number:03d}.png")
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{number:03d}.png")
     return ImageFolderIndex(root, use_cache=False)
 
 

@@ -10,9 +10,9 @@ Normalisation is left to the model's fused Sobel stem.
 
 Bad files: every file is probed before decoding (pydc.data.decode). A file that cannot be decoded is skipped
 with one warning (per loader) and counted in `stats` of the epoch: {"decoded": samples handed out,
-"skipped": samples left out (a bad file drawn twice counts twice), "skipped_files": the distinct paths}. A batch then holds fewer rows, and its
-`indices` and `labels` are those of the rows it holds, so nothing shifts onto another sample. A batch whose
-samples all failed is not yielded.
+"skipped": samples left out (a bad file drawn twice counts twice), "skipped_files": the distinct paths}.
+A batch then holds fewer rows, and its `indices` and `labels` are those of the rows it holds, so nothing
+shifts onto another sample. A batch whose samples all failed is not yielded.
 """
 
 from __future__ import annotations
@@ -112,52 +112,59 @@ class _Loader:
         return None
 
     def _batch(self, indices: np.ndarray, batch_number: int) -> Batch | None:
-        rows = np.arange(len(indices))
-        headers, sizes = {}, np.ones((len(indices), 2), dtype=np.int64)  # (height, width); 1x1 for failures
-        if self.memory is not None:
-            for row, index in enumerate(indices.tolist()):
-                if index not in self._known_bad:
-                    headers[row] = None
-                    sizes[row] = self.memory.size_of(index)
-        else:
-            todo = [row for row, index in enumerate(indices.tolist()) if index not in self._known_bad]
-            for row, header in zip(todo, self._pool.map(self._probe, indices[todo].tolist())):
-                if isinstance(header, UnreadableImage):
-                    self._mark_bad(int(indices[row]), str(header))
-                else:
-                    headers[row], sizes[row] = header, (header.height, header.width)
+        """The batch of dataset `indices` (the `batch_number`-th of the epoch), without the rows that fail."""
+        headers, sizes = self._screen(indices)
         # Windows are drawn for every row (failures included) so that one bad file changes no other row's crop.
         windows = self._windows(sizes[:, 0], sizes[:, 1], batch_number)
         good = np.array(sorted(headers), dtype=np.int64)
-        if len(good) > 0:
-            good_windows = None if windows is None else windows.select(good)
-            if self.memory is not None:
-                good_indices = torch.from_numpy(indices[good])
-                images, failed = (self.memory.feature(good_indices, self.size) if windows is None
-                                  else self.memory.train(good_indices, good_windows, self.size))
-            else:
-                good_headers = [headers[row] for row in good.tolist()]
-                keys = indices[good].tolist()
-                images, failed = (self._decoder.feature(good_headers, self.size, keys) if windows is None
-                                  else self._decoder.train(good_headers, good_windows, self.size, keys))
-            for position, reason in failed.items():
-                self._mark_bad(int(indices[good[position]]), reason)
-            kept = np.array([row for position, row in enumerate(good.tolist()) if position not in failed],
-                            dtype=np.int64)
-        else:
-            images, kept = None, good
-        for row in np.setdiff1d(rows, kept).tolist():
-            self.stats["skipped"] += 1
-            path = self.index.paths[int(indices[row])]
-            if path not in self._skipped_this_epoch:
-                self._skipped_this_epoch.add(path)
-                self.stats["skipped_files"].append(path)
+        images, failed = self._decode(indices[good], [headers[row] for row in good.tolist()],
+                                      None if windows is None else windows.select(good))
+        for position, reason in failed.items():
+            self._mark_bad(int(indices[good[position]]), reason)
+        kept = np.array([row for position, row in enumerate(good.tolist()) if position not in failed], dtype=np.int64)
+        self._count_skipped(indices[np.setdiff1d(np.arange(len(indices)), kept)])
         if images is None or len(kept) == 0:
             return None
         self.stats["decoded"] += len(kept)
         kept_indices = torch.from_numpy(indices[kept])
         labels = self._labels[kept_indices] if self._labels is not None else None
         return Batch(images=images.to(self.device, non_blocking=True), indices=kept_indices, labels=labels)
+
+    def _screen(self, indices: np.ndarray):
+        """({row: header (None from memory)} of the rows not known or found bad, (height, width) of every row)."""
+        headers: dict = {}
+        sizes = np.ones((len(indices), 2), dtype=np.int64)  # 1x1 for failures: their windows are drawn, unused
+        todo = [row for row, index in enumerate(indices.tolist()) if index not in self._known_bad]
+        if self.memory is not None:
+            headers = dict.fromkeys(todo)
+            sizes[todo] = self.memory.sizes[indices[todo]]
+            return headers, sizes
+        for row, header in zip(todo, self._pool.map(self._probe, indices[todo].tolist())):
+            if isinstance(header, UnreadableImage):
+                self._mark_bad(int(indices[row]), str(header))
+            else:
+                headers[row], sizes[row] = header, (header.height, header.width)
+        return headers, sizes
+
+    def _decode(self, indices: np.ndarray, headers: list, windows: CropWindows | None):
+        """(uint8 images of the rows that decoded, {position: reason} of those that did not)."""
+        if len(indices) == 0:
+            return None, {}
+        if self.memory is not None:
+            selected = torch.from_numpy(indices)
+            return (self.memory.feature(selected, self.size) if windows is None
+                    else self.memory.train(selected, windows, self.size))
+        keys = indices.tolist()
+        return (self._decoder.feature(headers, self.size, keys) if windows is None
+                else self._decoder.train(headers, windows, self.size, keys))
+
+    def _count_skipped(self, skipped_indices: np.ndarray):
+        for index in skipped_indices.tolist():
+            self.stats["skipped"] += 1
+            path = self.index.paths[index]
+            if path not in self._skipped_this_epoch:
+                self._skipped_this_epoch.add(path)
+                self.stats["skipped_files"].append(path)
 
     def _probe(self, index: int):
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from pydc.data.decode import UnreadableImage, decode, probe
@@ -78,6 +79,8 @@ class DecodedImages:
                 self.failures[position] = str(image)
                 image = None
             images.append(image)
+        # (height, width) of every image, 1x1 for failures (never handed out): the training windows need them.
+        self.sizes = np.array([image.shape[1:] if image is not None else (1, 1) for image in images], dtype=np.int64)
         shapes = {tuple(image.shape) for image in images if image is not None}
         self.stacked: torch.Tensor | None = None
         self.images: list[torch.Tensor | None] | None = None
@@ -88,9 +91,6 @@ class DecodedImages:
         else:
             self.images = [image.to(device) if image is not None else None for image in images]
 
-    def size_of(self, position: int) -> tuple[int, int]:
-        image = self.stacked[position] if self.stacked is not None else self.images[position]
-        return int(image.shape[1]), int(image.shape[2])
 
     def feature(self, indices: torch.Tensor, size: int):
         if self.stacked is not None:
