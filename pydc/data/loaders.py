@@ -20,7 +20,6 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from pydc.data.decode import MAX_PIXELS, UnreadableImage, probe
 from pydc.data.geometry import CropWindows, random_resized_crops
 from pydc.data.index import ImageFolderIndex
 from pydc.data.memory import load_in_memory
-from pydc.data.torchvision_backend import TorchvisionBackend
+from pydc.data.torchvision_backend import TorchvisionBackend, decoding_pool
 
 BACKENDS = ("auto", "dali", "torchvision")
 PREFETCH_BATCHES = 2  # batches prepared ahead by a background thread when decoding from disk
@@ -61,7 +60,7 @@ class _Loader:
         self.seed = seed
         self.max_pixels = max_pixels
         self._labels = torch.tensor(index.labels, dtype=torch.int64) if index.labels is not None else None
-        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="pydc-probe")
+        self._pool = decoding_pool(num_threads, "pydc-probe")
         self._known_bad: dict[int, str] = {}  # dataset index -> reason, remembered across epochs
         self._warned: set[int] = set()
         self._skipped_this_epoch: set[str] = set()

@@ -49,6 +49,19 @@ def train_transform(image: torch.Tensor, windows: CropWindows, row: int, size: i
     return resized.flip(-1) if windows.flip[row] else resized
 
 
+def decoding_pool(num_threads: int, name: str) -> ThreadPoolExecutor:
+    """A pool of `num_threads` threads whose torch ops each run on one thread.
+
+    The threads already work in parallel; letting each also start an intra-op (OpenMP) team oversubscribes the
+    cores, and on a loaded 2-core machine a 256-image pass took 3.5-5 s instead of 0.75 s. torch's thread count
+    is per thread under OpenMP: the caller keeps its own (read first, so that its lazy initialisation is done);
+    threads started later without their own setting inherit 1.
+    """
+    torch.get_num_threads()
+    return ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix=name,
+                              initializer=torch.set_num_threads, initargs=(1,))
+
+
 class TorchvisionBackend:
     """Decodes and transforms lists of probed files; failures are reported per sample, never substituted."""
 
@@ -56,7 +69,7 @@ class TorchvisionBackend:
 
     def __init__(self, device: torch.device, num_threads: int):
         self.device = device
-        self.pool = ThreadPoolExecutor(max_workers=max(1, num_threads), thread_name_prefix="pydc-decode")
+        self.pool = decoding_pool(num_threads, "pydc-decode")
 
     def decode(self, headers: list[ImageHeader]) -> list[torch.Tensor | UnreadableImage]:
         """Decoded RGB uint8 (3, H, W) images on the device, or the error of each sample that failed."""
