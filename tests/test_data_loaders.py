@@ -176,6 +176,27 @@ def test_feature_shards_cover_the_dataset_exactly_once(mixed_index, world_size):
     assert torch.equal(torch.cat(shards), torch.arange(len(mixed_index)))
 
 
+def test_breaking_out_of_an_epoch_leaves_the_loader_usable(mixed_index):
+    import threading
+
+    loader = FeatureLoader(mixed_index, 16, 2, backend="torchvision", cache_in_memory=False)
+    for batch in loader:  # a trainer stopping on a non-finite loss
+        break
+    assert len(_cat(loader)[1]) == len(mixed_index)
+    for _ in range(100):
+        if not any(t.name == "pydc-prefetch" for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.05)
+    assert not any(t.name == "pydc-prefetch" for t in threading.enumerate())
+
+
+def test_progress_bar_is_silent_without_a_terminal(mixed_index, capsys):
+    loader = FeatureLoader(mixed_index, 16, 4, backend="torchvision", progress=True)
+    assert len(_cat(loader)[1]) == len(mixed_index) and len(loader) == 6
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""  # pytest's captured stderr is not a TTY
+
+
 def test_loader_rejects_bad_arguments(mixed_index):
     with pytest.raises(ValueError, match="backend"):
         FeatureLoader(mixed_index, 16, 4, backend="opencv")
