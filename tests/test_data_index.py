@@ -85,12 +85,19 @@ def test_digits_folder_rendered_once(tmp_path, monkeypatch):
     assert digits_folder() == root
 
 
-def test_digits_folder_recovers_from_an_interrupted_render(tmp_path):
-    target = tmp_path / "partial"
-    _touch_png(target / "3" / "0001.png")  # a half-written folder without the completion marker
+def test_digits_folder_after_an_interrupted_render(tmp_path):
+    target = tmp_path / "digits"
+    _touch_png(tmp_path / ".digits-stale" / "3" / "0001.png")  # staging folder of a killed run
     root = digits_folder(target)
     assert len(ImageFolderIndex(root, use_cache=False)) == 1797
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]  # no staging left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".digits-")] == [".digits-stale"]
+
+
+def test_digits_folder_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    _touch_png(tmp_path / "mine" / "photo.png")
+    with pytest.raises(ValueError, match="not a rendered digits folder"):
+        digits_folder(tmp_path / "mine")
+    assert (tmp_path / "mine" / "photo.png").exists()
 
 
 def test_synthetic_jpegs_look_like_photos(tmp_path):

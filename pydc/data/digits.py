@@ -2,8 +2,9 @@
 
 The 8x8 images (values 0..16) are scaled to 0..255, upsampled to 32x32 with bilinear interpolation and
 repeated over three channels, then written as <root>/<digit>/<sample number>.png. The folder is rendered
-once: into a temporary sibling folder that is renamed into place when complete, so an interrupted run leaves
-no half-written dataset behind and two processes racing to render it both end with the same folder.
+once: into a temporary sibling folder (".<name>-XXXX") that is renamed into place when complete, so an
+interrupted run leaves no half-written dataset behind (at worst a stale hidden staging folder, which the
+image index ignores) and two processes racing to render it both end with the same folder.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def digits_folder(root: str | os.PathLike | None = None) -> Path:
     target = Path(root).expanduser() if root is not None else cache_dir() / "digits"
     if (target / _COMPLETE_MARKER).exists():
         return target
-    if target.exists():  # left by an older, interrupted layout: start again
-        shutil.rmtree(target, ignore_errors=True)
+    if target.exists():
+        # Renders appear only through the atomic rename below, marker included: this folder is not one of ours.
+        if any(target.iterdir()):
+            raise ValueError(f"{str(target)!r} exists and is not a rendered digits folder (no {_COMPLETE_MARKER} "
+                             f"marker); pass another root or remove it")
+        target.rmdir()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
