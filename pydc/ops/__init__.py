@@ -7,3 +7,6 @@ the oracle of the tests and the fallback when the compiled library is not built.
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, sobel_normalize, sobel_normalize_reference
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "sobel_normalize", "sobel_normalize_reference"]
+from pydc.ops.kmeans import kmeans_assign, kmeans_assign_reference, kmeans_update, kmeans_update_reference
+
+__all__ += ["kmeans_assign", "kmeans_assign_reference", "kmeans_update", "kmeans_update_reference"]
