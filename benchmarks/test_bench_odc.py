@@ -1,0 +1,148 @@
+"""ODCMemory beside MMSelfSup's way of running the same memory (torch on the same device, same inputs).
+
+The reference does what odc_memory.py does each step (normalize, blend, scatter, relabel with a matrix
+product, change ratio) plus a bincount over the whole label bank for the loss weights, and recomputes
+centroids with an argsort of the labels and a Python loop over the classes. pydc keeps counts and
+fixed-point class sums up to date inside the sample-update op, so its centroid update reads K x D sums instead
+of the N x D bank; the "full recompute" group times pydc's pass over the whole bank as well (odc_class_sums,
+what init_memory and load_state_dict run), against the same reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.conftest import DEVICES, synchronized
+from pydc.algorithms.odc import ODCMemory
+
+# CPU: the issue's sizes for this 2-core machine; CUDA: ImageNet (N = 1,281,167, K = 10000, batch 512).
+SIZES = {"cpu": dict(length=100_000, classes=1000, dim=256, batch=256),
+         "cuda": dict(length=1_281_167, classes=10_000, dim=256, batch=512)}
+STEPS_PER_CYCLE = 10
+
+
+class MMSelfSupStyleMemory:
+    """The reference: MMSelfSup's odc_memory.py update rules, in torch on the given device."""
+
+    def __init__(self, feature_bank, label_bank, centroids, momentum=0.5):
+        self.feature_bank, self.label_bank = feature_bank.clone(), label_bank.clone()
+        self.centroids, self.momentum = centroids.clone(), momentum
+        self.num_classes = centroids.shape[0]
+
+    def update_samples(self, indices, features):
+        feature_norm = features / (features.norm(dim=1).view(-1, 1) + 1e-10)
+        feature_new = (1 - self.momentum) * self.feature_bank[indices] + self.momentum * feature_norm
+        feature_norm = feature_new / (feature_new.norm(dim=1).view(-1, 1) + 1e-10)
+        self.feature_bank[indices] = feature_norm
+        new_labels = torch.mm(self.centroids, feature_norm.t()).argmax(dim=0)
+        change_ratio = (new_labels != self.label_bank[indices]).sum().float() / new_labels.shape[0]
+        self.label_bank[indices] = new_labels
+        return change_ratio.item()
+
+    def loss_weights(self, power=0.5):
+        histogram = torch.bincount(self.label_bank, minlength=self.num_classes).float()
+        inverse = (1.0 / (histogram + 1e-10)) ** power
+        return inverse / inverse.sum()
+
+    def update_centroids(self):
+        order = torch.argsort(self.label_bank)
+        sorted_labels = self.label_bank[order]
+        classes = torch.arange(self.num_classes, device=self.label_bank.device)
+        starts = torch.searchsorted(sorted_labels, classes).tolist()
+        ends = torch.searchsorted(sorted_labels, classes, right=True).tolist()
+        for k, (start, end) in enumerate(zip(starts, ends)):
+            if end > start:
+                self.centroids[k] = self.feature_bank[order[start:end]].mean(dim=0)
+
+
+def _setup(device):
+    size = SIZES[device]
+    generator = torch.Generator(device=device).manual_seed(0)
+    features = torch.randn(size["length"], size["dim"], device=device, generator=generator)
+    labels = torch.randint(0, size["classes"], (size["length"],), device=device, generator=generator)
+    memory = ODCMemory(size["length"], size["dim"], size["classes"], device=device)
+    memory.init_memory(features, labels)
+    reference = MMSelfSupStyleMemory(memory.feature_bank, memory.label_bank, memory.centroids)
+    batches = []
+    for _ in range(STEPS_PER_CYCLE):  # distinct indices: MMSelfSup's scatter leaves duplicates undefined
+        indices = torch.randperm(size["length"], device=device, generator=generator)[: size["batch"]]
+        batches.append((indices, torch.randn(size["batch"], size["dim"], device=device, generator=generator)))
+    return size, memory, reference, batches
+
+
+def _label(device, size, what):
+    return (f"odc {what} {device} N{size['length']} K{size['classes']} D{size['dim']} B{size['batch']}")
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(request):
+    return request.param, *_setup(request.param)
+
+
+@pytest.mark.parametrize("impl", ["pydc", "reference"])
+def test_cycle(benchmark, setup, impl):
+    device, size, memory, reference, batches = setup
+    benchmark.group = _label(device, size, f"cycle ({STEPS_PER_CYCLE} steps + loss weights, 1 centroid update)")
+    benchmark.extra_info["role"] = impl
+    target = memory if impl == "pydc" else reference
+    if impl == "reference":
+        benchmark.extra_info["reference"] = "MMSelfSup way (bincount every step, argsort + class loop)"
+
+    def cycle():
+        for indices, features in batches:
+            target.update_samples(indices, features)
+            target.loss_weights()
+        target.update_centroids()
+
+    fn = synchronized(cycle, device)
+    fn()
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("impl", ["pydc", "reference"])
+def test_step(benchmark, setup, impl):
+    device, size, memory, reference, batches = setup
+    benchmark.group = _label(device, size, "step (sample update + loss weights)")
+    benchmark.extra_info["role"] = impl
+    target = memory if impl == "pydc" else reference
+    if impl == "reference":
+        benchmark.extra_info["reference"] = "MMSelfSup way (bincount every step)"
+    indices, features = batches[0]
+
+    def step():
+        target.update_samples(indices, features)
+        return target.loss_weights()
+
+    fn = synchronized(step, device)
+    fn()
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("impl", ["pydc", "reference"])
+def test_centroid_update(benchmark, setup, impl):
+    device, size, memory, reference, _ = setup
+    benchmark.group = _label(device, size, "centroid update")
+    benchmark.extra_info["role"] = impl
+    if impl == "reference":
+        benchmark.extra_info["reference"] = "argsort + class loop"
+    fn = synchronized(memory.update_centroids if impl == "pydc" else reference.update_centroids, device)
+    fn()
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("impl", ["pydc", "reference"])
+def test_full_recompute(benchmark, setup, impl):
+    device, size, memory, reference, _ = setup
+    benchmark.group = _label(device, size, "centroid recompute from the whole bank")
+    benchmark.extra_info["role"] = impl
+    if impl == "reference":
+        benchmark.extra_info["reference"] = "argsort + class loop"
+
+    def full():
+        memory.recount()
+        memory.update_centroids()
+
+    fn = synchronized(full if impl == "pydc" else reference.update_centroids, device)
+    fn()
+    benchmark(fn)

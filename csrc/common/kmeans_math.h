@@ -1,0 +1,67 @@
+// Arithmetic of the k-means assignment shared by the CPU and CUDA kernels.
+//
+// The squared distance is expanded as ||x - c||^2 = ||x||^2 + (||c||^2 - 2 x.c). The arg-min only needs
+// the centroid-dependent part, the "score" ||c||^2 - 2 x.c, so ||x||^2 is added once per point at the
+// end. Rounding can make the expansion slightly negative for a point equal to its centroid: the distance
+// is clamped at 0 (as faiss does). Ties go to the lowest centroid index; a score that is NaN never wins,
+// so a row with no finite score keeps the initial candidate (index 0, score +inf).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "common/hd.h"
+
+namespace pydc {
+
+constexpr float kKMeansInf = std::numeric_limits<float>::infinity();
+
+PYDC_HD float kmeans_score(float centroid_sq_norm, float dot) {
+  return centroid_sq_norm - 2.0f * dot;  // 2 * dot is exact, so fused or not this rounds once
+}
+
+PYDC_HD float kmeans_distance(float point_sq_norm, float best_score) {
+  const float d = point_sq_norm + best_score;
+  return d > 0.0f ? d : 0.0f;
+}
+
+// True when candidate (score, index) beats the current best: smaller score, or equal score and lower index.
+PYDC_HD bool kmeans_prefer(float score, int64_t index, float best_score, int64_t best_index) {
+  return score < best_score || (score == best_score && index < best_index);
+}
+
+// The K best (score, index) pairs seen so far, best first, under kmeans_prefer. The CUDA kernel keeps K > 1
+// candidates from a TF32 product and re-scores them in fp32; K = 1 is the plain arg-min.
+template <int K>
+struct KMeansTopK {
+  float score[K];
+  int64_t index[K];
+
+  PYDC_HD void reset() {
+    for (int i = 0; i < K; ++i) {
+      score[i] = kKMeansInf;
+      index[i] = 0;
+    }
+  }
+
+  PYDC_HD void insert(float s, int64_t j) {
+    if (!kmeans_prefer(s, j, score[K - 1], index[K - 1])) return;
+    int pos = K - 1;
+    while (pos > 0 && kmeans_prefer(s, j, score[pos - 1], index[pos - 1])) {
+      score[pos] = score[pos - 1];
+      index[pos] = index[pos - 1];
+      --pos;
+    }
+    score[pos] = s;
+    index[pos] = j;
+  }
+};
+
+// Squared L2 norm of a row, accumulated in float in index order.
+PYDC_HD float kmeans_squared_norm(const float* row, int64_t d) {
+  float sum = 0.0f;
+  for (int64_t t = 0; t < d; ++t) sum += row[t] * row[t];
+  return sum;
+}
+
+}  // namespace pydc

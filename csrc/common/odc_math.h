@@ -1,0 +1,89 @@
+// Arithmetic of the ODC memory ops, shared by the CPU and CUDA kernels.
+//
+// Row math (one memory row, one batch feature x, momentum m), all in double and rounded to the bank's
+// dtype once at the end, so that every device and the float64 reference round the same exact values:
+//   f = x / (||x|| + 1e-10);  v = (1 - m) * old + m * f;  row = v / (||v|| + 1e-10).
+// Labels: argmax_k centroid_k . row, ties -> lowest k. The kernels take the candidates from a float GEMM
+// and settle every candidate within the GEMM's error bound by a fixed-order double dot product, so the
+// label is the argmax of the (double-accurate) dot products whatever the GEMM's summation order.
+// Class sums: every row is stored in the class sums as fixed-point int64 (value * 2^bits, rounded to
+// nearest even); integer addition is associative, so sums are bitwise identical whatever the order of
+// the updates (atomics, threads, devices), and centroid = sum / 2^bits / count.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/hd.h"
+
+namespace pydc {
+
+constexpr double kOdcNormEps = 1e-10;
+// |row value| <= 1 (rows are L2-normalised), so a class sum of N rows stays below N * 2^bits <= 2^62.
+constexpr int kOdcMaxFixedBits = 50;
+
+// Number of fractional bits of the fixed-point class sums of a bank of `length` rows.
+inline int odc_fixed_bits(int64_t length) {
+  int bits = 0;
+  while (bits < 63 && (int64_t(1) << bits) <= length) ++bits;  // bit length of `length`
+  const int fixed = 62 - bits;
+  return fixed < kOdcMaxFixedBits ? fixed : kOdcMaxFixedBits;
+}
+
+// Round-to-nearest-even of y = value * scale (|y| <= 2^51) by the 1.5 * 2^52 trick: after the addition the
+// integer sits in the low mantissa bits, so subtracting the magic number's bit pattern gives it without a
+// double -> int64 conversion (which SSE2/AVX2 cannot vectorize). Identical on host and device.
+PYDC_HD int64_t odc_quantize(double value, double scale) {
+  constexpr double kMagic = 6755399441055744.0;          // 1.5 * 2^52
+  constexpr int64_t kMagicBits = 0x4338000000000000LL;   // its bit pattern
+  const double shifted = value * scale + kMagic;
+#if defined(__CUDA_ARCH__)
+  return __double_as_longlong(shifted) - kMagicBits;
+#else
+  int64_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  return bits - kMagicBits;
+#endif
+}
+
+PYDC_HD double odc_mean_from_sum(int64_t sum, int64_t count, double inv_scale) {
+  return static_cast<double>(sum) * inv_scale / static_cast<double>(count);
+}
+
+PYDC_HD double odc_norm_denominator(double sum_squares) {
+  return sqrt(sum_squares) + kOdcNormEps;
+}
+
+PYDC_HD double odc_blend(double old_value, double normalized_feature, double momentum) {
+  return (1.0 - momentum) * old_value + momentum * normalized_feature;
+}
+
+template <typename scalar_t>
+PYDC_HD double odc_sum_squares(const scalar_t* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t d = 0; d < n; ++d) {
+    const double v = static_cast<double>(x[d]);
+    s += v * v;
+  }
+  return s;
+}
+
+// Fixed-order double dot product: the tie-breaker of the relabelling.
+template <typename scalar_t>
+PYDC_HD double odc_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t d = 0; d < n; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+  return s;
+}
+
+// Bound on |GEMM(row, c) - dot(row, c)| for any summation order, rows of norm <= 1 and centroids of norm
+// <= max_centroid_norm: gamma_D * |c| * |row| (Higham), plus the rounding of the inputs when the GEMM
+// runs in reduced precision (TF32/BF16), doubled because both the best and a rival carry an error.
+PYDC_HD double odc_candidate_tolerance(int64_t dim, double unit_roundoff, double input_rounding,
+                                       double max_centroid_norm) {
+  const double gamma = (dim + 2) * unit_roundoff / (1.0 - (dim + 2) * unit_roundoff);
+  return 2.0 * 1.01 * (gamma + 2.0 * input_rounding) * max_centroid_norm + 1e-300;
+}
+
+}  // namespace pydc

@@ -1,0 +1,278 @@
+// CUDA kernels of the k-means ops.
+//
+// kmeans_assign: points are taken in chunks whose dot products with (a block of) the centroids fit a
+// bounded workspace (512 MiB); cuBLAS fills the workspace (x_chunk . c^T), then one warp per point scans
+// its row for the kCandidates best scores ||c||^2 - 2 x.c, keeping them across centroid blocks. With
+// allow_tf32 the product runs on TF32 tensor cores (10-bit mantissa inputs), which only ranks the
+// candidates: a last pass re-scores the kCandidates best of every point in fp32 from x and the centroids
+// and picks the winner (lowest index on ties), so labels and distances are fp32 results unless the true
+// nearest centroid fell outside the TF32 top kCandidates. allow_tf32=False runs the product in fp32.
+//
+// kmeans_update: the atomic mode adds every point's row into its cluster's sum with atomicAdd (fast, order
+// of float additions not fixed). The deterministic mode sorts the points by label (stable) and one block
+// per cluster sums its members' rows in a fixed order in float64: bitwise reproducible run to run.
+// Labels outside [0, k) are skipped on the GPU (checking them would need a device-to-host sync).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/sub.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/kmeans_math.h"
+#include "ops/kmeans.h"
+
+namespace pydc {
+namespace {
+
+constexpr int kCandidates = 4;                          // TF32 candidates re-scored in fp32 per point
+constexpr int64_t kWorkspaceFloats = int64_t(1) << 27;  // 512 MiB of dot products per cuBLAS call
+constexpr int64_t kMaxCentroidBlock = int64_t(1) << 16; // centroids per cuBLAS call
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = kWarpsPerBlock * 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+int64_t blocks_for(int64_t items, int64_t per_block) {
+  return std::max<int64_t>(1, std::min<int64_t>((items + per_block - 1) / per_block, int64_t(1) << 20));
+}
+
+__device__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
+  return __shfl_sync(kFullMask, v, 0);
+}
+
+// Squared norm of every row, one warp per row (lanes stride the features, then a fixed-order tree).
+__global__ void __launch_bounds__(kThreads)
+squared_norms_kernel(const float* __restrict__ rows, int64_t n, int64_t d, float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); r < n; r += warps) {
+    const float* row = rows + r * d;
+    float sum = 0.0f;
+    for (int64_t t = lane; t < d; t += 32) sum += row[t] * row[t];
+    sum = warp_sum(sum);
+    if (lane == 0) out[r] = sum;
+  }
+}
+
+// One warp per point row of the dot-product chunk: the kCandidates best scores of centroids j0 .. j0 + cols,
+// merged with the candidates of earlier centroid blocks when j0 > 0.
+__global__ void __launch_bounds__(kThreads)
+candidates_kernel(const float* __restrict__ dots, int64_t rows, int64_t cols, const float* __restrict__ centroid_sq_norms,
+                  int64_t j0, float* __restrict__ cand_score, int64_t* __restrict__ cand_index) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); r < rows; r += warps) {
+    KMeansTopK<kCandidates> best;
+    best.reset();
+    const float* row = dots + r * cols;
+    for (int64_t j = lane; j < cols; j += 32) best.insert(kmeans_score(centroid_sq_norms[j], row[j]), j0 + j);
+    if (j0 > 0 && lane == 0) {
+      for (int c = 0; c < kCandidates; ++c) best.insert(cand_score[r * kCandidates + c], cand_index[r * kCandidates + c]);
+    }
+    // Butterfly merge: every lane ends with the best kCandidates of the whole warp (a total order, so the
+    // result does not depend on the merge order).
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      float other_score[kCandidates];
+      int64_t other_index[kCandidates];
+#pragma unroll
+      for (int c = 0; c < kCandidates; ++c) {
+        other_score[c] = __shfl_xor_sync(kFullMask, best.score[c], offset);
+        other_index[c] = __shfl_xor_sync(kFullMask, best.index[c], offset);
+      }
+#pragma unroll
+      for (int c = 0; c < kCandidates; ++c) best.insert(other_score[c], other_index[c]);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int c = 0; c < kCandidates; ++c) {
+        cand_score[r * kCandidates + c] = best.score[c];
+        cand_index[r * kCandidates + c] = best.index[c];
+      }
+    }
+  }
+}
+
+// One warp per point: fp32 scores of its candidates from x and the centroids, the best one wins.
+__global__ void __launch_bounds__(kThreads)
+rescore_kernel(const float* __restrict__ x, const float* __restrict__ centroids, int64_t n, int64_t d,
+               const float* __restrict__ point_sq_norms, const float* __restrict__ centroid_sq_norms,
+               const int64_t* __restrict__ cand_index, int64_t* __restrict__ labels, float* __restrict__ distances) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); r < n; r += warps) {
+    const float* point = x + r * d;
+    float best_score = kKMeansInf;
+    int64_t best_index = 0;
+    for (int c = 0; c < kCandidates; ++c) {
+      const int64_t j = cand_index[r * kCandidates + c];
+      const float* centroid = centroids + j * d;
+      float dot = 0.0f;
+      for (int64_t t = lane; t < d; t += 32) dot += point[t] * centroid[t];
+      dot = warp_sum(dot);
+      const float score = kmeans_score(centroid_sq_norms[j], dot);
+      if (kmeans_prefer(score, j, best_score, best_index)) {
+        best_score = score;
+        best_index = j;
+      }
+    }
+    if (lane == 0) {
+      labels[r] = best_index;
+      distances[r] = kmeans_distance(point_sq_norms[r], best_score);
+    }
+  }
+}
+
+at::Tensor squared_norms(const at::Tensor& rows, cudaStream_t stream) {
+  at::Tensor norms = at::empty({rows.size(0)}, rows.options());
+  if (rows.size(0) == 0) return norms;
+  squared_norms_kernel<<<blocks_for(rows.size(0), kWarpsPerBlock), kThreads, 0, stream>>>(
+      rows.const_data_ptr<float>(), rows.size(0), rows.size(1), norms.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return norms;
+}
+
+// dots (rows x cols, row-major) = points (rows x d) . centroids (cols x d)^T. cuBLAS is column-major: the
+// row-major dots are the column-major cols x rows matrix centroids . points^T.
+void chunk_dots(const float* points, const float* centroids, float* dots, int64_t rows, int64_t cols, int64_t d,
+                bool allow_tf32) {
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasComputeType_t compute = allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(cols), static_cast<int>(rows),
+                                    static_cast<int>(d), &alpha, centroids, CUDA_R_32F, static_cast<int>(d), points,
+                                    CUDA_R_32F, static_cast<int>(d), &beta, dots, CUDA_R_32F, static_cast<int>(cols),
+                                    compute, CUBLAS_GEMM_DEFAULT));
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const at::Tensor& centroids,
+                                                      const std::optional<at::Tensor>& x_sq_norms, bool allow_tf32) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  KMeansAssignPlan plan = plan_kmeans_assign(x, centroids, x_sq_norms);
+  const int64_t n = plan.x.size(0), k = plan.centroids.size(0), d = plan.x.size(1);
+  if (n == 0) return {plan.labels, plan.distances};
+  TORCH_CHECK(d < (int64_t(1) << 31), "pydc::kmeans_assign: expected fewer than 2^31 features on CUDA, got ", d);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor point_norms = plan.x_sq_norms.defined() ? plan.x_sq_norms : squared_norms(plan.x, stream);
+  const at::Tensor centroid_norms = squared_norms(plan.centroids, stream);
+
+  const int64_t block_cols = std::min(k, kMaxCentroidBlock);
+  const int64_t chunk_rows = std::max<int64_t>(1, std::min(n, kWorkspaceFloats / block_cols));
+  at::Tensor workspace = at::empty({chunk_rows, block_cols}, plan.x.options());
+  at::Tensor cand_score = at::empty({n, kCandidates}, plan.x.options());
+  at::Tensor cand_index = at::empty({n, kCandidates}, plan.labels.options());
+  const float* xs = plan.x.const_data_ptr<float>();
+  const float* cs = plan.centroids.const_data_ptr<float>();
+  const float* cn = centroid_norms.const_data_ptr<float>();
+  float* dots = workspace.mutable_data_ptr<float>();
+  float* scores = cand_score.mutable_data_ptr<float>();
+  int64_t* indices = cand_index.mutable_data_ptr<int64_t>();
+
+  for (int64_t i0 = 0; i0 < n; i0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - i0);
+    for (int64_t j0 = 0; j0 < k; j0 += block_cols) {
+      const int64_t cols = std::min(block_cols, k - j0);
+      chunk_dots(xs + i0 * d, cs + j0 * d, dots, rows, cols, d, allow_tf32);
+      candidates_kernel<<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+          dots, rows, cols, cn + j0, j0, scores + i0 * kCandidates, indices + i0 * kCandidates);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  rescore_kernel<<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
+      xs, cs, n, d, point_norms.const_data_ptr<float>(), cn, indices, plan.labels.mutable_data_ptr<int64_t>(),
+      plan.distances.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {plan.labels, plan.distances};
+}
+
+// Atomic mode: one thread per element of x; the first feature's thread also counts the point.
+__global__ void update_atomic_kernel(const float* __restrict__ x, const int64_t* __restrict__ labels, int64_t n,
+                                     int64_t d, int64_t k, float* __restrict__ sums,
+                                     unsigned long long* __restrict__ counts) {
+  const int64_t total = n * d;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    const int64_t i = e / d;
+    const int64_t t = e - i * d;
+    const int64_t label = labels[i];
+    if (label < 0 || label >= k) continue;
+    atomicAdd(sums + label * d + t, x[e]);
+    if (t == 0) atomicAdd(counts + label, 1ull);
+  }
+}
+
+// Deterministic mode: one block per cluster; threadIdx.x walks 32 features, threadIdx.y takes every 8th
+// member (in sorted order), and the 8 partial float64 sums are added in a fixed order.
+constexpr int kMemberLanes = 8;
+
+__global__ void __launch_bounds__(32 * kMemberLanes)
+update_sorted_kernel(const float* __restrict__ x, const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
+                     const int64_t* __restrict__ ends, int64_t k, int64_t d, float* __restrict__ sums) {
+  __shared__ double partial[kMemberLanes][32];
+  for (int64_t c = blockIdx.x; c < k; c += gridDim.x) {
+    const int64_t begin = starts[c], end = ends[c];
+    if (begin >= end) continue;  // uniform across the block: no thread reaches the barriers below
+    for (int64_t t0 = 0; t0 < d; t0 += 32) {
+      const int64_t t = t0 + threadIdx.x;
+      double acc = 0.0;
+      if (t < d) {
+        for (int64_t m = begin + threadIdx.y; m < end; m += kMemberLanes) acc += static_cast<double>(x[order[m] * d + t]);
+      }
+      partial[threadIdx.y][threadIdx.x] = acc;
+      __syncthreads();
+      if (threadIdx.y == 0 && t < d) {
+        double total = 0.0;
+        for (int y = 0; y < kMemberLanes; ++y) total += partial[y][threadIdx.x];
+        sums[c * d + t] = static_cast<float>(total);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x, const at::Tensor& labels, int64_t k,
+                                                      bool deterministic) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  KMeansUpdatePlan plan = plan_kmeans_update(x, labels, k);
+  const int64_t n = plan.x.size(0), d = plan.x.size(1);
+  if (n == 0) return {plan.sums, plan.counts};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (!deterministic) {
+    static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are 64-bit");
+    update_atomic_kernel<<<blocks_for(n * d, 256), 256, 0, stream>>>(
+        plan.x.const_data_ptr<float>(), plan.labels.const_data_ptr<int64_t>(), n, d, k,
+        plan.sums.mutable_data_ptr<float>(), reinterpret_cast<unsigned long long*>(plan.counts.mutable_data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {plan.sums, plan.counts};
+  }
+  const auto sorted = at::sort(plan.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& sorted_labels = std::get<0>(sorted);
+  const at::Tensor order = std::get<1>(sorted).contiguous();
+  const at::Tensor cluster_ids = at::arange(k, plan.labels.options());
+  const at::Tensor starts = at::searchsorted(sorted_labels, cluster_ids, /*out_int32=*/false, /*right=*/false);
+  const at::Tensor ends = at::searchsorted(sorted_labels, cluster_ids, /*out_int32=*/false, /*right=*/true);
+  plan.counts.copy_(at::sub(ends, starts));
+  const dim3 block(32, kMemberLanes);
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(k, 65535));
+  update_sorted_kernel<<<grid, block, 0, stream>>>(plan.x.const_data_ptr<float>(), order.const_data_ptr<int64_t>(),
+                                                    starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), k,
+                                                    d, plan.sums.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {plan.sums, plan.counts};
+}
+
+}  // namespace
+}  // namespace pydc
+
+TORCH_LIBRARY_IMPL(pydc, CUDA, m) {
+  m.impl("kmeans_assign", &pydc::kmeans_assign_cuda);
+  m.impl("kmeans_update", &pydc::kmeans_update_cuda);
+}

@@ -1,0 +1,78 @@
+// Schemas of the k-means ops and the checks both kernels share.
+//
+// kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
+// kmeans_update: per-cluster sums of the points and per-cluster counts (the centroid update is sums/counts).
+#include "ops/kmeans.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+
+namespace pydc {
+
+namespace {
+constexpr const char* kAssign = "pydc::kmeans_assign";
+constexpr const char* kUpdate = "pydc::kmeans_update";
+}  // namespace
+
+KMeansAssignPlan plan_kmeans_assign(const at::Tensor& x, const at::Tensor& centroids,
+                                    const std::optional<at::Tensor>& x_sq_norms) {
+  PYDC_CHECK_DIM(kAssign, "x", x, 2);
+  PYDC_CHECK_DIM(kAssign, "centroids", centroids, 2);
+  PYDC_CHECK_DTYPE(kAssign, "x", x, at::kFloat);
+  PYDC_CHECK_DTYPE(kAssign, "centroids", centroids, at::kFloat);
+  PYDC_CHECK_SAME_DEVICE(kAssign, "x", x, "centroids", centroids);
+  TORCH_CHECK(centroids.size(1) == x.size(1), kAssign, ": expected centroids of shape (k, ", x.size(1),
+              ") to match x of shape ", x.sizes(), ", got centroids of shape ", centroids.sizes());
+  TORCH_CHECK(x.size(1) >= 1, kAssign, ": expected points with at least one feature, got x of shape ",
+              x.sizes());
+  TORCH_CHECK(centroids.size(0) >= 1, kAssign, ": expected at least one centroid, got centroids of shape ",
+              centroids.sizes());
+  TORCH_CHECK(centroids.size(0) < (int64_t(1) << 31), kAssign, ": expected fewer than 2^31 centroids, got ",
+              centroids.size(0));
+  KMeansAssignPlan plan;
+  plan.x = x.contiguous();
+  plan.centroids = centroids.contiguous();
+  if (x_sq_norms.has_value() && x_sq_norms->defined()) {
+    const at::Tensor& norms = *x_sq_norms;
+    PYDC_CHECK_DIM(kAssign, "x_sq_norms", norms, 1);
+    PYDC_CHECK_DTYPE(kAssign, "x_sq_norms", norms, at::kFloat);
+    PYDC_CHECK_SAME_DEVICE(kAssign, "x", x, "x_sq_norms", norms);
+    TORCH_CHECK(norms.size(0) == x.size(0), kAssign, ": expected x_sq_norms of shape (", x.size(0),
+                ",) (one squared norm per row of x), got ", describe(norms));
+    plan.x_sq_norms = norms.contiguous();
+  }
+  plan.labels = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  plan.distances = at::empty({x.size(0)}, x.options());
+  return plan;
+}
+
+KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& labels, int64_t k) {
+  PYDC_CHECK_DIM(kUpdate, "x", x, 2);
+  PYDC_CHECK_DIM(kUpdate, "labels", labels, 1);
+  PYDC_CHECK_DTYPE(kUpdate, "x", x, at::kFloat);
+  PYDC_CHECK_DTYPE(kUpdate, "labels", labels, at::kLong);
+  PYDC_CHECK_SAME_DEVICE(kUpdate, "x", x, "labels", labels);
+  TORCH_CHECK(labels.size(0) == x.size(0), kUpdate, ": expected one label per row of x, i.e. labels of "
+              "shape (", x.size(0), ",), got ", describe(labels));
+  TORCH_CHECK(x.size(1) >= 1, kUpdate, ": expected points with at least one feature, got x of shape ",
+              x.sizes());
+  TORCH_CHECK(k >= 1, kUpdate, ": expected k >= 1 clusters, got k = ", k);
+  KMeansUpdatePlan plan;
+  plan.x = x.contiguous();
+  plan.labels = labels.contiguous();
+  plan.k = k;
+  plan.sums = at::zeros({k, x.size(1)}, x.options());
+  plan.counts = at::zeros({k}, labels.options());
+  return plan;
+}
+
+}  // namespace pydc
+
+TORCH_LIBRARY_FRAGMENT(pydc, m) {
+  m.def("kmeans_assign(Tensor x, Tensor centroids, Tensor? x_sq_norms=None, bool allow_tf32=True) -> "
+        "(Tensor labels, Tensor distances)");
+  m.def("kmeans_update(Tensor x, Tensor labels, int k, bool deterministic=True) -> "
+        "(Tensor sums, Tensor counts)");
+}

@@ -1,0 +1,181 @@
+"""k-means as DeepCluster runs it (clustering.py run_kmeans over faiss.Clustering), on any device.
+
+`kmeans(x, k, niter=20, seed=0, backend="auto", spherical=False)`:
+
+1. Initial centroids: k distinct rows of x (indices drawn without replacement with `seed`), or
+   `init_centroids` when given. spherical=True L2-normalises them.
+2. niter Lloyd iterations. Each assigns every point to its nearest centroid (squared L2, lowest index on
+   ties; `objective[i]` is the sum of these squared distances, as faiss's iteration_stats obj), then sets
+   every non-empty centroid to the mean of its points, then refills the empty clusters as faiss's
+   split_clusters does: for each empty cluster in index order, pick a cluster with probability
+   proportional to (size - 1) (sizes are float and halve on a split, so a cluster of one point is never
+   picked), copy its centroid into the empty one and perturb both symmetrically, feature j scaled by
+   1 + s/1024 for the copy and 1 - s/1024 for the original with s = +1 for even j and -1 for odd j, and
+   give each half of the sizes. spherical=True L2-normalises the centroids after every update.
+3. Final labels: nearest centroid of the returned centroids (one more assignment pass).
+
+faiss differences: faiss picks the cluster to split by a cyclic scan with acceptance probability
+(size - 1)/(N - k) and a fixed split seed; here it is an exact draw proportional to (size - 1) from a
+generator seeded with `seed`. The initial draw uses torch's generator, not faiss's, so `backend="torch"`
+and `backend="faiss"` start from different centroids unless `init_centroids` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from pydc.ops.kmeans import kmeans_assign, kmeans_update
+
+BACKENDS = ("auto", "torch", "faiss")
+SPLIT_EPS = 1.0 / 1024.0
+
+
+@dataclasses.dataclass
+class KMeansResult:
+    centroids: torch.Tensor   # (k, d) float32 on x's device
+    labels: torch.Tensor      # (N,) int64 on x's device: nearest centroid of `centroids`
+    objective: list[float]    # per iteration: sum of squared distances at that iteration's assignment
+    backend: str = "torch"    # the backend that ran: "torch", "faiss-cpu" or "faiss-gpu"
+    splits: int = 0           # empty clusters refilled over all iterations (torch backend)
+
+
+def _faiss_module():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _check_arguments(x, k: int, niter: int, backend: str, init_centroids) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"kmeans: expected x to be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"kmeans: expected x of shape (N, d), got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"kmeans: expected floating point x, got {x.dtype}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"kmeans: expected k to be a positive integer, got {k!r}")
+    if x.shape[0] < k:
+        raise ValueError(f"kmeans: need at least as many points as clusters, got N = {x.shape[0]} points for "
+                         f"k = {k} clusters; lower k or cluster more points")
+    if x.shape[1] < 1:
+        raise ValueError(f"kmeans: expected points with at least one feature, got x of shape {tuple(x.shape)}")
+    if int(niter) != niter or niter < 0:
+        raise ValueError(f"kmeans: expected niter >= 0, got {niter!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"kmeans: expected backend in {BACKENDS}, got {backend!r}")
+    if init_centroids is not None and tuple(init_centroids.shape) != (k, x.shape[1]):
+        raise ValueError(f"kmeans: expected init_centroids of shape ({k}, {x.shape[1]}), got "
+                         f"{tuple(init_centroids.shape)}")
+
+
+def initial_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k distinct rows of x, drawn without replacement by a CPU generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(int(seed))
+    index = torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)
+    return x.index_select(0, index).clone()
+
+
+def _normalize_rows(centroids: torch.Tensor) -> torch.Tensor:
+    norms = centroids.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, centroids / norms.clamp_min(torch.finfo(torch.float32).tiny), centroids)
+
+
+def split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, generator: torch.Generator) -> int:
+    """Refill the empty clusters in place by splitting others (faiss's split_clusters); returns how many."""
+    sizes = counts.to(device="cpu", dtype=torch.float64)
+    empty = torch.nonzero(sizes == 0).flatten().tolist()
+    if not empty:
+        return 0
+    d = centroids.shape[1]
+    sign = torch.ones(d, dtype=centroids.dtype, device=centroids.device)
+    sign[1::2] = -1.0
+    grow, shrink = 1.0 + SPLIT_EPS * sign, 1.0 - SPLIT_EPS * sign
+    for ci in empty:
+        weights = (sizes - 1.0).clamp_min(0.0)
+        cj = int(torch.multinomial(weights, 1, generator=generator))
+        centroids[ci] = centroids[cj] * grow
+        centroids[cj] *= shrink
+        sizes[ci] = sizes[cj] / 2.0
+        sizes[cj] -= sizes[ci]
+    return len(empty)
+
+
+def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic) -> KMeansResult:
+    x32 = x.detach().to(torch.float32).contiguous()
+    centroids = (initial_centroids(x32, k, seed) if init_centroids is None
+                 else init_centroids.detach().to(device=x.device, dtype=torch.float32).clone())
+    if spherical:
+        centroids = _normalize_rows(centroids)
+    point_sq_norms = (x32 * x32).sum(1)
+    split_generator = torch.Generator().manual_seed(int(seed) + 1)
+    objective, splits = [], 0
+    for _ in range(int(niter)):
+        labels, distances = kmeans_assign(x32, centroids, point_sq_norms)
+        objective.append(float(distances.sum(dtype=torch.float64)))
+        sums, counts = kmeans_update(x32, labels, k, deterministic=deterministic)
+        nonempty = counts > 0
+        centroids = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype),
+                                torch.zeros_like(sums))
+        if not bool(nonempty.all()):
+            splits += split_empty_clusters(centroids, counts, split_generator)
+        if spherical:
+            centroids = _normalize_rows(centroids)
+    labels, _ = kmeans_assign(x32, centroids, point_sq_norms)
+    return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits)
+
+
+def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeansResult:
+    x_np = np.ascontiguousarray(x.detach().to(device="cpu", dtype=torch.float32).numpy())
+    n, d = x_np.shape
+    clustering = faiss.Clustering(d, k)
+    clustering.niter = int(niter)
+    clustering.seed = int(seed)
+    clustering.spherical = bool(spherical)
+    clustering.max_points_per_centroid = 10_000_000  # DeepCluster: no subsampling
+    clustering.verbose = False
+    if init_centroids is not None:
+        faiss.copy_array_to_vector(
+            np.ascontiguousarray(init_centroids.detach().cpu().to(torch.float32).numpy()).ravel(), clustering.centroids)
+    use_gpu = x.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu:
+        resources = faiss.StandardGpuResources()
+        config = faiss.GpuIndexFlatConfig()
+        config.device = x.device.index or 0
+        index = faiss.GpuIndexFlatL2(resources, d, config)
+    else:
+        index = faiss.IndexFlatL2(d)
+    clustering.train(x_np, index)
+    centroids = faiss.vector_float_to_array(clustering.centroids).reshape(k, d)
+    stats = clustering.iteration_stats
+    objective = [float(stats.at(i).obj) for i in range(stats.size())]
+    index.reset()
+    index.add(centroids)
+    _, labels = index.search(x_np, 1)
+    return KMeansResult(centroids=torch.from_numpy(centroids.copy()).to(x.device),
+                        labels=torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(x.device),
+                        objective=objective, backend="faiss-gpu" if use_gpu else "faiss-cpu")
+
+
+def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str = "auto", spherical: bool = False,
+           *, init_centroids: torch.Tensor | None = None, deterministic: bool = True) -> KMeansResult:
+    """Cluster the rows of x into k clusters; see the module docstring for the exact semantics.
+
+    backend: "torch" runs pydc's ops on x's device; "faiss" runs faiss (faiss-gpu for CUDA tensors when it
+    is installed, faiss-cpu otherwise); "auto" runs pydc's ops on CUDA and faiss-cpu on the CPU when faiss
+    is importable, pydc's ops otherwise. deterministic selects the bitwise reproducible centroid update on
+    CUDA (the CPU update always is).
+    """
+    _check_arguments(x, k, niter, backend, init_centroids)
+    k = int(k)
+    faiss = _faiss_module() if backend in ("faiss", "auto") else None
+    if backend == "faiss" and faiss is None:
+        raise ValueError("kmeans: backend='faiss' needs the faiss package (pip install faiss-cpu), which is not "
+                         "importable; use backend='torch' for pydc's own k-means")
+    if backend == "faiss" or (backend == "auto" and faiss is not None and not x.is_cuda):
+        return _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids)
+    return _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic)

@@ -1,0 +1,130 @@
+"""Reading, screening and decoding one image file into an RGB uint8 (3, H, W) tensor.
+
+Every loader goes through `probe` before decoding anything: it reads the file's bytes and parses only the
+header (PIL opens lazily), which is enough to reject empty or unidentifiable files and images larger than
+`MAX_PIXELS` before a decoder allocates their full size (a 20000x20000 header would otherwise ask for 1.2 GB).
+The header also gives the width and height that the random crop parameters need, so no decode happens twice.
+
+Decoding: torchvision.io.decode_image (libjpeg-turbo, libpng, libwebp; on a GPU, nvJPEG through
+decode_jpeg(device="cuda") for JPEGs) in RGB mode, which already turns grey, CMYK and RGBA into RGB; 16-bit
+PNGs come back as uint16 and are scaled to uint8 (v * 255 / 65535, rounded down as torchvision's to_dtype does);
+formats torchvision does not read (BMP, TIFF) go through PIL. A file that fails every decoder (truncated JPEG,
+text named .jpg) is reported by raising `UnreadableImage`, which the loaders turn into one warning and a
+count; they never substitute another sample.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Largest image (width * height) a loader decodes: 64 megapixels (e.g. 8000 x 8000), 192 MB as RGB uint8 per
+# image and per decoding thread. Larger images are skipped with a warning. PIL's own bomb guard starts at 89M.
+MAX_PIXELS = 64_000_000
+
+# torchvision >= 0.25 warns on every decode that its image I/O is deprecated in favour of TorchCodec; the
+# warning says nothing about the file and would be repeated once per batch.
+_DEPRECATION = r".*image decoding and encoding capabilities of TorchVision are deprecated.*"
+
+# Formats torchvision.io.decode_image reads itself; anything else PIL decodes.
+_TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
+
+
+class UnreadableImage(Exception):
+    """A file no decoder could turn into an image; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header of an encoded image says, read without decoding the pixels."""
+
+    data: bytes
+    format: str  # PIL's name: "JPEG", "PNG", ...
+    mode: str  # PIL's mode: "RGB", "L", "CMYK", "RGBA", "I;16", ...
+    width: int
+    height: int
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def probe(path: str, max_pixels: int = MAX_PIXELS) -> ImageHeader:
+    """Read `path` and parse its header; raise UnreadableImage for empty, unknown or oversized files."""
+    try:
+        data = read_file(path)
+    except OSError as error:
+        raise UnreadableImage(f"cannot read: {error}") from error
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                header = ImageHeader(data, image.format or "", image.mode, image.width, image.height)
+    except Image.DecompressionBombError as error:  # PIL's own guard (2 * Image.MAX_IMAGE_PIXELS) came first
+        raise UnreadableImage(f"header size exceeds the limit of {max_pixels} pixels (PIL: {error})") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UnreadableImage(f"not an image PIL can identify: {error}") from error
+    if header.width <= 0 or header.height <= 0:
+        raise UnreadableImage(f"empty image size {header.width}x{header.height}")
+    if header.width * header.height > max_pixels:
+        raise UnreadableImage(f"header size {header.width}x{header.height} exceeds the limit of {max_pixels} pixels "
+                              f"(pydc.data.decode.MAX_PIXELS)")
+    return header
+
+
+def decode(header: ImageHeader, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decode a probed file into an RGB uint8 (3, H, W) tensor on `device`; raise UnreadableImage on failure."""
+    device = torch.device(device)
+    if header.format in _TORCHVISION_FORMATS:
+        try:
+            image = _decode_torchvision(header, device)
+        except RuntimeError as error:
+            # torchvision refuses truncated data and a few exotic variants; PIL is stricter on truncation
+            # (it raises too) and more lenient on the rest, so it gets the last word.
+            image = _decode_pil(header, first_error=error)
+    else:
+        image = _decode_pil(header)
+    if image.shape[1:] != (header.height, header.width):
+        raise UnreadableImage(f"decoded size {tuple(image.shape[1:])} differs from the header's "
+                              f"{(header.height, header.width)}")
+    return image.to(device, non_blocking=True)
+
+
+def _decode_torchvision(header: ImageHeader, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    encoded = torch.frombuffer(bytearray(header.data), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATION)
+        if device.type == "cuda" and header.format == "JPEG" and header.mode in ("RGB", "L"):
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        image = decode_image(encoded, mode=ImageReadMode.RGB)
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) * 255 // 65535).to(torch.uint8)
+    return image
+
+
+def _decode_pil(header: ImageHeader, first_error: Exception | None = None) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(header.data)) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # PIL's convert("RGB") clips 16-bit values instead of scaling them.
+                values = np.asarray(image, dtype=np.int64)
+                scale = 65535 if image.mode.startswith("I;16") or values.max() > 255 else 255
+                grey = (np.clip(values, 0, scale) * 255 // scale).astype(np.uint8)
+                array = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                array = np.array(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:
+        reason = f"{error}" if first_error is None else f"{first_error}; PIL: {error}"
+        raise UnreadableImage(f"cannot decode {header.format} {header.width}x{header.height}: {reason}") from error
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,0 +1,276 @@
+"""FeatureLoader and TrainLoader: uint8 (B, 3, size, size) batches on the compute device, with indices.
+
+Backends (backend=): "dali" (pydc.data.dali_backend), "torchvision" (pydc.data.torchvision_backend), or
+"auto": small datasets (see pydc.data.memory) are decoded once by torchvision and kept in memory; otherwise,
+on a GPU, DALI when it imports (nvJPEG decoding and GPU resizing in one graph), else torchvision; on the CPU,
+torchvision: DALI's CPU decoding is as fast as torchvision's per thread, but its CPU resize took ~4 ms per
+500x375 image against ~0.9 ms for torchvision's uint8 antialiased kernel on this project's 2-core machine
+(benchmarks/test_bench_data.py), so the DALI CPU graph is there to test the GPU graph, not to be fast.
+Normalisation is left to the model's fused Sobel stem.
+
+Bad files: every file is probed before decoding (pydc.data.decode). A file that cannot be decoded is skipped
+with one warning (per loader) and counted in `stats` of the epoch: {"decoded": samples handed out,
+"skipped": samples left out (a bad file drawn twice counts twice), "skipped_files": the distinct paths}.
+A batch then holds fewer rows, and its `indices` and `labels` are those of the rows it holds, so nothing
+shifts onto another sample. A batch whose samples all failed is not yielded.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pydc.data.dali_backend import DaliBackend, dali_available
+from pydc.data.decode import MAX_PIXELS, UnreadableImage, probe
+from pydc.data.geometry import CropWindows, random_resized_crops
+from pydc.data.index import ImageFolderIndex
+from pydc.data.memory import load_in_memory
+from pydc.data.torchvision_backend import TorchvisionBackend, decoding_pool
+
+BACKENDS = ("auto", "dali", "torchvision")
+PREFETCH_BATCHES = 2  # batches prepared ahead by a background thread when decoding from disk
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (B, 3, size, size) on the loader's device
+    indices: torch.Tensor  # int64 (B,) dataset indices of the rows, on the CPU
+    labels: torch.Tensor | None  # int64 (B,) class labels of the rows (None for a flat folder), on the CPU
+
+
+class _Loader:
+    def __init__(self, index: ImageFolderIndex, size: int, batch_size: int, device, backend: str,
+                 num_threads: int, progress: bool, seed: int, cache_in_memory: bool | None, max_pixels: int):
+        if size <= 0 or batch_size <= 0 or num_threads <= 0:
+            raise ValueError(f"size, batch_size and num_threads must be positive, got {size}, {batch_size}, "
+                             f"{num_threads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.index = index
+        self.size = size
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.progress = progress
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self._labels = torch.tensor(index.labels, dtype=torch.int64) if index.labels is not None else None
+        self._pool = decoding_pool(num_threads, "pydc-probe")
+        self._known_bad: dict[int, str] = {}  # dataset index -> reason, remembered across epochs
+        self._warned: set[int] = set()
+        self._skipped_this_epoch: set[str] = set()
+        self.stats = _empty_stats()
+
+        self.memory = None
+        if backend != "dali" and cache_in_memory is not False:
+            self.memory = load_in_memory(index.paths, self.device, self._pool, max_pixels)
+            if self.memory is None and cache_in_memory:
+                raise ValueError("cache_in_memory=True but the dataset exceeds pydc.data.memory's limits")
+        if self.memory is not None:
+            for index_of_file, reason in sorted(self.memory.failures.items()):
+                self._mark_bad(index_of_file, reason)
+            self.backend = "torchvision"
+            self._decoder = None
+        else:
+            use_dali = backend == "dali" or (backend == "auto" and self.device.type == "cuda" and dali_available())
+            self.backend = "dali" if use_dali else "torchvision"
+            self._decoder = DaliBackend(self.device, num_threads, batch_size, seed) if use_dali \
+                else TorchvisionBackend(self.device, num_threads)
+
+    def __len__(self) -> int:
+        """Number of batches of the current epoch (before skipping any that fail entirely)."""
+        return -(-len(self._epoch_indices()) // self.batch_size)
+
+    def __iter__(self):
+        indices = np.asarray(self._epoch_indices(), dtype=np.int64)
+        self.stats = _empty_stats()
+        self._skipped_this_epoch: set[str] = set()
+        chunks = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
+        batches = (self._batch(chunk, number) for number, chunk in enumerate(chunks))
+        if self.memory is None:
+            batches = _prefetch(batches, PREFETCH_BATCHES)
+        bar = tqdm(total=len(chunks), desc=type(self).__name__, unit="batch", disable=None if self.progress else True,
+                   leave=False)
+        try:
+            for batch in batches:
+                bar.update(1)
+                if batch is not None:
+                    yield batch
+        finally:
+            bar.close()
+
+    def _epoch_indices(self):
+        raise NotImplementedError
+
+    def _windows(self, heights, widths, batch_number) -> CropWindows | None:
+        return None
+
+    def _batch(self, indices: np.ndarray, batch_number: int) -> Batch | None:
+        """The batch of dataset `indices` (the `batch_number`-th of the epoch), without the rows that fail."""
+        headers, sizes = self._screen(indices)
+        # Windows are drawn for every row (failures included) so that one bad file changes no other row's crop.
+        windows = self._windows(sizes[:, 0], sizes[:, 1], batch_number)
+        good = np.array(sorted(headers), dtype=np.int64)
+        images, failed = self._decode(indices[good], [headers[row] for row in good.tolist()],
+                                      None if windows is None else windows.select(good))
+        for position, reason in failed.items():
+            self._mark_bad(int(indices[good[position]]), reason)
+        kept = np.array([row for position, row in enumerate(good.tolist()) if position not in failed], dtype=np.int64)
+        self._count_skipped(indices[np.setdiff1d(np.arange(len(indices)), kept)])
+        if images is None or len(kept) == 0:
+            return None
+        self.stats["decoded"] += len(kept)
+        kept_indices = torch.from_numpy(indices[kept])
+        labels = self._labels[kept_indices] if self._labels is not None else None
+        return Batch(images=images.to(self.device, non_blocking=True), indices=kept_indices, labels=labels)
+
+    def _screen(self, indices: np.ndarray):
+        """({row: header (None from memory)} of the rows not known or found bad, (height, width) of every row)."""
+        headers: dict = {}
+        sizes = np.ones((len(indices), 2), dtype=np.int64)  # 1x1 for failures: their windows are drawn, unused
+        todo = [row for row, index in enumerate(indices.tolist()) if index not in self._known_bad]
+        if self.memory is not None:
+            headers = dict.fromkeys(todo)
+            sizes[todo] = self.memory.sizes[indices[todo]]
+            return headers, sizes
+        for row, header in zip(todo, self._pool.map(self._probe, indices[todo].tolist())):
+            if isinstance(header, UnreadableImage):
+                self._mark_bad(int(indices[row]), str(header))
+            else:
+                headers[row], sizes[row] = header, (header.height, header.width)
+        return headers, sizes
+
+    def _decode(self, indices: np.ndarray, headers: list, windows: CropWindows | None):
+        """(uint8 images of the rows that decoded, {position: reason} of those that did not)."""
+        if len(indices) == 0:
+            return None, {}
+        if self.memory is not None:
+            selected = torch.from_numpy(indices)
+            return (self.memory.feature(selected, self.size) if windows is None
+                    else self.memory.train(selected, windows, self.size))
+        keys = indices.tolist()
+        return (self._decoder.feature(headers, self.size, keys) if windows is None
+                else self._decoder.train(headers, windows, self.size, keys))
+
+    def _count_skipped(self, skipped_indices: np.ndarray):
+        for index in skipped_indices.tolist():
+            self.stats["skipped"] += 1
+            path = self.index.paths[index]
+            if path not in self._skipped_this_epoch:
+                self._skipped_this_epoch.add(path)
+                self.stats["skipped_files"].append(path)
+
+    def _probe(self, index: int):
+        try:
+            return probe(self.index.paths[index], self.max_pixels)
+        except UnreadableImage as error:
+            return error
+
+    def _mark_bad(self, index: int, reason: str):
+        self._known_bad[index] = reason
+        if index not in self._warned:
+            self._warned.add(index)
+            warnings.warn(f"pydc.data: skipping {self.index.paths[index]}: {reason}", stacklevel=2)
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+        if self._decoder is not None:
+            self._decoder.close()
+
+
+class FeatureLoader(_Loader):
+    """Every sample of this rank's shard once, in index order: resize the shorter side to size*256/224, centre crop.
+
+    Rank r of world_size gets the contiguous shard [N*r//world_size, N*(r+1)//world_size), so the shards of
+    ranks 0..world_size-1, concatenated, are the index order. The last batch is partial, never padded.
+    """
+
+    def __init__(self, index, size, batch_size, device="cpu", backend="auto", num_threads=2, rank=0, world_size=1,
+                 progress=False, cache_in_memory=None, max_pixels=MAX_PIXELS):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        super().__init__(index, size, batch_size, device, backend, num_threads, progress, 0, cache_in_memory,
+                         max_pixels)
+        self.rank, self.world_size = rank, world_size
+
+    def _epoch_indices(self):
+        count = len(self.index)
+        return np.arange(count * self.rank // self.world_size, count * (self.rank + 1) // self.world_size)
+
+
+class TrainLoader(_Loader):
+    """Training batches in the order given by set_order(), with RandomResizedCrop(size, (0.08, 1)) and flips.
+
+    set_order(indices) takes this epoch's order for this rank (from a sampler: duplicates allowed);
+    set_epoch(epoch) picks the augmentation draws, which depend only on (seed, epoch, batch number, position in
+    the batch), so an epoch is reproduced exactly by the same seed, epoch and order, on either backend.
+    """
+
+    def __init__(self, index, size, batch_size, device="cpu", backend="auto", num_threads=2, seed=0,
+                 progress=False, cache_in_memory=None, max_pixels=MAX_PIXELS):
+        super().__init__(index, size, batch_size, device, backend, num_threads, progress, seed, cache_in_memory,
+                         max_pixels)
+        self.epoch = 0
+        self._order = np.arange(len(index), dtype=np.int64)
+
+    def set_order(self, indices) -> None:
+        order = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+        if len(order) and (order.min() < 0 or order.max() >= len(self.index)):
+            raise ValueError(f"sample indices must lie in [0, {len(self.index)}), got range "
+                             f"[{order.min()}, {order.max()}]")
+        self._order = order
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _epoch_indices(self):
+        return self._order
+
+    def _windows(self, heights, widths, batch_number):
+        return random_resized_crops(heights, widths, self.seed, self.epoch, batch_number)
+
+
+def _empty_stats() -> dict:
+    return {"decoded": 0, "skipped": 0, "skipped_files": []}
+
+
+def _prefetch(iterator, depth: int):
+    """Run `iterator` in a background thread, `depth` items ahead (decoding overlaps the consumer's work)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+        except BaseException as error:  # noqa: BLE001  handed to the consumer, raised there
+            items.put(_Failure(error))
+        items.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True, name="pydc-prefetch")
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)
+
+
+@dataclass
+class _Failure:
+    error: BaseException

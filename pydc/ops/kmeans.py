@@ -1,0 +1,150 @@
+"""The two steps of a Lloyd iteration as ops: `torch.ops.pydc.kmeans_assign` and `torch.ops.pydc.kmeans_update`.
+
+kmeans_assign(x, centroids, x_sq_norms=None, allow_tf32=True) -> (labels, distances)
+    x (N, d) and centroids (k, d) are float32 on the same device. For every point, the centroid with the
+    smallest squared L2 distance: labels (N,) int64 and distances (N,) float32. The distance is expanded as
+    ||x||^2 + (||c||^2 - 2 x.c); the arg-min is taken over the score ||c||^2 - 2 x.c, ties go to the lowest
+    centroid index, and the distance is clamped at 0 (rounding can make the expansion slightly negative for a
+    point equal to its centroid), as faiss does. x_sq_norms, when given, are the rows' squared norms (saved
+    across iterations; they are recomputed otherwise). The N x k distance matrix is never formed: the CPU
+    kernel folds 8192 x 1024 BLAS blocks into a running arg-min, the CUDA kernel bounds its cuBLAS workspace
+    to 512 MiB. On CUDA with allow_tf32 the dot products are computed with TF32 tensor cores only to rank
+    the 4 best candidates of each point, which are then re-scored in fp32: the labels are those of fp32
+    arithmetic unless the nearest centroid is not among the TF32 top 4 (a gap below TF32's ~1e-3 relative
+    error across 4 centroids). The CPU always computes in fp32.
+
+kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
+    sums (k, d) float32: the sum of the rows of x with each label; counts (k,) int64: how many. The new
+    centroid of a non-empty cluster is sums / counts. The CPU kernel always sums every cluster's rows in
+    point order in float64 (deterministic whatever the thread count) and rejects labels outside [0, k). On
+    CUDA, deterministic=True sorts the points by label and sums in a fixed order in float64 (bitwise
+    reproducible); deterministic=False uses float atomics (faster, last bits vary run to run). The CUDA
+    kernels skip labels outside [0, k), since checking them would need a device-to-host sync.
+
+Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
+`kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the
+compiled library is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pydc.ops._registry import HAS_OPS, warn_fallback
+
+_REFERENCE_CHUNK_ROWS = 4096
+
+
+def _check_assign(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Tensor | None) -> None:
+    for name, t in (("x", x), ("centroids", centroids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"kmeans_assign: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"kmeans_assign: expected {name} to be a 2-D tensor, got shape {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"kmeans_assign: expected {name} of dtype torch.float32, got {t.dtype}")
+    if x.device != centroids.device:
+        raise ValueError(f"kmeans_assign: expected x and centroids on the same device, got x on {x.device} and "
+                         f"centroids on {centroids.device}")
+    if x.shape[1] < 1:
+        raise ValueError(f"kmeans_assign: expected points with at least one feature, got x of shape {tuple(x.shape)}")
+    if centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"kmeans_assign: expected centroids of shape (k, {x.shape[1]}) to match x of shape "
+                         f"{tuple(x.shape)}, got centroids of shape {tuple(centroids.shape)}")
+    if centroids.shape[0] < 1:
+        raise ValueError(f"kmeans_assign: expected at least one centroid, got centroids of shape "
+                         f"{tuple(centroids.shape)}")
+    if x_sq_norms is not None:
+        if x_sq_norms.shape != (x.shape[0],) or x_sq_norms.dtype != torch.float32 or x_sq_norms.device != x.device:
+            raise ValueError(f"kmeans_assign: expected x_sq_norms to be a float32 tensor of shape ({x.shape[0]},) "
+                             f"on {x.device}, got {x_sq_norms.dtype} of shape {tuple(x_sq_norms.shape)} on "
+                             f"{x_sq_norms.device}")
+
+
+def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("kmeans_update: expected x and labels to be torch.Tensors")
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise ValueError(f"kmeans_update: expected x to be a 2-D float32 tensor, got {x.dtype} of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"kmeans_update: expected points with at least one feature, got x of shape {tuple(x.shape)}")
+    if labels.shape != (x.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"kmeans_update: expected labels to be an int64 tensor of shape ({x.shape[0]},) (one label "
+                         f"per row of x), got {labels.dtype} of shape {tuple(labels.shape)}")
+    if labels.device != x.device:
+        raise ValueError(f"kmeans_update: expected x and labels on the same device, got x on {x.device} and labels "
+                         f"on {labels.device}")
+    if int(k) < 1:
+        raise ValueError(f"kmeans_update: expected k >= 1 clusters, got k = {k}")
+
+
+def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Tensor | None = None,
+                            compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid and clamped squared distance by chunks of torch matmul + argmin (first index on ties)."""
+    xc = x.to(compute_dtype)
+    cc = centroids.to(compute_dtype)
+    centroid_sq_norms = (cc * cc).sum(1)
+    point_sq_norms = (xc * xc).sum(1) if x_sq_norms is None else x_sq_norms.to(compute_dtype)
+    labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], _REFERENCE_CHUNK_ROWS):
+        stop = min(start + _REFERENCE_CHUNK_ROWS, x.shape[0])
+        scores = centroid_sq_norms.unsqueeze(0) - 2.0 * (xc[start:stop] @ cc.T)
+        best, index = scores.min(dim=1)  # torch returns the first minimal index
+        labels[start:stop] = index
+        distances[start:stop] = (point_sq_norms[start:stop] + best).clamp_min(0.0).to(torch.float32)
+    return labels, distances
+
+
+def kmeans_update_reference(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums (accumulated in float64, returned as float32) and counts."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"kmeans_update: expected labels in [0, k) = [0, {k}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=x.device)
+    sums.index_add_(0, labels, x.to(torch.float64))
+    counts = torch.bincount(labels, minlength=k)
+    return sums.to(torch.float32), counts
+
+
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Tensor | None = None,
+                  allow_tf32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every point and its squared distance; see the module docstring."""
+    _check_assign(x, centroids, x_sq_norms)
+    if not HAS_OPS:
+        warn_fallback("kmeans_assign")
+        return kmeans_assign_reference(x, centroids, x_sq_norms)
+    return torch.ops.pydc.kmeans_assign(x, centroids, x_sq_norms, allow_tf32)
+
+
+def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int,
+                  deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums and counts of the points; see the module docstring."""
+    _check_update(x, labels, k)
+    if not HAS_OPS:
+        warn_fallback("kmeans_update")
+        return kmeans_update_reference(x, labels, int(k))
+    return torch.ops.pydc.kmeans_update(x, labels, int(k), deterministic)
+
+
+if HAS_OPS:
+
+    @torch.library.register_fake("pydc::kmeans_assign")
+    def _kmeans_assign_fake(x, centroids, x_sq_norms=None, allow_tf32=True):
+        torch._check(x.dim() == 2 and centroids.dim() == 2, lambda: "kmeans_assign: expected 2-D x and centroids")
+        torch._check(x.dtype == torch.float32 and centroids.dtype == torch.float32,
+                     lambda: f"kmeans_assign: expected float32 x and centroids, got {x.dtype} and {centroids.dtype}")
+        torch._check(x.shape[1] == centroids.shape[1],
+                     lambda: f"kmeans_assign: feature sizes differ, x {x.shape[1]} vs centroids {centroids.shape[1]}")
+        torch._check(centroids.shape[0] >= 1, lambda: "kmeans_assign: expected at least one centroid")
+        n = x.shape[0]
+        return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake("pydc::kmeans_update")
+    def _kmeans_update_fake(x, labels, k, deterministic=True):
+        torch._check(x.dim() == 2 and x.dtype == torch.float32, lambda: "kmeans_update: expected 2-D float32 x")
+        torch._check(labels.dim() == 1 and labels.dtype == torch.int64, lambda: "kmeans_update: expected int64 labels")
+        torch._check(labels.shape[0] == x.shape[0], lambda: "kmeans_update: expected one label per row of x")
+        torch._check(k >= 1, lambda: f"kmeans_update: expected k >= 1, got {k}")
+        return x.new_empty((k, x.shape[1]), dtype=torch.float32), x.new_empty((k,), dtype=torch.int64)

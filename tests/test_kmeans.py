@@ -1,0 +1,181 @@
+"""pydc.cluster.kmeans: against faiss from the same start, final labels, empty-cluster splits, small data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pydc.cluster import KMeansResult, kmeans
+from pydc.cluster.kmeans import SPLIT_EPS, initial_centroids, split_empty_clusters
+from tests.conftest import cpu_and_cuda
+
+
+def blobs(n: int, d: int, centres: int, seed: int = 0, spread: float = 1.0, device="cpu") -> torch.Tensor:
+    """Gaussian blobs around random centres (more structure than noise, fewer exact ties than a grid)."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn((centres, d), generator=generator, dtype=torch.float64) * 4
+    members = torch.randint(0, centres, (n,), generator=generator)
+    x = means[members] + spread * torch.randn((n, d), generator=generator, dtype=torch.float64)
+    return x.to(device=device, dtype=torch.float32)
+
+
+def assert_labels_are_nearest(result: KMeansResult, x: torch.Tensor):
+    exact = torch.cdist(x.double().cpu(), result.centroids.double().cpu()).pow(2)
+    chosen = exact.gather(1, result.labels.cpu().unsqueeze(1)).squeeze(1)
+    scale = x.double().cpu().pow(2).sum(1) + result.centroids.double().cpu().pow(2).sum(1).max()
+    assert bool((chosen - exact.min(1).values <= 1e-5 * scale + 1e-6).all())
+
+
+def faiss_kmeans(faiss, x: torch.Tensor, k: int, init: torch.Tensor, niter: int = 20):
+    clustering = faiss.Clustering(x.shape[1], k)
+    clustering.niter = niter
+    clustering.max_points_per_centroid = 10_000_000
+    faiss.copy_array_to_vector(init.cpu().numpy().ravel(), clustering.centroids)
+    index = faiss.IndexFlatL2(x.shape[1])
+    clustering.train(x.cpu().numpy(), index)
+    stats = clustering.iteration_stats
+    return [stats.at(i).obj for i in range(stats.size())], clustering
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("n,d,k", [(5000, 32, 50), (3000, 16, 200)])
+def test_objective_matches_faiss_from_same_start(device, n, d, k):
+    faiss = pytest.importorskip("faiss")
+    x = blobs(n, d, centres=4 * k, seed=k, spread=2.0)  # overlapping blobs: no empty cluster from this start
+    init = initial_centroids(x, k, seed=3)
+    faiss_objective, clustering = faiss_kmeans(faiss, x, k, init)
+    result = kmeans(x.to(device), k, niter=20, backend="torch", init_centroids=init.to(device))
+    assert len(result.objective) == 20 and result.splits == 0
+    # Same start, same first assignment; after 20 iterations within 1%.
+    assert result.objective[0] == pytest.approx(faiss_objective[0], rel=1e-4)
+    assert result.objective[-1] == pytest.approx(faiss_objective[-1], rel=0.01)
+    # Without splits the two runs are the same Lloyd iterations up to float rounding.
+    faiss_centroids = torch.from_numpy(faiss.vector_float_to_array(clustering.centroids).reshape(k, d))
+    torch.testing.assert_close(result.centroids.cpu(), faiss_centroids, rtol=1e-3, atol=1e-3)
+    assert result.centroids.shape == (k, d) and result.centroids.dtype == torch.float32
+    assert result.centroids.device == x.to(device).device and result.labels.device == result.centroids.device
+    assert result.labels.dtype == torch.int64 and result.labels.shape == (n,)
+    assert_labels_are_nearest(result, x)
+
+
+def test_objective_with_forced_empty_clusters_matches_faiss():
+    faiss = pytest.importorskip("faiss")
+    x = blobs(4000, 8, centres=10, seed=5)
+    init = initial_centroids(x, 40, seed=0)
+    init[::4] = 1000.0 + torch.arange(10, dtype=torch.float32).unsqueeze(1)  # 10 centroids nobody is near
+    faiss_objective, _ = faiss_kmeans(faiss, x, 40, init)
+    result = kmeans(x, 40, niter=20, backend="torch", init_centroids=init)
+    assert result.splits >= 10
+    assert result.objective[0] == pytest.approx(faiss_objective[0], rel=1e-4)
+    assert result.objective[-1] == pytest.approx(faiss_objective[-1], rel=0.01)
+    assert torch.isfinite(result.centroids).all()
+    assert_labels_are_nearest(result, x)
+
+
+def test_objective_decreases_and_labels_are_final_nearest():
+    x = blobs(3000, 12, centres=30, seed=2)
+    result = kmeans(x, 30, niter=15, seed=4, backend="torch")
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(result.objective, result.objective[1:]))
+    assert_labels_are_nearest(result, x)
+
+
+def test_split_rule_copies_and_perturbs():
+    centroids = torch.tensor([[0.0, 0.0, 0.0], [2.0, 4.0, 8.0], [1.0, 1.0, 1.0]])
+    counts = torch.tensor([0, 5, 1])
+    original = centroids.clone()
+    assert split_empty_clusters(centroids, counts, torch.Generator().manual_seed(0)) == 1
+    # Only cluster 1 has size - 1 > 0, so it is split; cluster 2 (one point) never is.
+    sign = torch.tensor([1.0, -1.0, 1.0])
+    torch.testing.assert_close(centroids[0], original[1] * (1 + SPLIT_EPS * sign))
+    torch.testing.assert_close(centroids[1], original[1] * (1 - SPLIT_EPS * sign))
+    assert torch.equal(centroids[2], original[2])
+
+
+def test_split_sizes_halve_between_successive_empties():
+    # Cluster 3 (size 4) is split for cluster 0 (2 + 2), then one of the halves (weight 1 each) for cluster 1.
+    centroids = torch.arange(12, dtype=torch.float32).view(4, 3) + 1
+    counts = torch.tensor([0, 0, 1, 4])
+    assert split_empty_clusters(centroids, counts, torch.Generator().manual_seed(1)) == 2
+    assert not torch.equal(centroids[0], torch.zeros(3)) and not torch.equal(centroids[1], torch.zeros(3))
+    assert torch.equal(centroids[2], torch.tensor([7.0, 8.0, 9.0]))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_small_data(device):
+    x = blobs(20, 4, centres=3, device=device)
+    with pytest.raises(ValueError, match="N = 20 points for k = 21 clusters"):
+        kmeans(x, 21, backend="torch")
+    one = kmeans(x, 1, niter=5, backend="torch")
+    torch.testing.assert_close(one.centroids[0], x.double().mean(0).float(), rtol=1e-5, atol=1e-5)
+    assert one.labels.eq(0).all()
+    as_many = kmeans(x, 20, niter=5, backend="torch")  # k = N: every point its own cluster
+    assert sorted(as_many.labels.tolist()) == list(range(20))
+    assert as_many.objective[-1] == pytest.approx(0.0, abs=1e-4)  # float32 cancellation of ||x||^2 ~ 40
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_duplicated_and_identical_points(device):
+    base = blobs(30, 5, centres=3, device=device)
+    duplicated = torch.cat([base, base, base])
+    result = kmeans(duplicated, 10, niter=10, backend="torch")
+    assert torch.isfinite(result.centroids).all()
+    assert_labels_are_nearest(result, duplicated)
+    identical = torch.full((50, 5), 0.5, device=device)
+    same = kmeans(identical, 4, niter=10, backend="torch")
+    assert torch.isfinite(same.centroids).all()
+    torch.testing.assert_close(same.centroids, torch.full((4, 5), 0.5, device=device), rtol=0.01, atol=0.01)
+    assert same.objective[-1] == pytest.approx(0.0, abs=1e-3)
+    assert_labels_are_nearest(same, identical)
+
+
+def test_spherical_centroids_have_unit_norm():
+    x = torch.nn.functional.normalize(blobs(2000, 16, centres=20, seed=7), dim=1)
+    result = kmeans(x, 20, niter=10, backend="torch", spherical=True)
+    torch.testing.assert_close(result.centroids.norm(dim=1), torch.ones(20), rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_runs_repeat_bitwise_and_seeds_differ():
+    x = blobs(2000, 8, centres=15, seed=9)
+    first = kmeans(x, 15, niter=8, seed=11, backend="torch")
+    again = kmeans(x, 15, niter=8, seed=11, backend="torch")
+    assert torch.equal(first.centroids, again.centroids) and first.objective == again.objective
+    assert not torch.equal(initial_centroids(x, 15, 11), initial_centroids(x, 15, 12))
+    assert initial_centroids(x, 15, 11).unique(dim=0).shape[0] == 15  # distinct data points
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_runs_repeat_bitwise():
+    x = blobs(20000, 32, centres=100, seed=3, device="cuda")
+    first = kmeans(x, 100, niter=5, backend="torch", deterministic=True)
+    again = kmeans(x, 100, niter=5, backend="torch", deterministic=True)
+    assert torch.equal(first.centroids, again.centroids) and torch.equal(first.labels, again.labels)
+    fast = kmeans(x, 100, niter=5, backend="torch", deterministic=False)
+    assert fast.objective[-1] == pytest.approx(first.objective[-1], rel=0.01)
+
+
+def test_faiss_and_auto_backends_on_cpu():
+    pytest.importorskip("faiss")
+    x = blobs(3000, 16, centres=20, seed=1)
+    result = kmeans(x, 20, niter=10, backend="faiss")
+    assert result.backend == "faiss-cpu" and len(result.objective) == 10
+    assert result.labels.dtype == torch.int64 and result.centroids.dtype == torch.float32
+    assert_labels_are_nearest(result, x)
+    assert kmeans(x, 20, niter=2, backend="auto").backend == "faiss-cpu"
+    smooth = blobs(3000, 16, centres=80, seed=1, spread=2.0)
+    init = initial_centroids(smooth, 20, seed=0)
+    through_faiss = kmeans(smooth, 20, niter=10, backend="faiss", init_centroids=init)
+    ours = kmeans(smooth, 20, niter=10, backend="torch", init_centroids=init)
+    assert ours.objective[-1] == pytest.approx(through_faiss.objective[-1], rel=0.01)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(k=0), "positive integer"), (dict(k=2.5), "positive integer"), (dict(niter=-1), "niter"),
+    (dict(backend="sklearn"), "backend"), (dict(init_centroids=torch.zeros(3, 4)), "init_centroids"),
+])
+def test_bad_arguments(bad, message):
+    arguments = dict(x=torch.randn(10, 4), k=2, backend="torch")
+    arguments.update(bad)
+    with pytest.raises(ValueError, match=message):
+        kmeans(**arguments)
+    with pytest.raises(ValueError, match=r"shape \(N, d\)"):
+        kmeans(torch.randn(10), 2)
