@@ -255,6 +255,9 @@ def train(args) -> dict:
             "assignments": state["assignments"], "previous_assignments": state["previous_assignments"],
             "memory": memory.state_dict() if memory is not None else None,
             "partial": state["partial"], "cluster_record": state["cluster_record"], "tag": tag,
+            # The sampler's order is a function of (seed, epoch, assignments); its position is what this rank
+            # has consumed of it (a resume skips exactly that many batches).
+            "sampler": {"seed": args.seed, "epoch": state["epoch"], "position": state["step"] * args.batch_size},
         }, checkpoint_path)
 
     # -- stage 5: epochs ------------------------------------------------------------------------------------------
@@ -303,6 +306,7 @@ def train(args) -> dict:
     final = {"event": "final", "epoch": state["epoch"], "images": num_images, "world_size": world_size}
     if world_size > 1 and state["assignments"] is not None:
         final["ranks_agree"] = _ranks_agree(state["assignments"].to(device))
+        (output / "assignments").mkdir(parents=True, exist_ok=True)
         np.save(output / "assignments" / f"final.rank{rank}.npy", state["assignments"].cpu().numpy())
     if not args.no_eval and true_labels is not None:
         model.eval()

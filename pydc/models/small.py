@@ -1,6 +1,6 @@
 """A small conv net for the bundled 32x32 digits, sized to train in minutes on a laptop CPU.
 
-Sobel stem -> five 3x3 conv layers (BN + ReLU; widths w, w, 2w, 2w, 4w with two 2x2 max-pools) -> global
+Sobel stem -> five 3x3 conv layers (BN + ReLU; widths w, w, 2w, 2w, 4w with w = 16, two 2x2 max-pools) -> global
 average pool -> fc (4w -> 256) + BN. The clustering features are that fc's output before a ReLU, the same
 place as AlexNet's fc7.
 """
@@ -21,7 +21,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 class SmallBody(nn.Module):
-    def __init__(self, width: int = 32, in_channels: int = 2, feature_dim: int = FEATURE_DIM):
+    def __init__(self, width: int = 16, in_channels: int = 2, feature_dim: int = FEATURE_DIM):
         super().__init__()
         self.features = nn.Sequential(
             *_conv_bn_relu(in_channels, width), *_conv_bn_relu(width, width), nn.MaxPool2d(2),
