@@ -128,6 +128,21 @@ def test_backends_cut_the_same_training_windows(mixed_index):
     assert difference.float().mean(dim=(1, 2, 3)).max() < 2.0  # same window and flip per row; filters differ
 
 
+@needs_dali
+def test_backends_ignore_exif_orientation_alike(tmp_path):
+    # A camera JPEG tagged "rotate 90": both backends must keep the stored pixel grid (PIL's header sizes,
+    # which the crop windows are computed from, describe that grid).
+    y, x = np.mgrid[0:40, 0:64]
+    pixels = np.stack([x * 4, y * 6, (x + y) * 2], axis=2).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    index = ImageFolderIndex(tmp_path, use_cache=False)
+    dali_images = _cat(FeatureLoader(index, 32, 1, backend="dali"))[0]
+    tv_images = _cat(FeatureLoader(index, 32, 1, backend="torchvision"))[0]
+    assert (dali_images.int() - tv_images.int()).abs().float().mean() < 2.0
+
+
 @pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=needs_dali)])
 def test_training_order_honoured_with_duplicates(mixed_index, backend):
     loader = TrainLoader(mixed_index, 16, 4, backend=backend, seed=1)

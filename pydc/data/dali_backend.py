@@ -10,7 +10,8 @@ the way out. The same feed carries the per-sample crop windows and flips compute
 DALI and torchvision cut identical windows.
 
 Decoding is device="mixed" (nvJPEG on the GPU) when the loader's device is CUDA, CPU decoding with
-device_id=None otherwise.
+device_id=None otherwise. EXIF orientation is not applied (adjust_orientation=False), as in torchvision's
+decoders and PIL's header sizes, so both backends see the same pixel grid and the same crop windows.
 
 Bad files: DALI has no per-sample error handling; one undecodable sample (a truncated JPEG, text named .jpg)
 raises out of pipeline.run() and leaves the pipeline unusable. So (1) every file is probed first
@@ -166,7 +167,8 @@ def _feature_pipeline(size: int, on_gpu: bool, **pipeline_args):
         resize_y = fn.external_source(name="resize_y", dtype=types.FLOAT)
         resize_x = fn.external_source(name="resize_x", dtype=types.FLOAT)
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
-        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
         images = fn.resize(images, resize_y=resize_y, resize_x=resize_x, antialias=True,
                            interp_type=types.INTERP_LINEAR)
         images = fn.slice(images, anchor, np.array([size, size], dtype=np.float32), axes=[0, 1],
@@ -189,7 +191,7 @@ def _train_pipeline(size: int, on_gpu: bool, **pipeline_args):
         # ROI decoding: only the window is decoded (nvJPEG/libjpeg-turbo skip the rest where they can).
         images = fn.decoders.image_slice(encoded, anchor, shape, axes=[0, 1], normalized_anchor=False,
                                          normalized_shape=False, device="mixed" if on_gpu else "cpu",
-                                         output_type=types.RGB)
+                                         output_type=types.RGB, adjust_orientation=False)
         images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
         images = fn.flip(images, horizontal=flip)
         return images, rows

@@ -7,7 +7,7 @@ The header also gives the width and height that the random crop parameters need,
 
 Decoding: torchvision.io.decode_image (libjpeg-turbo, libpng, libwebp; on a GPU, nvJPEG through
 decode_jpeg(device="cuda") for JPEGs) in RGB mode, which already turns grey, CMYK and RGBA into RGB; 16-bit
-PNGs come back as uint16 and are scaled to uint8 (v * 255 / 65535, rounded down as torchvision's to_dtype does);
+PNGs come back as uint16 and are scaled to uint8 as floor(v * 255 / 65535) (so only 65535 maps to 255);
 formats torchvision does not read (BMP, TIFF) go through PIL. A file that fails every decoder (truncated JPEG,
 text named .jpg) is reported by raising `UnreadableImage`, which the loaders turn into one warning and a
 count; they never substitute another sample.
@@ -86,7 +86,7 @@ def decode(header: ImageHeader, device: torch.device | str = "cpu") -> torch.Ten
     if header.format in _TORCHVISION_FORMATS:
         try:
             image = _decode_torchvision(header, device)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             # torchvision refuses truncated data and a few exotic variants; PIL is stricter on truncation
             # (it raises too) and more lenient on the rest, so it gets the last word.
             image = _decode_pil(header, first_error=error)
