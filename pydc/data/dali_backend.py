@@ -4,9 +4,9 @@ Why external_source rather than fn.readers.file: the training order comes from a
 (DeepCluster's uniform sampler draws with replacement, so one file can appear several times in an epoch and
 in a batch), and every output row must carry the exact dataset index of the file it came from (ODC writes
 its memory by index). A file reader owns its order (its own shuffle, its own sharding, and a per-epoch file
-list would need rebuilding the pipeline each epoch); feeding the encoded bytes, with the indices beside them,
-from Python keeps the order entirely ours, and the indices travel through the pipeline and are checked on
-the way out. The same feed carries the per-sample crop windows and flips computed in pydc.data.geometry, so
+list would need rebuilding the pipeline each epoch); feeding the encoded bytes from Python keeps the order
+entirely ours: the loader keeps each row's dataset index, and each row's position travels through the
+pipeline beside its image and is checked on the way out, so a row can never be paired with another index. The same feed carries the per-sample crop windows and flips computed in pydc.data.geometry, so
 DALI and torchvision cut identical windows.
 
 Decoding is device="mixed" (nvJPEG on the GPU) when the loader's device is CUDA, CPU decoding with
