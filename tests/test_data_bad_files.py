@@ -16,6 +16,10 @@ from pydc.data import FeatureLoader, ImageFolderIndex, TrainLoader
 from pydc.data.dali_backend import dali_available
 from pydc.data.decode import MAX_PIXELS, UnreadableImage, decode, probe
 
+# pytest resets warning filters per test; pydc.data.decode silences this torchvision deprecation at import.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*image decoding and encoding capabilities of TorchVision are deprecated:DeprecationWarning")
+
 BACKENDS = ["torchvision", "torchvision-memory", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
                                                                           reason="NVIDIA DALI not installed"))]
 # Files that must decode, with the RGB array each must decode to (exactly: lossless formats or conversions

@@ -18,6 +18,10 @@ from pydc.data import Batch, FeatureLoader, ImageFolderIndex, TrainLoader
 from pydc.data.dali_backend import dali_available
 from pydc.data.geometry import random_resized_crops
 
+# pytest resets warning filters per test; pydc.data.decode silences this torchvision deprecation at import.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*image decoding and encoding capabilities of TorchVision are deprecated:DeprecationWarning")
+
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI not installed")
 
 
