@@ -90,7 +90,7 @@ def test_cpu_decode_crop(benchmark, jpeg_index, backend, impl):
         loader = _dataloader(jpeg_index)
         run = lambda: _dataloader_pass(loader, "cpu")  # noqa: E731
     assert run() == IMAGES  # warm-up: worker start, pipeline build, page cache
-    count = benchmark.pedantic(run, rounds=3, iterations=1)
+    count = benchmark.pedantic(run, rounds=5, iterations=1)  # 5: this shared 2-core machine is noisy
     assert count == IMAGES
     benchmark.extra_info["images_per_s"] = IMAGES / benchmark.stats.stats.median
 

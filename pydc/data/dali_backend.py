@@ -4,13 +4,14 @@ Why external_source rather than fn.readers.file: the training order comes from a
 (DeepCluster's uniform sampler draws with replacement, so one file can appear several times in an epoch and
 in a batch), and every output row must carry the exact dataset index of the file it came from (ODC writes
 its memory by index). A file reader owns its order (its own shuffle, its own sharding, and a per-epoch file
-list would need rebuilding the pipeline each epoch); feeding the encoded bytes, with the indices beside them,
-from Python keeps the order entirely ours, and the indices travel through the pipeline and are checked on
-the way out. The same feed carries the per-sample crop windows and flips computed in pydc.data.geometry, so
+list would need rebuilding the pipeline each epoch); feeding the encoded bytes from Python keeps the order
+entirely ours: the loader keeps each row's dataset index, and each row's position travels through the
+pipeline beside its image and is checked on the way out, so a row can never be paired with another index. The same feed carries the per-sample crop windows and flips computed in pydc.data.geometry, so
 DALI and torchvision cut identical windows.
 
 Decoding is device="mixed" (nvJPEG on the GPU) when the loader's device is CUDA, CPU decoding with
-device_id=None otherwise.
+device_id=None otherwise. EXIF orientation is not applied (adjust_orientation=False), as in torchvision's
+decoders and PIL's header sizes, so both backends see the same pixel grid and the same crop windows.
 
 Bad files: DALI has no per-sample error handling; one undecodable sample (a truncated JPEG, text named .jpg)
 raises out of pipeline.run() and leaves the pipeline unusable. So (1) every file is probed first
@@ -34,7 +35,7 @@ def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
         import nvidia.dali.plugin.pytorch  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001  not installed, or installed without its CUDA libraries: no DALI here
         return False
     return True
 
@@ -166,7 +167,8 @@ def _feature_pipeline(size: int, on_gpu: bool, **pipeline_args):
         resize_y = fn.external_source(name="resize_y", dtype=types.FLOAT)
         resize_x = fn.external_source(name="resize_x", dtype=types.FLOAT)
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
-        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
         images = fn.resize(images, resize_y=resize_y, resize_x=resize_x, antialias=True,
                            interp_type=types.INTERP_LINEAR)
         images = fn.slice(images, anchor, np.array([size, size], dtype=np.float32), axes=[0, 1],
@@ -189,7 +191,7 @@ def _train_pipeline(size: int, on_gpu: bool, **pipeline_args):
         # ROI decoding: only the window is decoded (nvJPEG/libjpeg-turbo skip the rest where they can).
         images = fn.decoders.image_slice(encoded, anchor, shape, axes=[0, 1], normalized_anchor=False,
                                          normalized_shape=False, device="mixed" if on_gpu else "cpu",
-                                         output_type=types.RGB)
+                                         output_type=types.RGB, adjust_orientation=False)
         images = fn.resize(images, size=[size, size], antialias=True, interp_type=types.INTERP_LINEAR)
         images = fn.flip(images, horizontal=flip)
         return images, rows

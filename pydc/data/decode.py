@@ -7,7 +7,7 @@ The header also gives the width and height that the random crop parameters need,
 
 Decoding: torchvision.io.decode_image (libjpeg-turbo, libpng, libwebp; on a GPU, nvJPEG through
 decode_jpeg(device="cuda") for JPEGs) in RGB mode, which already turns grey, CMYK and RGBA into RGB; 16-bit
-PNGs come back as uint16 and are scaled to uint8 (v * 255 / 65535, rounded down as torchvision's to_dtype does);
+PNGs come back as uint16 and are scaled to uint8 as floor(v * 255 / 65535) (so only 65535 maps to 255);
 formats torchvision does not read (BMP, TIFF) go through PIL. A file that fails every decoder (truncated JPEG,
 text named .jpg) is reported by raising `UnreadableImage`, which the loaders turn into one warning and a
 count; they never substitute another sample.
@@ -27,9 +27,12 @@ from PIL import Image
 # image and per decoding thread. Larger images are skipped with a warning. PIL's own bomb guard starts at 89M.
 MAX_PIXELS = 64_000_000
 
-# torchvision >= 0.25 warns on every decode that its image I/O is deprecated in favour of TorchCodec; the
-# warning says nothing about the file and would be repeated once per batch.
+# torchvision 0.29 warns (DeprecationWarning) on every decode that its image I/O is deprecated in favour of
+# TorchCodec; the warning says nothing about the file. It is silenced once, here, for that message only: a
+# warnings.catch_warnings() around each decode would not be thread-safe (it swaps the process-wide filter
+# list), and the decoding threads run concurrently.
 _DEPRECATION = r".*image decoding and encoding capabilities of TorchVision are deprecated.*"
+warnings.filterwarnings("ignore", message=_DEPRECATION, category=DeprecationWarning)
 
 # Formats torchvision.io.decode_image reads itself; anything else PIL decodes.
 _TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
@@ -64,10 +67,8 @@ def probe(path: str, max_pixels: int = MAX_PIXELS) -> ImageHeader:
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                header = ImageHeader(data, image.format or "", image.mode, image.width, image.height)
+        with Image.open(io.BytesIO(data)) as image:
+            header = ImageHeader(data, image.format or "", image.mode, image.width, image.height)
     except Image.DecompressionBombError as error:  # PIL's own guard (2 * Image.MAX_IMAGE_PIXELS) came first
         raise UnreadableImage(f"header size exceeds the limit of {max_pixels} pixels (PIL: {error})") from error
     except (OSError, ValueError, SyntaxError) as error:
@@ -86,7 +87,7 @@ def decode(header: ImageHeader, device: torch.device | str = "cpu") -> torch.Ten
     if header.format in _TORCHVISION_FORMATS:
         try:
             image = _decode_torchvision(header, device)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             # torchvision refuses truncated data and a few exotic variants; PIL is stricter on truncation
             # (it raises too) and more lenient on the rest, so it gets the last word.
             image = _decode_pil(header, first_error=error)
@@ -102,11 +103,9 @@ def _decode_torchvision(header: ImageHeader, device: torch.device) -> torch.Tens
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(header.data), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_DEPRECATION)
-        if device.type == "cuda" and header.format == "JPEG" and header.mode in ("RGB", "L"):
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        image = decode_image(encoded, mode=ImageReadMode.RGB)
+    if device.type == "cuda" and header.format == "JPEG" and header.mode in ("RGB", "L"):
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    image = decode_image(encoded, mode=ImageReadMode.RGB)
     if image.dtype == torch.uint16:
         image = (image.to(torch.int32) * 255 // 65535).to(torch.uint8)
     return image

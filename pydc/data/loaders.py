@@ -17,8 +17,7 @@ shifts onto another sample. A batch whose samples all failed is not yielded.
 
 from __future__ import annotations
 
-import queue
-import threading
+import collections
 import warnings
 from dataclasses import dataclass
 
@@ -30,11 +29,11 @@ from pydc.data.dali_backend import DaliBackend, dali_available
 from pydc.data.decode import MAX_PIXELS, UnreadableImage, probe
 from pydc.data.geometry import CropWindows, random_resized_crops
 from pydc.data.index import ImageFolderIndex
-from pydc.data.memory import load_in_memory
+from pydc.data.memory import shared_in_memory
 from pydc.data.torchvision_backend import TorchvisionBackend, decoding_pool
 
 BACKENDS = ("auto", "dali", "torchvision")
-PREFETCH_BATCHES = 2  # batches prepared ahead by a background thread when decoding from disk
+PREFETCH_BATCHES = 2  # batches assembled ahead of the consumer by a background thread
 
 
 @dataclass
@@ -61,6 +60,7 @@ class _Loader:
         self.max_pixels = max_pixels
         self._labels = torch.tensor(index.labels, dtype=torch.int64) if index.labels is not None else None
         self._pool = decoding_pool(num_threads, "pydc-probe")
+        self._assembler = decoding_pool(1, "pydc-batch")  # builds batches in order, ahead of the consumer
         self._known_bad: dict[int, str] = {}  # dataset index -> reason, remembered across epochs
         self._warned: set[int] = set()
         self._skipped_this_epoch: set[str] = set()
@@ -68,7 +68,7 @@ class _Loader:
 
         self.memory = None
         if backend != "dali" and cache_in_memory is not False:
-            self.memory = load_in_memory(index.paths, self.device, self._pool, max_pixels)
+            self.memory = shared_in_memory(index, self.device, self._pool, max_pixels)
             if self.memory is None and cache_in_memory:
                 raise ValueError("cache_in_memory=True but the dataset exceeds pydc.data.memory's limits")
         if self.memory is not None:
@@ -89,19 +89,28 @@ class _Loader:
     def __iter__(self):
         indices = np.asarray(self._epoch_indices(), dtype=np.int64)
         self.stats = _empty_stats()
-        self._skipped_this_epoch: set[str] = set()
+        self._skipped_this_epoch = set()
         chunks = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
-        batches = (self._batch(chunk, number) for number, chunk in enumerate(chunks))
-        if self.memory is None:
-            batches = _prefetch(batches, PREFETCH_BATCHES)
-        bar = tqdm(total=len(chunks), desc=type(self).__name__, unit="batch", disable=None if self.progress else True,
-                   leave=False)
+        bar = tqdm(total=len(chunks), desc=type(self).__name__, unit="batch",
+                   disable=None if self.progress else True, leave=False)
+        # Batches are assembled in order by one background thread, PREFETCH_BATCHES ahead of the consumer.
+        pending: collections.deque = collections.deque()
+        submitted = 0
         try:
-            for batch in batches:
+            while pending or submitted < len(chunks):
+                while submitted < len(chunks) and len(pending) <= PREFETCH_BATCHES:
+                    pending.append(self._assembler.submit(self._batch, chunks[submitted], submitted))
+                    submitted += 1
+                batch = pending.popleft().result()
                 bar.update(1)
                 if batch is not None:
                     yield batch
-        finally:
+        finally:  # also on an early break: drop what was not started, let the running batch finish
+            for future in pending:
+                future.cancel()
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()
             bar.close()
 
     def _epoch_indices(self):
@@ -178,6 +187,7 @@ class _Loader:
             warnings.warn(f"pydc.data: skipping {self.index.paths[index]}: {reason}", stacklevel=2)
 
     def close(self):
+        self._assembler.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=False)
         if self._decoder is not None:
             self._decoder.close()
@@ -237,40 +247,3 @@ class TrainLoader(_Loader):
 
 def _empty_stats() -> dict:
     return {"decoded": 0, "skipped": 0, "skipped_files": []}
-
-
-def _prefetch(iterator, depth: int):
-    """Run `iterator` in a background thread, `depth` items ahead (decoding overlaps the consumer's work)."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                items.put(item)
-        except BaseException as error:  # noqa: BLE001  handed to the consumer, raised there
-            items.put(_Failure(error))
-        items.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True, name="pydc-prefetch")
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.01)
-
-
-@dataclass
-class _Failure:
-    error: BaseException

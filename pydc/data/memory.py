@@ -6,12 +6,14 @@ A dataset is kept in memory when it has at most MEMORY_CACHE_MAX_FILES files, wh
 MEMORY_CACHE_MAX_ENCODED_BYTES (checked with one stat per file, before anything is read) and whose decoded
 size (from the headers) is at most MEMORY_CACHE_MAX_DECODED_BYTES. When every image has the same size they
 are stacked into one (N, 3, H, W) tensor and the feature pass resizes whole batches in one call; the
-results are the same as the per-image path (same torchvision kernel).
+results are the same as the per-image path (same torchvision kernel). Loaders built on the same
+ImageFolderIndex object share one decoded copy.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -40,6 +42,20 @@ def fits_in_memory(paths: list[str]) -> bool:
     return True
 
 
+# Decoded datasets per ImageFolderIndex object (and device, pixel limit): the feature and the training loader
+# of one run share one copy. Entries live as long as their index object.
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_in_memory(index, device: torch.device, pool, max_pixels: int) -> "DecodedImages | None":
+    """load_in_memory(index.paths, ...), computed once per index object, device and pixel limit."""
+    per_index = _SHARED.setdefault(index, {})
+    key = (str(device), max_pixels)
+    if key not in per_index:
+        per_index[key] = load_in_memory(index.paths, device, pool, max_pixels)
+    return per_index[key]
+
+
 def load_in_memory(paths: list[str], device: torch.device, pool, max_pixels: int) -> "DecodedImages | None":
     """All images of `paths` decoded, or None when the dataset is too large for the memory cache."""
     if not fits_in_memory(paths):
@@ -51,7 +67,7 @@ def load_in_memory(paths: list[str], device: torch.device, pool, max_pixels: int
         except UnreadableImage as error:
             return error
 
-    headers = list(pool.map(read_header, range(len(paths))))
+    headers = _chunked_map(pool, read_header, range(len(paths)))
     decoded_bytes = sum(3 * h.width * h.height for h in headers if not isinstance(h, UnreadableImage))
     if decoded_bytes > MEMORY_CACHE_MAX_DECODED_BYTES:
         return None
@@ -74,7 +90,7 @@ class DecodedImages:
                 return error
 
         images: list[torch.Tensor | None] = []
-        for position, image in enumerate(pool.map(load, headers)):
+        for position, image in enumerate(_chunked_map(pool, load, headers)):
             if isinstance(image, UnreadableImage):
                 self.failures[position] = str(image)
                 image = None
@@ -106,3 +122,10 @@ class DecodedImages:
             results = [(row, train_transform(self.images[i], windows, row, size))
                        for row, i in enumerate(indices.tolist())]
         return collect(results, self.device)
+
+
+def _chunked_map(pool, function, items, chunk: int = 64) -> list:
+    """pool.map over chunks of items: one task per image costs more than decoding a 32x32 PNG."""
+    items = list(items)
+    chunks = [items[start:start + chunk] for start in range(0, len(items), chunk)]
+    return [result for part in pool.map(lambda part: [function(item) for item in part], chunks) for result in part]

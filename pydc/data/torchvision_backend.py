@@ -8,13 +8,12 @@ the CPU and copied over. Resizing is bilinear with antialiasing, as torchvision.
 
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-from pydc.data.decode import _DEPRECATION, ImageHeader, UnreadableImage, decode
+from pydc.data.decode import ImageHeader, UnreadableImage, decode
 from pydc.data.geometry import CropWindows, feature_geometry
 
 
@@ -71,12 +70,6 @@ class TorchvisionBackend:
         self.device = device
         self.pool = decoding_pool(num_threads, "pydc-decode")
 
-    def decode(self, headers: list[ImageHeader]) -> list[torch.Tensor | UnreadableImage]:
-        """Decoded RGB uint8 (3, H, W) images on the device, or the error of each sample that failed."""
-        if self.device.type == "cuda":
-            return _decode_cuda(headers, self.device, self.pool)
-        return list(self.pool.map(_decode_or_error, headers))
-
     def feature(self, headers, size, keys=None):
         return self._apply(headers, lambda image, row: feature_transform(image, size))
 
@@ -123,9 +116,7 @@ def _decode_cuda(headers, device, pool) -> list[torch.Tensor | UnreadableImage]:
     if on_gpu:
         encoded = [torch.frombuffer(bytearray(headers[row].data), dtype=torch.uint8) for row in on_gpu]
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_DEPRECATION)
-                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
             for row, image in zip(on_gpu, images):
                 results[row] = image
         except RuntimeError:
