@@ -7,7 +7,7 @@ backbone's clustering features (the same as training clusters) on centre crops, 
 classifiers train on a stratified 70% split and are scored on the other 30% (fixed by --seed):
 - k-NN: cosine similarity on L2-normalised features, majority vote of the --knn-k nearest training images;
 - linear probe: scikit-learn LogisticRegression on standardised features;
-- NMI: k-means with k = number of classes on the features of every image, PCA-whitened to --pca-dim and
+- NMI: k-means with k = number of classes (best of 5 initialisations by objective) on the features of every image, PCA-whitened to --pca-dim and
   L2-normalised as DeepCluster clusters them (`nmi_kmeans`; default: the run's --pca-dim), and on the
   L2-normalised features alone (`nmi_kmeans_l2`), against the labels.
 """
@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from pydc.utils.checkpoint import CheckpointError, load_checkpoint
+
+KMEANS_RESTARTS = 5
 
 
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -56,8 +58,12 @@ def kmeans_nmi(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
             features)
     else:
         prepared = F.normalize(features, dim=1)
-    result = kmeans(prepared, num_classes, niter=50, seed=seed)
-    return float(nmi(result.labels.cpu(), labels.cpu()))
+    # Best of KMEANS_RESTARTS initialisations by the k-means objective (never by NMI): one run's NMI swings by
+    # several points with its seed on features this size, which would make the score a draw.
+    runs = [kmeans(prepared, num_classes, niter=50, seed=seed * KMEANS_RESTARTS + restart)
+            for restart in range(KMEANS_RESTARTS)]
+    best = min(runs, key=lambda run: run.objective[-1] if run.objective else float("inf"))
+    return float(nmi(best.labels.cpu(), labels.cpu()))
 
 
 def evaluate_features(features: torch.Tensor, labels, seed: int = 0, knn_k: int = 20,

@@ -10,9 +10,10 @@ import torch
 
 from pydc.models import ARCHITECTURES
 
-# Cluster counts for the bundled digits (1797 images) when --k is not given: DeepCluster over-clusters (as the
-# original does with k = 10000 on ImageNet's 1000 classes); ODC keeps clusters above its minimum size.
-DEFAULT_K = {"deepcluster": 100, "odc": 40}
+# Cluster counts for the bundled digits (1797 images) when --k is not given. On ImageNet the original
+# over-clusters (k = 10000 for 1000 classes); on the digits, k = 100 or 20 learned far slower within the CPU
+# budget than k = 10 (NMI vs labels ~0.6-0.7 against ~0.85 after 8 epochs in our prototype runs).
+DEFAULT_K = {"deepcluster": 10, "odc": 40}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
