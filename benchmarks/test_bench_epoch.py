@@ -1,37 +1,23 @@
 """One whole training epoch, end to end: images/s and the time split (feature pass, PCA, k-means, training).
 
 CPU: DeepCluster and ODC with the `small` net on the bundled digits (1797 32x32 images), as `make train` runs.
-CUDA: ResNet-50 on synthetic JPEGs (2048 images of 256x256, 224 crops, batch 256, k = 1000, PCA 256), the
-ImageNet configuration on a slice of data. Each is one timed round (an epoch is long); the log record's split
-goes into extra_info and the --benchmark-json output.
+CUDA: ResNet-50 on synthetic JPEGs (2048 photo-sized 500x375 images, 224 crops, batch 256, k = 1000,
+PCA 256), the ImageNet configuration on a slice of data. Each is one timed round (an epoch is long); the log
+record's split goes into extra_info and the --benchmark-json output.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from benchmarks.conftest import DEVICES
+from pydc.data import synthetic_jpegs
 from pydc.train import train
 from pydc.utils.options import parse_args
 
 SPLIT_KEYS = ("images_per_s", "time_features", "time_pca", "time_kmeans", "time_train", "time_epoch")
-
-
-def synthetic_jpegs(root, count: int = 2048, size: int = 256, seed: int = 0):
-    from PIL import Image
-
-    generator = np.random.default_rng(seed)
-    folder = root / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    base = generator.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    for i in range(count):
-        # Smooth random images (upsampled noise): JPEG-compressible like photos, unlike white noise.
-        noise = np.clip(base.astype(np.int16) + generator.integers(-60, 60, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noise).resize((size, size), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=90)
-    return root
 
 
 def _run_epoch(benchmark, flags, output):
@@ -56,8 +42,8 @@ def test_epoch_digits_cpu(benchmark, tmp_path, algo):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
 def test_epoch_resnet50_synthetic_jpegs_cuda(benchmark, tmp_path):
     benchmark.group = "epoch deepcluster resnet50 synthetic-jpeg cuda"
-    data = synthetic_jpegs(tmp_path / "data")
-    record = _run_epoch(benchmark, ["--arch", "resnet50", "--data", str(data / "images"), "--k", "1000",
+    synthetic_jpegs(tmp_path / "images", 2048)  # photo-sized (500x375) JPEGs, no class folders
+    record = _run_epoch(benchmark, ["--arch", "resnet50", "--data", str(tmp_path / "images"), "--k", "1000",
                                     "--pca-dim", "256", "--batch-size", "256", "--workers", "8", "--device", "cuda"],
                         tmp_path / "run")
     assert record["images_per_s"] > 0

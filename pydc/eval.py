@@ -7,9 +7,9 @@ backbone's clustering features (the same as training clusters) on centre crops, 
 classifiers train on a stratified 70% split and are scored on the other 30% (fixed by --seed):
 - k-NN: cosine similarity on L2-normalised features, majority vote of the --knn-k nearest training images;
 - linear probe: scikit-learn LogisticRegression on standardised features;
-- NMI: k-means with k = number of classes (best of 5 initialisations by objective) on the features of every image, PCA-whitened to --pca-dim and
-  L2-normalised as DeepCluster clusters them (`nmi_kmeans`; default: the run's --pca-dim), and on the
-  L2-normalised features alone (`nmi_kmeans_l2`), against the labels.
+- NMI: k-means with k = number of classes (best of 5 initialisations by objective) on the features of
+  every image, PCA-whitened to --pca-dim and L2-normalised as DeepCluster clusters them (`nmi_kmeans`;
+  default: the run's --pca-dim), and on the L2-normalised features alone (`nmi_kmeans_l2`), vs the labels.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ from pydc.algorithms.deepcluster import DeepClusterModel, cluster_features, comp
 from pydc.algorithms.odc_model import ODCModel
 from pydc.models import build_model
 from pydc.utils import dist as dist_utils
-from pydc.utils.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from pydc.utils.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+                                   save_checkpoint)
 from pydc.utils.logging import JsonLinesLog
 from pydc.utils.options import get_args_parser, parse_args  # noqa: F401  (get_args_parser: public entry point)
 from pydc.utils.run_outputs import RunOutputs

@@ -37,7 +37,8 @@ def _assert_same_state(left: dict, right: dict, path: str = "") -> None:
         for i, (a, b) in enumerate(zip(left, right)):
             _assert_same_state(a, b, f"{path}[{i}]")
     elif isinstance(left, torch.Tensor):
-        assert torch.equal(left, right), f"{path} differs (max |diff| {float((left.double() - right.double()).abs().max())})"
+        difference = float((left.double() - right.double()).abs().max()) if left.numel() else 0.0
+        assert torch.equal(left, right), f"{path} differs (max |diff| {difference})"
     elif isinstance(left, float) and np.isnan(left):
         assert np.isnan(right), path
     else:

@@ -24,7 +24,8 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     else:
         torch_device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if wants_cuda else "gloo", device_id=torch_device if wants_cuda else None)
+        dist.init_process_group(backend="nccl" if wants_cuda else "gloo",
+                                device_id=torch_device if wants_cuda else None)
     return dist.get_rank(), dist.get_world_size(), torch_device
 
 
