@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", default=None, help="image folder (default: the bundled digits); class sub-folders, "
                                                    "when present, are used only to report NMI against labels")
     data.add_argument("--crop", type=int, default=None, help="training crop size (default: 32 for small, else 224)")
-    data.add_argument("--batch-size", type=int, default=64, help="images per step and per process (256 on ImageNet)")
+    data.add_argument("--batch-size", type=int, default=32, help="images per step and per process (256 on ImageNet)")
     data.add_argument("--workers", type=int, default=2, help="decoding threads per process")
     data.add_argument("--data-backend", default="auto", help="pydc.data loader backend (auto, dali, torchvision)")
 
