@@ -1,7 +1,7 @@
 """One whole training epoch, end to end: images/s and the time split (feature pass, PCA, k-means, training).
 
 CPU: DeepCluster and ODC with the `small` net on the bundled digits (1797 32x32 images), as `make train` runs.
-CUDA: ResNet-50 on synthetic JPEGs (2048 photo-sized 500x375 images, 224 crops, batch 256, k = 1000,
+CUDA: ResNet-50 on synthetic JPEGs (1024 photo-sized 500x375 images, 224 crops, batch 256, k = 1000,
 PCA 256), the ImageNet configuration on a slice of data. Each is one timed round (an epoch is long); the log
 record's split goes into extra_info and the --benchmark-json output.
 """
@@ -42,7 +42,7 @@ def test_epoch_digits_cpu(benchmark, tmp_path, algo):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device")
 def test_epoch_resnet50_synthetic_jpegs_cuda(benchmark, tmp_path):
     benchmark.group = "epoch deepcluster resnet50 synthetic-jpeg cuda"
-    synthetic_jpegs(tmp_path / "images", 2048)  # photo-sized (500x375) JPEGs, no class folders
+    synthetic_jpegs(tmp_path / "images", 1024)  # photo-sized (500x375) JPEGs, no class folders
     record = _run_epoch(benchmark, ["--arch", "resnet50", "--data", str(tmp_path / "images"), "--k", "1000",
                                     "--pca-dim", "256", "--batch-size", "256", "--workers", "8", "--device", "cuda"],
                         tmp_path / "run")
