@@ -21,6 +21,8 @@ ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (97, 33, 7), (300,
 def cpu_kernel(request, monkeypatch):
     """Runs a test with the default CPU assignment (fused AVX-512 where available) and with the BLAS path."""
     if request.param == "blas":
+        if request.node.callspec.params.get("device") == "cuda":
+            pytest.skip("the BLAS switch is a CPU path")
         monkeypatch.setenv("PYDC_KMEANS_BLAS", "1")
     return request.param
 
@@ -108,16 +110,31 @@ def test_assign_empty_input(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_cuda_assign_equals_cpu(allow_tf32):
-    # Unit-norm points and centroids like DeepCluster's whitened features, over several cuBLAS chunks' worth
-    # of rows; TF32 only ranks candidates, the fp32 re-scoring picks the same labels as the CPU.
-    x = torch.nn.functional.normalize(random_points(20000, 64, "cpu"), dim=1)
-    centroids = torch.nn.functional.normalize(random_points(3000, 64, "cpu"), dim=1)
+    # Unit-norm points and centroids like DeepCluster's whitened features; TF32 only ranks candidates, the
+    # fp32 re-scoring picks the same labels as the CPU.
+    x = torch.nn.functional.normalize(random_points(8000, 64, "cpu"), dim=1)
+    centroids = torch.nn.functional.normalize(random_points(2000, 64, "cpu"), dim=1)
     labels, distances = ASSIGN(x, centroids, None, True)
     labels_gpu, distances_gpu = ASSIGN(x.cuda(), centroids.cuda(), None, allow_tf32)
     check_nearest(x, centroids, labels_gpu, distances_gpu)
     agree = (labels_gpu.cpu() == labels).float().mean().item()
     assert agree > 0.999, agree
     torch.testing.assert_close(distances_gpu.cpu(), distances, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_assign_over_many_chunks_and_centroid_blocks(monkeypatch):
+    # A 3000-float workspace and 70-centroid blocks: 300 centroids in 5 blocks (the candidates carry over
+    # between blocks), 4000 points in chunks of 42 rows (3000 // 70).
+    x = random_points(4000, 24, "cuda")
+    centroids = random_points(300, 24, "cuda")
+    labels, distances = ASSIGN(x, centroids, None, True)
+    monkeypatch.setenv("PYDC_KMEANS_CUDA_BLOCK_COLS", "70")
+    monkeypatch.setenv("PYDC_KMEANS_CUDA_WORKSPACE_FLOATS", "3000")
+    small_labels, small_distances = ASSIGN(x, centroids, None, True)
+    check_nearest(x, centroids, small_labels, small_distances)
+    assert (small_labels == labels).float().mean().item() > 0.999
+    torch.testing.assert_close(small_distances, distances, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
