@@ -29,7 +29,8 @@ class NumpyODCMemory:
 
     def init_memory(self, features, labels):
         features = features.astype(np.float64)
-        self.feature_bank = (features / (np.linalg.norm(features, axis=1, keepdims=True) + EPS)).astype(np.float32)
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        self.feature_bank = (features / (norms + EPS)).astype(np.float32)
         self.label_bank = labels.astype(np.int64).copy()
         self.update_centroids()
 
@@ -72,7 +73,8 @@ class NumpyODCMemory:
         for s in small:
             members = np.where(self.label_bank == s)[0]
             if len(members):
-                similarity = self.centroids[inclusion].astype(np.float64) @ self.feature_bank[members].T.astype(np.float64)
+                rows = self.feature_bank[members].astype(np.float64)
+                similarity = self.centroids[inclusion].astype(np.float64) @ rows.T
                 self.label_bank[members] = inclusion[similarity.argmax(axis=0)]
         for e in small:
             largest = int(np.bincount(self.label_bank, minlength=self.num_classes).argmax())
@@ -140,7 +142,8 @@ def test_200_steps_agree_with_numpy_memory(device):
             oracle.update_centroids()
         refilled += memory.deal_with_small_clusters()
         assert oracle.deal_with_small_clusters() >= 0
-        np.testing.assert_allclose(memory.loss_weights().cpu().numpy(), oracle.loss_weights(), rtol=1e-5, atol=0)
+        weights = memory.loss_weights().cpu().numpy()
+        np.testing.assert_allclose(weights, oracle.loss_weights(), rtol=1e-5, atol=0)
         if step % 50 == 0:
             compare(memory, oracle)
     compare(memory, oracle)
