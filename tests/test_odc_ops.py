@@ -281,3 +281,17 @@ def test_cuda_equals_cpu_kernel():
     CENTROIDS(cpu[3], cpu[2], cpu[4], 2000)
     CENTROIDS(gpu[3], gpu[2], gpu[4], 2000)
     torch.testing.assert_close(gpu[4].cpu(), cpu[4], rtol=0, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_class_sums_and_centroids_are_bitwise_cpu():
+    # Integer sums do not depend on the order of the atomics: the same bank gives the same bits.
+    generator = torch.Generator().manual_seed(8)
+    bank, labels, counts, sums, centroids = make_memory(5000, 96, 70, torch.float32, "cpu", generator)
+    gpu = [t.cuda() for t in (bank, labels, counts, sums, centroids)]
+    CLASS_SUMS(bank, labels, sums, counts)
+    CLASS_SUMS(gpu[0], gpu[1], gpu[3], gpu[2])
+    assert torch.equal(gpu[3].cpu(), sums) and torch.equal(gpu[2].cpu(), counts)
+    CENTROIDS(sums, counts, centroids, 5000)
+    CENTROIDS(gpu[3], gpu[2], gpu[4], 5000)
+    assert torch.equal(gpu[4].cpu(), centroids)
