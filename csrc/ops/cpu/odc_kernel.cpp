@@ -21,6 +21,14 @@
 namespace pydc {
 namespace {
 
+// Work (in element operations) below which a pass runs on the calling thread: a batch step is a fraction of
+// a millisecond of work, and a parallel region costs more than it saves on a busy machine.
+constexpr int64_t kSerialWork = int64_t(1) << 20;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_item));
+}
+
 struct Group {
   int64_t begin, end;  // positions in `order`
 };
@@ -31,7 +39,7 @@ template <typename scalar_t>
 void blend_groups(scalar_t* bank, const int64_t* indices, const scalar_t* features, const std::vector<int64_t>& order,
                   const std::vector<Group>& groups, int64_t D, double momentum, scalar_t* applied,
                   scalar_t* old_rows) {
-  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), grain_for(4 * D), [&](int64_t g0, int64_t g1) {
     std::vector<double> blended(D);
     for (int64_t g = g0; g < g1; ++g) {
       scalar_t* row = bank + indices[order[groups[g].begin]] * D;
@@ -74,7 +82,7 @@ scalar_t row_max(const scalar_t* s, int64_t K) {
 template <typename scalar_t>
 void exact_argmax(const scalar_t* similarity, const scalar_t* rows, const scalar_t* centroids, int64_t B,
                   int64_t K, int64_t D, double tolerance, int64_t* new_labels) {
-  at::parallel_for(0, B, 16, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, B, grain_for(2 * K), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const scalar_t* s = similarity + j * K;
       const scalar_t best_value = row_max(s, K);
@@ -175,7 +183,7 @@ int64_t update_samples_impl(at::Tensor& feature_bank, at::Tensor& label_bank, at
   int64_t* sums = class_sums.mutable_data_ptr<int64_t>();
   const scalar_t* bank = feature_bank.const_data_ptr<scalar_t>();
   const scalar_t* before = old_rows.const_data_ptr<scalar_t>();
-  at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
+  at::parallel_for(0, D, std::max<int64_t>(16, grain_for(2 * G)), [&](int64_t d0, int64_t d1) {
     for (int64_t g = 0; g < G; ++g) {
       const scalar_t* after = bank + index[order[groups[g].begin]] * D;
       int64_t* from = sums + old_label[g] * D;
