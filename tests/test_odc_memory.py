@@ -244,3 +244,16 @@ def test_pure_torch_fallback_matches_ops(monkeypatch):
     for name in ("label_bank", "counts"):
         assert torch.equal(getattr(compiled, name), getattr(fallback, name)), name
     torch.testing.assert_close(compiled.centroids, fallback.centroids, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_out_of_range_batch_is_refused_and_memory_unchanged(device):
+    memory = ODCMemory(50, 8, 3, min_cluster=1, device=device)
+    features = torch.randn(50, 8, device=device)
+    memory.init_memory(features, torch.arange(50, device=device) % 3)
+    before = {name: value.clone() for name, value in memory.state_dict().items() if torch.is_tensor(value)}
+    with pytest.raises((IndexError, RuntimeError), match="indices|outside"):
+        memory.update_samples(torch.tensor([3, 50], device=device), torch.randn(2, 8, device=device))
+    for name, value in memory.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, before[name]), name

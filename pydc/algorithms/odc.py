@@ -122,9 +122,12 @@ class ODCMemory:
             features = _all_gather_rows(features)
         if indices.numel() == 0:
             return 0.0
-        changes = odc_update_samples(self.feature_bank, self.label_bank, self.counts, self.class_sums,
-                                     self.centroids, indices, features, self.momentum)
-        return int(changes) / indices.numel()
+        changes = int(odc_update_samples(self.feature_bank, self.label_bank, self.counts, self.class_sums,
+                                         self.centroids, indices, features, self.momentum))
+        if changes < 0:  # the CUDA kernels refuse an out-of-range batch on the device and report it so
+            raise IndexError(f"ODCMemory.update_samples: indices must lie in [0, {self.length}); the batch was "
+                             "refused and the memory is unchanged")
+        return changes / indices.numel()
 
     def update_centroids(self) -> None:
         """centroid_k = mean of the rows of class k (classes with no member keep their centroid)."""

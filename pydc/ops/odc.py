@@ -13,7 +13,9 @@ odc_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indi
     The row's label becomes argmax_k centroids[k] . bank[i] with the dot products exact to float64 accuracy
     and ties going to the lowest k; every occurrence whose new label differs from the row's current label
     counts as one change. counts and class_sums follow the net move of each row. Returns the number of
-    changes (int64, 0-dim); MMSelfSup's change ratio is that number over the batch size.
+    changes (int64, 0-dim); MMSelfSup's change ratio is that number over the batch size. An index outside
+    [0, N) refuses the whole batch before anything changes: the CPU kernel raises; the CUDA kernels check on
+    the device (no host sync) and return -1, which ODCMemory.update_samples turns into an IndexError.
 odc_class_sums(feature_bank, label_bank, class_sums, counts)
     counts = bincount(labels); class_sums[k] = sum over rows of class k of round(row * 2^bits), with
     bits = min(50, 62 - bit_length(N)) so that no sum of rows of norm <= 1 can overflow.
