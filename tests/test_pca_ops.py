@@ -139,8 +139,8 @@ def test_transform_matches_float64_reference(device, dtype, projection_dtype, sh
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_transform_in_chunks(device):
-    # The CPU kernel centres 2^22 values at a time: 1024 rows at D = 4096, so 2500 rows take three chunks.
-    x = features(2500, 4096, torch.float32, device, offset=0.5)
+    # The CPU kernel centres 2^23 values at a time: 2048 rows at D = 4096, so 4500 rows take three chunks.
+    x = features(4500, 4096, torch.float32, device, offset=0.5)
     mean = x.double().mean(0)
     projection = torch.randn(16, 4096, dtype=torch.float64).to(device)
     out, bad = TRANSFORM(x, mean, projection, 1e-10)

@@ -4,30 +4,30 @@ Semantics, spelled out in plain torch by the `*_reference` functions (the test o
 
 pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its last three arguments in place
     (declared in the schema as `Tensor(a!) sum, Tensor(b!) gram, Tensor(c!) nonfinite_rows`):
-    c = batch - shift, computed in float64 per value and rounded once to the GEMM type; rows of `batch`
-    holding NaN or +-Inf are left out (treated as zero rows) and counted;
-    sum += c.sum(0); gram += c^T c on and above the diagonal; nonfinite_rows += number of rows left out.
-    Like BLAS syrk with uplo="U", only the upper triangle of gram is defined: the CPU kernel computes
-    row panels gram[i:i+256, i:] and skips most of the lower triangle (half the flops), the CUDA kernel
-    and the reference fill both. Read the result through its upper triangle (PCAWhitening does).
-    batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64; gram: (D, D) float64, or
-    float32 for a float32/float16/bfloat16 batch (then the GEMM accumulates into it in place, beta = 1, with
-    no pass over a temporary: PCAWhitening keeps such a float32 Gram and adds it into its float64 one every
-    `flush_rows` rows); nonfinite_rows: int64 with one element; all on one device. B = 0 changes nothing.
-    GEMM types: float64 for float64 batches, float32 otherwise on the CPU; on CUDA float16/bfloat16 batches
-    multiply in their own dtype on the tensor cores (float32 products), float32 ones at torch's float32 matmul
-    precision (TF32 after `torch.set_float32_matmul_precision("high")`). Chunks of at most 2^22 (CPU) /
-    2^26 (CUDA) values are centred and multiplied at a time. Why this is robust: with `shift` near the data's
+    c = batch - shift, computed in float64 per value and rounded once to the GEMM type; rows of `batch` holding
+    NaN or +-Inf are left out (treated as zero rows) and counted; sum += c.sum(0); gram += c^T c on and above the
+    diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
+    of gram is defined: the CPU kernel computes row panels gram[i:i+512, i:] and skips most of the lower
+    triangle (half the flops), the CUDA kernel and the reference fill both. Read the result through its upper
+    triangle (PCAWhitening does). batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
+    gram: (D, D) float64, or float32 for a float32/float16/bfloat16 batch (then the GEMM accumulates into it
+    in place, beta = 1, with no pass over a temporary: PCAWhitening keeps such a float32 Gram and adds it into
+    its float64 one every `flush_rows` rows); nonfinite_rows: int64 with one element; all on one device. B = 0
+    changes nothing. GEMM types: float64 for float64 batches, float32 otherwise on the CPU; on CUDA
+    float16/bfloat16 batches multiply in their own dtype on the tensor cores (float32 products), float32 ones
+    at torch's float32 matmul precision (TF32 after `torch.set_float32_matmul_precision("high")`). Chunks of
+    at most 2^23 values and 4096 rows (CPU) / 2^26 values and 16384 rows (CUDA) are centred and multiplied at
+    a time (float32 sums over longer runs of rows drift). Why this is robust: with `shift` near the data's
     mean (PCAWhitening uses its first batch's mean) every product is of centred, well-scaled values, so a
     large common offset costs no precision, and the totals live in float64.
 
 pca_transform(x, mean, projection, norm_eps=1e-10) -> (out, nonfinite_rows):
     y = (x - mean) @ projection^T, out = y / (||y||_2 + norm_eps) per row, float32, shape (N, K), and
-    nonfinite_rows = the number of rows of x holding NaN/Inf (int64, 0-d); those rows are centred to zero,
-    so their output rows are 0. projection: (K, D) float32 or float64, which sets the precision of the
-    product; mean: (D,) float64. Whitening scales are folded into `projection` by the caller. The rows are
-    processed in chunks of at most 2^22 (CPU) / 2^26 (CUDA) values, so the only full-size tensor written
-    is the (N, K) output. norm_eps = 1e-10 is MMSelfSup's guard on the row norm.
+    nonfinite_rows = the number of rows of x holding NaN/Inf (int64, 0-d); those rows are centred to zero, so
+    their output rows are 0. projection: (K, D) float32 or float64, which sets the precision of the product;
+    mean: (D,) float64. Whitening scales are folded into `projection` by the caller. The rows are processed in
+    the chunks above, so the only full-size tensor written is the (N, K) output. norm_eps = 1e-10 is
+    MMSelfSup's guard on the row norm.
 """
 
 from __future__ import annotations
@@ -51,14 +51,16 @@ def _check_features(op: str, name: str, x) -> None:
     if x.dim() != 2:
         raise ValueError(f"{op}: expected {name} to be a 2-D (rows, features) tensor, got a {_describe(x)}")
     if x.dtype not in FEATURE_DTYPES:
-        raise ValueError(f"{op}: expected {name} of dtype float32, float16, bfloat16 or float64, got {_describe(x)}")
+        raise ValueError(f"{op}: expected {name} of dtype float32, float16, bfloat16 or float64, "
+                         f"got {_describe(x)}")
     if x.shape[1] == 0:
         raise ValueError(f"{op}: expected {name} with at least one feature column, got {_describe(x)}")
 
 
 def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor) -> None:
     if v.dtype != torch.float64 or v.dim() != 1 or v.shape[0] != x.shape[1]:
-        raise ValueError(f"{op}: expected {name} to be a float64 tensor of shape ({x.shape[1]},), got {_describe(v)}")
+        raise ValueError(f"{op}: expected {name} to be a float64 tensor of shape ({x.shape[1]},), "
+                         f"got {_describe(v)}")
     if v.device != x.device:
         raise ValueError(f"{op}: expected {name} on {x.device} like the features, got {v.device}")
 
@@ -75,7 +77,8 @@ def _check_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
                          f"tensor on {batch.device}, got {_describe(gram)}")
     if not sum.is_contiguous():
         raise ValueError(f"{op}: expected a contiguous sum, got strides {sum.stride()}")
-    if nonfinite_rows.dtype != torch.int64 or nonfinite_rows.numel() != 1 or nonfinite_rows.device != batch.device:
+    counter = nonfinite_rows
+    if counter.dtype != torch.int64 or counter.numel() != 1 or counter.device != batch.device:
         raise ValueError(
             f"{op}: expected nonfinite_rows to be an int64 tensor with one element on {batch.device}, "
             f"got {_describe(nonfinite_rows)}"
@@ -86,7 +89,8 @@ def _check_transform(x, mean, projection, norm_eps) -> None:
     op = "pca_transform"
     _check_features(op, "x", x)
     _check_vector(op, "mean", mean, x)
-    if projection.dim() != 2 or projection.shape[1] != x.shape[1] or projection.dtype not in (torch.float32, torch.float64):
+    projection_dtypes = (torch.float32, torch.float64)
+    if projection.dim() != 2 or projection.shape[1] != x.shape[1] or projection.dtype not in projection_dtypes:
         raise ValueError(
             f"{op}: expected projection to be a float32 or float64 tensor of shape (n_components, {x.shape[1]}), "
             f"got {_describe(projection)}"
@@ -137,9 +141,11 @@ def pca_transform(x, mean, projection, norm_eps: float = NORM_EPS):
     _check_transform(x, mean, projection, norm_eps)
     if not HAS_OPS:
         warn_fallback("pca_transform")
-        parts = [pca_transform_reference(chunk, mean, projection, norm_eps) for chunk in x.split(_FALLBACK_CHUNK_ROWS)]
+        chunks = x.split(_FALLBACK_CHUNK_ROWS)
+        parts = [pca_transform_reference(chunk, mean, projection, norm_eps) for chunk in chunks]
         if not parts:
-            return x.new_empty((0, projection.shape[0]), dtype=torch.float32), torch.zeros((), dtype=torch.int64, device=x.device)
+            empty = x.new_empty((0, projection.shape[0]), dtype=torch.float32)
+            return empty, torch.zeros((), dtype=torch.int64, device=x.device)
         return torch.cat([out for out, _ in parts]), torch.stack([bad for _, bad in parts]).sum()
     return torch.ops.pydc.pca_transform(x, mean, projection, norm_eps)
 
@@ -149,7 +155,8 @@ if HAS_OPS:
     @torch.library.register_fake("pydc::pca_accumulate")
     def _pca_accumulate_fake(batch, shift, sum, gram, nonfinite_rows):
         torch._check(batch.dim() == 2, lambda: f"pca_accumulate: expected a 2-D batch, got {batch.dim()}-D")
-        torch._check(shift.shape == sum.shape == (batch.shape[1],), lambda: "pca_accumulate: shift/sum must be (D,)")
+        torch._check(shift.shape == sum.shape == (batch.shape[1],),
+                     lambda: "pca_accumulate: shift and sum must be (D,)")
         torch._check(gram.shape == (batch.shape[1], batch.shape[1]), lambda: "pca_accumulate: gram must be (D, D)")
         return None
 

@@ -91,13 +91,12 @@ void normalize_rows_cpu(const at::Tensor& projected, const at::Tensor& out, doub
   }
 }
 
-// About 16 MB of float32 centred rows per chunk (2048 rows at D = 2048): GEMMs that size run near the BLAS
-// peak, and the chunk stays in the last-level cache between the centring pass and the GEMM. At most 4096
-// rows per chunk: a float32 Gram summed over 50,000 rows in one GEMM drifts by ~2e-5 relative (measured at
-// D = 6), over 4096 rows by ~1e-6. The Gram is
-// computed as row panels 256 tall over the upper triangle, skipping most of the lower one (measured on the
-// 2-core EPYC at D = 2048: 0.59 s per 4096 rows against 0.73-0.97 s for the full GEMM).
-const PcaDeviceOps kCpuOps{&center_rows_cpu, &normalize_rows_cpu, int64_t(1) << 22, 4096, false, 256};
+// Chunks of up to 2^23 centred values (4096 float32 rows, 32 MB, at D = 2048) and at most 4096 rows: a
+// float32 Gram summed over 50,000 rows in one GEMM drifts by ~2e-5 relative (measured at D = 6), over 4096
+// rows by ~1e-6. The Gram is computed as row panels 512 tall over the upper triangle, skipping most of the
+// lower one. Measured on the 2-core EPYC (shared, load ~8), 16384 x 2048 rows: full GEMM 2.3-2.5 s; panels
+// with K = 2048 rows: 2.0-2.2 s (256 tall), 1.7-2.1 s (512); K = 4096: 1.8 s (256), 1.6-1.7 s (512).
+const PcaDeviceOps kCpuOps{&center_rows_cpu, &normalize_rows_cpu, int64_t(1) << 23, 4096, false, 512};
 
 void pca_accumulate_cpu(const at::Tensor& batch, const at::Tensor& shift, at::Tensor& sum, at::Tensor& gram,
                         at::Tensor& nonfinite_rows) {
