@@ -20,8 +20,10 @@ Differences from faiss, each deliberate:
 - Eigenvector signs are fixed (the largest-magnitude entry of each is positive), so fits are reproducible;
   faiss's signs are arbitrary.
 - Moments are accumulated robustly (pydc.ops.pca): values are centred on the first batch's mean in
-  float64 before any product, and products are added into float64 state, so a million rows with a large
-  common offset lose no precision (faiss forms x^T x - n mean mean^T in float32).
+  float64 before any product, each GEMM spans at most 4096 rows, float32 products are summed in float32
+  over at most 2 * flush_rows rows and then in float64, so a million rows with a large common offset keep
+  the covariance to ~1e-6 relative (faiss forms x^T x - n mean mean^T in float32, which loses every digit
+  to an offset of 10^4; test_pca.py checks both).
 - NaN/Inf: a row holding one is left out of the moments and partial_fit/fit raise ValueError naming how many
   rows were left out (the finite rows stay accumulated); transform raises ValueError naming how many rows
   hold NaN/Inf (MMSelfSup raises only above 0.1% of rows).
@@ -65,8 +67,9 @@ def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     m = k + max(64, k/2) eigenvectors; two float64 power steps V <- orth(C V) damp whatever V holds of the
     eigenvectors past the m-th by (lambda_{m+1}/lambda_k)^2, and a float64 Rayleigh-Ritz step (eigh of the
     m x m matrix V^T C V) resolves the top k exactly within span(V). What remains is the float32 rounding of
-    the covariance itself, the precision its float32-input Gram carries anyway; test_pca.py compares the
-    result with the full float64 eigh.
+    the covariance itself, the precision its float32-input Gram carries anyway (float64 features above
+    FULL_EIGH_MAX_DIM get the same, not float64-exact, eigenvectors); test_pca.py compares the result with
+    the full float64 eigh.
     """
     d = covariance.shape[0]
     if d <= FULL_EIGH_MAX_DIM:
@@ -81,6 +84,8 @@ def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     projected = basis.T @ covariance @ basis
     values, rotation = torch.linalg.eigh((projected + projected.T) / 2)
     return values.flip(0)[:k], (basis @ rotation).flip(1)[:, :k]
+
+
 _MOMENT_KEYS = ("shift", "sum", "gram")  # gram: float64, upper triangle defined (see pydc.ops.pca)
 _FIT_KEYS = ("mean", "components", "eigenvalues", "scale", "total_variance")
 
