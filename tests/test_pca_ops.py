@@ -70,6 +70,24 @@ def test_accumulate_matches_float64_reference(device, dtype, gram_dtype, shape):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_offset_costs_no_precision(device, dtype):
+    # Values around 1e4 whose spread is ~1: centring against a float64 shift that is not a float32 number
+    # (the CPU kernel's hi + lo split) must match the float64 reference on the centred scale.
+    x = features(500, 24, dtype, device, offset=1.0e4)
+    shift = x.double().mean(0) + 1.0 / 3.0
+    state, expected = empty_state(24, device), empty_state(24, device)
+    ACCUMULATE(x, shift, *state)
+    pca_accumulate_reference(x, shift, *expected)
+    tol = accumulate_tolerance(dtype, device)
+    assert_close_relative(state[1].triu(), expected[1].triu(), tol)
+    assert_close_relative(state[0], expected[0], 4 * tol)
+    projection = torch.randn(5, 24, device=device)
+    out, _ = TRANSFORM(x, shift, projection, 1e-10)
+    torch.testing.assert_close(out, pca_transform_reference(x, shift, projection)[0], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_accumulate_over_calls_equals_one_call(device):
     batch = features(700, 40, torch.float32, device)
     shift = batch[:100].double().mean(0)

@@ -1,9 +1,9 @@
 // Per-element and per-row arithmetic of PCA-whitening, shared by the CPU and CUDA kernels.
 //
-// Both ops start with the same row pass: centre each value in float64 (x - shift, rounded once to the GEMM
-// type, so a large common offset costs no precision) and flag rows holding NaN or +-Inf; such rows are
-// written as zeros and counted. The transform ends with a row pass that scales a projected row to unit
-// L2 norm with MMSelfSup's guard: y / (||y|| + norm_eps).
+// Both ops start with the same row pass: centre each value (x - shift in float64 rounded once to the GEMM
+// type, or its float32 twin pca_center_split; either way a large common offset costs no precision) and
+// flag rows holding NaN or +-Inf; such rows are written as zeros and counted. The transform ends with a
+// row pass that scales a projected row to unit L2 norm with MMSelfSup's guard: y / (||y|| + norm_eps).
 #pragma once
 
 #include <cmath>
@@ -38,6 +38,14 @@ PYDC_HD T pca_store(double v) {
 // One centred value in float64, before it is rounded to the GEMM type.
 PYDC_HD double pca_center(double x, double shift) {
   return x - shift;
+}
+
+// The same difference in float32 arithmetic, for float32/float16/bfloat16 x, with the float64 shift split
+// as hi + lo (hi = float(shift), lo = float(shift - hi)): x - hi is exact when x is near hi (Sterbenz) and
+// rounded once otherwise, so (x - hi) - lo lies within about one float32 ulp of the float64 difference
+// rounded to float32, at float32 speed (twice the SIMD lanes of float64 on the CPU).
+PYDC_HD float pca_center_split(float x, float shift_hi, float shift_lo) {
+  return (x - shift_hi) - shift_lo;
 }
 
 // The factor that scales a row with squared L2 norm `sum_squares` to unit norm (0 rows stay 0).

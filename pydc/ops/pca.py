@@ -4,7 +4,8 @@ Semantics, spelled out in plain torch by the `*_reference` functions (the test o
 
 pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its last three arguments in place
     (declared in the schema as `Tensor(a!) sum, Tensor(b!) gram, Tensor(c!) nonfinite_rows`):
-    c = batch - shift, computed in float64 per value and rounded once to the GEMM type; rows of `batch` holding
+    c = batch - shift, as the float64 difference rounded once to the GEMM type (the CPU kernel computes it in
+    float32 against shift split as hi + lo, within ~1 float32 ulp of that); rows of `batch` holding
     NaN or +-Inf are left out (treated as zero rows) and counted; sum += c.sum(0); gram += c^T c on and above the
     diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
     of gram is defined: the CPU kernel computes row panels gram[i:i+512, i:] and skips most of the lower

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "common/pca_math.h"
@@ -15,6 +16,31 @@
 namespace pydc {
 namespace {
 
+// Centres one row into dst and returns true when all its values are finite.
+template <typename in_t, typename out_t>
+bool center_row(const in_t* src, const double* shift, const float* shift_hi, const float* shift_lo, out_t* dst,
+                int64_t d) {
+  // float32 arithmetic (pca_center_split) where neither side is float64, float64 otherwise. The poison sum
+  // stays 0 over finite values and becomes NaN at the first NaN/Inf, in a loop that vectorizes.
+  if constexpr (std::is_same_v<in_t, double> || std::is_same_v<out_t, double>) {
+    double poison = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const double v = pca_center(pca_load(src[j]), shift[j]);
+      poison += v - v;
+      dst[j] = pca_store<out_t>(v);
+    }
+    return pca_is_finite(poison);
+  } else {
+    float poison = 0.0f;
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = pca_center_split(static_cast<float>(src[j]), shift_hi[j], shift_lo[j]);
+      poison += v - v;
+      dst[j] = static_cast<out_t>(v);
+    }
+    return pca_is_finite(poison);
+  }
+}
+
 template <typename in_t, typename out_t>
 void center_rows_typed(const at::Tensor& rows, const at::Tensor& shift, const at::Tensor& centred,
                        const at::Tensor& nonfinite_rows, const at::Tensor& column_sums) {
@@ -22,6 +48,11 @@ void center_rows_typed(const at::Tensor& rows, const at::Tensor& shift, const at
   const in_t* in = rows.const_data_ptr<in_t>();
   const at::Tensor shift_dense = shift.contiguous();
   const double* shift_values = shift_dense.const_data_ptr<double>();
+  std::vector<float> shift_hi(d), shift_lo(d);
+  for (int64_t j = 0; j < d; ++j) {
+    shift_hi[j] = static_cast<float>(shift_values[j]);
+    shift_lo[j] = static_cast<float>(shift_values[j] - static_cast<double>(shift_hi[j]));
+  }
   out_t* out = centred.mutable_data_ptr<out_t>();
   double* sums = column_sums.defined() ? column_sums.mutable_data_ptr<double>() : nullptr;
   std::atomic<int64_t> bad_rows{0};
@@ -29,18 +60,11 @@ void center_rows_typed(const at::Tensor& rows, const at::Tensor& shift, const at
   const int64_t grain = std::max<int64_t>(1, 32768 / d);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     int64_t local_bad = 0;
-    // Column sums of this thread's rows, in float64 and in the same pass, merged once at the end.
+    // Column sums of this thread's rows in float64, merged once at the end.
     std::vector<double> local_sums(sums != nullptr ? d : 0, 0.0);
     for (int64_t r = begin; r < end; ++r) {
-      const in_t* src = in + r * row_stride;
       out_t* dst = out + r * d;
-      double poison = 0.0;  // stays 0 over finite values, becomes NaN at the first NaN/Inf (vectorizes)
-      for (int64_t j = 0; j < d; ++j) {
-        const double v = pca_center(pca_load(src[j]), shift_values[j]);
-        poison += v - v;
-        dst[j] = pca_store<out_t>(v);
-      }
-      if (!pca_is_finite(poison)) {
+      if (!center_row(in + r * row_stride, shift_values, shift_hi.data(), shift_lo.data(), dst, d)) {
         for (int64_t j = 0; j < d; ++j) dst[j] = pca_store<out_t>(0.0);
         ++local_bad;
       } else if (sums != nullptr) {
