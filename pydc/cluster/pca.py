@@ -119,8 +119,10 @@ class PCAWhitening:
         self.flush_rows = flush_rows
         # LAPACK's tridiagonalization (inside eigh) is ~D small parallel BLAS-2 steps, each ending in a
         # thread barrier; where the CPU is shared, every barrier waits for a time slice. Measured at D = 2048
-        # on the 2-core EPYC under load ~11: eigh took 45 s with 2 threads and 3.3 s with 1. So the CPU
-        # eigen-decomposition runs on eigh_threads threads (None: torch's setting), the GEMMs on all.
+        # on the 2-core EPYC under load ~11: eigh took 45 s with 2 threads and 3.3 s with 1 (float32 at load
+        # ~4.4: 26.5 s against 0.8 s). So the CPU eigen-decomposition (top_eigenpairs: the eigh calls and
+        # the small refinement GEMMs/QRs, which also ran faster on one thread there: 1.35-1.4 s against
+        # 1.6-2.8 s in all) runs on eigh_threads threads (None: torch's setting); the Gram GEMMs use all.
         self.eigh_threads = eigh_threads
         self.reset()
 
