@@ -83,7 +83,8 @@ def setup(request):
 @pytest.mark.parametrize("impl", ["pydc", "reference"])
 def test_cycle(benchmark, setup, impl):
     device, size, memory, reference, batches = setup
-    benchmark.group = _label(device, size, f"cycle ({STEPS_PER_CYCLE} steps + loss weights, 1 centroid update)")
+    what = f"cycle ({STEPS_PER_CYCLE} steps + loss weights, 1 centroid update)"
+    benchmark.group = _label(device, size, what)
     benchmark.extra_info["role"] = impl
     target = memory if impl == "pydc" else reference
     if impl == "reference":

@@ -179,3 +179,17 @@ def test_bad_arguments(bad, message):
         kmeans(**arguments)
     with pytest.raises(ValueError, match=r"shape \(N, d\)"):
         kmeans(torch.randn(10), 2)
+
+
+def test_pure_torch_fallback_gives_the_same_clustering(monkeypatch):
+    import pydc.ops._registry as registry
+    import pydc.ops.kmeans as kmeans_ops
+
+    x = blobs(2000, 8, centres=40, seed=6, spread=2.0)
+    with_ops = kmeans(x, 12, niter=6, seed=2, backend="torch")
+    monkeypatch.setattr(kmeans_ops, "HAS_OPS", False)
+    monkeypatch.setattr(registry, "_warned", set())  # the warning is issued once per process
+    with pytest.warns(RuntimeWarning, match="pure-torch reference"):
+        fallback = kmeans(x, 12, niter=6, seed=2, backend="torch")
+    assert fallback.objective == pytest.approx(with_ops.objective, rel=1e-5)
+    torch.testing.assert_close(fallback.centroids, with_ops.centroids, rtol=1e-4, atol=1e-4)

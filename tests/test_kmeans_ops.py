@@ -11,8 +11,20 @@ from tests.conftest import cpu_and_cuda
 ASSIGN = torch.ops.pydc.kmeans_assign
 UPDATE = torch.ops.pydc.kmeans_update
 
-# (N, k, d): degenerate sizes, sizes off the CPU blocks (8192 points x 1024 centroids) and off warp widths.
-ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (300, 64, 32), (1000, 1100, 16), (9000, 40, 8)]
+# (N, k, d): degenerate sizes, sizes off the CPU blocks (fused: 6-row tiles, 96-row chunks, 32-centroid
+# panels, 256-centroid blocks; BLAS: 8192 points x 1024 centroids) and off warp widths.
+ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (97, 33, 7), (300, 257, 32), (1000, 1100, 16),
+                (9000, 40, 8)]
+
+
+@pytest.fixture(params=["default", "blas"])
+def cpu_kernel(request, monkeypatch):
+    """Runs a test with the default CPU assignment (fused AVX-512 where available) and with the BLAS path."""
+    if request.param == "blas":
+        if request.node.callspec.params.get("device") == "cuda":
+            pytest.skip("the BLAS switch is a CPU path")
+        monkeypatch.setenv("PYDC_KMEANS_BLAS", "1")
+    return request.param
 
 
 def random_points(n: int, d: int, device, generator=None) -> torch.Tensor:
@@ -35,7 +47,7 @@ def check_nearest(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("size", ASSIGN_SIZES, ids=lambda s: "x".join(map(str, s)))
-def test_assign_matches_float64(device, size):
+def test_assign_matches_float64(device, size, cpu_kernel):
     n, k, d = size
     x = random_points(n, d, device)
     centroids = random_points(k, d, device)
@@ -50,7 +62,7 @@ def test_assign_matches_float64(device, size):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_assign_equals_reference_on_separated_data(device):
+def test_assign_equals_reference_on_separated_data(device, cpu_kernel):
     generator = torch.Generator().manual_seed(1)
     centroids = random_points(50, 16, device, generator) * 10
     members = torch.randint(0, 50, (2000,), generator=generator).to(device)
@@ -63,7 +75,7 @@ def test_assign_equals_reference_on_separated_data(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_assign_ties_go_to_lowest_index(device):
+def test_assign_ties_go_to_lowest_index(device, cpu_kernel):
     base = random_points(5, 8, device)
     centroids = torch.cat([base[2:3], base, base[2:3]])  # centroid 0, 3 and 6 are equal
     x = base[2:3].repeat(4, 1)
@@ -76,7 +88,7 @@ def test_assign_ties_go_to_lowest_index(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_assign_given_norms_and_strided_inputs(device):
+def test_assign_given_norms_and_strided_inputs(device, cpu_kernel):
     x = random_points(500, 24, device)
     centroids = random_points(30, 24, device)
     labels, distances = ASSIGN(x, centroids, None, True)
@@ -98,16 +110,31 @@ def test_assign_empty_input(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("allow_tf32", [True, False])
 def test_cuda_assign_equals_cpu(allow_tf32):
-    # Unit-norm points and centroids like DeepCluster's whitened features, over several cuBLAS chunks' worth
-    # of rows; TF32 only ranks candidates, the fp32 re-scoring picks the same labels as the CPU.
-    x = torch.nn.functional.normalize(random_points(20000, 64, "cpu"), dim=1)
-    centroids = torch.nn.functional.normalize(random_points(3000, 64, "cpu"), dim=1)
+    # Unit-norm points and centroids like DeepCluster's whitened features; TF32 only ranks candidates, the
+    # fp32 re-scoring picks the same labels as the CPU.
+    x = torch.nn.functional.normalize(random_points(8000, 64, "cpu"), dim=1)
+    centroids = torch.nn.functional.normalize(random_points(2000, 64, "cpu"), dim=1)
     labels, distances = ASSIGN(x, centroids, None, True)
     labels_gpu, distances_gpu = ASSIGN(x.cuda(), centroids.cuda(), None, allow_tf32)
     check_nearest(x, centroids, labels_gpu, distances_gpu)
     agree = (labels_gpu.cpu() == labels).float().mean().item()
     assert agree > 0.999, agree
     torch.testing.assert_close(distances_gpu.cpu(), distances, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_assign_over_many_chunks_and_centroid_blocks(monkeypatch):
+    # A 3000-float workspace and 70-centroid blocks: 300 centroids in 5 blocks (the candidates carry over
+    # between blocks), 4000 points in chunks of 42 rows (3000 // 70).
+    x = random_points(4000, 24, "cuda")
+    centroids = random_points(300, 24, "cuda")
+    labels, distances = ASSIGN(x, centroids, None, True)
+    monkeypatch.setenv("PYDC_KMEANS_CUDA_BLOCK_COLS", "70")
+    monkeypatch.setenv("PYDC_KMEANS_CUDA_WORKSPACE_FLOATS", "3000")
+    small_labels, small_distances = ASSIGN(x, centroids, None, True)
+    check_nearest(x, centroids, small_labels, small_distances)
+    assert (small_labels == labels).float().mean().item() > 0.999
+    torch.testing.assert_close(small_distances, distances, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -29,7 +29,8 @@ class NumpyODCMemory:
 
     def init_memory(self, features, labels):
         features = features.astype(np.float64)
-        self.feature_bank = (features / (np.linalg.norm(features, axis=1, keepdims=True) + EPS)).astype(np.float32)
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        self.feature_bank = (features / (norms + EPS)).astype(np.float32)
         self.label_bank = labels.astype(np.int64).copy()
         self.update_centroids()
 
@@ -72,7 +73,8 @@ class NumpyODCMemory:
         for s in small:
             members = np.where(self.label_bank == s)[0]
             if len(members):
-                similarity = self.centroids[inclusion].astype(np.float64) @ self.feature_bank[members].T.astype(np.float64)
+                rows = self.feature_bank[members].astype(np.float64)
+                similarity = self.centroids[inclusion].astype(np.float64) @ rows.T
                 self.label_bank[members] = inclusion[similarity.argmax(axis=0)]
         for e in small:
             largest = int(np.bincount(self.label_bank, minlength=self.num_classes).argmax())
@@ -140,7 +142,8 @@ def test_200_steps_agree_with_numpy_memory(device):
             oracle.update_centroids()
         refilled += memory.deal_with_small_clusters()
         assert oracle.deal_with_small_clusters() >= 0
-        np.testing.assert_allclose(memory.loss_weights().cpu().numpy(), oracle.loss_weights(), rtol=1e-5, atol=0)
+        weights = memory.loss_weights().cpu().numpy()
+        np.testing.assert_allclose(weights, oracle.loss_weights(), rtol=1e-5, atol=0)
         if step % 50 == 0:
             compare(memory, oracle)
     compare(memory, oracle)
@@ -213,3 +216,44 @@ def test_bad_arguments():
         memory.init_memory(torch.randn(10, 4), torch.full((10,), 2))
     with pytest.raises(ValueError, match="features of shape \\(3, 4\\)"):
         memory.update_samples(torch.tensor([0, 1, 2]), torch.randn(3, 5))
+
+
+@pytest.mark.filterwarnings("ignore:pydc.ops.odc")
+def test_pure_torch_fallback_matches_ops(monkeypatch):
+    # Without the compiled library the wrappers run the references: the memory must behave the same.
+    def run():
+        generator = torch.Generator().manual_seed(8)
+        memory = ODCMemory(500, 16, 12, min_cluster=30, seed=4)
+        memory.init_memory(torch.randn(500, 16, generator=generator),
+                           torch.randint(0, 12, (500,), generator=generator))
+        ratios = []
+        for step in range(1, 31):
+            ratios.append(memory.update_samples(torch.randint(0, 500, (40,), generator=generator),
+                                                torch.randn(40, 16, generator=generator)))
+            if step % 10 == 0:
+                memory.update_centroids()
+            memory.deal_with_small_clusters()
+        return memory, ratios
+
+    compiled, compiled_ratios = run()
+    import pydc.ops.odc as odc_ops
+    monkeypatch.setattr(odc_ops, "HAS_OPS", False)
+    fallback, fallback_ratios = run()
+    assert compiled_ratios == fallback_ratios
+    torch.testing.assert_close(compiled.feature_bank, fallback.feature_bank, rtol=0, atol=2e-7)
+    for name in ("label_bank", "counts"):
+        assert torch.equal(getattr(compiled, name), getattr(fallback, name)), name
+    torch.testing.assert_close(compiled.centroids, fallback.centroids, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_out_of_range_batch_is_refused_and_memory_unchanged(device):
+    memory = ODCMemory(50, 8, 3, min_cluster=1, device=device)
+    features = torch.randn(50, 8, device=device)
+    memory.init_memory(features, torch.arange(50, device=device) % 3)
+    before = {name: value.clone() for name, value in memory.state_dict().items() if torch.is_tensor(value)}
+    with pytest.raises((IndexError, RuntimeError), match="indices|outside"):
+        memory.update_samples(torch.tensor([3, 50], device=device), torch.randn(2, 8, device=device))
+    for name, value in memory.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, before[name]), name

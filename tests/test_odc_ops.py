@@ -20,13 +20,15 @@ BANK_TOLERANCE = {torch.float32: dict(rtol=0, atol=2e-7), torch.float64: dict(rt
 
 def make_memory(length, dim, classes, dtype=torch.float32, device="cpu", generator=None):
     """A random memory in a consistent state: normalized rows, labels, exact counts and sums, centroids."""
-    bank = torch.nn.functional.normalize(torch.randn(length, dim, dtype=torch.float64, generator=generator), dim=1)
+    bank = torch.randn(length, dim, dtype=torch.float64, generator=generator)
+    bank = torch.nn.functional.normalize(bank, dim=1)
     bank = bank.to(device=device, dtype=dtype)
     labels = torch.randint(0, classes, (length,), generator=generator).to(device)
     counts = torch.zeros(classes, dtype=torch.int64, device=device)
     sums = torch.zeros(classes, dim, dtype=torch.int64, device=device)
     odc.odc_class_sums_reference(bank, labels, sums, counts)
-    centroids = torch.randn(classes, dim, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
+    centroids = torch.randn(classes, dim, dtype=torch.float64, generator=generator)
+    centroids = centroids.to(device=device, dtype=dtype)
     return [bank, labels, counts, sums, centroids]
 
 
@@ -59,7 +61,8 @@ def test_update_matches_reference(device, dtype, shape):
         indices = torch.randint(0, length, (batch,), generator=generator).to(device)
         features = torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype)
         changes = UPDATE(*memory[:4], memory[4], indices, features, 0.5)
-        expected_changes = odc.odc_update_samples_reference(*expected[:4], expected[4], indices, features, 0.5)
+        expected_changes = odc.odc_update_samples_reference(*expected[:4], expected[4], indices, features,
+                                                            0.5)
         assert changes.dtype == torch.int64 and changes.dim() == 0
         assert int(changes) == int(expected_changes)
         assert_same_memory(memory, expected, dtype)
@@ -210,7 +213,8 @@ def bad_update_cases():
     def case(message, **changes):
         def build():
             bank, labels, counts, sums, centroids = make_memory(10, 4, 3)
-            args = dict(feature_bank=bank, label_bank=labels, counts=counts, class_sums=sums, centroids=centroids,
+            args = dict(feature_bank=bank, label_bank=labels, counts=counts, class_sums=sums,
+                        centroids=centroids,
                         indices=torch.tensor([1, 2]), features=torch.randn(2, 4), momentum=0.5)
             for name, make in changes.items():
                 args[name] = make(args)
@@ -277,3 +281,17 @@ def test_cuda_equals_cpu_kernel():
     CENTROIDS(cpu[3], cpu[2], cpu[4], 2000)
     CENTROIDS(gpu[3], gpu[2], gpu[4], 2000)
     torch.testing.assert_close(gpu[4].cpu(), cpu[4], rtol=0, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_class_sums_and_centroids_are_bitwise_cpu():
+    # Integer sums do not depend on the order of the atomics: the same bank gives the same bits.
+    generator = torch.Generator().manual_seed(8)
+    bank, labels, counts, sums, centroids = make_memory(5000, 96, 70, torch.float32, "cpu", generator)
+    gpu = [t.cuda() for t in (bank, labels, counts, sums, centroids)]
+    CLASS_SUMS(bank, labels, sums, counts)
+    CLASS_SUMS(gpu[0], gpu[1], gpu[3], gpu[2])
+    assert torch.equal(gpu[3].cpu(), sums) and torch.equal(gpu[2].cpu(), counts)
+    CENTROIDS(sums, counts, centroids, 5000)
+    CENTROIDS(gpu[3], gpu[2], gpu[4], 5000)
+    assert torch.equal(gpu[4].cpu(), centroids)

@@ -12,6 +12,12 @@
 
 #include "common/hd.h"
 
+#if defined(__CUDACC__)
+#define PYDC_UNROLL _Pragma("unroll")
+#else
+#define PYDC_UNROLL
+#endif
+
 namespace pydc {
 
 constexpr float kKMeansInf = std::numeric_limits<float>::infinity();
@@ -44,16 +50,23 @@ struct KMeansTopK {
     }
   }
 
+  // Sorted insertion with compile-time indices only (fully unrolled on the GPU), so the arrays stay in
+  // registers; it runs only for a candidate that beats the current K-th best, which is rare.
   PYDC_HD void insert(float s, int64_t j) {
     if (!kmeans_prefer(s, j, score[K - 1], index[K - 1])) return;
-    int pos = K - 1;
-    while (pos > 0 && kmeans_prefer(s, j, score[pos - 1], index[pos - 1])) {
-      score[pos] = score[pos - 1];
-      index[pos] = index[pos - 1];
-      --pos;
+    score[K - 1] = s;
+    index[K - 1] = j;
+    PYDC_UNROLL
+    for (int pos = K - 1; pos > 0; --pos) {
+      if (kmeans_prefer(score[pos], index[pos], score[pos - 1], index[pos - 1])) {
+        const float moved_score = score[pos - 1];
+        const int64_t moved_index = index[pos - 1];
+        score[pos - 1] = score[pos];
+        index[pos - 1] = index[pos];
+        score[pos] = moved_score;
+        index[pos] = moved_index;
+      }
     }
-    score[pos] = s;
-    index[pos] = j;
   }
 };
 

@@ -61,11 +61,11 @@ def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 class ODCMemory:
     """Feature bank, label bank, centroids and class counts of ODC, all on `device` (see module docstring)."""
 
-    def __init__(self, length: int, feat_dim: int, num_classes: int, momentum: float = 0.5, min_cluster: int = 20,
-                 device=None, dtype: torch.dtype = torch.float32, seed: int = 0):
+    def __init__(self, length: int, feat_dim: int, num_classes: int, momentum: float = 0.5,
+                 min_cluster: int = 20, device=None, dtype: torch.dtype = torch.float32, seed: int = 0):
         if length < 1 or feat_dim < 1 or num_classes < 1:
-            raise ValueError(f"ODCMemory: expected length, feat_dim and num_classes >= 1, got {length}, {feat_dim}, "
-                             f"{num_classes}")
+            raise ValueError(f"ODCMemory: expected length, feat_dim and num_classes >= 1, got {length}, "
+                             f"{feat_dim}, {num_classes}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"ODCMemory: expected momentum in [0, 1], got {momentum}")
         if dtype not in (torch.float32, torch.float64):
@@ -86,8 +86,8 @@ class ODCMemory:
     def init_memory(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Store the L2-normalised features and the labels; compute counts and centroids."""
         if tuple(features.shape) != (self.length, self.feat_dim):
-            raise ValueError(f"ODCMemory.init_memory: expected features of shape {(self.length, self.feat_dim)}, "
-                             f"got {tuple(features.shape)}")
+            raise ValueError(f"ODCMemory.init_memory: expected features of shape "
+                             f"{(self.length, self.feat_dim)}, got {tuple(features.shape)}")
         if tuple(labels.shape) != (self.length,) or labels.dtype.is_floating_point:
             raise ValueError(f"ODCMemory.init_memory: expected integer labels of shape ({self.length},), got "
                              f"{labels.dtype} {tuple(labels.shape)}")
@@ -111,7 +111,7 @@ class ODCMemory:
 
     # --- per step -------------------------------------------------------------------------------------------
     def update_samples(self, indices: torch.Tensor, features: torch.Tensor) -> float:
-        """Blend the batch into its rows, relabel them; returns the fraction of label changes (change ratio)."""
+        """Blend the batch into its rows and relabel them; returns the fraction of label changes."""
         indices = indices.to(device=self.device, dtype=torch.int64)
         features = features.detach().to(device=self.device, dtype=self.dtype)
         if features.dim() != 2 or features.shape[1] != self.feat_dim or features.shape[0] != indices.shape[0]:
@@ -122,22 +122,25 @@ class ODCMemory:
             features = _all_gather_rows(features)
         if indices.numel() == 0:
             return 0.0
-        changes = odc_update_samples(self.feature_bank, self.label_bank, self.counts, self.class_sums,
-                                     self.centroids, indices, features, self.momentum)
-        return int(changes) / indices.numel()
+        changes = int(odc_update_samples(self.feature_bank, self.label_bank, self.counts, self.class_sums,
+                                         self.centroids, indices, features, self.momentum))
+        if changes < 0:  # the CUDA kernels refuse an out-of-range batch on the device and report it so
+            raise IndexError(f"ODCMemory.update_samples: indices must lie in [0, {self.length}); the batch was "
+                             "refused and the memory is unchanged")
+        return changes / indices.numel()
 
     def update_centroids(self) -> None:
         """centroid_k = mean of the rows of class k (classes with no member keep their centroid)."""
         odc_centroids_from_sums(self.class_sums, self.counts, self.centroids, self.length)
 
     def loss_weights(self, power: float = 0.5) -> torch.Tensor:
-        """Class weights of the loss: (1 / (count + 1e-10))^power, normalised to sum 1 (MMSelfSup set_reweight)."""
+        """Loss weights: (1 / (count + 1e-10))^power, normalised to sum 1 (MMSelfSup's set_reweight)."""
         inverse = (1.0 / (self.counts.double() + 1e-10)) ** power
         return (inverse / inverse.sum()).to(torch.float32)
 
     # --- small clusters -------------------------------------------------------------------------------------
     def deal_with_small_clusters(self) -> int:
-        """Dissolve classes with fewer than min_cluster rows and refill them; returns how many were refilled."""
+        """Dissolve classes with fewer than min_cluster rows and refill them; returns how many."""
         small = self.counts < self.min_cluster
         if not bool(small.any()):
             return 0
@@ -160,8 +163,8 @@ class ODCMemory:
             moved = self._split(rows)
             self._move(moved, torch.full_like(moved, largest), torch.full_like(moved, cls))
             both = torch.tensor([largest, cls], device=self.device)
-            self.centroids[both] = centroids_from_class_sums(self.class_sums[both], self.counts[both], self.length,
-                                                             self.dtype)
+            self.centroids[both] = centroids_from_class_sums(self.class_sums[both], self.counts[both],
+                                                             self.length, self.dtype)
         return len(empty)
 
     def _move(self, rows: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor) -> None:
@@ -212,7 +215,8 @@ class ODCMemory:
         for name in ("feature_bank", "label_bank", "centroids", "counts"):
             current, given = getattr(self, name), state[name]
             if tuple(given.shape) != tuple(current.shape):
-                raise ValueError(f"ODCMemory.load_state_dict: {name} has shape {tuple(given.shape)}, this memory "
+                raise ValueError(f"ODCMemory.load_state_dict: {name} has shape {tuple(given.shape)}, "
+                                 "this memory "
                                  f"expects {tuple(current.shape)}")
             current.copy_(given)
         self.momentum = float(state.get("momentum", self.momentum))

@@ -2,4 +2,7 @@
 
 from pydc.cluster.kmeans import KMeansResult, kmeans
 from pydc.cluster.metrics import cluster_size_stats, nmi
+from pydc.cluster.pca import PCAWhitening
 from pydc.cluster.sampler import UniformLabelSampler
+
+__all__ = ["KMeansResult", "PCAWhitening", "UniformLabelSampler", "cluster_size_stats", "kmeans", "nmi"]

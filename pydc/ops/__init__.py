@@ -13,6 +13,7 @@ from pydc.ops.odc import (
     odc_update_samples,
     odc_update_samples_reference,
 )
+from pydc.ops.pca import pca_accumulate, pca_accumulate_reference, pca_transform, pca_transform_reference
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, sobel_normalize, sobel_normalize_reference
 
 __all__ = [
@@ -28,6 +29,10 @@ __all__ = [
     "odc_class_sums_reference",
     "odc_update_samples",
     "odc_update_samples_reference",
+    "pca_accumulate",
+    "pca_accumulate_reference",
+    "pca_transform",
+    "pca_transform_reference",
     "sobel_normalize",
     "sobel_normalize_reference",
 ]

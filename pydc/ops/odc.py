@@ -13,7 +13,9 @@ odc_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indi
     The row's label becomes argmax_k centroids[k] . bank[i] with the dot products exact to float64 accuracy
     and ties going to the lowest k; every occurrence whose new label differs from the row's current label
     counts as one change. counts and class_sums follow the net move of each row. Returns the number of
-    changes (int64, 0-dim); MMSelfSup's change ratio is that number over the batch size.
+    changes (int64, 0-dim); MMSelfSup's change ratio is that number over the batch size. An index outside
+    [0, N) refuses the whole batch before anything changes: the CPU kernel raises; the CUDA kernels check on
+    the device (no host sync) and return -1, which ODCMemory.update_samples turns into an IndexError.
 odc_class_sums(feature_bank, label_bank, class_sums, counts)
     counts = bincount(labels); class_sums[k] = sum over rows of class k of round(row * 2^bits), with
     bits = min(50, 62 - bit_length(N)) so that no sum of rows of norm <= 1 can overflow.
@@ -62,7 +64,8 @@ def _check_bank(op, feature_bank, label_bank):
         _fail(op, f"expected feature_bank of dtype float32 or float64, got {feature_bank.dtype}")
     if not feature_bank.is_contiguous():
         _fail(op, "expected a contiguous feature_bank (it is updated in place)")
-    if label_bank.dim() != 1 or label_bank.dtype != torch.int64 or label_bank.shape[0] != feature_bank.shape[0]:
+    length = feature_bank.shape[0]
+    if label_bank.dim() != 1 or label_bank.dtype != torch.int64 or label_bank.shape[0] != length:
         _fail(op, f"expected label_bank of dtype int64 and shape ({feature_bank.shape[0]},), got "
                   f"{_describe(label_bank)}")
 
@@ -87,18 +90,22 @@ def _describe(t) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
-def check_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indices, features, momentum):
+def check_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indices, features,
+                         momentum):
     op = "odc_update_samples"
     _check_bank(op, feature_bank, label_bank)
     if centroids.dim() != 2 or centroids.shape[1] != feature_bank.shape[1] or centroids.shape[0] == 0:
-        _fail(op, f"expected centroids of shape (num_classes, {feature_bank.shape[1]}), got {_describe(centroids)}")
+        _fail(op, f"expected centroids of shape (num_classes, {feature_bank.shape[1]}), got "
+                  f"{_describe(centroids)}")
     if centroids.dtype != feature_bank.dtype:
-        _fail(op, f"expected centroids of the feature_bank's dtype {feature_bank.dtype}, got {centroids.dtype}")
+        _fail(op, f"expected centroids of the feature_bank's dtype {feature_bank.dtype}, got "
+                  f"{centroids.dtype}")
     _check_class_state(op, feature_bank, counts, class_sums, centroids.shape[0])
     if indices.dim() != 1 or indices.dtype != torch.int64:
         _fail(op, f"expected indices to be a 1-D int64 tensor, got {_describe(indices)}")
     if features.dim() != 2 or tuple(features.shape) != (indices.shape[0], feature_bank.shape[1]):
-        _fail(op, f"expected features of shape ({indices.shape[0]}, {feature_bank.shape[1]}) (one row per index), "
+        _fail(op, f"expected features of shape ({indices.shape[0]}, {feature_bank.shape[1]}) "
+                  "(one row per index), "
                   f"got {_describe(features)}")
     if not features.dtype.is_floating_point:
         _fail(op, f"expected floating-point features, got {features.dtype}")
@@ -159,7 +166,8 @@ def odc_class_sums_reference(feature_bank, label_bank, class_sums, counts) -> No
 
 def odc_centroids_from_sums_reference(class_sums, counts, centroids, bank_length: int) -> None:
     if centroids.dim() != 2 or centroids.dtype not in _BANK_DTYPES:
-        _fail("odc_centroids_from_sums", f"expected 2-D float32 or float64 centroids, got {_describe(centroids)}")
+        _fail("odc_centroids_from_sums",
+              f"expected 2-D float32 or float64 centroids, got {_describe(centroids)}")
     _check_class_state("odc_centroids_from_sums", centroids, counts, class_sums, centroids.shape[0])
     filled = counts > 0
     means = centroids_from_class_sums(class_sums, counts, bank_length, centroids.dtype)
@@ -209,7 +217,8 @@ if HAS_OPS:
     def _odc_update_samples_fake(feature_bank, label_bank, counts, class_sums, centroids, indices, features,
                                  momentum):
         torch._check(feature_bank.dim() == 2, lambda: "odc_update_samples: feature_bank must be 2-D")
-        torch._check(features.shape[0] == indices.shape[0], lambda: "odc_update_samples: one feature row per index")
+        torch._check(features.shape[0] == indices.shape[0],
+                     lambda: "odc_update_samples: one feature row per index")
         torch._check(centroids.shape[1] == feature_bank.shape[1], lambda: "odc_update_samples: centroid size")
         return feature_bank.new_empty((), dtype=torch.int64)
 

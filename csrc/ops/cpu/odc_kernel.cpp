@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -19,6 +20,14 @@
 
 namespace pydc {
 namespace {
+
+// Work (in element operations) below which a pass runs on the calling thread: a batch step is a fraction of
+// a millisecond of work, and a parallel region costs more than it saves on a busy machine.
+constexpr int64_t kSerialWork = int64_t(1) << 20;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kSerialWork / std::max<int64_t>(1, work_per_item));
+}
 
 struct Group {
   int64_t begin, end;  // positions in `order`
@@ -30,7 +39,7 @@ template <typename scalar_t>
 void blend_groups(scalar_t* bank, const int64_t* indices, const scalar_t* features, const std::vector<int64_t>& order,
                   const std::vector<Group>& groups, int64_t D, double momentum, scalar_t* applied,
                   scalar_t* old_rows) {
-  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), grain_for(4 * D), [&](int64_t g0, int64_t g1) {
     std::vector<double> blended(D);
     for (int64_t g = g0; g < g1; ++g) {
       scalar_t* row = bank + indices[order[groups[g].begin]] * D;
@@ -39,21 +48,33 @@ void blend_groups(scalar_t* bank, const int64_t* indices, const scalar_t* featur
         const int64_t j = order[p];
         const scalar_t* x = features + j * D;
         const double feature_denominator = odc_norm_denominator(odc_sum_squares(x, D));
-        double sum_squares = 0.0;
         for (int64_t d = 0; d < D; ++d) {
           blended[d] = odc_blend(static_cast<double>(row[d]), static_cast<double>(x[d]) / feature_denominator,
                                  momentum);
-          sum_squares += blended[d] * blended[d];
         }
-        const double denominator = odc_norm_denominator(sum_squares);
+        const double denominator = odc_norm_denominator(odc_sum_squares(blended.data(), D));
         scalar_t* out = applied + j * D;
-        for (int64_t d = 0; d < D; ++d) {
-          out[d] = static_cast<scalar_t>(blended[d] / denominator);
-          row[d] = out[d];
-        }
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(blended[d] / denominator);
+        std::copy(out, out + D, row);
       }
     }
   });
+}
+
+// Largest value of a GEMM row, ignoring NaN; eight independent lanes so that the compiler vectorizes it.
+template <typename scalar_t>
+scalar_t row_max(const scalar_t* s, int64_t K) {
+  constexpr int kLanes = 8;
+  scalar_t lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<scalar_t>::infinity();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] = s[k + l] > lane[l] ? s[k + l] : lane[l];
+  }
+  for (; k < K; ++k) lane[0] = s[k] > lane[0] ? s[k] : lane[0];
+  scalar_t best = lane[0];
+  for (int l = 1; l < kLanes; ++l) best = lane[l] > best ? lane[l] : best;
+  return best;
 }
 
 // Pass 3: argmax_k centroid_k . row, exact in double: candidates are the classes whose GEMM value lies
@@ -61,26 +82,26 @@ void blend_groups(scalar_t* bank, const int64_t* indices, const scalar_t* featur
 template <typename scalar_t>
 void exact_argmax(const scalar_t* similarity, const scalar_t* rows, const scalar_t* centroids, int64_t B,
                   int64_t K, int64_t D, double tolerance, int64_t* new_labels) {
-  at::parallel_for(0, B, 16, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, B, grain_for(2 * K), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const scalar_t* s = similarity + j * K;
-      int64_t best = 0;
-      double best_value = static_cast<double>(s[0]);
-      for (int64_t k = 1; k < K; ++k) {
-        if (static_cast<double>(s[k]) > best_value) {
-          best_value = static_cast<double>(s[k]);
-          best = k;
-        }
+      const scalar_t best_value = row_max(s, K);
+      int64_t best = 0;  // the first class attaining the maximum (0 if the row is all NaN)
+      while (best < K && !(s[best] == best_value)) ++best;
+      if (best == K) best = 0;
+      // best - tolerance rounded down to the GEMM's dtype: a superset of the candidates, never fewer.
+      scalar_t threshold = static_cast<scalar_t>(static_cast<double>(best_value) - tolerance);
+      if (static_cast<double>(threshold) > static_cast<double>(best_value) - tolerance) {
+        threshold = std::nextafter(threshold, -std::numeric_limits<scalar_t>::infinity());
       }
-      const double threshold = best_value - tolerance;
       int64_t candidates = 0;
-      for (int64_t k = 0; k < K; ++k) candidates += static_cast<double>(s[k]) >= threshold;
+      for (int64_t k = 0; k < K; ++k) candidates += s[k] >= threshold;
       if (candidates > 1) {
         const scalar_t* row = rows + j * D;
         double exact_best = 0.0;
         best = -1;
         for (int64_t k = 0; k < K; ++k) {
-          if (static_cast<double>(s[k]) < threshold) continue;
+          if (!(s[k] >= threshold)) continue;
           const double value = odc_dot(row, centroids + k * D, D);
           if (best < 0 || value > exact_best) {
             exact_best = value;
@@ -127,10 +148,9 @@ int64_t update_samples_impl(at::Tensor& feature_bank, at::Tensor& label_bank, at
 
   const at::Tensor similarity = at::mm(applied, centroids.t()).contiguous();
   const scalar_t* centroid = centroids.const_data_ptr<scalar_t>();
-  double max_centroid_norm = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    max_centroid_norm = std::max(max_centroid_norm, std::sqrt(odc_sum_squares(centroid + k * D, D)));
-  }
+  double max_square_norm = 0.0;
+  for (int64_t k = 0; k < K; ++k) max_square_norm = std::max(max_square_norm, odc_sum_squares(centroid + k * D, D));
+  const double max_centroid_norm = std::sqrt(max_square_norm);
   const double tolerance = odc_candidate_tolerance(D, odc_unit_roundoff(feature_bank),
                                                    odc_gemm_input_rounding(centroids), max_centroid_norm);
   std::vector<int64_t> new_labels(B);
@@ -163,7 +183,7 @@ int64_t update_samples_impl(at::Tensor& feature_bank, at::Tensor& label_bank, at
   int64_t* sums = class_sums.mutable_data_ptr<int64_t>();
   const scalar_t* bank = feature_bank.const_data_ptr<scalar_t>();
   const scalar_t* before = old_rows.const_data_ptr<scalar_t>();
-  at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
+  at::parallel_for(0, D, std::max<int64_t>(16, grain_for(2 * G)), [&](int64_t d0, int64_t d1) {
     for (int64_t g = 0; g < G; ++g) {
       const scalar_t* after = bank + index[order[groups[g].begin]] * D;
       int64_t* from = sums + old_label[g] * D;

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/kmeans_math.h"
 #include "ops/kmeans.h"
@@ -39,6 +40,15 @@ constexpr int64_t kMaxCentroidBlock = int64_t(1) << 16; // centroids per cuBLAS 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// Tests shrink the workspace and the centroid block through these variables, to run the multi-chunk and
+// multi-block paths on small inputs.
+int64_t env_or(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return fallback;
+  const long long parsed = std::atoll(value);
+  return parsed > 0 ? static_cast<int64_t>(parsed) : fallback;
+}
 
 int64_t blocks_for(int64_t items, int64_t per_block) {
   return std::max<int64_t>(1, std::min<int64_t>((items + per_block - 1) / per_block, int64_t(1) << 20));
@@ -164,8 +174,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const
   const at::Tensor point_norms = plan.x_sq_norms.defined() ? plan.x_sq_norms : squared_norms(plan.x, stream);
   const at::Tensor centroid_norms = squared_norms(plan.centroids, stream);
 
-  const int64_t block_cols = std::min(k, kMaxCentroidBlock);
-  const int64_t chunk_rows = std::max<int64_t>(1, std::min(n, kWorkspaceFloats / block_cols));
+  const int64_t block_cols = std::min(k, env_or("PYDC_KMEANS_CUDA_BLOCK_COLS", kMaxCentroidBlock));
+  const int64_t chunk_rows =
+      std::max<int64_t>(1, std::min(n, env_or("PYDC_KMEANS_CUDA_WORKSPACE_FLOATS", kWorkspaceFloats) / block_cols));
   at::Tensor workspace = at::empty({chunk_rows, block_cols}, plan.x.options());
   at::Tensor cand_score = at::empty({n, kCandidates}, plan.x.options());
   at::Tensor cand_index = at::empty({n, kCandidates}, plan.labels.options());

@@ -61,6 +61,13 @@ __device__ __forceinline__ bool is_group_start(const int64_t* sorted, int64_t p)
   return p == 0 || sorted[p] != sorted[p - 1];
 }
 
+// The batch's indices, sorted, lie in [0, N) iff the first and the last do. Checked on the device by every
+// kernel that writes the memory, so that an out-of-range batch changes nothing and costs no host sync; the
+// op then returns -1 changes, which callers turn into an error.
+__device__ __forceinline__ bool batch_in_range(const int64_t* sorted, int64_t B, int64_t N) {
+  return sorted[0] >= 0 && sorted[B - 1] < N;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 blend_groups_kernel(scalar_t* __restrict__ bank, const int64_t* __restrict__ sorted, const int64_t* __restrict__ order,
@@ -68,9 +75,8 @@ blend_groups_kernel(scalar_t* __restrict__ bank, const int64_t* __restrict__ sor
                     scalar_t* __restrict__ old_rows, int64_t N, int64_t B, int64_t D, double momentum) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (p >= B || !is_group_start(sorted, p)) return;  // whole warps leave together
+  if (p >= B || !is_group_start(sorted, p) || !batch_in_range(sorted, B, N)) return;  // whole warps leave together
   const int64_t i = sorted[p];
-  CUDA_KERNEL_ASSERT(i >= 0 && i < N);
   scalar_t* row = bank + i * D;
   for (int64_t d = lane; d < D; d += kWarp) old_rows[p * D + d] = row[d];
   for (int64_t q = p; q < B && sorted[q] == i; ++q) {
@@ -142,10 +148,14 @@ __global__ void __launch_bounds__(kThreads)
 relabel_kernel(const scalar_t* __restrict__ bank, int64_t* __restrict__ labels, int64_t* __restrict__ counts,
                int64_t* __restrict__ class_sums, const int64_t* __restrict__ sorted,
                const int64_t* __restrict__ order, const int64_t* __restrict__ new_labels,
-               const scalar_t* __restrict__ old_rows, int64_t* __restrict__ changes, int64_t B, int64_t K, int64_t D,
-               double scale) {
+               const scalar_t* __restrict__ old_rows, int64_t* __restrict__ changes, int64_t N, int64_t B, int64_t K,
+               int64_t D, double scale) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
+  if (!batch_in_range(sorted, B, N)) {
+    if (p == 0 && lane == 0) *changes = -1;
+    return;
+  }
   if (p >= B || !is_group_start(sorted, p)) return;
   const int64_t i = sorted[p];
   long long old_label = 0, final_label = 0;
@@ -227,7 +237,7 @@ at::Tensor odc_update_samples_cuda(at::Tensor feature_bank, at::Tensor label_ban
         feature_bank.const_data_ptr<scalar_t>(), label_bank.mutable_data_ptr<int64_t>(),
         counts.mutable_data_ptr<int64_t>(), class_sums.mutable_data_ptr<int64_t>(), sorted.const_data_ptr<int64_t>(),
         order.const_data_ptr<int64_t>(), new_labels.const_data_ptr<int64_t>(), old_rows.const_data_ptr<scalar_t>(),
-        changes.mutable_data_ptr<int64_t>(), B, K, D, scale);
+        changes.mutable_data_ptr<int64_t>(), N, B, K, D, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return changes;

@@ -1,0 +1,366 @@
+"""PCA-whitening as DeepCluster uses it, fitted on the device while the features stream out of the network.
+
+Semantics (faiss.PCAMatrix(d, n_components, eigen_power) followed by row L2 normalization, as in
+DeepCluster's clustering.py `preprocess_features`):
+
+    mean = column mean of all rows seen; C = (1/n) sum (x - mean)(x - mean)^T (the population covariance);
+    lambda_1 >= ... >= lambda_k and v_1 .. v_k = the top-k eigenpairs of C (torch.linalg.eigh in float64; above
+    1024 features a float32 eigh refined in float64, see top_eigenpairs);
+    y_i = (lambda_i + eps)^eigen_power * v_i . (x - mean);  out = y / (||y||_2 + 1e-10).
+
+Differences from faiss, each deliberate:
+- eps is added to the eigenvalues of C; faiss adds its `epsilon` to those of the unnormalized scatter matrix
+  n * C, so pydc's eps = faiss's epsilon / n. With the default eps = 0 both are equal (the row
+  normalization removes any common factor).
+- Rank deficiency (fewer rows than features, constant or collinear columns, n_components beyond the rank):
+  a component whose eigenvalue is at most `eigenvalue_floor` (default 1e-6) times the largest eigenvalue
+  carries no variance but rounding noise; faiss would divide by ~0 and return Inf/NaN or amplified noise,
+  pydc gives it scale 0, so its output column is 0, and warns once per fit with the number of such
+  components. The remaining columns are whitened as usual.
+- Eigenvector signs are fixed (the largest-magnitude entry of each is positive), so fits are reproducible;
+  faiss's signs are arbitrary.
+- Moments are accumulated robustly (pydc.ops.pca): values are centred on the first batch's mean in
+  float64 before any product, each GEMM spans at most 4096 rows, float32 products are summed in float32
+  over at most 2 * flush_rows rows and then in float64, so a million rows with a large common offset keep
+  the covariance to ~1e-6 relative (faiss forms x^T x - n mean mean^T in float32, which loses every digit
+  to an offset of 10^4; test_pca.py checks both).
+- NaN/Inf: a row holding one is left out of the moments and partial_fit/fit raise ValueError naming how many
+  rows were left out (the finite rows stay accumulated); transform raises ValueError naming how many rows
+  hold NaN/Inf (MMSelfSup raises only above 0.1% of rows).
+- An empty batch passed to partial_fit changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from pydc.ops.pca import FEATURE_DTYPES, NORM_EPS, pca_accumulate, pca_transform
+
+_STATE_VERSION = 1
+# Above this many features the top eigenpairs come from a float32 eigh refined in float64 (top_eigenpairs).
+FULL_EIGH_MAX_DIM = 1024
+_POWER_STEPS = 2
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """Runs the block with torch's CPU thread count set to `threads` (None: unchanged), then restores it."""
+    previous = torch.get_num_threads()
+    if threads is not None and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues (descending) of a symmetric float64 matrix and their eigenvectors (columns).
+
+    Up to FULL_EIGH_MAX_DIM features: torch.linalg.eigh in float64. Above, where the float64 eigh is the
+    largest single cost of a CPU fit (D = 2048 on the 2-core CPU: 4.0-5.0 s in float64, 2.0-2.3 s in
+    float32, one thread, under load): torch.linalg.eigh in float32 gives a basis V of the top
+    m = k + max(64, k/2) eigenvectors; two float64 power steps V <- orth(C V) damp whatever V holds of the
+    eigenvectors past the m-th by (lambda_{m+1}/lambda_k)^2, and a float64 Rayleigh-Ritz step (eigh of the
+    m x m matrix V^T C V) resolves the top k exactly within span(V). What remains is the float32 rounding of
+    the covariance itself, the precision its float32-input Gram carries anyway (float64 features above
+    FULL_EIGH_MAX_DIM get the same, not float64-exact, eigenvectors); test_pca.py compares the result with
+    the full float64 eigh.
+    """
+    d = covariance.shape[0]
+    if d <= FULL_EIGH_MAX_DIM:
+        values, vectors = torch.linalg.eigh(covariance)
+        return values.flip(0)[:k], vectors.flip(1)[:, :k]
+    m = min(d, k + max(64, k // 2))
+    scale = covariance.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny)  # float32 range
+    _, vectors32 = torch.linalg.eigh((covariance / scale).to(torch.float32))
+    basis = vectors32[:, d - m:].to(torch.float64)
+    for _ in range(_POWER_STEPS):
+        basis, _ = torch.linalg.qr(covariance @ basis)
+    projected = basis.T @ covariance @ basis
+    values, rotation = torch.linalg.eigh((projected + projected.T) / 2)
+    return values.flip(0)[:k], (basis @ rotation).flip(1)[:, :k]
+
+
+_MOMENT_KEYS = ("shift", "sum", "gram")  # gram: float64, upper triangle defined (see pydc.ops.pca)
+_FIT_KEYS = ("mean", "components", "eigenvalues", "scale", "total_variance")
+
+
+class PCAWhitening:
+    """Streamed PCA + whitening + row L2 normalization (DeepCluster's preprocessing); see the module docstring.
+
+    Attributes after fitting: mean_ (D, float64), components_ (n_components, D, float32; rows are unit
+    eigenvectors, largest eigenvalue first), eigenvalues_ / explained_variance_ (n_components, float64),
+    explained_variance_ratio_, scale_ (the per-component whitening factors, 0 for components below the floor),
+    n_samples_seen_, n_features_in_.
+    """
+
+    def __init__(self, n_components: int = 256, eigen_power: float = -0.5, eps: float = 0.0, *,
+                 eigenvalue_floor: float = 1e-6, fit_batch_rows: int = 65536, flush_rows: int = 8192,
+                 eigh_threads: int | None = 1):
+        if not isinstance(n_components, int) or isinstance(n_components, bool) or n_components < 1:
+            raise ValueError(f"PCAWhitening: expected n_components to be a positive int, got {n_components!r}")
+        if eps < 0:
+            raise ValueError(f"PCAWhitening: expected eps >= 0 (added to the eigenvalues), got {eps}")
+        if not 0.0 <= eigenvalue_floor < 1.0:
+            raise ValueError(f"PCAWhitening: expected 0 <= eigenvalue_floor < 1 (relative), got {eigenvalue_floor}")
+        if fit_batch_rows < 1 or flush_rows < 1:
+            raise ValueError(f"PCAWhitening: expected fit_batch_rows >= 1 and flush_rows >= 1, got {fit_batch_rows} "
+                             f"and {flush_rows}")
+        self.n_components = n_components
+        self.eigen_power = float(eigen_power)
+        self.eps = float(eps)
+        self.eigenvalue_floor = float(eigenvalue_floor)
+        self.fit_batch_rows = fit_batch_rows
+        self.flush_rows = flush_rows
+        # LAPACK's tridiagonalization (inside eigh) is ~D small parallel BLAS-2 steps, each ending in a
+        # thread barrier; where the CPU is shared, every barrier waits for a time slice. Measured at D = 2048
+        # on the 2-core EPYC under load ~11: eigh took 45 s with 2 threads and 3.3 s with 1 (float32 at load
+        # ~4.4: 26.5 s against 0.8 s). So the CPU eigen-decomposition (top_eigenpairs: the eigh calls and
+        # the small refinement GEMMs/QRs, which also ran faster on one thread there: 1.35-1.4 s against
+        # 1.6-2.8 s in all) runs on eigh_threads threads (None: torch's setting); the Gram GEMMs use all.
+        self.eigh_threads = eigh_threads
+        self.reset()
+
+    # ----------------------------------------------------------------------------------------------- fitting
+    def reset(self) -> PCAWhitening:
+        """Forgets all moments and the fit."""
+        self.n_features_in_: int | None = None
+        self.n_samples_seen_ = 0
+        self._moments: dict[str, torch.Tensor] | None = None
+        # float32 Gram that float32/16/bf16 batches' GEMMs accumulate into in place (beta = 1), added into the
+        # float64 moments every flush_rows rows. Measured on the 2-core CPU at 50,000 x 2048: 12 s with it
+        # against 21 s with a float64 add per 2048-row chunk (under load); its float32 sums span at most
+        # 2 * flush_rows rows, which keeps the covariance to ~1e-6 relative (test_pca.py checks 10^6 rows).
+        self._pending_gram: torch.Tensor | None = None
+        self._pending_rows = 0
+        self._fit: dict[str, torch.Tensor] | None = None
+        self._projections: dict[tuple, torch.Tensor] = {}
+        return self
+
+    def partial_fit(self, batch: torch.Tensor) -> PCAWhitening:
+        """Adds one batch of features (rows) to the moments, on the batch's device."""
+        total, bad = self._accumulate(batch)
+        if bad:
+            raise ValueError(self._nonfinite_message("partial_fit", bad, total, "the batch"))
+        return self
+
+    def fit(self, x: torch.Tensor) -> PCAWhitening:
+        """Fits on all rows of x, fed through the moment update fit_batch_rows rows at a time."""
+        self._check_features("fit", x)
+        self.reset()
+        total = bad = 0
+        for chunk in x.split(self.fit_batch_rows):
+            rows, bad_rows = self._accumulate(chunk)
+            total, bad = total + rows, bad + bad_rows
+        if bad:
+            raise ValueError(self._nonfinite_message("fit", bad, total, "x"))
+        self._finalize()
+        return self
+
+    def fit_transform(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fit(x).transform(x)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Whitened, L2-normalized rows of x, float32, shape (N, n_components), computed in chunks."""
+        self._check_features("transform", x)
+        fit = self._fitted()
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"PCAWhitening.transform: expected {self.n_features_in_} features per row (as fitted), "
+                             f"got shape {tuple(x.shape)}")
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out, bad = pca_transform(x, fit["mean"].to(x.device), self._projection(x.device, compute_dtype), NORM_EPS)
+        bad = int(bad)
+        if bad:
+            raise ValueError(f"PCAWhitening.transform: {bad} of {x.shape[0]} rows of x contain NaN or Inf; "
+                             "remove or repair them (check the network for a diverged loss)")
+        return out
+
+    # ------------------------------------------------------------------------------------ fitted attributes
+    @property
+    def mean_(self) -> torch.Tensor:
+        return self._fitted()["mean"]
+
+    @property
+    def components_(self) -> torch.Tensor:
+        return self._fitted()["components"].to(torch.float32)
+
+    @property
+    def eigenvalues_(self) -> torch.Tensor:
+        return self._fitted()["eigenvalues"]
+
+    explained_variance_ = eigenvalues_
+
+    @property
+    def explained_variance_ratio_(self) -> torch.Tensor:
+        fit = self._fitted()
+        return fit["eigenvalues"] / fit["total_variance"].clamp_min(torch.finfo(torch.float64).tiny)
+
+    @property
+    def scale_(self) -> torch.Tensor:
+        return self._fitted()["scale"]
+
+    def get_covariance(self) -> torch.Tensor:
+        """The (D, D) float64 population covariance (1/n) sum (x - mean)(x - mean)^T of the rows seen so far."""
+        if self._moments is None or self.n_samples_seen_ == 0:
+            raise RuntimeError("PCAWhitening: no rows seen yet; call partial_fit(batch) or fit(x) first")
+        return self._mean_and_covariance()[1]
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Configuration, moments (so partial_fit can resume) and the fit; tensors stay on their device."""
+        if self._moments is not None:
+            self._flush()
+        state = {"version": _STATE_VERSION, "n_components": self.n_components, "eigen_power": self.eigen_power,
+                 "eps": self.eps, "eigenvalue_floor": self.eigenvalue_floor, "n_features_in": self.n_features_in_,
+                 "n_samples_seen": self.n_samples_seen_}
+        for key in _MOMENT_KEYS:
+            state[key] = None if self._moments is None else self._moments[key]
+        for key in _FIT_KEYS:
+            state["fit_" + key] = None if self._fit is None else self._fit[key]
+        return state
+
+    def load_state_dict(self, state: dict) -> PCAWhitening:
+        missing = [key for key in ("version", "n_components", "eigen_power", "eps", "n_features_in", "n_samples_seen",
+                                   *_MOMENT_KEYS, *("fit_" + k for k in _FIT_KEYS)) if key not in state]
+        if missing:
+            raise ValueError(f"PCAWhitening.load_state_dict: the state lacks {missing}; expected a PCAWhitening.state_dict()")
+        for key in ("n_components", "eigen_power", "eps"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"PCAWhitening.load_state_dict: the state has {key}={state[key]!r}, this object "
+                                 f"{getattr(self, key)!r}; construct PCAWhitening with the saved configuration")
+        self.reset()
+        self.eigenvalue_floor = float(state.get("eigenvalue_floor", self.eigenvalue_floor))
+        self.n_features_in_ = state["n_features_in"]
+        self.n_samples_seen_ = int(state["n_samples_seen"])
+        if state["shift"] is not None:
+            self._moments = {key: state[key].clone() for key in _MOMENT_KEYS}
+        if state["fit_mean"] is not None:
+            self._fit = {key: state["fit_" + key].clone() for key in _FIT_KEYS}
+        return self
+
+    def __repr__(self) -> str:
+        return (f"PCAWhitening(n_components={self.n_components}, eigen_power={self.eigen_power}, eps={self.eps}, "
+                f"n_samples_seen_={self.n_samples_seen_})")
+
+    # ------------------------------------------------------------------------------------------------ inside
+    def _check_features(self, method: str, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"PCAWhitening.{method}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"PCAWhitening.{method}: expected a 2-D (rows, features) tensor, got shape {tuple(x.shape)}")
+        if x.dtype not in FEATURE_DTYPES:
+            raise ValueError(f"PCAWhitening.{method}: expected float32, float16, bfloat16 or float64 features, "
+                             f"got {x.dtype}")
+
+    def _nonfinite_message(self, method: str, bad: int, total: int, what: str) -> str:
+        return (f"PCAWhitening.{method}: {bad} of {total} rows of {what} contain NaN or Inf; they were left out of "
+                f"the fit (the other {total - bad} rows were accumulated); remove or repair them (check the network "
+                "for a diverged loss)")
+
+    def _start(self, batch: torch.Tensor) -> None:
+        d = batch.shape[1]
+        if self.n_components > d:
+            raise ValueError(f"PCAWhitening: n_components={self.n_components} exceeds the {d} features of the input; "
+                             f"expected n_components <= {d}")
+        # The shift only conditions the products (any value is exact in theory): the first batch's mean, over
+        # its finite rows when some are not.
+        shift = batch.sum(dim=0, dtype=torch.float64) / batch.shape[0]
+        if not bool(torch.isfinite(shift).all()):
+            finite = torch.isfinite(batch).all(dim=1)
+            kept = batch[finite]
+            shift = kept.sum(dim=0, dtype=torch.float64) / max(kept.shape[0], 1)
+        self.n_features_in_ = d
+        self._moments = {"shift": shift, "sum": torch.zeros_like(shift),
+                         "gram": torch.zeros((d, d), dtype=torch.float64, device=batch.device)}
+
+    def _flush(self) -> None:
+        if self._pending_gram is not None and self._pending_rows:
+            self._moments["gram"] += self._pending_gram
+            self._pending_gram.zero_()
+        self._pending_rows = 0
+
+    def _accumulate(self, batch: torch.Tensor) -> tuple[int, int]:
+        """Adds batch to the moments; returns (rows, rows left out for NaN/Inf)."""
+        self._check_features("partial_fit", batch)
+        rows, d = batch.shape
+        if self.n_features_in_ is not None and d != self.n_features_in_:
+            raise ValueError(f"PCAWhitening.partial_fit: expected {self.n_features_in_} features per row (as in the "
+                             f"earlier batches), got shape {tuple(batch.shape)}")
+        if rows == 0:
+            return 0, 0
+        if self._moments is None:
+            self._start(batch)
+        moments = self._moments
+        if batch.device != moments["gram"].device:
+            raise ValueError(f"PCAWhitening.partial_fit: the moments live on {moments['gram'].device}, got a batch on "
+                             f"{batch.device}; feed every batch from one device")
+        bad = torch.zeros((), dtype=torch.int64, device=batch.device)
+        if batch.dtype == torch.float64:
+            pca_accumulate(batch, moments["shift"], moments["sum"], moments["gram"], bad)
+        else:
+            if self._pending_gram is None:
+                self._pending_gram = torch.zeros_like(moments["gram"], dtype=torch.float32)
+            for piece in batch.split(self.flush_rows):
+                pca_accumulate(piece, moments["shift"], moments["sum"], self._pending_gram, bad)
+                self._pending_rows += piece.shape[0]
+                if self._pending_rows >= self.flush_rows:
+                    self._flush()
+        bad = int(bad)
+        self.n_samples_seen_ += rows - bad
+        self._fit = None
+        self._projections = {}
+        return rows, bad
+
+    def _fitted(self) -> dict[str, torch.Tensor]:
+        if self._fit is None:
+            if self._moments is None or self.n_samples_seen_ == 0:
+                raise RuntimeError("PCAWhitening: not fitted yet; call fit(x) or partial_fit(batch) with some finite rows")
+            self._finalize()
+        return self._fit
+
+    def _finalize(self) -> None:
+        """Covariance from the moments, then its top eigenpairs and the whitening scales."""
+        if self.n_samples_seen_ == 0:
+            raise RuntimeError("PCAWhitening: no finite rows were seen; nothing to fit")
+        n, k = self.n_samples_seen_, self.n_components
+        mean, covariance = self._mean_and_covariance()
+        total_variance = covariance.diagonal().sum().clamp_min(0.0)
+        with _cpu_threads(self.eigh_threads if covariance.device.type == "cpu" else None):
+            eigenvalues, eigenvectors = top_eigenpairs(covariance, k)
+        components = eigenvectors.T.contiguous()  # (k, D), rows = eigenvectors
+        largest = components.abs().argmax(dim=1, keepdim=True)
+        components *= torch.sign(components.gather(1, largest))
+        floor = self.eigenvalue_floor * eigenvalues[0].clamp_min(0.0)
+        carries_variance = eigenvalues > floor
+        eigenvalues = eigenvalues.clamp_min(0.0)
+        scale = torch.where(carries_variance, (eigenvalues + self.eps).clamp_min(torch.finfo(torch.float64).tiny)
+                            .pow(self.eigen_power), torch.zeros_like(eigenvalues))
+        dropped = int((~carries_variance).sum())
+        if dropped:
+            warnings.warn(f"PCAWhitening: {dropped} of the {k} components have eigenvalue <= {self.eigenvalue_floor:g} x "
+                          f"the largest ({n} rows, {self.n_features_in_} features: the data are rank deficient); their "
+                          "output columns are 0", RuntimeWarning, stacklevel=3)
+        self._fit = {"mean": mean, "components": components, "eigenvalues": eigenvalues,
+                     "scale": scale, "total_variance": total_variance}
+        self._projections = {}
+
+    def _mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._flush()
+        moments, n = self._moments, self.n_samples_seen_
+        offset = moments["sum"] / n  # mean - shift
+        upper = moments["gram"].triu()  # the ops define the upper triangle only
+        covariance = (upper + upper.triu(1).T) / n - torch.outer(offset, offset)
+        return moments["shift"] + offset, covariance
+
+    def _projection(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The scaled components diag(scale) V^T on `device` in `dtype`, cached per (device, dtype)."""
+        key = (str(device), dtype)
+        if key not in self._projections:
+            fit = self._fit
+            self._projections[key] = (fit["scale"][:, None] * fit["components"]).to(device=device, dtype=dtype)
+        return self._projections[key]

@@ -1,0 +1,169 @@
+"""The PCA-whitening ops: `torch.ops.pydc.pca_accumulate` and `torch.ops.pydc.pca_transform`.
+
+Semantics, spelled out in plain torch by the `*_reference` functions (the test oracle and the fallback):
+
+pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its last three arguments in place
+    (declared in the schema as `Tensor(a!) sum, Tensor(b!) gram, Tensor(c!) nonfinite_rows`):
+    c = batch - shift, as the float64 difference rounded once to the GEMM type (the CPU kernel computes it in
+    float32 against shift split as hi + lo, within ~1 float32 ulp of that); rows of `batch` holding
+    NaN or +-Inf are left out (treated as zero rows) and counted; sum += c.sum(0); gram += c^T c on and above the
+    diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
+    of gram is defined: the CPU kernel computes row panels gram[i:i+512, i:] and skips most of the lower
+    triangle (half the flops), the CUDA kernel and the reference fill both. Read the result through its upper
+    triangle (PCAWhitening does). batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
+    gram: (D, D) float64, or float32 for a float32/float16/bfloat16 batch (then the GEMM accumulates into it
+    in place, beta = 1, with no pass over a temporary: PCAWhitening keeps such a float32 Gram and adds it into
+    its float64 one every `flush_rows` rows); nonfinite_rows: int64 with one element; all on one device. B = 0
+    changes nothing. GEMM types: float64 for float64 batches, float32 otherwise on the CPU; on CUDA
+    float16/bfloat16 batches multiply in their own dtype on the tensor cores (float32 products), float32 ones
+    at torch's float32 matmul precision (TF32 after `torch.set_float32_matmul_precision("high")`). Chunks of
+    at most 2^23 values and 4096 rows (CPU) / 2^26 values and 16384 rows (CUDA) are centred and multiplied at
+    a time (float32 sums over longer runs of rows drift). Why this is robust: with `shift` near the data's
+    mean (PCAWhitening uses its first batch's mean) every product is of centred, well-scaled values, so a
+    large common offset costs no precision, and the totals live in float64.
+
+pca_transform(x, mean, projection, norm_eps=1e-10) -> (out, nonfinite_rows):
+    y = (x - mean) @ projection^T, out = y / (||y||_2 + norm_eps) per row, float32, shape (N, K), and
+    nonfinite_rows = the number of rows of x holding NaN/Inf (int64, 0-d); those rows are centred to zero, so
+    their output rows are 0. projection: (K, D) float32 or float64, which sets the precision of the product;
+    mean: (D,) float64. Whitening scales are folded into `projection` by the caller. The rows are processed in
+    the chunks above, so the only full-size tensor written is the (N, K) output. norm_eps = 1e-10 is
+    MMSelfSup's guard on the row norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pydc.ops._registry import HAS_OPS, warn_fallback
+
+FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+NORM_EPS = 1e-10
+_FALLBACK_CHUNK_ROWS = 65536
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def _check_features(op: str, name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: expected {name} to be a 2-D (rows, features) tensor, got a {_describe(x)}")
+    if x.dtype not in FEATURE_DTYPES:
+        raise ValueError(f"{op}: expected {name} of dtype float32, float16, bfloat16 or float64, "
+                         f"got {_describe(x)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: expected {name} with at least one feature column, got {_describe(x)}")
+
+
+def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor) -> None:
+    if v.dtype != torch.float64 or v.dim() != 1 or v.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: expected {name} to be a float64 tensor of shape ({x.shape[1]},), "
+                         f"got {_describe(v)}")
+    if v.device != x.device:
+        raise ValueError(f"{op}: expected {name} on {x.device} like the features, got {v.device}")
+
+
+def _check_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
+    op = "pca_accumulate"
+    _check_features(op, "batch", batch)
+    _check_vector(op, "shift", shift, batch)
+    _check_vector(op, "sum", sum, batch)
+    d = batch.shape[1]
+    gram_dtypes = (torch.float64,) if batch.dtype == torch.float64 else (torch.float64, torch.float32)
+    if gram.dtype not in gram_dtypes or tuple(gram.shape) != (d, d) or gram.device != batch.device:
+        raise ValueError(f"{op}: expected gram to be a float64 (or, for a {batch.dtype} batch, float32) ({d}, {d}) "
+                         f"tensor on {batch.device}, got {_describe(gram)}")
+    if not sum.is_contiguous():
+        raise ValueError(f"{op}: expected a contiguous sum, got strides {sum.stride()}")
+    counter = nonfinite_rows
+    if counter.dtype != torch.int64 or counter.numel() != 1 or counter.device != batch.device:
+        raise ValueError(
+            f"{op}: expected nonfinite_rows to be an int64 tensor with one element on {batch.device}, "
+            f"got {_describe(nonfinite_rows)}"
+        )
+
+
+def _check_transform(x, mean, projection, norm_eps) -> None:
+    op = "pca_transform"
+    _check_features(op, "x", x)
+    _check_vector(op, "mean", mean, x)
+    projection_dtypes = (torch.float32, torch.float64)
+    if projection.dim() != 2 or projection.shape[1] != x.shape[1] or projection.dtype not in projection_dtypes:
+        raise ValueError(
+            f"{op}: expected projection to be a float32 or float64 tensor of shape (n_components, {x.shape[1]}), "
+            f"got {_describe(projection)}"
+        )
+    if projection.device != x.device:
+        raise ValueError(f"{op}: expected projection on {x.device} like x, got {projection.device}")
+    if norm_eps < 0:
+        raise ValueError(f"{op}: expected norm_eps >= 0, got {norm_eps}")
+
+
+def _centre_finite_rows(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    centred = x.to(torch.float64) - shift
+    finite = torch.isfinite(centred).all(dim=1)
+    return torch.where(finite[:, None], centred, 0.0), (~finite).sum()
+
+
+def pca_accumulate_reference(batch, shift, sum, gram, nonfinite_rows) -> None:
+    """The documented update in float64 torch ops (updates sum, gram and nonfinite_rows in place)."""
+    _check_accumulate(batch, shift, sum, gram, nonfinite_rows)
+    centred, bad_rows = _centre_finite_rows(batch, shift)
+    sum += centred.sum(dim=0)
+    gram += (centred.T @ centred).to(gram.dtype)
+    nonfinite_rows += bad_rows.view_as(nonfinite_rows)
+
+
+def pca_transform_reference(x, mean, projection, norm_eps: float = NORM_EPS):
+    """The documented transform in float64 torch ops: centre, project, L2-normalize rows; float32 output."""
+    _check_transform(x, mean, projection, norm_eps)
+    centred, bad_rows = _centre_finite_rows(x, mean)
+    projected = centred @ projection.to(torch.float64).T
+    out = projected / (projected.norm(dim=1, keepdim=True) + norm_eps)
+    return out.to(torch.float32), bad_rows
+
+
+def pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
+    """Adds the centred moments of `batch` into (sum, gram); see the module docstring."""
+    _check_accumulate(batch, shift, sum, gram, nonfinite_rows)
+    if not HAS_OPS:
+        warn_fallback("pca_accumulate")
+        for chunk in batch.split(_FALLBACK_CHUNK_ROWS):
+            pca_accumulate_reference(chunk, shift, sum, gram, nonfinite_rows)
+        return
+    torch.ops.pydc.pca_accumulate(batch, shift, sum, gram, nonfinite_rows)
+
+
+def pca_transform(x, mean, projection, norm_eps: float = NORM_EPS):
+    """(L2-normalized (x - mean) @ projection^T as float32, count of rows with NaN/Inf); see the docstring."""
+    _check_transform(x, mean, projection, norm_eps)
+    if not HAS_OPS:
+        warn_fallback("pca_transform")
+        chunks = x.split(_FALLBACK_CHUNK_ROWS)
+        parts = [pca_transform_reference(chunk, mean, projection, norm_eps) for chunk in chunks]
+        if not parts:
+            empty = x.new_empty((0, projection.shape[0]), dtype=torch.float32)
+            return empty, torch.zeros((), dtype=torch.int64, device=x.device)
+        return torch.cat([out for out, _ in parts]), torch.stack([bad for _, bad in parts]).sum()
+    return torch.ops.pydc.pca_transform(x, mean, projection, norm_eps)
+
+
+if HAS_OPS:
+
+    @torch.library.register_fake("pydc::pca_accumulate")
+    def _pca_accumulate_fake(batch, shift, sum, gram, nonfinite_rows):
+        torch._check(batch.dim() == 2, lambda: f"pca_accumulate: expected a 2-D batch, got {batch.dim()}-D")
+        torch._check(shift.shape == sum.shape == (batch.shape[1],),
+                     lambda: "pca_accumulate: shift and sum must be (D,)")
+        torch._check(gram.shape == (batch.shape[1], batch.shape[1]), lambda: "pca_accumulate: gram must be (D, D)")
+        return None
+
+    @torch.library.register_fake("pydc::pca_transform")
+    def _pca_transform_fake(x, mean, projection, norm_eps=NORM_EPS):
+        torch._check(x.dim() == 2 and projection.dim() == 2, lambda: "pca_transform: expected 2-D x and projection")
+        torch._check(projection.shape[1] == x.shape[1], lambda: "pca_transform: projection must be (K, D)")
+        out = x.new_empty((x.shape[0], projection.shape[0]), dtype=torch.float32)
+        return out, x.new_empty((), dtype=torch.int64)

@@ -1,0 +1,301 @@
+"""pca_accumulate and pca_transform: kernels against the float64 references, opcheck, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pydc.ops.pca as pca_ops
+from pydc.ops import pca_accumulate, pca_accumulate_reference, pca_transform, pca_transform_reference
+from tests.conftest import cpu_and_cuda
+
+ACCUMULATE = torch.ops.pydc.pca_accumulate
+TRANSFORM = torch.ops.pydc.pca_transform
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# Relative to the largest entry of the float64 result. The op centres in float64 and rounds each value once
+# to the GEMM type: float32 on the CPU for float32/16/bf16 input, the input's own type on CUDA for 16-bit.
+ACCUMULATE_TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+CUDA_16BIT_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def accumulate_tolerance(dtype, device) -> float:
+    if dtype in CUDA_16BIT_TOL and device == "cuda":
+        return CUDA_16BIT_TOL[dtype]
+    return ACCUMULATE_TOL.get(dtype, ACCUMULATE_TOL[torch.float32])
+
+
+def features(n, d, dtype=torch.float32, device="cpu", offset=3.0):
+    """Correlated random features with a common offset, exactly representable in `dtype`."""
+    mixing = torch.randn(d, d, dtype=torch.float64) / d**0.5
+    x = torch.randn(n, d, dtype=torch.float64) @ mixing + offset
+    return x.to(dtype).to(device)
+
+
+def empty_state(d, device, gram_dtype=torch.float64):
+    return (torch.zeros(d, dtype=torch.float64, device=device),
+            torch.zeros(d, d, dtype=gram_dtype, device=device),
+            torch.zeros((), dtype=torch.int64, device=device))
+
+
+def assert_close_relative(actual, expected, tol):
+    scale = expected.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=tol * scale.item())
+
+
+# D = 600 and 1100 span two and three of the CPU kernel's 512-tall Gram panels (the last one partial).
+SHAPES = [(1, 1), (7, 3), (64, 17), (300, 257), (130, 600), (40, 1100)]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gram_dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_accumulate_matches_float64_reference(device, dtype, gram_dtype, shape):
+    if dtype == torch.float64 and gram_dtype == torch.float32:
+        pytest.skip("a float64 batch needs a float64 gram")
+    n, d = shape
+    batch = features(n, d, dtype, device)
+    shift = batch[: max(1, n // 2)].double().mean(0) + 0.25  # near, not at, the mean
+    sum_, gram, bad = empty_state(d, device, gram_dtype)
+    sum_[:] = torch.rand(d, dtype=torch.float64)  # accumulates onto what is there
+    gram += 1.0
+    ref_sum, ref_gram, ref_bad = sum_.clone(), gram.double().clone(), bad.clone()
+    ACCUMULATE(batch, shift, sum_, gram, bad)
+    pca_accumulate_reference(batch, shift, ref_sum, ref_gram, ref_bad)
+    tol = accumulate_tolerance(dtype, device)
+    assert_close_relative(sum_, ref_sum, tol * 4)
+    assert_close_relative(gram.triu(), ref_gram.triu(), tol)  # only the upper triangle is defined
+    assert int(bad) == 0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_offset_costs_no_precision(device, dtype):
+    # Values around 1e4 whose spread is ~1: centring against a float64 shift that is not a float32 number
+    # (the CPU kernel's hi + lo split) must match the float64 reference on the centred scale.
+    x = features(500, 24, dtype, device, offset=1.0e4)
+    shift = x.double().mean(0) + 1.0 / 3.0
+    state, expected = empty_state(24, device), empty_state(24, device)
+    ACCUMULATE(x, shift, *state)
+    pca_accumulate_reference(x, shift, *expected)
+    tol = accumulate_tolerance(dtype, device)
+    assert_close_relative(state[1].triu(), expected[1].triu(), tol)
+    assert_close_relative(state[0], expected[0], 4 * tol)
+    projection = torch.randn(5, 24, device=device)
+    out, _ = TRANSFORM(x, shift, projection, 1e-10)
+    torch.testing.assert_close(out, pca_transform_reference(x, shift, projection)[0], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_accumulate_over_calls_equals_one_call(device):
+    batch = features(700, 40, torch.float32, device)
+    shift = batch[:100].double().mean(0)
+    whole, parts = empty_state(40, device), empty_state(40, device)
+    ACCUMULATE(batch, shift, *whole)
+    for chunk in batch.split(97):
+        ACCUMULATE(chunk, shift, *parts)
+    # float32 GEMMs over different row groupings: equal up to float32 rounding of the products.
+    assert_close_relative(parts[0], whole[0], 1e-6)
+    assert_close_relative(parts[1].triu(), whole[1].triu(), 2e-6)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("layout", ["column_slice", "transposed", "expanded"])
+def test_accumulate_strided_batch(device, layout):
+    base = features(90, 60, torch.float32, device)
+    batch = {"column_slice": base[:, ::2], "transposed": base.T.contiguous().T[:, :30],
+             "expanded": base[:1, :30].expand(50, 30)}[layout]
+    shift = torch.zeros(30, dtype=torch.float64, device=device)
+    state, expected = empty_state(30, device), empty_state(30, device)
+    ACCUMULATE(batch, shift, *state)
+    pca_accumulate_reference(batch, shift, *expected)
+    assert_close_relative(state[1].triu(), expected[1].triu(), 2e-6)
+    assert_close_relative(state[0], expected[0], 1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_accumulate_leaves_out_nonfinite_rows(device, poison):
+    batch = features(50, 9, torch.float32, device)
+    bad_rows = [0, 17, 49]
+    batch[bad_rows, [3, 0, 8]] = poison
+    shift = torch.zeros(9, dtype=torch.float64, device=device)
+    state = empty_state(9, device)
+    ACCUMULATE(batch, shift, *state)
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[bad_rows] = False
+    expected = empty_state(9, device)
+    pca_accumulate_reference(batch[keep.to(device)], shift, *expected)
+    assert int(state[2]) == len(bad_rows)
+    assert torch.isfinite(state[1]).all() and torch.isfinite(state[0]).all()
+    assert_close_relative(state[1].triu(), expected[1].triu(), 2e-6)
+    assert_close_relative(state[0], expected[0], 1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_accumulate_empty_batch_changes_nothing(device):
+    state = list(empty_state(5, device))
+    state[1] += 2.0
+    ACCUMULATE(torch.empty(0, 5, device=device), torch.zeros(5, dtype=torch.float64, device=device), *state)
+    assert state[1].eq(2.0).all() and state[0].eq(0).all() and int(state[2]) == 0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("projection_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 2), (40, 33, 7), (257, 300, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_transform_matches_float64_reference(device, dtype, projection_dtype, shape):
+    n, d, k = shape
+    x = features(n, d, dtype, device)
+    mean = x.double().mean(0) + 0.1  # off the mean, so that no row centres to exactly zero
+    projection = torch.randn(k, d, dtype=torch.float64).to(device=device, dtype=projection_dtype)
+    out, bad = TRANSFORM(x, mean, projection, 1e-10)
+    expected, _ = pca_transform_reference(x, mean, projection)
+    assert out.dtype == torch.float32 and out.shape == (n, k) and int(bad) == 0
+    tol = 1e-6 if projection_dtype == torch.float64 else 2e-4 * d**0.5
+    torch.testing.assert_close(out, expected, rtol=0, atol=tol)
+    torch.testing.assert_close(out.double().norm(dim=1), torch.ones(n, dtype=torch.float64, device=device),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_transform_in_chunks(device):
+    # The CPU kernel centres 2^23 values at a time: 2048 rows at D = 4096, so 4500 rows take three chunks.
+    x = features(4500, 4096, torch.float32, device, offset=0.5)
+    mean = x.double().mean(0)
+    projection = torch.randn(16, 4096, dtype=torch.float64).to(device)
+    out, bad = TRANSFORM(x, mean, projection, 1e-10)
+    expected, _ = pca_transform_reference(x, mean, projection)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_transform_zero_rows_and_nonfinite_rows(device):
+    x = features(6, 4, torch.float32, device)
+    mean = x[2].double()  # row 2 centres to exactly zero and stays 0 (the norm guard)
+    x[4, 1] = float("nan")
+    x[5, 3] = float("inf")
+    out, bad = TRANSFORM(x, mean, torch.randn(3, 4, dtype=torch.float64, device=device), 1e-10)
+    assert int(bad) == 2
+    assert out[[2, 4, 5]].abs().max() < 1e-6
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_transform_empty_input(device):
+    out, bad = TRANSFORM(torch.empty(0, 5, device=device), torch.zeros(5, dtype=torch.float64, device=device),
+                         torch.randn(2, 5, device=device), 1e-10)
+    assert out.shape == (0, 2) and out.dtype == torch.float32 and int(bad) == 0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_opcheck(device):
+    x = features(20, 6, torch.float32, device)
+    shift = x.double().mean(0)
+    for gram_dtype in (torch.float64, torch.float32):
+        torch.library.opcheck(ACCUMULATE, (x, shift, *empty_state(6, device, gram_dtype)))
+    torch.library.opcheck(TRANSFORM, (x, shift, torch.randn(3, 6, device=device), 1e-10))
+    torch.library.opcheck(TRANSFORM, (x.double(), shift, torch.randn(3, 6, dtype=torch.float64, device=device)))
+
+
+def test_transform_inside_compiled_function():
+    torch._dynamo.reset()
+
+    def whiten(x, mean, projection):
+        return TRANSFORM(x * 2.0, mean, projection, 1e-10)[0] + 1.0
+
+    x, projection = features(10, 8), torch.randn(4, 8)
+    mean = x.double().mean(0)
+    compiled = torch.compile(whiten, fullgraph=True)
+    torch.testing.assert_close(compiled(x, mean, projection), whiten(x, mean, projection))
+
+
+@pytest.mark.cuda
+def test_cuda_equals_cpu_kernels():
+    x = features(3000, 700, torch.float32)
+    shift = x[:500].double().mean(0)
+    cpu, gpu = empty_state(700, "cpu"), empty_state(700, "cuda")
+    ACCUMULATE(x, shift, *cpu)
+    ACCUMULATE(x.cuda(), shift.cuda(), *gpu)
+    assert_close_relative(gpu[1].cpu().triu(), cpu[1].triu(), 1e-5)
+    projection = torch.randn(64, 700)
+    out_cpu, _ = TRANSFORM(x, shift, projection, 1e-10)
+    out_gpu, _ = TRANSFORM(x.cuda(), shift.cuda(), projection.cuda(), 1e-10)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=0, atol=1e-3)
+
+
+def _good_accumulate_args():
+    x = features(4, 3)
+    return [x, torch.zeros(3, dtype=torch.float64), *empty_state(3, "cpu")]
+
+
+BAD_ACCUMULATE = [
+    (0, torch.zeros(4, 3, dtype=torch.int32), "float32, float16, bfloat16 or float64"),
+    (0, torch.zeros(4, 3, 2), "2-D"),
+    (0, torch.zeros(4, 0), "at least one feature"),
+    (1, torch.zeros(4, dtype=torch.float64), "shift"),
+    (1, torch.zeros(3, dtype=torch.float32), "shift"),
+    (2, torch.zeros(3, dtype=torch.float32), "sum"),
+    (3, torch.zeros(3, 4, dtype=torch.float64), "gram"),
+    (3, torch.zeros(3, 3, dtype=torch.float16), "gram"),
+    (4, torch.zeros(2, dtype=torch.int64), "nonfinite_rows"),
+    (4, torch.zeros((), dtype=torch.int32), "nonfinite_rows"),
+]
+
+
+@pytest.mark.parametrize("index,value,message", BAD_ACCUMULATE)
+def test_accumulate_bad_input(index, value, message):
+    args = _good_accumulate_args()
+    args[index] = value
+    with pytest.raises(RuntimeError, match=message):
+        ACCUMULATE(*args)
+    with pytest.raises(ValueError, match=message):
+        pca_accumulate(*args)
+
+
+def test_accumulate_float64_batch_needs_float64_gram():
+    args = _good_accumulate_args()
+    args[0] = args[0].double()
+    args[3] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="gram of dtype float64"):
+        ACCUMULATE(*args)
+    with pytest.raises(ValueError, match="gram"):
+        pca_accumulate(*args)
+
+
+BAD_TRANSFORM = [
+    (0, torch.zeros(4, 3, dtype=torch.uint8), "float32, float16, bfloat16 or float64"),
+    (1, torch.zeros(5, dtype=torch.float64), "mean"),
+    (2, torch.zeros(2, 4), "projection"),
+    (2, torch.zeros(2, 3, dtype=torch.float16), "projection"),
+    (3, -1.0, "norm_eps"),
+]
+
+
+@pytest.mark.parametrize("index,value,message", BAD_TRANSFORM)
+def test_transform_bad_input(index, value, message):
+    args = [features(4, 3), torch.zeros(3, dtype=torch.float64), torch.randn(2, 3), 1e-10]
+    args[index] = value
+    with pytest.raises(RuntimeError, match=message):
+        TRANSFORM(*args)
+    with pytest.raises(ValueError, match=message):
+        pca_transform(*args)
+
+
+def test_fallback_without_compiled_ops(monkeypatch):
+    monkeypatch.setattr(pca_ops, "HAS_OPS", False)
+    monkeypatch.setattr(pca_ops, "_FALLBACK_CHUNK_ROWS", 7)
+    x = features(30, 5)
+    shift = x.double().mean(0)
+    state, expected = empty_state(5, "cpu"), empty_state(5, "cpu")
+    with pytest.warns(RuntimeWarning, match="pure-torch reference"):
+        pca_ops.pca_accumulate(x, shift, *state)
+    ACCUMULATE(x, shift, *expected)
+    assert_close_relative(state[1].triu(), expected[1].triu(), 2e-6)
+    projection = torch.randn(2, 5)
+    with pytest.warns(RuntimeWarning, match="pure-torch reference"):
+        out, bad = pca_ops.pca_transform(x, shift, projection)
+    torch.testing.assert_close(out, TRANSFORM(x, shift, projection, 1e-10)[0], rtol=0, atol=1e-5)
+    assert int(bad) == 0
