@@ -188,6 +188,19 @@ def test_random_resized_crop_windows_follow_torchvision_rule():
     assert thin.width[0] == 10 and thin.height[0] == round(10 / 0.75) and thin.top[0] == (1000 - 13) // 2
 
 
+def test_crop_scale_bounds_the_window_area(mixed_index):
+    heights, widths = np.full(2000, 300), np.full(2000, 400)
+    windows = random_resized_crops(heights, widths, seed=0, epoch=0, batch_number=0, scale=(0.5, 1.0))
+    area = windows.height * windows.width / (300 * 400)
+    assert area.min() >= 0.49 and area.max() <= 1.0
+    default = random_resized_crops(heights, widths, seed=0, epoch=0, batch_number=0)
+    assert (default.height * default.width / (300 * 400)).min() < 0.2  # the (0.08, 1) range reaches small crops
+    loader = TrainLoader(mixed_index, 16, 4, crop_scale=(0.5, 1.0), backend="torchvision")
+    assert loader.crop_scale == (0.5, 1.0)
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainLoader(mixed_index, 16, 4, crop_scale=(0.0, 1.0))
+
+
 @pytest.mark.parametrize("world_size", [1, 3, 4])
 def test_feature_shards_cover_the_dataset_exactly_once(mixed_index, world_size):
     shards = [_cat(FeatureLoader(mixed_index, 16, 3, rank=rank, world_size=world_size, backend="torchvision"))[1]

@@ -56,13 +56,17 @@ class CropWindows:
         return CropWindows(self.top[rows], self.left[rows], self.height[rows], self.width[rows], self.flip[rows])
 
 
-def random_resized_crops(heights, widths, seed: int, epoch: int, batch_number: int) -> CropWindows:
-    """RandomResizedCrop windows and flips for a batch of images of the given sizes."""
+def random_resized_crops(heights, widths, seed: int, epoch: int, batch_number: int,
+                         scale: tuple[float, float] = SCALE) -> CropWindows:
+    """RandomResizedCrop windows and flips for a batch of images of the given sizes.
+
+    `scale` is the range of the crop's area fraction (torchvision's default (0.08, 1)).
+    """
     heights = np.asarray(heights, dtype=np.int64)
     widths = np.asarray(widths, dtype=np.int64)
     count = len(heights)
     rng = np.random.default_rng([seed, epoch, batch_number])
-    area_fraction = rng.uniform(SCALE[0], SCALE[1], size=(count, TRIES))
+    area_fraction = rng.uniform(scale[0], scale[1], size=(count, TRIES))
     log_ratio = rng.uniform(math.log(RATIO[0]), math.log(RATIO[1]), size=(count, TRIES))
     top_u = rng.random((count, TRIES))
     left_u = rng.random((count, TRIES))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pydc.data.dali_backend import DaliBackend, dali_available
 from pydc.data.decode import MAX_PIXELS, UnreadableImage, probe
-from pydc.data.geometry import CropWindows, random_resized_crops
+from pydc.data.geometry import SCALE, CropWindows, random_resized_crops
 from pydc.data.index import ImageFolderIndex
 from pydc.data.memory import shared_in_memory
 from pydc.data.torchvision_backend import TorchvisionBackend, decoding_pool
@@ -214,7 +214,9 @@ class FeatureLoader(_Loader):
 
 
 class TrainLoader(_Loader):
-    """Training batches in the order given by set_order(), with RandomResizedCrop(size, (0.08, 1)) and flips.
+    """Training batches in the order given by set_order(), with RandomResizedCrop(size, crop_scale) and flips.
+
+    crop_scale is the range of the crop's area fraction, torchvision's (0.08, 1) by default.
 
     set_order(indices) takes this epoch's order for this rank (from a sampler: duplicates allowed);
     set_epoch(epoch) picks the augmentation draws, which depend only on (seed, epoch, batch number, position in
@@ -222,9 +224,13 @@ class TrainLoader(_Loader):
     """
 
     def __init__(self, index, size, batch_size, device="cpu", backend="auto", num_threads=2, seed=0,
-                 progress=False, cache_in_memory=None, max_pixels=MAX_PIXELS):
+                 progress=False, cache_in_memory=None, max_pixels=MAX_PIXELS, crop_scale=SCALE):
+        low, high = (float(v) for v in crop_scale)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
         super().__init__(index, size, batch_size, device, backend, num_threads, progress, seed, cache_in_memory,
                          max_pixels)
+        self.crop_scale = (low, high)
         self.epoch = 0
         self._order = np.arange(len(index), dtype=np.int64)
 
@@ -242,7 +248,7 @@ class TrainLoader(_Loader):
         return self._order
 
     def _windows(self, heights, widths, batch_number):
-        return random_resized_crops(heights, widths, self.seed, self.epoch, batch_number)
+        return random_resized_crops(heights, widths, self.seed, self.epoch, batch_number, self.crop_scale)
 
 
 def _empty_stats() -> dict:

@@ -47,6 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", default=None, help="image folder (default: the bundled digits); class sub-folders, "
                                                    "when present, are used only to report NMI against labels")
     data.add_argument("--crop", type=int, default=None, help="training crop size (default: 32 for small, else 224)")
+    data.add_argument("--crop-scale", type=float, default=0.08,
+                      help="smallest area fraction of a RandomResizedCrop (torchvision's 0.08; larger keeps more of "
+                           "each image, which ODC's online labels of tiny images need)")
     data.add_argument("--batch-size", type=int, default=32, help="images per step and per process (256 on ImageNet)")
     data.add_argument("--workers", type=int, default=2, help="decoding threads per process")
     data.add_argument("--data-backend", default="auto", help="pydc.data loader backend (auto, dali, torchvision)")
@@ -120,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         from pydc.models import DEFAULT_INPUT_SIZE
 
         args.crop = DEFAULT_INPUT_SIZE[args.arch]
+    if not 0.0 < args.crop_scale <= 1.0:
+        parser.error(f"--crop-scale must lie in (0, 1], got {args.crop_scale}")
     for name in ("k", "epochs", "batch_size", "pca_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
