@@ -88,7 +88,7 @@ class RunOutputs:
         for cluster in largest:
             members = np.flatnonzero(labels == cluster)
             members = np.sort(generator.choice(members, min(per_cluster, len(members)), replace=False))
-            images = [torch.from_numpy(np.asarray(Image.open(index.paths[i]).convert("RGB").resize((64, 64))))
+            images = [torch.from_numpy(np.array(Image.open(index.paths[i]).convert("RGB").resize((64, 64))))
                       .permute(2, 0, 1) for i in members]
             rows.append(torch.stack(images))
         plot_exemplars(rows, largest, [int(sizes[c]) for c in largest], self.folder / "exemplars.png")
