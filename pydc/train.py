@@ -106,7 +106,7 @@ def build_data(args, rank: int, world_size: int, device: torch.device):
                                    num_threads=args.workers, rank=rank, world_size=world_size)
     train_loader = TrainLoader(index, args.crop, args.batch_size, device=str(device), backend=args.data_backend,
                                num_threads=args.workers, seed=args.seed + rank,
-                               crop_scale=(getattr(args, "crop_scale", 0.08), 1.0))
+                               crop_scale=(args.crop_scale, 1.0))
     return index, feature_loader, train_loader
 
 
