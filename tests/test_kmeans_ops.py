@@ -17,13 +17,14 @@ ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (97, 33, 7), (300,
                 (9000, 40, 8)]
 
 
-@pytest.fixture(params=["default", "blas"])
+@pytest.fixture(params=["default", "fused"])
 def cpu_kernel(request, monkeypatch):
-    """Runs a test with the default CPU assignment (fused AVX-512 where available) and with the BLAS path."""
-    if request.param == "blas":
+    """Runs a test with the default CPU assignment (BLAS blocks) and with the fused AVX-512 kernel (the BLAS
+    path again on CPUs without AVX-512)."""
+    if request.param == "fused":
         if request.node.callspec.params.get("device") == "cuda":
-            pytest.skip("the BLAS switch is a CPU path")
-        monkeypatch.setenv("PYDC_KMEANS_BLAS", "1")
+            pytest.skip("the fused switch is a CPU path")
+        monkeypatch.setenv("PYDC_KMEANS_FUSED", "1")
     return request.param
 
 

@@ -6,9 +6,9 @@ kmeans_assign(x, centroids, x_sq_norms=None, allow_tf32=True) -> (labels, distan
     ||x||^2 + (||c||^2 - 2 x.c); the arg-min is taken over the score ||c||^2 - 2 x.c, ties go to the lowest
     centroid index, and the distance is clamped at 0 (rounding can make the expansion slightly negative for a
     point equal to its centroid), as faiss does. x_sq_norms, when given, are the rows' squared norms (saved
-    across iterations; they are recomputed otherwise). The N x k distance matrix is never formed: on CPUs
-    with AVX-512 the kernel keeps 6-point x 32-centroid tiles of dot products in registers and folds them
-    into a running arg-min; other CPUs (or PYDC_KMEANS_BLAS=1) fold 8192 x 1024 BLAS blocks; the CUDA kernel
+    across iterations; they are recomputed otherwise). The N x k distance matrix is never formed: the CPU
+    kernel folds 4096 x 1024 BLAS blocks into a running arg-min (with PYDC_KMEANS_FUSED=1 on AVX-512 CPUs,
+    6-point x 32-centroid register tiles instead, faster only on a busy machine); the CUDA kernel
     bounds its cuBLAS workspace to 512 MiB. On CUDA with allow_tf32 the dot products are computed with TF32 tensor cores only to rank
     the 4 best candidates of each point, which are then re-scored in fp32: the labels are those of fp32
     arithmetic unless the nearest centroid is not among the TF32 top 4 (a gap below TF32's ~1e-3 relative

@@ -1,16 +1,15 @@
 // CPU kernels of the k-means ops.
 //
-// kmeans_assign never forms the N x k distance matrix. On CPUs with AVX-512 it runs a fused kernel (below):
-// register tiles of dot products whose scores go straight into a running arg-min. On our 2-core AMD EPYC
-// it takes about two thirds of the CPU time of BLAS + arg-min (100,000 x 256 points, k = 1000; torch's MKL
-// sgemm reaches 65-80% of OpenBLAS's rate there, and the buffer pass costs the rest).
-// Elsewhere (or with PYDC_KMEANS_BLAS=1) it works as faiss's exhaustive L2 search does: points are taken
-// in blocks, each block is multiplied by a block of centroids with BLAS (at::mm into a bounded buffer)
-// and the arg-min of ||c||^2 - 2 x.c over that buffer is folded into a running best. The BLAS call uses
-// its own threads; the arg-min runs over rows with at::parallel_for. (Calling BLAS from inside
-// at::parallel_for instead nests OpenMP regions, whose spinning workers cost several times the useful CPU
-// time on a loaded machine.) That arg-min scans 16 lanes at a time with GCC vector types, compiled for
-// AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones).
+// kmeans_assign never forms the N x k distance matrix. By default it works as faiss's exhaustive L2 search
+// does: points are taken in blocks, each block is multiplied by a block of centroids with BLAS (at::mm into a
+// bounded buffer) and the arg-min of ||c||^2 - 2 x.c over that buffer is folded into a running best. The
+// BLAS call uses its own threads; the arg-min runs over rows with at::parallel_for (calling BLAS from inside
+// at::parallel_for instead nests OpenMP regions). That arg-min scans 16 lanes at a time with GCC vector
+// types, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones).
+// On CPUs with AVX-512, PYDC_KMEANS_FUSED=1 selects a fused kernel instead (below): register tiles of dot
+// products whose scores go straight into a running arg-min, no buffer. On our idle 2-core AMD EPYC the
+// BLAS path is faster (100,000 x 256 points, k = 1000: 0.32 s against 0.49 s; faiss's search 0.29 s); the
+// fused kernel wins only when other processes keep the machine busy (BLAS threads then spin at barriers).
 //
 // kmeans_update sorts points by label with a counting sort and sums every cluster's rows in increasing
 // point order in float64: the result does not depend on the number of threads (always deterministic).
@@ -34,11 +33,10 @@
 namespace pydc {
 namespace {
 
-// Rows of x and centroids per BLAS call: the buffer is at most 8192 x 1024 floats (32 MiB). Fewer, larger
-// calls matter on a busy machine: every switch between the BLAS threads and the arg-min threads is a
-// barrier where OpenMP workers spin (measured on a loaded 2-core machine: 1024-row blocks cost twice the
-// CPU time of 8192-row blocks).
-constexpr int64_t kPointBlock = 8192;
+// Rows of x and centroids per BLAS call: the buffer is at most 4096 x 1024 floats (16 MiB), small enough to
+// stay in cache levels the arg-min pass reads it from soon after BLAS wrote it, large enough that the
+// switches between BLAS threads and arg-min threads (barriers) stay rare.
+constexpr int64_t kPointBlock = 4096;
 constexpr int64_t kCentroidBlock = 1024;
 constexpr int kLanes = 16;
 
@@ -225,9 +223,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   int64_t* labels = plan.labels.mutable_data_ptr<int64_t>();
   float* distances = plan.distances.mutable_data_ptr<float>();
 #ifdef PYDC_KMEANS_AVX512
-  // PYDC_KMEANS_BLAS=1 forces the BLAS path (what CPUs without AVX-512 run), for tests and comparisons.
-  const char* force_blas = std::getenv("PYDC_KMEANS_BLAS");
-  if (cpu_has_avx512() && !(force_blas != nullptr && force_blas[0] == '1')) {
+  // PYDC_KMEANS_FUSED=1 picks the fused AVX-512 kernel (see the top of this file).
+  const char* fused = std::getenv("PYDC_KMEANS_FUSED");
+  if (cpu_has_avx512() && fused != nullptr && fused[0] == '1') {
     assign_fused_avx512(plan.x, plan.centroids, pn, cn, labels, distances);
     return {plan.labels, plan.distances};
   }
@@ -258,6 +256,16 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   return {plan.labels, plan.distances};
 }
 
+// accumulator[t] += row[t] in float64, for t < d: compiled for AVX-512, AVX2 and baseline x86-64 like the
+// arg-min (the widening adds are most of kmeans_update's time). Each element is one add, so the result does
+// not depend on which clone runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void accumulate_row(double* accumulator, const float* row, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) accumulator[t] += static_cast<double>(row[t]);
+}
+
 std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const at::Tensor& labels_in,
                                                      int64_t k, bool /*deterministic: always on the CPU*/) {
   KMeansUpdatePlan plan = plan_kmeans_update(x, labels_in, k);
@@ -286,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const 
       if (offsets[c] == offsets[c + 1]) continue;
       std::fill(accumulator.begin(), accumulator.end(), 0.0);
       for (int64_t m = offsets[c]; m < offsets[c + 1]; ++m) {
-        const float* row = points + order[m] * d;
-        for (int64_t t = 0; t < d; ++t) accumulator[t] += static_cast<double>(row[t]);
+        accumulate_row(accumulator.data(), points + order[m] * d, d);
       }
       for (int64_t t = 0; t < d; ++t) sums[c * d + t] = static_cast<float>(accumulator[t]);
     }
