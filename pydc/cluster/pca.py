@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from pydc.ops.pca import FEATURE_DTYPES, NORM_EPS, pca_accumulate, pca_transform
+from pydc.ops.pca import NORM_EPS, check_features, pca_accumulate, pca_transform
 
 _STATE_VERSION = 1
 # Above this many features the top eigenpairs come from a float32 eigh refined in float64 (top_eigenpairs).
@@ -251,13 +251,7 @@ class PCAWhitening:
 
     # ------------------------------------------------------------------------------------------------ inside
     def _check_features(self, method: str, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"PCAWhitening.{method}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"PCAWhitening.{method}: expected a 2-D (rows, features) tensor, got shape {tuple(x.shape)}")
-        if x.dtype not in FEATURE_DTYPES:
-            raise ValueError(f"PCAWhitening.{method}: expected float32, float16, bfloat16 or float64 features, "
-                             f"got {x.dtype}")
+        check_features(f"PCAWhitening.{method}", "the input", x)
 
     def _nonfinite_message(self, method: str, bad: int, total: int, what: str) -> str:
         return (f"PCAWhitening.{method}: {bad} of {total} rows of {what} contain NaN or Inf; they were left out of "

@@ -46,7 +46,8 @@ def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
-def _check_features(op: str, name: str, x) -> None:
+def check_features(op: str, name: str, x) -> None:
+    """A 2-D (rows, features) tensor of a supported float dtype, else a TypeError/ValueError naming `op`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -68,7 +69,7 @@ def _check_vector(op: str, name: str, v: torch.Tensor, x: torch.Tensor) -> None:
 
 def _check_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
     op = "pca_accumulate"
-    _check_features(op, "batch", batch)
+    check_features(op, "batch", batch)
     _check_vector(op, "shift", shift, batch)
     _check_vector(op, "sum", sum, batch)
     d = batch.shape[1]
@@ -88,7 +89,7 @@ def _check_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
 
 def _check_transform(x, mean, projection, norm_eps) -> None:
     op = "pca_transform"
-    _check_features(op, "x", x)
+    check_features(op, "x", x)
     _check_vector(op, "mean", mean, x)
     projection_dtypes = (torch.float32, torch.float64)
     if projection.dim() != 2 or projection.shape[1] != x.shape[1] or projection.dtype not in projection_dtypes:
