@@ -33,6 +33,15 @@ def synchronized(fn, device):
     return run
 
 
+def pair_roles(benchmark, group: str, impl: str, reference: str) -> None:
+    """Names one side of a comparison: `group` is what is compared, `impl` "pydc" or "reference", and
+    `reference` how the reference side is labelled in the ratio report."""
+    benchmark.group = group
+    benchmark.extra_info["role"] = impl
+    if impl == "reference":
+        benchmark.extra_info["reference"] = reference
+
+
 def _ratios(benchmarks) -> list[dict]:
     groups = defaultdict(dict)
     for bench in benchmarks:

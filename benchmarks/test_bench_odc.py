@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICES, synchronized
+from benchmarks.conftest import DEVICES, pair_roles, synchronized
 from pydc.algorithms.odc import ODCMemory
 
 # CPU: the sizes for this 2-core machine; CUDA: ImageNet (N = 1,281,167, K = 10000, batch 512).
@@ -84,11 +84,9 @@ def setup(request):
 def test_cycle(benchmark, setup, impl):
     device, size, memory, reference, batches = setup
     what = f"cycle ({STEPS_PER_CYCLE} steps + loss weights, 1 centroid update)"
-    benchmark.group = _label(device, size, what)
-    benchmark.extra_info["role"] = impl
+    pair_roles(benchmark, _label(device, size, what), impl,
+               "MMSelfSup way (bincount every step, argsort + class loop)")
     target = memory if impl == "pydc" else reference
-    if impl == "reference":
-        benchmark.extra_info["reference"] = "MMSelfSup way (bincount every step, argsort + class loop)"
 
     def cycle():
         for indices, features in batches:
@@ -104,11 +102,9 @@ def test_cycle(benchmark, setup, impl):
 @pytest.mark.parametrize("impl", ["pydc", "reference"])
 def test_step(benchmark, setup, impl):
     device, size, memory, reference, batches = setup
-    benchmark.group = _label(device, size, "step (sample update + loss weights)")
-    benchmark.extra_info["role"] = impl
+    pair_roles(benchmark, _label(device, size, "step (sample update + loss weights)"), impl,
+               "MMSelfSup way (bincount every step)")
     target = memory if impl == "pydc" else reference
-    if impl == "reference":
-        benchmark.extra_info["reference"] = "MMSelfSup way (bincount every step)"
     indices, features = batches[0]
 
     def step():
@@ -123,10 +119,7 @@ def test_step(benchmark, setup, impl):
 @pytest.mark.parametrize("impl", ["pydc", "reference"])
 def test_centroid_update(benchmark, setup, impl):
     device, size, memory, reference, _ = setup
-    benchmark.group = _label(device, size, "centroid update")
-    benchmark.extra_info["role"] = impl
-    if impl == "reference":
-        benchmark.extra_info["reference"] = "argsort + class loop"
+    pair_roles(benchmark, _label(device, size, "centroid update"), impl, "argsort + class loop")
     fn = synchronized(memory.update_centroids if impl == "pydc" else reference.update_centroids, device)
     fn()
     benchmark(fn)
@@ -135,10 +128,8 @@ def test_centroid_update(benchmark, setup, impl):
 @pytest.mark.parametrize("impl", ["pydc", "reference"])
 def test_full_recompute(benchmark, setup, impl):
     device, size, memory, reference, _ = setup
-    benchmark.group = _label(device, size, "centroid recompute from the whole bank")
-    benchmark.extra_info["role"] = impl
-    if impl == "reference":
-        benchmark.extra_info["reference"] = "argsort + class loop"
+    pair_roles(benchmark, _label(device, size, "centroid recompute from the whole bank"), impl,
+               "argsort + class loop")
 
     def full():
         memory.recount()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pydc  # noqa: F401  (registers torch.ops.pydc)
-from benchmarks.conftest import DEVICES, synchronized
+from benchmarks.conftest import DEVICES, pair_roles, synchronized
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS
 
 # CPU: a batch this 2-core machine handles in well under a second; CUDA: one ImageNet training batch.
@@ -27,8 +27,8 @@ def torch_chain(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gre
 def test_sobel_normalize(benchmark, device, impl):
     shape = SHAPES[device]
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
-    benchmark.group = f"sobel_normalize {device} {'x'.join(map(str, shape))} uint8->float32"
-    benchmark.extra_info["role"] = impl
+    group = f"sobel_normalize {device} {'x'.join(map(str, shape))} uint8->float32"
+    pair_roles(benchmark, group, impl, "torch chain")
     if impl == "pydc":
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         fn = synchronized(lambda: torch.ops.pydc.sobel_normalize(images, mean, std, None), device)
@@ -37,7 +37,6 @@ def test_sobel_normalize(benchmark, device, impl):
         if device == "cuda":
             benchmark.extra_info["floor_s"] = moved / H100_COPY_BYTES_PER_S
     else:
-        benchmark.extra_info["reference"] = "torch chain"
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         grey_weight = torch.full((1, 3, 1, 1), 1.0 / 3.0, device=device)
