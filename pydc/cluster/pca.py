@@ -42,7 +42,7 @@ from pydc.ops.pca import NORM_EPS, check_features, pca_accumulate, pca_transform
 _STATE_VERSION = 1
 # Above this many features the top eigenpairs come from a float32 eigh refined in float64 (top_eigenpairs).
 FULL_EIGH_MAX_DIM = 1024
-_POWER_STEPS = 2
+_POWER_STEPS = 1
 
 
 @contextlib.contextmanager
@@ -64,8 +64,8 @@ def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     Up to FULL_EIGH_MAX_DIM features: torch.linalg.eigh in float64. Above, where the float64 eigh is the
     largest single cost of a CPU fit (D = 2048 on the 2-core CPU: 4.0-5.0 s in float64, 2.0-2.3 s in
     float32, one thread, under load): torch.linalg.eigh in float32 gives a basis V of the top
-    m = k + max(64, k/2) eigenvectors; two float64 power steps V <- orth(C V) damp whatever V holds of the
-    eigenvectors past the m-th by (lambda_{m+1}/lambda_k)^2, and a float64 Rayleigh-Ritz step (eigh of the
+    m = k + max(64, k/2) eigenvectors; a float64 power step V <- orth(C V) damps whatever V holds of the
+    eigenvectors past the m-th by lambda_{m+1}/lambda_k, and a float64 Rayleigh-Ritz step (eigh of the
     m x m matrix V^T C V) resolves the top k exactly within span(V). What remains is the float32 rounding of
     the covariance itself, the precision its float32-input Gram carries anyway (float64 features above
     FULL_EIGH_MAX_DIM get the same, not float64-exact, eigenvectors); test_pca.py compares the result with

@@ -16,13 +16,48 @@
 namespace pydc {
 namespace {
 
+constexpr int kLanes = 16;  // independent partial sums per row: lets the compiler vectorize the reductions
+
+// float32 rows centred into float32 (the hot path of both ops at D = 2048). A single running poison sum is a
+// serial chain of float adds that the compiler may not reorder, which kept this loop scalar (~0.3 s of a
+// 50,000 x 2048 fit on the 2-core CPU); kLanes separate sums vectorize. Compiled for AVX-512, AVX2 and the
+// baseline, picked at load time.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+bool center_row_float(const float* src, const float* shift_hi, const float* shift_lo, float* dst, int64_t d) {
+  float poison[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const float v = pca_center_split(src[j + lane], shift_hi[j + lane], shift_lo[j + lane]);
+      poison[lane] += v - v;
+      dst[j + lane] = v;
+    }
+  }
+  float total = 0.0f;
+  for (; j < d; ++j) {
+    const float v = pca_center_split(src[j], shift_hi[j], shift_lo[j]);
+    total += v - v;
+    dst[j] = v;
+  }
+  for (int lane = 0; lane < kLanes; ++lane) total += poison[lane];
+  return pca_is_finite(total);
+}
+
+// sums[j] += row[j] in float64 (column sums of the centred rows), vectorized like center_row_float.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void add_row_float(const float* row, double* sums, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) sums[j] += static_cast<double>(row[j]);
+}
+
 // Centres one row into dst and returns true when all its values are finite.
 template <typename in_t, typename out_t>
 bool center_row(const in_t* src, const double* shift, const float* shift_hi, const float* shift_lo, out_t* dst,
                 int64_t d) {
   // float32 arithmetic (pca_center_split) where neither side is float64, float64 otherwise. The poison sum
   // stays 0 over finite values and becomes NaN at the first NaN/Inf, in a loop that vectorizes.
-  if constexpr (std::is_same_v<in_t, double> || std::is_same_v<out_t, double>) {
+  if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    return center_row_float(src, shift_hi, shift_lo, dst, d);
+  } else if constexpr (std::is_same_v<in_t, double> || std::is_same_v<out_t, double>) {
     double poison = 0.0;
     for (int64_t j = 0; j < d; ++j) {
       const double v = pca_center(pca_load(src[j]), shift[j]);
@@ -69,7 +104,11 @@ void center_rows_typed(const at::Tensor& rows, const at::Tensor& shift, const at
         ++local_bad;
       } else if (sums != nullptr) {
         // The rounded values the GEMM sees, so that sum and gram describe the same numbers.
-        for (int64_t j = 0; j < d; ++j) local_sums[j] += pca_load(dst[j]);
+        if constexpr (std::is_same_v<out_t, float>) {
+          add_row_float(dst, local_sums.data(), d);
+        } else {
+          for (int64_t j = 0; j < d; ++j) local_sums[j] += pca_load(dst[j]);
+        }
       }
     }
     bad_rows += local_bad;
@@ -98,8 +137,17 @@ void normalize_rows_typed(const at::Tensor& projected, const at::Tensor& out, do
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const in_t* row = in + r * k;
+      double partial[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= k; j += kLanes) {
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const double v = static_cast<double>(row[j + lane]);
+          partial[lane] += v * v;
+        }
+      }
       double sum_squares = 0.0;
-      for (int64_t j = 0; j < k; ++j) sum_squares += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+      for (; j < k; ++j) sum_squares += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+      for (int lane = 0; lane < kLanes; ++lane) sum_squares += partial[lane];
       const double scale = pca_inverse_norm<double>(sum_squares, norm_eps);
       float* dst = result + r * k;
       for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<float>(static_cast<double>(row[j]) * scale);
@@ -118,9 +166,10 @@ void normalize_rows_cpu(const at::Tensor& projected, const at::Tensor& out, doub
 // Chunks of up to 2^23 centred values (4096 float32 rows, 32 MB, at D = 2048) and at most 4096 rows: a
 // float32 Gram summed over 50,000 rows in one GEMM drifts by ~2e-5 relative (measured at D = 6), over 4096
 // rows by ~1e-6. The Gram is computed as row panels 512 tall over the upper triangle, skipping most of the
-// lower one. Measured on the 2-core EPYC (shared, load ~8), 16384 x 2048 rows: full GEMM 2.3-2.5 s; panels
-// with K = 2048 rows: 2.0-2.2 s (256 tall), 1.7-2.1 s (512); K = 4096: 1.8 s (256), 1.6-1.7 s (512).
-const PcaDeviceOps kCpuOps{&center_rows_cpu, &normalize_rows_cpu, int64_t(1) << 23, 4096, false, 512};
+// lower one. Measured on the idle 2-core EPYC, the GEMMs of 50,000 x 2048 rows in 4096-row chunks: full GEMM
+// 2.15 s; panels 512 tall 1.39 s, 256 tall 1.33 s (56% of the flops at 177 GFLOP/s); recursive halving
+// down to 256 or 128 wide blocks 1.35-1.38 s; 8192-row chunks 1.46-1.48 s.
+const PcaDeviceOps kCpuOps{&center_rows_cpu, &normalize_rows_cpu, int64_t(1) << 23, 4096, false, 256};
 
 void pca_accumulate_cpu(const at::Tensor& batch, const at::Tensor& shift, at::Tensor& sum, at::Tensor& gram,
                         at::Tensor& nonfinite_rows) {
