@@ -119,7 +119,7 @@ def build_training_model(args, device: torch.device):
         model = DeepClusterModel(backbone, args.k)
         body_parameters, head_parameters = model.backbone.parameters(), model.top_layer.parameters()
     else:
-        model = ODCModel(backbone, args.k)
+        model = ODCModel(backbone, args.k, dropout=args.odc_dropout)
         body_parameters = list(model.backbone.parameters()) + list(model.neck.parameters())
         head_parameters = model.head.parameters()
     model = model.to(device)
@@ -326,7 +326,9 @@ def train(args) -> dict:
 
 def _cluster_stage(args, model, memory, feature_loader, num_images, device, state) -> dict:
     """DeepCluster: features -> PCA -> k-means -> new assignments and a fresh top layer. ODC: the first epoch
-    initialises the memory by one k-means over the L2-normalised neck features; later epochs keep it."""
+    initialises the memory with the L2-normalised neck features and the labels of one k-means (over the
+    PCA-whitened backbone features with --odc-init pca, DeepCluster's clustering; over the neck features
+    themselves with --odc-init neck, MMSelfSup's); later epochs keep the memory."""
     from pydc.cluster import PCAWhitening
 
     epoch = state["epoch"]
@@ -334,41 +336,60 @@ def _cluster_stage(args, model, memory, feature_loader, num_images, device, stat
         state["assignments"] = memory.label_bank.detach().clone().cpu()
         return {}
     model.eval()
+    if memory is not None:
+        _calibrate_batch_norm(model, feature_loader, device)
     start = time.perf_counter()
     progress = _progress(len(feature_loader), f"epoch {epoch} features")
-    if memory is None:
-        pca = PCAWhitening(n_components=min(args.pca_dim, model.backbone.feature_dim, num_images))
+    backbone = model.backbone
+    neck_features = None
+    if memory is None or args.odc_init == "pca":
+        # ODC's pca init takes the neck features from the same pass, behind the backbone's.
+        width = backbone.feature_dim
+        feature_fn = backbone.features if memory is None else _BackboneAndNeck(model)
+        pca = PCAWhitening(n_components=min(args.pca_dim, width, num_images))
         streaming = not dist_utils.is_distributed()
         try:
-            features = compute_features(model.backbone.features, feature_loader, num_images, device,
-                                        on_batch=pca.partial_fit if streaming else None, progress=progress)
+            features = compute_features(feature_fn, feature_loader, num_images, device,
+                                        on_batch=(lambda batch: pca.partial_fit(batch[:, :width])) if streaming
+                                        else None, progress=progress)
+            if memory is not None:
+                features, neck_features = features[:, :width], features[:, width:]
             if not streaming and dist_utils.is_main_process():
                 pca.fit(features)
         except ValueError as error:  # PCA refuses NaN/Inf features: the network has diverged
             raise TrainingError(f"epoch {epoch}: the features are not finite ({error}); training has diverged. "
                                 f"Lower --lr and resume from an earlier checkpoint") from None
     else:
-        pca = None
-        _calibrate_batch_norm(model, feature_loader, device)
-        features = F.normalize(compute_features(model.embed, feature_loader, num_images, device, progress=progress),
-                               dim=1)
+        pca = _Identity()
+        features = neck_features = F.normalize(compute_features(model.embed, feature_loader, num_images, device,
+                                                                progress=progress), dim=1)
     progress.close()
     record = {"time_features": time.perf_counter() - start}
+    try:
+        labels, timings = cluster_features(features, pca, args.k, _epoch_seed(args, epoch), args.kmeans_backend,
+                                           args.kmeans_iters)
+    except ValueError as error:
+        raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
     if memory is None:
-        try:
-            labels, timings = cluster_features(features, pca, args.k, _epoch_seed(args, epoch), args.kmeans_backend,
-                                               args.kmeans_iters)
-        except ValueError as error:
-            raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
         model.reset_top_layer(args.seed, epoch)
     else:
-        labels, timings = cluster_features(features, _Identity(), args.k, _epoch_seed(args, epoch),
-                                           args.kmeans_backend, args.kmeans_iters)
-        memory.init_memory(features, labels.to(device))
+        memory.init_memory(neck_features, labels.to(device))
         labels = memory.label_bank.detach().clone()
     record.update(timings)
     state["assignments"] = labels.cpu()
     return record
+
+
+class _BackboneAndNeck:
+    """ODC's init pass: the backbone's clustering features and the neck's, side by side in one (B, D + 256) row."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        backbone = self.model.backbone
+        features = backbone.features(images)  # backbone(images) is train_activation(features(images))
+        return torch.cat([features, self.model.neck(backbone.train_activation(features))], dim=1)
 
 
 @torch.no_grad()

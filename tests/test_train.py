@@ -133,6 +133,55 @@ def test_odc_run_in_process(tiny_data, tmp_path):
     assert records[-1]["event"] == "final" and 0.0 <= records[-1]["nmi_kmeans"] <= 1.0
 
 
+@pytest.mark.parametrize("init", ["pca", "neck"])
+def test_odc_memory_init_labels(tiny_data, tmp_path, monkeypatch, init):
+    # The memory's initial labels are the k-means labels of the chosen features: the PCA-whitened backbone
+    # features (DeepCluster's clustering) or the L2-normalised neck features; the memory stores the neck
+    # features either way. The spy records what k-means was given and what init_memory received.
+    from pydc.algorithms import deepcluster, odc
+
+    seen = {}
+    real_cluster, real_init = deepcluster.cluster_features, odc.ODCMemory.init_memory
+
+    def cluster_spy(features, pca, *rest, **kwargs):
+        labels, timings = real_cluster(features, pca, *rest, **kwargs)
+        seen.setdefault("clustered", (features.clone(), type(pca).__name__, labels.clone()))
+        return labels, timings
+
+    def init_spy(self, features, labels):
+        seen.setdefault("memory", (features.clone(), labels.clone()))
+        return real_init(self, features, labels)
+
+    monkeypatch.setattr(pydc.train, "cluster_features", cluster_spy)
+    monkeypatch.setattr(odc.ODCMemory, "init_memory", init_spy)
+    flags = [flag if flag != "2" else "1" for flag in TINY_FLAGS]
+    assert pydc.train.main(["--algo", "odc", "--odc-init", init, "--data", str(tiny_data), "--output", str(tmp_path),
+                            "--no-plots", "--no-eval", "--odc-min-cluster", "1", *flags]) == 0
+    clustered, pca_type, labels = seen["clustered"]
+    memory_features, memory_labels = seen["memory"]
+    torch.testing.assert_close(memory_labels, labels.to(memory_labels.device))
+    assert memory_features.shape[1] == 256  # the neck's width
+    if init == "pca":
+        assert pca_type == "PCAWhitening"
+        assert not torch.allclose(clustered, memory_features)  # the backbone's features, not the neck's
+    else:
+        assert pca_type == "_Identity"
+        torch.testing.assert_close(clustered, memory_features)
+        torch.testing.assert_close(clustered.norm(dim=1), torch.ones(clustered.shape[0]), rtol=0, atol=1e-5)
+
+
+def test_odc_option_defaults_and_errors(capsys):
+    from pydc.utils.options import parse_args
+
+    assert parse_args(["--algo", "odc"]).odc_dropout == 0.0  # small
+    assert parse_args(["--algo", "odc", "--arch", "resnet50"]).odc_dropout == 0.5  # MMSelfSup's
+    assert parse_args(["--algo", "odc", "--odc-dropout", "0.3"]).odc_dropout == 0.3
+    assert parse_args([]).odc_init == "pca"
+    with pytest.raises(SystemExit):
+        parse_args(["--odc-dropout", "1.0"])
+    assert "--odc-dropout must lie in [0, 1)" in capsys.readouterr().err
+
+
 # -- bad input: one clear message, exit code 2, nothing already written lost -----------------------------------
 def _fails(capsys, *flags) -> str:
     code = pydc.train.main([*TINY_FLAGS, "--no-plots", "--no-eval", *flags])

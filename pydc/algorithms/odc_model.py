@@ -30,10 +30,11 @@ class ODCNeck(nn.Module):
 class ODCModel(nn.Module):
     """`forward(images)` returns (neck features, logits): the memory takes the first, the loss the second."""
 
-    def __init__(self, backbone: nn.Module, num_clusters: int, hidden_features: int = 512, out_features: int = 256):
+    def __init__(self, backbone: nn.Module, num_clusters: int, hidden_features: int = 512, out_features: int = 256,
+                 dropout: float = 0.5):
         super().__init__()
         self.backbone = backbone
-        self.neck = ODCNeck(backbone.feature_dim, hidden_features, out_features)
+        self.neck = ODCNeck(backbone.feature_dim, hidden_features, out_features, dropout)
         self.head = nn.Linear(out_features, num_clusters)
         nn.init.normal_(self.head.weight, 0.0, 0.01)
         nn.init.zeros_(self.head.bias)

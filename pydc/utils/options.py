@@ -19,6 +19,9 @@ DEFAULT_K = {"deepcluster": 10, "odc": 10}
 # view), and on 32x32 digits crops down to 8% change a third of the labels every step; half the image keeps
 # the online labels stable (NMI 0.80-0.84 against 0.72-0.78 at 0.08-0.3, 30 epochs, README).
 DEFAULT_CROP_SCALE = {"deepcluster": 0.08, "odc": 0.5}
+# ODC neck dropout by arch (MMSelfSup's 0.5 otherwise). The memory is updated with the features of the training
+# forward pass, dropout included; on the digits, with 0.5, those features and so the online labels are noisy.
+DEFAULT_ODC_DROPOUT = {"small": 0.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,6 +49,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "ImageNet; 0.2 keeps the digits memory steadier)")
     algorithm.add_argument("--odc-min-cluster", type=int, default=20,
                            help="ODC: clusters smaller than this are dissolved every step")
+    algorithm.add_argument("--odc-init", choices=["pca", "neck"], default="pca",
+                           help="ODC: where the memory's initial labels come from: pca = DeepCluster's first "
+                                "clustering (k-means on the PCA-whitened backbone features), neck = k-means on the "
+                                "L2-normalised neck features (MMSelfSup); the memory stores the neck features either way")
+    algorithm.add_argument("--odc-dropout", type=float, default=None,
+                           help="ODC: dropout in the neck (default: 0.5 as MMSelfSup, 0 for `small`: the memory takes "
+                                "its features in train mode, and on the digits dropped units make its labels churn)")
     algorithm.add_argument("--odc-centroid-interval", type=int, default=10,
                            help="ODC: recompute the centroids every this many steps")
 
@@ -131,6 +141,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.crop = DEFAULT_INPUT_SIZE[args.arch]
     if args.crop_scale is None:
         args.crop_scale = DEFAULT_CROP_SCALE[args.algo]
+    if args.odc_dropout is None:
+        args.odc_dropout = DEFAULT_ODC_DROPOUT.get(args.arch, 0.5)
+    if not 0.0 <= args.odc_dropout < 1.0:
+        parser.error(f"--odc-dropout must lie in [0, 1), got {args.odc_dropout}")
+    if args.odc_init not in ("pca", "neck"):  # a config file bypasses argparse's choices
+        parser.error(f"unknown --odc-init {args.odc_init!r}; expected pca or neck")
     if not 0.0 < args.crop_scale <= 1.0:
         parser.error(f"--crop-scale must lie in (0, 1], got {args.crop_scale}")
     for name in ("k", "epochs", "batch_size", "pca_dim"):
