@@ -336,9 +336,9 @@ def _cluster_stage(args, model, memory, feature_loader, num_images, device, stat
         state["assignments"] = memory.label_bank.detach().clone().cpu()
         return {}
     model.eval()
+    start = time.perf_counter()  # time_features includes ODC's BN calibration pass
     if memory is not None:
         _calibrate_batch_norm(model, feature_loader, device)
-    start = time.perf_counter()
     progress = _progress(len(feature_loader), f"epoch {epoch} features")
     backbone = model.backbone
     neck_features = None
