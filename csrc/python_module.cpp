@@ -2,6 +2,11 @@
 // non-op helpers. Build metadata comes from macros that setup.py defines.
 #include <pybind11/pybind11.h>
 
+#include <cstring>
+#include <string>
+
+#include "ops/cpu/blas_syrk.h"
+
 #ifndef PYDC_TORCH_VERSION
 #define PYDC_TORCH_VERSION "unknown"
 #endif
@@ -31,9 +36,39 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The function pointer in a scipy.linalg.cython_blas capsule, after checking from the capsule's signature
+// string that it is the routine for `scalar` ("s" or "d"); None gives nullptr.
+void* blas_capsule_pointer(const pybind11::object& capsule, const char* scalar, const char* what) {
+  if (capsule.is_none()) return nullptr;
+  if (!PyCapsule_CheckExact(capsule.ptr())) {
+    throw pybind11::type_error(std::string("pydc._C.set_cpu_syrk: expected ") + what +
+                               " to be a scipy.linalg.cython_blas capsule or None");
+  }
+  const char* name = PyCapsule_GetName(capsule.ptr());
+  const std::string expected = std::string("cython_blas_") + scalar + " *";
+  if (name == nullptr || std::strstr(name, expected.c_str()) == nullptr) {
+    throw pybind11::value_error(std::string("pydc._C.set_cpu_syrk: ") + what + " has signature '" +
+                                (name ? name : "") + "', expected scipy.linalg.cython_blas.__pyx_capi__['" +
+                                scalar + "syrk']");
+  }
+  void* pointer = PyCapsule_GetPointer(capsule.ptr(), name);
+  if (pointer == nullptr) throw pybind11::error_already_set();
+  return pointer;
+}
+
+void set_cpu_syrk(const pybind11::object& ssyrk, const pybind11::object& dsyrk) {
+  pydc::set_cpu_syrk(reinterpret_cast<pydc::SyrkFloatFn>(blas_capsule_pointer(ssyrk, "s", "ssyrk")),
+                     reinterpret_cast<pydc::SyrkDoubleFn>(blas_capsule_pointer(dsyrk, "d", "dsyrk")));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pydc compiled ops (registered as torch.ops.pydc.*) and build information";
   m.def("build_info", &build_info, "Versions and CUDA archs this extension was compiled for");
+  m.def("set_cpu_syrk", &set_cpu_syrk, pybind11::arg("ssyrk"), pybind11::arg("dsyrk"),
+        "Sets the BLAS ssyrk/dsyrk (scipy.linalg.cython_blas capsules, or None to clear) that the CPU "
+        "pca_accumulate uses for its Gram; see pydc.ops.pca.use_cpu_syrk");
+  m.def("has_cpu_syrk", [] { return pydc::has_cpu_syrk(at::kFloat); },
+        "Whether a float32 BLAS syrk is set for the CPU pca_accumulate");
 }

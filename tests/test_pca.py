@@ -169,7 +169,11 @@ def test_partial_fit_batches_equal_fit(device):
         streamed.partial_fit(batch)
     whole = PCAWhitening(8).fit(x)
     assert streamed.n_samples_seen_ == whole.n_samples_seen_ == 2000
-    torch.testing.assert_close(streamed.get_covariance(), whole.get_covariance(), rtol=1e-6, atol=1e-9)
+    # float32 products summed in another order (other chunk boundaries; syrk or GEMM blocking) agree to ~1e-7 of
+    # the largest entry, not of each entry: the tolerance is relative to the matrix
+    covariance = whole.get_covariance()
+    torch.testing.assert_close(streamed.get_covariance(), covariance, rtol=0,
+                               atol=1e-6 * float(covariance.abs().max()))
     torch.testing.assert_close(streamed.transform(x), whole.transform(x), rtol=0, atol=1e-4)
 
 

@@ -43,17 +43,30 @@ def assert_close_relative(actual, expected, tol):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=tol * scale.item())
 
 
-# D = 600 and 1100 span two and three of the CPU kernel's 512-tall Gram panels (the last one partial).
+# D = 600 and 1100 span three and five of the CPU kernel's 256-tall Gram panels (the last one partial).
 SHAPES = [(1, 1), (7, 3), (64, 17), (300, 257), (130, 600), (40, 1100)]
+
+
+@pytest.fixture(params=["syrk", "panels"])
+def cpu_gram(request):
+    """Runs the test with the CPU kernel's Gram as scipy's BLAS syrk, then as GEMM panels (use_cpu_syrk)."""
+    previous = pca_ops.use_cpu_syrk(True)
+    if request.param == "syrk" and not previous:
+        pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
+    pca_ops.use_cpu_syrk(request.param == "syrk")
+    yield request.param
+    pca_ops.use_cpu_syrk(previous)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gram_dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_accumulate_matches_float64_reference(device, dtype, gram_dtype, shape):
+def test_accumulate_matches_float64_reference(device, dtype, gram_dtype, shape, cpu_gram):
     if dtype == torch.float64 and gram_dtype == torch.float32:
         pytest.skip("a float64 batch needs a float64 gram")
+    if device == "cuda" and cpu_gram == "panels":
+        pytest.skip("the CPU Gram choice does not apply on CUDA")
     n, d = shape
     batch = features(n, d, dtype, device)
     shift = batch[: max(1, n // 2)].double().mean(0) + 0.25  # near, not at, the mean
@@ -282,6 +295,46 @@ def test_transform_bad_input(index, value, message):
         TRANSFORM(*args)
     with pytest.raises(ValueError, match=message):
         pca_transform(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_syrk_updates_the_upper_triangle_only(dtype):
+    if not pca_ops.use_cpu_syrk(True):
+        pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
+    x = features(700, 300, dtype)
+    shift = x.double().mean(0)
+    results = {}
+    try:
+        for backend in ("syrk", "panels"):
+            pca_ops.use_cpu_syrk(backend == "syrk")
+            sum_, gram, bad = empty_state(300, "cpu", dtype)
+            gram -= 7.0  # the syrk adds on and above the diagonal and leaves the rest as it was
+            ACCUMULATE(x, shift, sum_, gram, bad)
+            results[backend] = gram
+    finally:
+        pca_ops.use_cpu_syrk(True)
+    syrk, panels = results["syrk"], results["panels"]
+    assert bool((syrk.tril(-1) == torch.tril(torch.full_like(syrk, -7.0), -1)).all())
+    ref_sum, ref_gram, ref_bad = empty_state(300, "cpu")
+    ref_gram -= 7.0
+    pca_accumulate_reference(x, shift, ref_sum, ref_gram, ref_bad)
+    tol = ACCUMULATE_TOL[dtype]
+    assert_close_relative(syrk.triu(), ref_gram.triu(), tol)
+    assert_close_relative(panels.triu(), ref_gram.triu(), tol)
+
+
+def test_set_cpu_syrk_checks_its_arguments():
+    from pydc import _C
+
+    blas = pytest.importorskip("scipy.linalg.cython_blas").__pyx_capi__
+    before = _C.has_cpu_syrk()
+    with pytest.raises(TypeError, match="scipy.linalg.cython_blas capsule or None"):
+        _C.set_cpu_syrk(object(), None)
+    with pytest.raises(ValueError, match=r"expected scipy.linalg.cython_blas.__pyx_capi__\['ssyrk'\]"):
+        _C.set_cpu_syrk(blas["dsyrk"], None)  # the float64 routine in the float32 slot
+    with pytest.raises(ValueError, match="dsyrk"):
+        _C.set_cpu_syrk(blas["ssyrk"], blas["sgemm"])
+    assert _C.has_cpu_syrk() == before  # a refused call changes nothing
 
 
 def test_fallback_without_compiled_ops(monkeypatch):

@@ -26,6 +26,12 @@ struct PcaDeviceOps {
   int64_t max_chunk_rows;  // ... but at most this many rows: float32 GEMMs over longer sums lose digits
   bool low_precision_gemm;  // float16/bfloat16 batches multiply in their own dtype into float32 products
   int64_t gram_panel;       // > 0: Gram as row panels this tall, upper triangle only (see add_gram)
+  // Optional (nullptr: none). Adds centred^T centred into the upper triangle of a gram of centred's dtype
+  // (BLAS syrk) and returns true, or returns false, touching nothing, when it cannot (add_gram then uses GEMMs).
+  bool (*syrk_upper)(const at::Tensor& centred, const at::Tensor& gram);
+  // Optional (nullptr: at::empty per call). A contiguous (rows, d) scratch tensor of `options`; the CPU keeps
+  // one per thread and dtype across calls (a fresh 32 MB block costs ~9 ms of page faults per call there).
+  at::Tensor (*scratch)(int64_t rows, int64_t d, const at::TensorOptions& options);
 };
 
 // Checks the arguments of pydc::pca_accumulate (TORCH_CHECK, expected vs got), then adds

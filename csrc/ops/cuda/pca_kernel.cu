@@ -112,7 +112,8 @@ void normalize_rows_cuda(const at::Tensor& projected, const at::Tensor& out, dou
 // features never get a second full-size copy. One GEMM for the whole
 // Gram (the device has flops to spare; the halving by blocks is a CPU trick). float16/bfloat16 batches
 // multiply in their own dtype on the tensor cores with float32 products.
-const PcaDeviceOps kCudaOps{&center_rows_cuda, &normalize_rows_cuda, int64_t(1) << 26, 16384, true, 0};
+const PcaDeviceOps kCudaOps{&center_rows_cuda, &normalize_rows_cuda, int64_t(1) << 26, 16384, true, 0,
+                           nullptr, nullptr};
 
 void pca_accumulate_cuda(const at::Tensor& batch, const at::Tensor& shift, at::Tensor& sum, at::Tensor& gram,
                          at::Tensor& nonfinite_rows) {
