@@ -125,8 +125,8 @@ class PCAWhitening:
         # ~4.4: 26.5 s against 0.8 s). So the CPU eigen-decomposition (top_eigenpairs: the eigh calls and
         # the small refinement GEMMs/QRs, which also ran faster on one thread there: 1.35-1.4 s against
         # 1.6-2.8 s in all) runs on eigh_threads threads (None: torch's setting); the Gram GEMMs use all.
-        # On an idle machine torch's setting is faster (50,000 x 2048 -> 256 fit + transform: 3.1-3.3 s with
-        # 2 threads against 3.5-3.7 s with 1), so it is the default; pass 1 on a shared, oversubscribed CPU.
+        # On an idle machine torch's setting is faster (the float32 eigh at D = 2048: 0.40-0.44 s with 2 threads
+        # against 0.80 s with 1), so it is the default; pass 1 on a shared, oversubscribed CPU.
         self.eigh_threads = eigh_threads
         self.reset()
 
