@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -335,6 +340,32 @@ def test_set_cpu_syrk_checks_its_arguments():
     with pytest.raises(ValueError, match="dsyrk"):
         _C.set_cpu_syrk(blas["ssyrk"], blas["sgemm"])
     assert _C.has_cpu_syrk() == before  # a refused call changes nothing
+
+
+def _python_output(script, env_without, **extra_env):
+    """stdout of `python -c script` in a fresh process, from the repository root, with `env_without` removed
+    from this process's environment and extra_env added."""
+    env = {key: value for key, value in os.environ.items() if key != env_without} | extra_env
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_sets_openblas_thread_timeout_unless_set():
+    # scipy's OpenBLAS (the CPU Gram's syrk) reads it when it loads; pydc only supplies a default
+    script = "import os, pydc; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    assert _python_output(script, "OPENBLAS_THREAD_TIMEOUT") == "20"
+    assert _python_output(script, "OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT="7") == "7"
+
+
+def test_first_cpu_call_picks_the_syrk_unless_disabled():
+    pytest.importorskip("scipy.linalg.cython_blas")
+    script = ("import torch, pydc.ops.pca as p; from pydc import _C; x = torch.randn(9, 4); "
+              "s = torch.zeros(4, dtype=torch.float64); g = torch.zeros(4, 4); n = torch.zeros((), dtype=torch.int64); "
+              "before = _C.has_cpu_syrk(); p.pca_accumulate(x, s, s.clone(), g, n); print(before, _C.has_cpu_syrk())")
+    assert _python_output(script, "PYDC_CPU_SYRK") == "False True"
+    assert _python_output(script, "PYDC_CPU_SYRK", PYDC_CPU_SYRK="0") == "False False"
 
 
 def test_fallback_without_compiled_ops(monkeypatch):
