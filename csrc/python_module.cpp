@@ -36,8 +36,24 @@ pybind11::dict build_info() {
   return info;
 }
 
+// True when a cython_blas capsule signature is that of ?syrk for `scalar` ("s" or "d"):
+// "void (char *, char *, int *, int *, S *, S *, int *, S *, S *, int *)" with S the scalar's typedef
+// (scipy names it "__pyx_t_5scipy_6linalg_11cython_blas_s") or the plain C type.
+bool is_syrk_signature(const char* name, const std::string& scalar) {
+  static const std::string prefix = "void (char *, char *, int *, int *, ";
+  if (name == nullptr) return false;
+  const std::string signature(name);
+  if (signature.compare(0, prefix.size(), prefix) != 0) return false;
+  const std::string first_scalar = signature.substr(prefix.size(), signature.find(',', prefix.size()) - prefix.size());
+  const std::string plain = scalar == "s" ? "float *" : "double *";
+  const std::string typedef_suffix = "cython_blas_" + scalar + " *";
+  return first_scalar == plain ||
+         (first_scalar.size() >= typedef_suffix.size() &&
+          first_scalar.compare(first_scalar.size() - typedef_suffix.size(), typedef_suffix.size(), typedef_suffix) == 0);
+}
+
 // The function pointer in a scipy.linalg.cython_blas capsule, after checking from the capsule's signature
-// string that it is the routine for `scalar` ("s" or "d"); None gives nullptr.
+// string that it is ?syrk for `scalar`; None gives nullptr.
 void* blas_capsule_pointer(const pybind11::object& capsule, const char* scalar, const char* what) {
   if (capsule.is_none()) return nullptr;
   if (!PyCapsule_CheckExact(capsule.ptr())) {
@@ -45,8 +61,7 @@ void* blas_capsule_pointer(const pybind11::object& capsule, const char* scalar, 
                                " to be a scipy.linalg.cython_blas capsule or None");
   }
   const char* name = PyCapsule_GetName(capsule.ptr());
-  const std::string expected = std::string("cython_blas_") + scalar + " *";
-  if (name == nullptr || std::strstr(name, expected.c_str()) == nullptr) {
+  if (!is_syrk_signature(name, scalar)) {
     throw pybind11::value_error(std::string("pydc._C.set_cpu_syrk: ") + what + " has signature '" +
                                 (name ? name : "") + "', expected scipy.linalg.cython_blas.__pyx_capi__['" +
                                 scalar + "syrk']");

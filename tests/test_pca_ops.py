@@ -342,6 +342,26 @@ def test_set_cpu_syrk_checks_its_arguments():
     assert _C.has_cpu_syrk() == before  # a refused call changes nothing
 
 
+def test_use_cpu_syrk_keeps_panels_when_scipy_offers_no_syrk(monkeypatch):
+    from pydc import _C
+
+    blas = pytest.importorskip("scipy.linalg.cython_blas").__pyx_capi__
+    monkeypatch.setitem(blas, "ssyrk", blas["sgemm"])  # a capsule that is not ?syrk
+    try:
+        with pytest.warns(RuntimeWarning, match="GEMM panels instead"):
+            assert pca_ops.use_cpu_syrk(True) is False
+        assert not _C.has_cpu_syrk()
+        x = features(50, 20)
+        sum_, gram, bad = empty_state(20, "cpu", torch.float32)
+        pca_ops.pca_accumulate(x, x.double().mean(0), sum_, gram, bad)  # still works, through the panels
+        ref_sum, ref_gram, ref_bad = empty_state(20, "cpu")
+        pca_accumulate_reference(x, x.double().mean(0), ref_sum, ref_gram, ref_bad)
+        assert_close_relative(gram.triu(), ref_gram.triu(), ACCUMULATE_TOL[torch.float32])
+    finally:
+        monkeypatch.undo()
+        pca_ops.use_cpu_syrk(True)
+
+
 def _python_output(script, env_without, **extra_env):
     """stdout of `python -c script` in a fresh process, from the repository root, with `env_without` removed
     from this process's environment and extra_env added."""

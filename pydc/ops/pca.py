@@ -11,7 +11,8 @@ pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its la
     of gram is defined: on the CPU a gram of the GEMM type is updated by scipy's BLAS syrk once use_cpu_syrk
     has run (it runs on the first CPU call through this module), which leaves the strict lower triangle as
     it was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel and
-    the reference fill both. Read the result through its upper triangle (PCAWhitening does). batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
+    the reference fill both. Read the result through its upper triangle (PCAWhitening does).
+    batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
     gram: (D, D) float64, or float32 for a float32/float16/bfloat16 batch (then the GEMM accumulates into it
     in place, beta = 1, with no pass over a temporary: PCAWhitening keeps such a float32 Gram and adds it into
     its float64 one every `flush_rows` rows); nonfinite_rows: int64 with one element; all on one device. B = 0
@@ -35,6 +36,7 @@ pca_transform(x, mean, projection, norm_eps=1e-10) -> (out, nonfinite_rows):
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -155,7 +157,12 @@ def use_cpu_syrk(enabled: bool = True) -> bool:
         except ImportError:
             blas = {}
         ssyrk, dsyrk = blas.get("ssyrk"), blas.get("dsyrk")
-    _C.set_cpu_syrk(ssyrk, dsyrk)
+    try:
+        _C.set_cpu_syrk(ssyrk, dsyrk)
+    except (TypeError, ValueError) as error:  # a scipy whose capsules do not look like ?syrk: keep the panels
+        _C.set_cpu_syrk(None, None)
+        warnings.warn(f"pydc.ops.pca: not using scipy's BLAS syrk for the CPU Gram ({error}); GEMM panels instead",
+                      RuntimeWarning, stacklevel=2)
     return bool(_C.has_cpu_syrk())
 
 
