@@ -87,43 +87,48 @@ def _small(device):
     return synthetic_features(2048, 64, device, seed=1)
 
 
+def _pair(benchmark, features_by_device, device, impl, reference):
+    """Names the benchmark group (pydc vs `reference`) and returns the features and k for `device`."""
+    n, d, k = SHAPES[device]
+    benchmark.group = f"pca_whitening {device} {n}x{d}->{k} fit+transform vs {reference}"
+    benchmark.extra_info["role"] = "pydc" if impl == "pydc" else "reference"
+    benchmark.extra_info["flop"] = 2 * n * d * d + 2 * n * d * k
+    return features_by_device(device), k
+
+
+def _run_pydc(benchmark, x, k, device):
+    small = _small(device)
+    _run(benchmark, lambda: pydc_whitening(x, k, BATCH_ROWS[device]), device,
+         warm_up=lambda: pydc_whitening(small, 16, 512))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["pydc", "faiss"])
 def test_pca_vs_faiss(benchmark, features_by_device, device, impl):
     if device != "cpu":
         pytest.skip("faiss-cpu is the CPU reference")
     pytest.importorskip("faiss")  # without it the pydc half of the pair has nothing to be compared with
-    n, d, k = SHAPES[device]
-    x = features_by_device(device)
-    benchmark.group = f"pca_whitening {device} {n}x{d}->{k} fit+transform vs faiss"
-    benchmark.extra_info["role"] = "pydc" if impl == "pydc" else "reference"
-    benchmark.extra_info["flop"] = 2 * n * d * d + 2 * n * d * k
-    small = _small(device)
+    x, k = _pair(benchmark, features_by_device, device, impl, "faiss")
     if impl == "pydc":
-        _run(benchmark, lambda: pydc_whitening(x, k, BATCH_ROWS[device]), device,
-             warm_up=lambda: pydc_whitening(small, 16, 512))
+        _run_pydc(benchmark, x, k, device)
     else:
         benchmark.extra_info["reference"] = "faiss.PCAMatrix + normalize_L2"
-        _run(benchmark, lambda: faiss_whitening(x, k), device, warm_up=lambda: faiss_whitening(small.cpu(), 16))
+        small = _small(device)
+        _run(benchmark, lambda: faiss_whitening(x, k), device, warm_up=lambda: faiss_whitening(small, 16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["pydc", "torch"])
 def test_pca_vs_torch(benchmark, features_by_device, device, impl):
-    n, d, k = SHAPES[device]
-    x = features_by_device(device)
-    benchmark.group = f"pca_whitening {device} {n}x{d}->{k} fit+transform vs torch"
-    benchmark.extra_info["role"] = "pydc" if impl == "pydc" else "reference"
-    benchmark.extra_info["flop"] = 2 * n * d * d + 2 * n * d * k
+    x, k = _pair(benchmark, features_by_device, device, impl, "torch")
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = device == "cuda"  # both sides at the same GEMM precision
     try:
-        small = _small(device)
         if impl == "pydc":
-            _run(benchmark, lambda: pydc_whitening(x, k, BATCH_ROWS[device]), device,
-                 warm_up=lambda: pydc_whitening(small, 16, 512))
+            _run_pydc(benchmark, x, k, device)
         else:
             benchmark.extra_info["reference"] = "torch cov + eigh + matmul"
+            small = _small(device)
             _run(benchmark, lambda: torch_composition(x, k), device, warm_up=lambda: torch_composition(small, 16))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous

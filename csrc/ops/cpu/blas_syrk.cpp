@@ -1,7 +1,6 @@
 // The run-time BLAS syrk (see blas_syrk.h).
 #include "ops/cpu/blas_syrk.h"
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -41,8 +40,9 @@ bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
   if (gram.scalar_type() != t || !centred.device().is_cpu() || !gram.device().is_cpu()) return false;
   if (centred.stride(1) != 1 || gram.stride(1) != 1 || centred.size(1) != gram.size(0)) return false;
   const int64_t d = centred.size(1);
-  if (!fits_blas_int(centred.size(0)) || !fits_blas_int(d) || !fits_blas_int(std::max<int64_t>(centred.stride(0), d)) ||
-      !fits_blas_int(gram.stride(0)) || centred.stride(0) < d || gram.stride(0) < d) {
+  // lda/ldc >= n as BLAS requires; then both fitting in an int covers n too
+  if (centred.stride(0) < d || gram.stride(0) < d || !fits_blas_int(centred.stride(0)) ||
+      !fits_blas_int(gram.stride(0)) || !fits_blas_int(centred.size(0))) {
     return false;
   }
   if (centred.size(0) == 0 || d == 0) return true;
