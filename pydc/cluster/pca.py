@@ -214,6 +214,73 @@ class PCAWhitening:
             raise RuntimeError("PCAWhitening: no rows seen yet; call partial_fit(batch) or fit(x) first")
         return self._mean_and_covariance()[1]
 
+    # --------------------------------------------------------------- merging moments (pydc.cluster.sharded)
+    def sum_of_rows(self) -> torch.Tensor:
+        """The float64 column sums of the rows seen so far (D,), on the moments' device."""
+        if self._moments is None:
+            raise RuntimeError("PCAWhitening.sum_of_rows: no rows seen yet; call partial_fit(batch) first")
+        return self._moments["sum"] + self.n_samples_seen_ * self._moments["shift"]
+
+    def moments_about(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, gram) of the rows seen so far, taken about `shift` instead of the internal shift, in float64:
+        sum = sum_i (x_i - shift) (D,) and gram = sum_i (x_i - shift)(x_i - shift)^T (D, D), both triangles.
+
+        Moments about different shifts add up only once they share one; with d = own shift - shift, S and G the
+        internal sum and Gram, exactly: sum = S + n d, gram = G + S d^T + d S^T + n d d^T (pending float32 Gram
+        products are flushed first). Call after partial_fit has seen rows.
+        """
+        if self._moments is None:
+            raise RuntimeError("PCAWhitening.moments_about: no rows seen yet; call partial_fit(batch) first")
+        self._flush()
+        moments, n = self._moments, self.n_samples_seen_
+        shift = shift.to(device=moments["shift"].device, dtype=torch.float64)
+        if shift.shape != moments["shift"].shape:
+            raise ValueError(f"PCAWhitening.moments_about: expected a shift of shape {tuple(moments['shift'].shape)}, "
+                             f"got {tuple(shift.shape)}")
+        delta = moments["shift"] - shift
+        upper = moments["gram"].triu()  # the ops define the upper triangle only
+        gram = upper + upper.T
+        gram.diagonal().mul_(0.5)  # counted twice above (exact: a power of two)
+        gram.addr_(moments["sum"], delta).addr_(delta, moments["sum"]).addr_(delta, delta, alpha=float(n))
+        return moments["sum"] + n * delta, gram
+
+    def load_moments(self, n_samples: int, shift: torch.Tensor, sum: torch.Tensor, gram: torch.Tensor) -> PCAWhitening:
+        """Replaces the moments by (n_samples, shift, sum about shift, gram about shift), e.g. moments_about()
+        summed over ranks; forgets any fit and pending products. gram must be float64 (D, D), upper triangle
+        defined at least."""
+        d = shift.shape[0]
+        if (shift.dim() != 1 or sum.shape != (d,) or gram.shape != (d, d)
+                or any(t.dtype != torch.float64 for t in (shift, sum, gram))):
+            raise ValueError(f"PCAWhitening.load_moments: expected float64 shift and sum of shape (D,) and gram of "
+                             f"shape (D, D), got {tuple(shift.shape)}, {tuple(sum.shape)}, {tuple(gram.shape)} of "
+                             f"dtypes {shift.dtype}, {sum.dtype}, {gram.dtype}")
+        if self.n_components > d:
+            raise ValueError(f"PCAWhitening: n_components={self.n_components} exceeds the {d} features of the input; "
+                             f"expected n_components <= {d}")
+        self.reset()
+        self.n_features_in_ = d
+        self.n_samples_seen_ = int(n_samples)
+        self._moments = {"shift": shift, "sum": sum, "gram": gram}
+        return self
+
+    def fit_tensors(self) -> dict[str, torch.Tensor]:
+        """The fit (mean, components (float64), eigenvalues, scale, total_variance), computed if needed; with
+        load_fit it hands one process's fit to others (pydc.cluster.sharded broadcasts rank 0's)."""
+        return dict(self._fitted())
+
+    def load_fit(self, fit: dict[str, torch.Tensor]) -> PCAWhitening:
+        """Adopts a fit from fit_tensors() (of a PCAWhitening with this configuration); keeps the moments."""
+        missing = [key for key in _FIT_KEYS if key not in fit]
+        if missing:
+            raise ValueError(f"PCAWhitening.load_fit: the fit lacks {missing}; expected PCAWhitening.fit_tensors()")
+        if fit["components"].shape[0] != self.n_components:
+            raise ValueError(f"PCAWhitening.load_fit: the fit has {fit['components'].shape[0]} components, this object "
+                             f"{self.n_components}")
+        self.n_features_in_ = fit["components"].shape[1]
+        self._fit = {key: fit[key] for key in _FIT_KEYS}
+        self._projections = {}
+        return self
+
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Configuration, moments (so partial_fit can resume) and the fit; tensors stay on their device."""
