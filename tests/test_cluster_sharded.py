@@ -181,3 +181,49 @@ def test_sharded_kmeans_with_global_index(ranks):
     single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch")
     for result in results:
         _assert_same_run(result["kmeans"]["global_index"], single, 12)
+
+
+# ------------------------------------------------------------------------------------- one process, no group
+def test_without_a_process_group_equals_kmeans_and_fit():
+    x = kmeans_points()
+    for spherical in (False, True):
+        single = kmeans(x, KM_K, niter=12, seed=5, backend="torch", spherical=spherical)
+        result = sharded_kmeans(x, KM_K, niter=12, seed=5, spherical=spherical)
+        _assert_same_run({"labels": gather_labels(result.labels), "centroids": result.centroids,
+                          "objective": result.objective}, single, 12)
+    features = pca_features(torch.float64)
+    pca = PCAWhitening(PCA_COMPONENTS)
+    for batch in features.split(500):
+        pca.partial_fit(batch)
+    all_reduce_pca_(pca)
+    single = PCAWhitening(PCA_COMPONENTS).fit(features)
+    assert torch.allclose(pca.transform(features), single.transform(features), atol=1e-9)
+
+
+def test_no_fixed_point_stop_while_a_cluster_stays_empty():
+    """Forty copies of one point and five singletons: the copies' cluster is split every iteration (the only
+    cluster above one point), its points stay with the lower index, so no label changes while the split
+    centroids keep moving; stopping there would leave the one-process result."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(1, 3, generator=generator).expand(40, 3), torch.randn(5, 3, generator=generator)])
+    single = kmeans(x, 6, niter=15, seed=0, backend="torch")
+    result = sharded_kmeans(x, 6, niter=15, seed=0)
+    assert single.splits >= 10, "the case should split on most iterations"
+    _assert_same_run({"labels": gather_labels(result.labels), "centroids": result.centroids,
+                      "objective": result.objective}, single, 15)
+
+
+def test_bad_arguments_are_refused():
+    x = kmeans_points()
+    with pytest.raises(ValueError, match="positive integer"):
+        sharded_kmeans(x, 0)
+    with pytest.raises(ValueError, match="at least as many points"):
+        sharded_kmeans(x[:5], 6)
+    with pytest.raises(ValueError, match="init_centroids of shape"):
+        sharded_kmeans(x, 4, init_centroids=torch.zeros(3, KM_DIM))
+    with pytest.raises(ValueError, match="not a permutation"):
+        sharded_kmeans(x, 4, global_index=torch.zeros(KM_ROWS, dtype=torch.int64))
+    with pytest.raises(ValueError, match="global_index values in"):
+        sharded_kmeans(x, 4, global_index=torch.arange(KM_ROWS) + 1)
+    with pytest.raises(ValueError, match="no rank has seen any rows"):
+        all_reduce_pca_(PCAWhitening(2))
