@@ -227,3 +227,72 @@ def test_bad_arguments_are_refused():
         sharded_kmeans(x, 4, global_index=torch.arange(KM_ROWS) + 1)
     with pytest.raises(ValueError, match="no rank has seen any rows"):
         all_reduce_pca_(PCAWhitening(2))
+
+
+# ------------------------------------------------------------------------------------------------ memory
+MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, MEM_BATCH = 96_000, 128, 32, 32, 4096
+
+
+def peak_allocated_bytes(prof) -> int:
+    """Peak of the live bytes the profiler saw allocated (op events' own allocations, [memory] frees)."""
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def _cluster_stage(rank: int, world: int) -> int:
+    """The feature pass (rows written into this rank's shard, batch by batch, and streamed into the PCA
+    moments), the PCA merge, whitening, k-means and the label gather, under the memory profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    share = -(-MEM_ROWS // world)
+    first, last = rank * share, min(MEM_ROWS, (rank + 1) * share)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        features = torch.empty(last - first, MEM_DIM)
+        pca = PCAWhitening(MEM_PCA)
+        for start in range(first, last, MEM_BATCH):
+            stop = min(start + MEM_BATCH, last)
+            batch = torch.randn(stop - start, MEM_DIM, generator=torch.Generator().manual_seed(start))
+            features[start - first: stop - first] = batch
+            pca.partial_fit(batch)
+            del batch
+        all_reduce_pca_(pca)
+        whitened = pca.transform(features)
+        result = sharded_kmeans(whitened, MEM_K, niter=6, seed=0)
+        gather_labels(result.labels)
+    return peak_allocated_bytes(prof)
+
+
+def _memory_worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_cluster_stage(rank, world), os.path.join(out_dir, f"peak{world}.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cluster_stage_memory_per_rank_falls_as_one_over_world(tmp_path):
+    from pydc.cluster.sharded_memory import cluster_memory
+
+    peaks = {}
+    for world in (1, 2, 3):
+        mp.spawn(_memory_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+        peaks[world] = max(torch.load(tmp_path / f"peak{world}.{r}.pt") for r in range(world))
+    models = {world: cluster_memory(MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, world) for world in peaks}
+    for world, peak in peaks.items():
+        model = models[world]
+        print(f"world {world}: measured peak {peak / 1e6:.1f} MB per rank; accounting: per-row part "
+              f"{model.per_row_part / 1e6:.1f} MB, total {model.per_rank_total / 1e6:.1f} MB")
+        assert peak >= model.features_shard + model.whitened_shard  # both are held at the end
+    # peak(W) = (what does not depend on W) + the accounting's per-row part, which falls as 1/W: the rest
+    # must be the same for every W, and small here (the test's sizes make the features dominate)
+    rest = {world: peaks[world] - models[world].per_row_part for world in peaks}
+    assert max(rest.values()) - min(rest.values()) <= 0.1 * peaks[1], rest
+    assert max(rest.values()) <= 0.25 * peaks[1], rest
