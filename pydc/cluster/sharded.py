@@ -267,7 +267,10 @@ def sharded_kmeans(x_local: torch.Tensor, k: int, niter: int = 20, seed: int = 0
         centroids = centroids.to(x32.device)
     if spherical:
         centroids = _normalize_rows(centroids)
-    point_sq_norms = (x32 * x32).sum(1)
+    # squared norms a bounded number of rows at a time: (x32 * x32) in one go would be a second whitened shard
+    point_sq_norms = x32.new_empty(x32.shape[0])
+    for chunk, norms in zip(x32.split(_SUM_CHUNK_ROWS), point_sq_norms.split(_SUM_CHUNK_ROWS)):
+        torch.sum(chunk * chunk, dim=1, out=norms)
     split_generator = torch.Generator().manual_seed(int(seed) + 1)  # the same draws on every rank
     d = x32.shape[1]
     # one all-reduce per iteration: [sums (k*d) | counts (k) | objective | changed labels], float64
