@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 from pydc.cluster.kmeans import kmeans
 from pydc.cluster.pca import PCAWhitening
 from pydc.cluster.sharded import all_reduce_pca_, gather_labels, sharded_kmeans
+from pydc.ops._registry import HAS_OPS
+from tests.conftest import cpu_and_cuda
 
 PCA_ROWS, PCA_DIM, PCA_COMPONENTS = 1800, 24, 6
 KM_ROWS, KM_DIM, KM_K = 1500, 6, 40
@@ -184,14 +186,15 @@ def test_sharded_kmeans_with_global_index(ranks):
 
 
 # ------------------------------------------------------------------------------------- one process, no group
-def test_without_a_process_group_equals_kmeans_and_fit():
-    x = kmeans_points()
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_without_a_process_group_equals_kmeans_and_fit(device):
+    x = kmeans_points().to(device)
     for spherical in (False, True):
         single = kmeans(x, KM_K, niter=12, seed=5, backend="torch", spherical=spherical)
         result = sharded_kmeans(x, KM_K, niter=12, seed=5, spherical=spherical)
         _assert_same_run({"labels": gather_labels(result.labels), "centroids": result.centroids,
                           "objective": result.objective}, single, 12)
-    features = pca_features(torch.float64)
+    features = pca_features(torch.float64).to(device)
     pca = PCAWhitening(PCA_COMPONENTS)
     for batch in features.split(500):
         pca.partial_fit(batch)
@@ -278,6 +281,8 @@ def _memory_worker(rank: int, world: int, port: int, out_dir: str):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_OPS, reason="the pure-torch fallbacks work in 65536-row chunks: their buffers grow with "
+                    "the shard, which would hide the 1/W law under test")
 def test_cluster_stage_memory_per_rank_falls_as_one_over_world(tmp_path):
     from pydc.cluster.sharded_memory import cluster_memory
 
