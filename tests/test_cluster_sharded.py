@@ -85,7 +85,7 @@ def _kmeans_cases(rank: int, world: int) -> dict:
                      "objective": result.objective, "splits": result.splits, "iterations": result.iterations}
     init = torch.randn(KM_K, KM_DIM, generator=torch.Generator().manual_seed(7 + rank))  # rank 0's is used
     result = sharded_kmeans(shard, KM_K, niter=12, seed=5, init_centroids=init)
-    out["given_init"] = {"centroids": result.centroids, "labels": gather_labels(result.labels),
+    out["given_init"] = {"centroids": result.centroids, "labels": gather_labels(result.labels, sizes=result.sizes),
                          "objective": result.objective}
     order = permuted_index(KM_ROWS)  # rank r holds the rows order[bounds[r]:bounds[r+1]], in that order
     mine = order[bounds[rank]: bounds[rank + 1]]
@@ -93,6 +93,24 @@ def _kmeans_cases(rank: int, world: int) -> dict:
     out["global_index"] = {"centroids": result.centroids, "labels": gather_labels(result.labels, global_index=mine),
                            "objective": result.objective}
     return out
+
+
+def _bounds_with_empty_rank(n: int, world: int) -> list[int]:
+    """Rank 1 holds no rows: [0, n, n] for 2 ranks, [0, n/2, n/2, n] for 3."""
+    return [0, n, n] if world == 2 else [0, n // 2, n // 2, n]
+
+
+def _empty_shard_case(rank: int, world: int) -> dict:
+    """Rank 1 has no moments of its own (nor a device) and no points to assign."""
+    bounds = _bounds_with_empty_rank(PCA_ROWS, world)
+    pca = PCAWhitening(PCA_COMPONENTS)
+    if bounds[rank + 1] > bounds[rank]:
+        pca.partial_fit(pca_features(torch.float64)[bounds[rank]: bounds[rank + 1]])
+    all_reduce_pca_(pca)
+    bounds = _bounds_with_empty_rank(KM_ROWS, world)
+    result = sharded_kmeans(kmeans_points()[bounds[rank]: bounds[rank + 1]], KM_K, niter=12, seed=5)
+    return {"components": pca.components_, "labels": gather_labels(result.labels), "centroids": result.centroids,
+            "objective": result.objective}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -103,7 +121,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     try:
         result = {"pca64": _pca_on_shard(pca_features(torch.float64), rank, world),
                   "pca32": _pca_on_shard(pca_features(torch.float32), rank, world),
-                  "kmeans": _kmeans_cases(rank, world)}
+                  "kmeans": _kmeans_cases(rank, world), "empty_shard": _empty_shard_case(rank, world)}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -178,6 +196,15 @@ def test_sharded_kmeans_from_rank0_initial_centroids(ranks):
         _assert_same_run(result["kmeans"]["given_init"], single, 12)
 
 
+def test_a_rank_without_rows(ranks):
+    _, results = ranks
+    single_pca = PCAWhitening(PCA_COMPONENTS).fit(pca_features(torch.float64))
+    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch")
+    for result in results:
+        assert torch.allclose(result["empty_shard"]["components"], single_pca.components_, atol=1e-8)
+        _assert_same_run(result["empty_shard"], single, 12)
+
+
 def test_sharded_kmeans_with_global_index(ranks):
     _, results = ranks
     single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch")
@@ -228,6 +255,8 @@ def test_bad_arguments_are_refused():
         sharded_kmeans(x, 4, global_index=torch.zeros(KM_ROWS, dtype=torch.int64))
     with pytest.raises(ValueError, match="global_index values in"):
         sharded_kmeans(x, 4, global_index=torch.arange(KM_ROWS) + 1)
+    with pytest.raises(ValueError, match="row counts"):
+        gather_labels(torch.zeros(5, dtype=torch.int64), sizes=[4])
     with pytest.raises(ValueError, match="no rank has seen any rows"):
         all_reduce_pca_(PCAWhitening(2))
 

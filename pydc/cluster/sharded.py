@@ -302,15 +302,22 @@ def sharded_kmeans(x_local: torch.Tensor, k: int, niter: int = 20, seed: int = 0
                                splits=splits, sizes=shards.sizes)
 
 
-def gather_labels(local_labels: torch.Tensor, *, global_index: torch.Tensor | None = None,
+def gather_labels(local_labels: torch.Tensor, *, global_index: torch.Tensor | None = None, sizes: list[int] | None = None,
                   group=None) -> torch.Tensor:
-    """All ranks' labels as one (N,) int32 tensor in global row order, on every rank (an all_gather of int32)."""
+    """All ranks' labels as one (N,) int32 tensor in global row order, on every rank (an all_gather of int32).
+
+    sizes: every rank's row count (ShardedKMeansResult.sizes), which saves an all_gather; None asks the ranks.
+    """
     if local_labels.dim() != 1:
         raise ValueError(f"gather_labels: expected (n_local,) labels, got shape {tuple(local_labels.shape)}")
     device = local_labels.device
     collective = _collective_device(group, device)
     labels32 = local_labels.to(device=collective, dtype=torch.int32)
-    sizes = shard_sizes(labels32.shape[0], group, collective)
+    if sizes is None:
+        sizes = shard_sizes(labels32.shape[0], group, collective)
+    elif len(sizes) != _world(group) or sizes[_rank(group)] != labels32.shape[0]:
+        raise ValueError(f"gather_labels: expected sizes to list the {_world(group)} ranks' row counts with "
+                         f"{labels32.shape[0]} at this rank's place, got {sizes}")
     pieces = _all_gather_padded(labels32, sizes, group)
     if global_index is None:
         return torch.cat(pieces).to(device)
