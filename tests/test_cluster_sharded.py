@@ -243,6 +243,28 @@ def test_no_fixed_point_stop_while_a_cluster_stays_empty():
                       "objective": result.objective}, single, 15)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_sorted_cluster_sums_equal_point_order_sums(device, monkeypatch):
+    """The CUDA path of the local float64 sums (label-sorted segments), run on either device, in chunks of 700
+    rows so that clusters straddle chunks."""
+    import pydc.cluster.sharded as sharded
+    from pydc.cluster.sharded import _cluster_sums_float64, _sorted_cluster_sums_float64
+
+    monkeypatch.setattr(sharded, "_SUM_CHUNK_ROWS", 700)
+
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(5000, 7, generator=generator).to(device)
+    labels = torch.randint(0, 30, (5000,), generator=generator).to(device)
+    labels[labels == 4] = 5  # an empty cluster
+    expected = torch.zeros(30, 7, dtype=torch.float64, device=device).index_add_(0, labels, x.double())
+    sorted_sums = torch.zeros_like(expected)
+    _sorted_cluster_sums_float64(x, labels, sorted_sums)
+    assert torch.allclose(sorted_sums, expected, rtol=1e-13, atol=1e-12) and not sorted_sums[4].any()
+    sums = torch.zeros_like(expected)
+    _cluster_sums_float64(x, labels, sums)
+    assert torch.allclose(sums, expected, rtol=1e-13, atol=1e-12)
+
+
 def test_bad_arguments_are_refused():
     x = kmeans_points()
     with pytest.raises(ValueError, match="positive integer"):

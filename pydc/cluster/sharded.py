@@ -27,8 +27,7 @@ sharded_kmeans(x_local, k, ...): the Lloyd iterations of pydc.cluster.kmeans (ba
     as int32 in global order (for the uniform sampler and the logs).
     Same labels, centroids and objective as one process from the same initial centroids, up to the float64
     summation order of the cluster sums and objective (their float32 roundings agree but in rare double
-    rounding cases). On CUDA the local float64 sums use atomics: their last bits may vary between runs, but
-    the all-reduced values, and so the centroids, are identical on every rank.
+    rounding cases). The local sums are bitwise reproducible on the CPU and on CUDA (_cluster_sums_float64).
 
 Bytes each step moves, and what each rank holds: pydc.cluster.sharded_memory.
 """
@@ -221,9 +220,27 @@ def _initial_centroids(x: torch.Tensor, k: int, seed: int, shards: _Shards) -> t
 
 
 def _cluster_sums_float64(x: torch.Tensor, labels: torch.Tensor, out: torch.Tensor) -> None:
-    """out[c] += sum of the rows labelled c, in float64, a bounded number of rows copied to float64 at a time."""
+    """out[c] += sum of the rows labelled c, in float64, a bounded number of rows copied to float64 at a time.
+
+    On the CPU index_add_ adds the rows in point order. On CUDA index_add_ would add with atomics, in an order
+    that varies from run to run, so there the rows are sorted by label (stable) and each chunk's segments are
+    summed by segment_reduce, then added at distinct indices: bitwise reproducible.
+    """
+    if not x.is_cuda:
+        for start in range(0, x.shape[0], _SUM_CHUNK_ROWS):
+            out.index_add_(0, labels[start:start + _SUM_CHUNK_ROWS], x[start:start + _SUM_CHUNK_ROWS].to(torch.float64))
+        return
+    _sorted_cluster_sums_float64(x, labels, out)
+
+
+def _sorted_cluster_sums_float64(x: torch.Tensor, labels: torch.Tensor, out: torch.Tensor) -> None:
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
     for start in range(0, x.shape[0], _SUM_CHUNK_ROWS):
-        out.index_add_(0, labels[start:start + _SUM_CHUNK_ROWS], x[start:start + _SUM_CHUNK_ROWS].to(torch.float64))
+        rows = order[start:start + _SUM_CHUNK_ROWS]
+        clusters, lengths = torch.unique_consecutive(sorted_labels[start:start + _SUM_CHUNK_ROWS], return_counts=True)
+        segment_sums = torch.segment_reduce(x.index_select(0, rows).to(torch.float64), "sum", lengths=lengths, axis=0)
+        out.index_add_(0, clusters, segment_sums)  # distinct clusters: no two additions meet
 
 
 def _check_kmeans_arguments(x_local, k, niter, init_centroids) -> None:
