@@ -341,7 +341,7 @@ def test_cluster_stage_memory_per_rank_falls_as_one_over_world(tmp_path):
     for world in (1, 2, 3):
         mp.spawn(_memory_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
         peaks[world] = max(torch.load(tmp_path / f"peak{world}.{r}.pt") for r in range(world))
-    models = {world: cluster_memory(MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, world) for world in peaks}
+    models = {world: cluster_memory(MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, world, device_type="cpu") for world in peaks}
     for world, peak in peaks.items():
         model = models[world]
         print(f"world {world}: measured peak {peak / 1e6:.1f} MB per rank; accounting: per-row part "

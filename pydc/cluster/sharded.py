@@ -319,8 +319,8 @@ def sharded_kmeans(x_local: torch.Tensor, k: int, niter: int = 20, seed: int = 0
                                splits=splits, sizes=shards.sizes)
 
 
-def gather_labels(local_labels: torch.Tensor, *, global_index: torch.Tensor | None = None, sizes: list[int] | None = None,
-                  group=None) -> torch.Tensor:
+def gather_labels(local_labels: torch.Tensor, *, global_index: torch.Tensor | None = None,
+                  sizes: list[int] | None = None, group=None) -> torch.Tensor:
     """All ranks' labels as one (N,) int32 tensor in global row order, on every rank (an all_gather of int32).
 
     sizes: every rank's row count (ShardedKMeansResult.sizes), which saves an all_gather; None asks the ranks.

@@ -5,7 +5,8 @@ Per rank (the rank with the largest shard, ceil(N / W) rows), in bytes:
     features shard      rows x D x feature itemsize (the feature pass's output, kept by the caller)
     whitened shard      rows x pca_dim x 4 (float32, pca.transform's output, the k-means input)
     k-means rows        rows x 25: squared norms (4), labels of this and the previous iteration (8 + 8),
-                        distances (4), the changed-label mask (1)
+                        distances (4), the changed-label mask (1); on CUDA 16 more: the label sort of the
+                        reproducible cluster sums (order and sorted labels, int64)
     PCA moments         D^2 x 12 + D x 16 (float64 Gram, float32 pending Gram, shift, sum), plus D^2 x 16 while
                         the moments are merged (the full symmetric Gram about the common shift, and its triangle)
     centroid state      k x pca_dim x 16 (float32 centroids and sums, the float64 all-reduce buffer) + k x 16
@@ -36,6 +37,7 @@ import math
 import torch
 
 KMEANS_BYTES_PER_ROW = 25
+CUDA_SORT_BYTES_PER_ROW = 16
 # NCCL bus bandwidths assumed for the table (see the README for the figures behind them).
 NVLINK_BUS_BYTES_PER_S = 400e9     # all-reduce busbw within one 8-GPU H100 SXM node (NVLink 4, NVSwitch)
 INFINIBAND_BUS_BYTES_PER_S = 40e9  # across nodes, 8 x 400 Gb/s NDR per node: 50 GB/s line rate per GPU
@@ -73,19 +75,23 @@ class ClusterMemory:
 
 
 def cluster_memory(n_rows: int, dim: int, pca_dim: int, k: int, world_size: int,
-                   feature_dtype: torch.dtype = torch.float32) -> ClusterMemory:
-    """Per-rank memory and traffic of sharded PCA + k-means over n_rows x dim features on world_size ranks."""
+                   feature_dtype: torch.dtype = torch.float32, device_type: str = "cuda") -> ClusterMemory:
+    """Per-rank memory and traffic of sharded PCA + k-means over n_rows x dim features on world_size ranks
+    (device_type "cuda" or "cpu": the k-means per-row state differs)."""
     for name, value in (("n_rows", n_rows), ("dim", dim), ("pca_dim", pca_dim), ("k", k), ("world_size", world_size)):
         if isinstance(value, bool) or int(value) != value or value < 1:
             raise ValueError(f"cluster_memory: expected {name} to be a positive integer, got {value!r}")
     if pca_dim > dim:
         raise ValueError(f"cluster_memory: expected pca_dim <= dim, got pca_dim = {pca_dim} for dim = {dim}")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"cluster_memory: expected device_type 'cuda' or 'cpu', got {device_type!r}")
     itemsize = torch.empty((), dtype=feature_dtype).element_size()
+    per_row = KMEANS_BYTES_PER_ROW + (CUDA_SORT_BYTES_PER_ROW if device_type == "cuda" else 0)
     rows = math.ceil(n_rows / world_size)
     return ClusterMemory(
         world_size=world_size, shard_rows=rows,
         features_shard=rows * dim * itemsize, whitened_shard=rows * pca_dim * 4,
-        kmeans_rows=rows * KMEANS_BYTES_PER_ROW,
+        kmeans_rows=rows * per_row,
         pca_moments=dim * dim * 12 + dim * 16, pca_merge_extra=dim * dim * 16,
         centroid_state=k * pca_dim * 16 + k * 16, global_labels=n_rows * 12,
         gathered_features=n_rows * dim * itemsize,
