@@ -99,19 +99,23 @@ def shard_sizes(local_rows: int, group=None, device: torch.device | str = "cpu")
 def all_reduce_pca_(pca: PCAWhitening, group=None) -> PCAWhitening:
     """Merges every rank's PCAWhitening moments and fits; afterwards every rank holds the same moments (so a
     checkpoint of any rank resumes) and bitwise the same fit, rank 0's. See the module docstring."""
-    seen = pca.n_features_in_ is not None  # a rank whose shard was empty has no moments (nor a device of its own)
+    seen = pca.n_samples_seen_ > 0  # a rank whose shard was empty has no moments (nor a device of its own)
     row_sums = pca.sum_of_rows() if seen else None
     device = _collective_device(group, row_sums.device if seen else torch.device("cpu"))
-    d = pca.n_features_in_ if seen else -1
-    widths = _all_reduce(torch.tensor([d, -d if seen else -(2**62)], dtype=torch.int64, device=device), group,
-                         dist.ReduceOp.MAX)
-    d, smallest = int(widths[0]), -int(widths[1])
+    d, k = (pca.n_features_in_ if seen else -1), pca.n_components
+    # one MAX all-reduce gives the largest and (negated) the smallest feature width and component count
+    extremes = _all_reduce(torch.tensor([d, -d if seen else -(2**62), k, -k], dtype=torch.int64, device=device),
+                           group, dist.ReduceOp.MAX).tolist()
+    d, smallest = extremes[0], -extremes[1]
     if d < 1:
         raise ValueError("all_reduce_pca_: no rank has seen any rows; call pca.partial_fit(batch) on every rank's "
                          "features first")
     if smallest != d:
         raise ValueError(f"all_reduce_pca_: the ranks' features have between {smallest} and {d} columns; expected "
                          "the same feature width on every rank")
+    if extremes[2] != -extremes[3]:
+        raise ValueError(f"all_reduce_pca_: the ranks' PCAWhitening objects have between {-extremes[3]} and "
+                         f"{extremes[2]} components; construct them alike on every rank")
     # (1) the global mean, the common shift (any shift is exact in theory; the mean keeps the products centred)
     totals = torch.zeros(d + 1, dtype=torch.float64, device=device)
     if seen:
@@ -134,7 +138,6 @@ def all_reduce_pca_(pca: PCAWhitening, group=None) -> PCAWhitening:
     pca.load_moments(n_total, mean, sum_about_mean, gram)
     # (3) rank 0 fits; the others take its fit (eigh's last bits could differ between processes otherwise)
     if _world(group) > 1:
-        k = pca.n_components
         packed = torch.empty(d + k * d + 2 * k + 1, dtype=torch.float64, device=device)
         if _rank(group) == 0:
             fit = pca.fit_tensors()

@@ -19,7 +19,7 @@ Traffic, in bytes handed to one collective (a ring all-reduce sends and receives
 per rank, an all-gather (W - 1) / W times the gathered total, a broadcast about once):
     k-means, per iteration: one all-reduce of 8 (k pca_dim + k + 2) (float64 sums, counts, objective, changes)
     k-means initial centroids: one all-reduce of 4 k pca_dim (each row from the rank holding it)
-    PCA: all-reduces of 16 (feature widths), 8 (D + 1) (count, column sums) and 8 (D^2 + D) (Gram, sums
+    PCA: all-reduces of 32 (feature widths, component counts), 8 (D + 1) (count, column sums) and 8 (D^2 + D) (Gram, sums
          about the common shift),
          then a broadcast of rank 0's fit, 8 (D + pca_dim D + 2 pca_dim + 1)
     labels: an all-gather of 4 N (int32)
@@ -96,7 +96,7 @@ def cluster_memory(n_rows: int, dim: int, pca_dim: int, k: int, world_size: int,
         centroid_state=k * pca_dim * 16 + k * 16, global_labels=n_rows * 12,
         gathered_features=n_rows * dim * itemsize,
         kmeans_allreduce=8 * (k * pca_dim + k + 2), init_allreduce=4 * k * pca_dim,
-        pca_allreduce=16 + 8 * (dim + 1) + 8 * (dim * dim + dim),
+        pca_allreduce=32 + 8 * (dim + 1) + 8 * (dim * dim + dim),
         pca_broadcast=8 * (dim + pca_dim * dim + 2 * pca_dim + 1), labels_allgather=4 * n_rows)
 
 
