@@ -250,7 +250,7 @@ def test_sorted_cluster_sums_equal_point_order_sums(device, monkeypatch):
     import pydc.cluster.sharded as sharded
     from pydc.cluster.sharded import _cluster_sums_float64, _sorted_cluster_sums_float64
 
-    monkeypatch.setattr(sharded, "_SUM_CHUNK_ROWS", 700)
+    monkeypatch.setattr(sharded, "SUM_CHUNK_ROWS", 700)
 
     generator = torch.Generator().manual_seed(6)
     x = torch.randn(5000, 7, generator=generator).to(device)
@@ -284,7 +284,7 @@ def test_bad_arguments_are_refused():
 
 
 # ------------------------------------------------------------------------------------------------ memory
-MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, MEM_BATCH = 96_000, 128, 32, 32, 4096
+MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, MEM_BATCH = 48_000, 128, 32, 32, 4096
 
 
 def peak_allocated_bytes(prof) -> int:
@@ -337,8 +337,8 @@ def _memory_worker(rank: int, world: int, port: int, out_dir: str):
 def test_cluster_stage_memory_per_rank_falls_as_one_over_world(tmp_path):
     from pydc.cluster.sharded_memory import cluster_memory
 
-    peaks = {}
-    for world in (1, 2, 3):
+    peaks = {1: _cluster_stage(0, 1)}  # one process: the same code, its collectives skipped
+    for world in (2, 3):
         mp.spawn(_memory_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
         peaks[world] = max(torch.load(tmp_path / f"peak{world}.{r}.pt") for r in range(world))
     models = {world: cluster_memory(MEM_ROWS, MEM_DIM, MEM_PCA, MEM_K, world, device_type="cpu") for world in peaks}
@@ -347,6 +347,8 @@ def test_cluster_stage_memory_per_rank_falls_as_one_over_world(tmp_path):
         print(f"world {world}: measured peak {peak / 1e6:.1f} MB per rank; accounting: per-row part "
               f"{model.per_row_part / 1e6:.1f} MB, total {model.per_rank_total / 1e6:.1f} MB")
         assert peak >= model.features_shard + model.whitened_shard  # both are held at the end
+        # the accounting adds every part at once; the ops' own small buffers (a 4096-row batch...) are not in it
+        assert abs(peak - model.per_rank_total) <= 0.15 * model.per_rank_total
     # peak(W) = (what does not depend on W) + the accounting's per-row part, which falls as 1/W: the rest
     # must be the same for every W, and small here (the test's sizes make the features dominate)
     rest = {world: peaks[world] - models[world].per_row_part for world in peaks}

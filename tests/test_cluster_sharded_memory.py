@@ -38,7 +38,7 @@ def test_feature_part_falls_as_one_over_world(world):
     assert one.features_shard == n * d * 4 == many.gathered_features
     assert abs(many.features_shard * world - one.features_shard) <= world * d * 4  # ceil(N / W) rows each
     assert abs(many.per_row_part * world - one.per_row_part) <= world * (d * 4 + p * 4 + 41)
-    for fixed in ("pca_moments", "centroid_state", "global_labels", "kmeans_allreduce", "pca_allreduce"):
+    for fixed in ("pca_moments", "centroid_state", "kmeans_block", "global_labels", "kmeans_allreduce", "pca_allreduce"):
         assert getattr(many, fixed) == getattr(one, fixed), fixed
     assert cluster_memory(n, d, p, k, world, torch.bfloat16).features_shard * 2 == many.features_shard
 

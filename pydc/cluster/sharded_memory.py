@@ -10,6 +10,7 @@ Per rank (the rank with the largest shard, ceil(N / W) rows), in bytes:
     PCA moments         D^2 x 12 + D x 16 (float64 Gram, float32 pending Gram, shift, sum), plus D^2 x 16 while
                         the moments are merged (the full symmetric Gram about the common shift, and its triangle)
     centroid state      k x pca_dim x 16 (float32 centroids and sums, the float64 all-reduce buffer) + k x 16
+    k-means block       SUM_CHUNK_ROWS x pca_dim x 8: the float64 copy of a block of rows for the cluster sums
     global labels       N x 12: the int64 index draw of the initial centroids (transient, host) and the int32
                         labels gathered at the end
 The features shard and the per-row parts fall as 1/W; the rest does not depend on W. Gathering every
@@ -36,6 +37,8 @@ import math
 
 import torch
 
+from pydc.cluster.sharded import SUM_CHUNK_ROWS
+
 KMEANS_BYTES_PER_ROW = 25
 CUDA_SORT_BYTES_PER_ROW = 16
 # NCCL bus bandwidths assumed for the table (see the README for the figures behind them).
@@ -54,6 +57,7 @@ class ClusterMemory:
     pca_moments: int
     pca_merge_extra: int
     centroid_state: int
+    kmeans_block: int
     global_labels: int
     gathered_features: int       # what gathering every feature on every rank holds instead
     kmeans_allreduce: int        # per iteration
@@ -66,7 +70,7 @@ class ClusterMemory:
     def per_rank_total(self) -> int:
         """An upper bound on the cluster stage's peak: every part at once."""
         return (self.features_shard + self.whitened_shard + self.kmeans_rows + self.pca_moments + self.pca_merge_extra
-                + self.centroid_state + self.global_labels)
+                + self.centroid_state + self.kmeans_block + self.global_labels)
 
     @property
     def per_row_part(self) -> int:
@@ -93,7 +97,8 @@ def cluster_memory(n_rows: int, dim: int, pca_dim: int, k: int, world_size: int,
         features_shard=rows * dim * itemsize, whitened_shard=rows * pca_dim * 4,
         kmeans_rows=rows * per_row,
         pca_moments=dim * dim * 12 + dim * 16, pca_merge_extra=dim * dim * 16,
-        centroid_state=k * pca_dim * 16 + k * 16, global_labels=n_rows * 12,
+        centroid_state=k * pca_dim * 16 + k * 16, kmeans_block=min(rows, SUM_CHUNK_ROWS) * pca_dim * 8,
+        global_labels=n_rows * 12,
         gathered_features=n_rows * dim * itemsize,
         kmeans_allreduce=8 * (k * pca_dim + k + 2), init_allreduce=4 * k * pca_dim,
         pca_allreduce=32 + 8 * (dim + 1) + 8 * (dim * dim + dim),
