@@ -243,6 +243,30 @@ def test_no_fixed_point_stop_while_a_cluster_stays_empty():
                       "objective": result.objective}, single, 15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pca_moments_about_another_shift(dtype):
+    """PCAWhitening.moments_about re-expresses the streamed moments (about the first batch's mean, with pending
+    float32 products) about any shift; load_moments/fit_tensors/load_fit carry a merged fit."""
+    x = pca_features(dtype)
+    pca = PCAWhitening(PCA_COMPONENTS, flush_rows=300)
+    for batch in x.split(250):
+        pca.partial_fit(batch)
+    shift = torch.linspace(990.0, 1010.0, PCA_DIM, dtype=torch.float64)
+    centred = x.double() - shift
+    total, gram = pca.moments_about(shift)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(total, centred.sum(0), rtol=tolerance, atol=tolerance * centred.abs().sum(0).max())
+    expected = centred.T @ centred
+    assert (gram - expected).abs().max() <= tolerance * expected.abs().max()
+    assert torch.equal(gram, gram.T)
+    merged = PCAWhitening(PCA_COMPONENTS).load_moments(PCA_ROWS, shift, total, gram)
+    assert torch.allclose(merged.get_covariance(), pca.get_covariance(), rtol=0, atol=tolerance * 10)
+    other = PCAWhitening(PCA_COMPONENTS).load_fit(merged.fit_tensors())
+    assert torch.equal(other.transform(x), merged.transform(x))
+    with pytest.raises(ValueError, match="components"):
+        PCAWhitening(PCA_COMPONENTS + 1).load_fit(merged.fit_tensors())
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_sorted_cluster_sums_equal_point_order_sums(device, monkeypatch):
     """The CUDA path of the local float64 sums (label-sorted segments), run on either device, in chunks of 700

@@ -240,8 +240,11 @@ class PCAWhitening:
         delta = moments["shift"] - shift
         upper = moments["gram"].triu()  # the ops define the upper triangle only
         gram = upper + upper.T
+        del upper
         gram.diagonal().mul_(0.5)  # counted twice above (exact: a power of two)
-        gram.addr_(moments["sum"], delta).addr_(delta, moments["sum"]).addr_(delta, delta, alpha=float(n))
+        # S d^T + d S^T + n d d^T = u d^T + d u^T with u = S + n d / 2; o + o^T is symmetric bit for bit
+        outer = torch.outer(moments["sum"] + (0.5 * n) * delta, delta)
+        gram += outer + outer.T
         return moments["sum"] + n * delta, gram
 
     def load_moments(self, n_samples: int, shift: torch.Tensor, sum: torch.Tensor, gram: torch.Tensor) -> PCAWhitening:

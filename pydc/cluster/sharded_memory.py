@@ -7,8 +7,8 @@ Per rank (the rank with the largest shard, ceil(N / W) rows), in bytes:
     k-means rows        rows x 25: squared norms (4), labels of this and the previous iteration (8 + 8),
                         distances (4), the changed-label mask (1); on CUDA 16 more: the label sort of the
                         reproducible cluster sums (order and sorted labels, int64)
-    PCA moments         D^2 x 12 + D x 16 (float64 Gram, float32 pending Gram, shift, sum), plus D^2 x 16 while
-                        the moments are merged (the full symmetric Gram about the common shift, and its triangle)
+    PCA moments         D^2 x 12 + D x 16 (float64 Gram, float32 pending Gram, shift, sum), plus D^2 x 24 while
+                        the moments are merged (the full Gram about the common shift and two float64 temporaries)
     centroid state      k x pca_dim x 16 (float32 centroids and sums, the float64 all-reduce buffer) + k x 16
     k-means block       SUM_CHUNK_ROWS x pca_dim x 8: the float64 copy of a block of rows for the cluster sums
     global labels       N x 12: the int64 index draw of the initial centroids (transient, host) and the int32
@@ -96,7 +96,7 @@ def cluster_memory(n_rows: int, dim: int, pca_dim: int, k: int, world_size: int,
         world_size=world_size, shard_rows=rows,
         features_shard=rows * dim * itemsize, whitened_shard=rows * pca_dim * 4,
         kmeans_rows=rows * per_row,
-        pca_moments=dim * dim * 12 + dim * 16, pca_merge_extra=dim * dim * 16,
+        pca_moments=dim * dim * 12 + dim * 16, pca_merge_extra=dim * dim * 24,
         centroid_state=k * pca_dim * 16 + k * 16, kmeans_block=min(rows, SUM_CHUNK_ROWS) * pca_dim * 8,
         global_labels=n_rows * 12,
         gathered_features=n_rows * dim * itemsize,
