@@ -80,9 +80,11 @@ def _dataloader_images(loader):
     return _pass_images(loader)
 
 
-# Largest mean |pydc - reference| (uint8 levels) per decoder pair: the torchvision backend runs the same decode
-# and antialiased resize as the reference; DALI's and nvJPEG's decoders and DALI's resize round differently.
-MEAN_LEVELS = {"torchvision": 0.5, "dali": 3.0, "cuda": 3.0}
+# Largest (mean, max) |pydc - reference| in uint8 levels per pair. The torchvision backend runs the same decode
+# and antialiased resize as the reference (measured: identical); DALI's decoder and resize round differently
+# (measured: mean 0.16, max 1 on this machine's AMD EPYC). GPU vs CPU decode (nvJPEG vs libjpeg-turbo) is not
+# measured yet: a loose bound that still fails on shifted, flipped or mismatched images.
+TOLERANCE_LEVELS = {"torchvision": (0.01, 1), "dali": (1.0, 16), "cuda": (3.0, 128)}
 
 
 def assert_same_images(ours, theirs, what):
@@ -92,7 +94,9 @@ def assert_same_images(ours, theirs, what):
     assert our_images.shape == their_images.shape == (IMAGES, 3, SIZE, SIZE)
     assert our_images.dtype == their_images.dtype == torch.uint8
     difference = (our_images.int() - their_images.int()).abs().double()
-    assert difference.mean() <= MEAN_LEVELS[what], f"{what}: mean difference {difference.mean():.3f} levels"
+    mean, largest = TOLERANCE_LEVELS[what]
+    assert difference.mean() <= mean and difference.max() <= largest, \
+        f"{what}: pixels differ by {difference.mean():.3f} levels on average, {difference.max():.0f} at most"
 
 
 def _dataloader_pass(loader, device):

@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path,
                         help="copy to use (created if missing, kept afterwards; default: a temporary directory)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unpatched copy")
+    parser.add_argument("--markdown", action="store_true", help="also print the results as a table for the README")
     args = parser.parse_args(argv)
     try:
         mutants = load_catalogue()
@@ -259,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SURVIVED {name}: {next(m.description for m in mutants if m.id == name)}")
     for name, result in errors.items():
         print(f"ERROR {name}: {result}")
+    if args.markdown:
+        print("\n| planted bug | kind | result | tests that must catch it |\n| --- | --- | --- | --- |")
+        for mutant in mutants:
+            tests = ", ".join(f"`{test.removeprefix('tests/')}`" for test in mutant.tests)
+            print(f"| `{mutant.id}`: {mutant.description} | {mutant.kind} | {results[mutant.id].split(':')[0]} | {tests} |")
     return 2 if errors else 1 if survivors else 0
 
 
