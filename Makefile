@@ -12,7 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 BUILD_STAMP := build/.pydc-built
 
-.PHONY: setup build train test test-cuda bench clean
+.PHONY: setup build train test test-cuda bench mutants clean
 
 setup: $(DEPS_STAMP)
 
@@ -36,6 +36,12 @@ test: build
 
 test-cuda: build
 	$(PY) -m pytest -m cuda tests
+
+# Planted bugs (tests/mutants/mutants.toml): each is applied to a copy of the tree in build/mutants, the tests
+# that should catch it run there, survivors are printed. C++ mutants rebuild that copy CPU-only (incremental
+# after the first run). `make test` runs the Python mutants too (tests/test_mutants.py).
+mutants: build
+	$(PY) tests/mutants/run.py --workdir build/mutants
 
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only

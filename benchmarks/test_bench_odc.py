@@ -5,7 +5,8 @@ product, change ratio) plus a bincount over the whole label bank for the loss we
 centroids with an argsort of the labels and a Python loop over the classes. pydc keeps counts and
 fixed-point class sums up to date inside the sample-update op, so its centroid update reads K x D sums instead
 of the N x D bank; the "full recompute" group times pydc's pass over the whole bank as well (odc_class_sums,
-what init_memory and load_state_dict run), against the same reference.
+what init_memory and load_state_dict run), against the same reference. Before any timing, one cycle runs on
+both sides and their banks, labels, loss weights and centroids must agree (_assert_outputs_agree).
 """
 
 from __future__ import annotations
@@ -68,7 +69,34 @@ def _setup(device):
     for _ in range(STEPS_PER_CYCLE):  # distinct indices: MMSelfSup's scatter leaves duplicates undefined
         indices = torch.randperm(size["length"], device=device, generator=generator)[: size["batch"]]
         batches.append((indices, torch.randn(size["batch"], size["dim"], device=device, generator=generator)))
+    _assert_outputs_agree(memory, reference, batches)
     return size, memory, reference, batches
+
+
+def _assert_outputs_agree(memory, reference, batches):
+    """Before any timing, one cycle on both sides must give the same memory. Labels come from float32
+    products on the reference's side and exact float64 dot products on pydc's: they may differ only at
+    near-ties, which random 256-d features make rare (a handful of rows at most)."""
+    near_tie_rows = max(2, sum(len(indices) for indices, _ in batches) // 1000)
+    for indices, features in batches:
+        ours, theirs = memory.update_samples(indices, features), reference.update_samples(indices, features)
+        assert abs(ours - theirs) * len(indices) <= near_tie_rows, f"change ratio {ours} vs {theirs}"
+    torch.testing.assert_close(memory.feature_bank, reference.feature_bank, rtol=0, atol=1e-6)
+    differing = memory.label_bank != reference.label_bank
+    assert int(differing.sum()) <= near_tie_rows, f"{int(differing.sum())} labels differ"
+    # Classes that a differing row belongs to on either side have different members: compare the others.
+    same_members = torch.ones(memory.num_classes, dtype=torch.bool, device=differing.device)
+    same_members[memory.label_bank[differing]] = False
+    same_members[reference.label_bank[differing]] = False
+    if bool(same_members.all()):
+        torch.testing.assert_close(memory.loss_weights(), reference.loss_weights(), rtol=1e-5, atol=0)
+    memory.update_centroids()
+    reference.update_centroids()
+    # the reference's float32 means of up to a few hundred unit rows agree with pydc's exact ones to ~1e-7
+    torch.testing.assert_close(memory.centroids[same_members], reference.centroids[same_members], rtol=0, atol=1e-5)
+    memory.recount()
+    memory.update_centroids()
+    torch.testing.assert_close(memory.centroids[same_members], reference.centroids[same_members], rtol=0, atol=1e-5)
 
 
 def _label(device, size, what):

@@ -91,13 +91,47 @@ def test_split_rule_copies_and_perturbs():
     assert torch.equal(centroids[2], original[2])
 
 
-def test_split_sizes_halve_between_successive_empties():
-    # Cluster 3 (size 4) is split for cluster 0 (2 + 2), then one of the halves (weight 1 each) for cluster 1.
+@pytest.mark.parametrize("seed", range(6))
+def test_split_sizes_halve_between_successive_empties(seed):
+    # Eight empty clusters between eight clusters of two points. A split halves the size: the two halves of
+    # a cluster of 2 have size 1 and weight size - 1 = 0, so no cluster is split twice and every cluster of
+    # 2 is split exactly once, whatever the draws. Without the halving a cluster (or a copy of it) is picked
+    # again with high probability (all eight distinct: 8! / 8^8 = 0.2%).
+    k, d = 16, 5
+    centroids = torch.randn((k, d), generator=torch.Generator().manual_seed(100 + seed))
+    counts = torch.tensor([0, 2] * 8)
+    original = centroids.clone()
+    assert split_empty_clusters(centroids, counts, torch.Generator().manual_seed(seed)) == 8
+    sign = torch.ones(d)
+    sign[1::2] = -1.0
+    grow, shrink = 1.0 + SPLIT_EPS * sign, 1.0 - SPLIT_EPS * sign
+    sources = []
+    for empty in range(0, k, 2):
+        copies = [j for j in range(1, k, 2) if torch.allclose(centroids[empty], original[j] * grow, rtol=1e-6, atol=0)]
+        assert len(copies) == 1, f"cluster {empty} is not a once-perturbed copy of one cluster of 2"
+        sources += copies
+    assert sorted(sources) == list(range(1, k, 2))
+    torch.testing.assert_close(centroids[1::2], original[1::2] * shrink, rtol=1e-6, atol=0)
+
+
+def test_split_weights_are_sizes_minus_one_after_halving(monkeypatch):
+    # Observes the sizes themselves: the weights split_empty_clusters draws from, recorded for each empty.
+    # Cluster 3 (5 points) is the only one of weight > 0 for cluster 0; then its halves have size 2.5 each
+    # (weight 1.5) when cluster 1 draws. (Patches torch.multinomial, which split_empty_clusters draws with.)
+    recorded = []
+    multinomial = torch.multinomial
+
+    def recording_multinomial(weights, *args, **kwargs):
+        recorded.append(weights.clone())
+        return multinomial(weights, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
     centroids = torch.arange(12, dtype=torch.float32).view(4, 3) + 1
-    counts = torch.tensor([0, 0, 1, 4])
-    assert split_empty_clusters(centroids, counts, torch.Generator().manual_seed(1)) == 2
-    assert not torch.equal(centroids[0], torch.zeros(3)) and not torch.equal(centroids[1], torch.zeros(3))
-    assert torch.equal(centroids[2], torch.tensor([7.0, 8.0, 9.0]))
+    assert split_empty_clusters(centroids, torch.tensor([0, 0, 1, 5]), torch.Generator().manual_seed(1)) == 2
+    assert len(recorded) == 2
+    assert recorded[0].tolist() == [0.0, 0.0, 0.0, 4.0]
+    assert recorded[1].tolist() == [1.5, 0.0, 0.0, 1.5]
+    assert torch.equal(centroids[2], torch.tensor([7.0, 8.0, 9.0]))  # one point: never split
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

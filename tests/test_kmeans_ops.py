@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -17,13 +19,26 @@ ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (97, 33, 7), (300,
                 (9000, 40, 8)]
 
 
+def cpu_has_avx512f() -> bool:
+    """Whether this CPU runs AVX-512F code (the fused kernel's condition, __builtin_cpu_supports("avx512f"))."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
+    except OSError:  # not Linux: ATen's own detection (it needs a few AVX-512 extensions besides F)
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 @pytest.fixture(params=["default", "fused"])
 def cpu_kernel(request, monkeypatch):
-    """Runs a test with the default CPU assignment (BLAS blocks) and with the fused AVX-512 kernel (the BLAS
-    path again on CPUs without AVX-512)."""
+    """Runs a test with the default CPU assignment (BLAS blocks) and with the fused AVX-512 kernel. Without
+    AVX-512 the switch would silently run the BLAS path a second time: the fused case is skipped instead."""
     if request.param == "fused":
         if request.node.callspec.params.get("device") == "cuda":
             pytest.skip("the fused switch is a CPU path")
+        if not cpu_has_avx512f():
+            pytest.skip("this CPU has no AVX-512F: PYDC_KMEANS_FUSED=1 would run the BLAS path again")
         monkeypatch.setenv("PYDC_KMEANS_FUSED", "1")
     return request.param
 
@@ -86,6 +101,55 @@ def test_assign_ties_go_to_lowest_index(device, cpu_kernel):
     identical = base[:1].repeat(3, 1)  # all centroids equal: every point takes centroid 0
     labels, _ = ASSIGN(random_points(20, 8, device), identical, None, True)
     assert labels.eq(0).all()
+
+
+def integer_points(n: int, d: int, low: int, high: int, generator, device) -> torch.Tensor:
+    """Points with small integer coordinates: every dot product, norm and score is exact in float32, whatever
+    the summation order, so equal distances are exact ties in every kernel."""
+    return torch.randint(low, high, (n, d), generator=generator).to(device=device, dtype=torch.float32)
+
+
+def lowest_nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (float64) squared distances: the lowest index among the nearest centroids, and its distance."""
+    exact = (x.double().cpu().unsqueeze(1) - centroids.double().cpu().unsqueeze(0)).pow(2).sum(2)
+    best = exact.min(dim=1, keepdim=True).values
+    return exact.eq(best).int().argmax(dim=1), best.squeeze(1)  # argmax: the first True
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_assign_ties_in_every_lane_and_the_tail(device, cpu_kernel):
+    # The CPU arg-min scans 16 centroids at a time (lane l sees centroids l, l + 16, ...) and ends with a tail
+    # of k % 16; the fused kernel's panels hold 32. k = 16 * 5 + 7: for every lane l, point l equals
+    # centroids l and l + 48 (same lane, three groups later) and no other, so lane l itself must keep the
+    # first of two equal scores. Two more points: copies at 20 (lane part) and 83 (tail), and at 81 and 86
+    # (both in the tail).
+    generator = torch.Generator().manual_seed(5)
+    k, d = 87, 6
+    centroids = integer_points(k, d, -20, 21, generator, device)
+    assert centroids.unique(dim=0).shape[0] == k
+    pairs = [(lane, lane + 48) for lane in range(16)] + [(20, 83), (81, 86)]
+    for first, second in pairs:
+        centroids[second] = centroids[first]
+    x = torch.stack([centroids[first] for first, _ in pairs])
+    labels, distances = ASSIGN(x, centroids, None, True)
+    assert labels.tolist() == [first for first, _ in pairs]
+    assert distances.eq(0).all()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("k", [64, 100, 1100])  # 1100: over the BLAS path's 1024-centroid blocks
+def test_assign_exact_ties_go_to_lowest_index(device, k, cpu_kernel):
+    # Centroids drawn from a pool of 12 integer vectors, so every vector appears at many positions (every
+    # lane, the tail, both centroid blocks); points on a small integer grid are also often equidistant
+    # from different vectors. All arithmetic is exact: labels and distances must equal the exact answer.
+    generator = torch.Generator().manual_seed(k)
+    pool = integer_points(12, 5, -3, 4, generator, "cpu")
+    centroids = pool[torch.randint(0, 12, (k,), generator=generator)].to(device)
+    x = integer_points(600, 5, -3, 4, generator, device)
+    labels, distances = ASSIGN(x, centroids, None, True)
+    expected_labels, expected_distances = lowest_nearest(x, centroids)
+    assert torch.equal(labels.cpu(), expected_labels)
+    assert torch.equal(distances.cpu(), expected_distances.float())
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -153,6 +217,22 @@ def test_update_matches_reference(device, size):
         fast_sums, fast_counts = UPDATE(x, labels, k, False)
         assert torch.equal(fast_counts, ref_counts)
         torch.testing.assert_close(fast_sums, ref_sums, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_update_accumulates_in_float64(device):
+    # Values 4096 + m / 1024 are exact in float32, and so is every partial sum in float64 (< 2^27, multiples of
+    # 2^-10), so the float64 reference is the exact sum and the kernel must return it correctly rounded: bitwise
+    # equal. A float32 accumulator rounds each of the ~20000 adds per cluster to a multiple of 8 (the float32
+    # step near 8e7) and ends hundreds of units away.
+    generator = torch.Generator().manual_seed(3)
+    n, d, k = 60000, 8, 3
+    x = (4096.0 + torch.randint(0, 4096, (n, d), generator=generator) / 1024.0).to(device=device, dtype=torch.float32)
+    labels = torch.randint(0, k, (n,), generator=generator).to(device)
+    sums, counts = UPDATE(x, labels, k, True)
+    ref_sums, ref_counts = kmeans_update_reference(x, labels, k)
+    assert torch.equal(counts, ref_counts)
+    assert torch.equal(sums, ref_sums), f"max error {(sums.double() - ref_sums.double()).abs().max().item()}"
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -262,6 +342,10 @@ def test_bad_norms_and_update_input():
 def test_wrappers_match_ops():
     x, centroids = random_points(100, 5, "cpu"), random_points(7, 5, "cpu")
     labels, distances = kmeans_assign(x, centroids)
-    assert torch.equal(labels, ASSIGN(x, centroids, None, True)[0])
+    op_labels, op_distances = ASSIGN(x, centroids, None, True)
+    assert torch.equal(labels, op_labels) and torch.equal(distances, op_distances)
     sums, counts = kmeans_update(x, labels, 7)
     assert torch.equal(counts, torch.bincount(labels, minlength=7))
+    op_sums, _ = UPDATE(x, labels, 7, True)
+    assert torch.equal(sums, op_sums)
+    torch.testing.assert_close(sums, kmeans_update_reference(x, labels, 7)[0], rtol=1e-6, atol=1e-6)

@@ -67,6 +67,55 @@ def test_sampler_is_reproducible_per_seed_and_epoch():
     assert all(isinstance(i, int) for i in first[:5])
 
 
+# Five clusters of a 600-sample set: m = 5, per_cluster = 600 // 5 + 1 = 121 draws each, so clusters 0 and 1
+# are drawn without replacement and 2, 3, 4 with replacement; members of a cluster are not contiguous.
+RANDOMNESS_SIZES = [300, 150, 100, 40, 10]
+
+
+def randomness_labels() -> np.ndarray:
+    labels = np.repeat(np.arange(len(RANDOMNESS_SIZES)), RANDOMNESS_SIZES)
+    return np.random.default_rng(7).permutation(labels)
+
+
+def member_counts(indices: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(indices, minlength=n)
+
+
+def test_members_are_drawn_equally_often_over_epochs():
+    # Within a cluster every member has the same chance per epoch, so over 200 epochs each member's count is
+    # close to the cluster's mean: the chi-square statistic sum((count - mean)^2 / mean) is about its
+    # degrees of freedom (size - 1) or less (draws without replacement vary less). The bound is 8 standard
+    # deviations above: a sampler that favours some members (say the first ones of each cluster) is
+    # thousands above it.
+    labels = randomness_labels()
+    sampler = UniformLabelSampler(labels, labels.size, seed=0)
+    counts = np.zeros(labels.size, dtype=np.int64)
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        counts += member_counts(sampler.epoch_indices(), labels.size)
+    for cluster, cluster_size in enumerate(RANDOMNESS_SIZES):
+        observed = counts[labels == cluster]
+        mean = observed.mean()
+        chi_square = float(((observed - mean) ** 2 / mean).sum())
+        degrees = cluster_size - 1
+        assert chi_square < degrees + 8 * np.sqrt(2 * degrees), (cluster, chi_square, degrees)
+        assert observed.min() > 0  # every member drawn at some point
+
+
+def test_two_seeds_draw_different_members():
+    # The same epoch under two seeds: per cluster, the members drawn (and how often) differ. Cutting the
+    # 605 draws to 600 alone changes at most 2 * 5 counts, so a sampler whose draws do not depend on the
+    # seed stays under 11; random draws differ by dozens (a 300-member cluster: 121 of 300 each time,
+    # ~49 in common; a 10-member one: ~12 draws per member, each count differing by ~4).
+    labels = randomness_labels()
+    first = member_counts(UniformLabelSampler(labels, labels.size, seed=1).epoch_indices(), labels.size)
+    second = member_counts(UniformLabelSampler(labels, labels.size, seed=2).epoch_indices(), labels.size)
+    for cluster in range(len(RANDOMNESS_SIZES)):
+        members = labels == cluster
+        difference = int(np.abs(first[members] - second[members]).sum())
+        assert difference > 20, (cluster, difference)
+
+
 @pytest.mark.parametrize("size,world_size", [(1000, 4), (1001, 4), (7, 3), (2, 5)])
 def test_rank_shards_cover_one_list(size, world_size):
     labels = skewed_labels(max(size, 20))
