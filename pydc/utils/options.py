@@ -163,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         check_types(parser, args, config, preliminary.config)
         _fill_defaults(args)
-        check_values(args)
+        check_values(args, config, preliminary.config)
     except OptionError as error:
         parser.error(str(error))
     return args

@@ -27,7 +27,7 @@ import torch
 
 # The largest --lr accepted. DeepCluster/ODC use 0.05-0.06 with SGD; DeepCluster-v2's LARS uses 4.8 at
 # batch 4096. A plain SGD step above 10 makes the loss non-finite within a few steps on every net here.
-MAX_LR = 10.0
+MAX_LR = 10
 # Upper bounds for thread counts: far above any machine's cores; a typo such as 10000000 would otherwise
 # make torch or the decoding pool try to create that many threads.
 MAX_THREADS = 1024
@@ -52,11 +52,12 @@ class Range:
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
     def describe(self) -> str:
+        low, high = str(self.low), str(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
 RANGES = {
@@ -139,13 +140,14 @@ def check_types(parser: argparse.ArgumentParser, args: argparse.Namespace, confi
             setattr(args, dest, float(value))  # an integer from a config file
 
 
-def check_values(args: argparse.Namespace) -> None:
+def check_values(args: argparse.Namespace, config: dict | None = None, config_path: str | None = None) -> None:
     """Ranges, the device, the paths, the model's crop and a resumed checkpoint's compatibility."""
     for dest, allowed in RANGES.items():
         value = getattr(args, dest, None)
         if value is not None and value not in allowed:
             kind = "an integer" if isinstance(value, int) else "a number"
-            raise OptionError(f"{_flag(dest)}: expected {kind} {allowed.describe()}, got {value!r}")
+            raise OptionError(f"{_flag(dest)}: expected {kind} {allowed.describe()}, got {value!r}"
+                              f"{_origin(dest, value, config or {}, config_path)}")
     _check_device(args.device)
     _check_backends(args)
     _check_crop(args.arch, args.crop)
