@@ -81,7 +81,7 @@ def _read(path: Path, map_location, mmap: bool) -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200] if str(error) else ''}); it is truncated or "
+                              f"{_first_sentence(error)}); it is truncated or "
                               f"corrupt, or not a torch file. Resume from another checkpoint (e.g. one under "
                               f"{EPOCH_CHECKPOINTS}/) or start afresh") from None
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("args"), dict):
@@ -93,6 +93,11 @@ def _read(path: Path, map_location, mmap: bool) -> dict:
                               f"(up to {FORMAT_VERSION}); it was written by a newer pydc: resume with that "
                               f"version, or upgrade pydc")
     return state
+
+
+def _first_sentence(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else ""
 
 
 def check_compatible(saved_args: dict, args: dict, path) -> None:
