@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 # Options a checkpoint must share with the run that resumes it (the shapes of its tensors depend on them).
 COMPATIBILITY_KEYS = ("algo", "arch", "k", "crop")
 EPOCH_CHECKPOINTS = "checkpoints"
+_ELSEWHERE = f"Resume from another checkpoint (e.g. one under {EPOCH_CHECKPOINTS}/) or start afresh"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
@@ -77,13 +78,15 @@ def _read(path: Path, map_location, mmap: bool) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a checkpoint.pt written by "
                               f"pydc.train (it lies under the run's --output folder)")
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive, its directory at the end
+        raise CheckpointError(f"checkpoint {path} cannot be read (not a complete zip archive, the format torch.save "
+                              f"writes); it is truncated or corrupt, or not a torch file. {_ELSEWHERE}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
                               f"{_first_sentence(error)}); it is truncated or "
-                              f"corrupt, or not a torch file. Resume from another checkpoint (e.g. one under "
-                              f"{EPOCH_CHECKPOINTS}/) or start afresh") from None
+                              f"corrupt, or not a torch file. {_ELSEWHERE}") from None
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("args"), dict):
         raise CheckpointError(f"checkpoint {path} is a torch file but not a pydc.train checkpoint "
                               f"(expected a dict with 'model' and 'args')")
