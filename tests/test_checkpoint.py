@@ -13,7 +13,8 @@ import torch
 
 from pydc.utils import checkpoint as checkpoint_module
 from pydc.utils.checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, epoch_checkpoint_path,
-                                   keep_epoch_checkpoint, load_checkpoint, peek_checkpoint, save_checkpoint)
+                                   keep_epoch_checkpoint, load_checkpoint, peek_checkpoint, remove_stale_temporaries,
+                                   save_checkpoint)
 from tests.test_train import REPO
 
 
@@ -71,6 +72,8 @@ def test_a_writer_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     assert load_checkpoint(path)["epoch"] == 1
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
     assert all(name.startswith(".checkpoint.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
+    assert [p.name for p in remove_stale_temporaries(path)] == sorted(leftovers)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_format_version_written_and_newer_ones_refused(tmp_path):

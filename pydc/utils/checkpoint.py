@@ -2,7 +2,8 @@
 
 `save_checkpoint` writes to a temporary file in the same folder, fsyncs it, renames it over the target and
 fsyncs the folder, so a reader sees either the old or the new file, never a torn one; a failed write removes
-its temporary file and leaves the previous checkpoint as it was. `load_checkpoint` uses
+its temporary file and leaves the previous checkpoint as it was (a killed one leaves the temporary file, which
+`remove_stale_temporaries` deletes). `atomic_save` is the same write for any object (pydc.export). `load_checkpoint` uses
 torch.load(weights_only=True): a checkpoint holds only tensors, numbers, strings and containers of them
 (RNG states are stored as tensors and lists for that reason).
 
@@ -45,12 +46,18 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write a pydc.train checkpoint (stamped with FORMAT_VERSION) atomically."""
+    return atomic_save({**state, "format_version": FORMAT_VERSION}, path)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save(obj, path) that leaves either the old file or the complete new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save({**state, "format_version": FORMAT_VERSION}, stream)
+            torch.save(obj, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -63,6 +70,18 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed save_checkpoint(path) left beside `path` (`.NAME.*.tmp`). Call it
+    only where no other process writes `path` (pydc.train: rank 0 at start-up)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for temporary in stale:
+        temporary.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
