@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pydc.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pydc.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 BODY_PREFIX = "backbone.body."
 
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"pydc.export: error: {error}", file=sys.stderr)
         return 2
-    # save_checkpoint is atomic; a plain dict of tensors is what torch.load(weights_only=True) expects.
-    path = save_checkpoint({key: value.contiguous() for key, value in weights.items()}, Path(args.out))
+    # atomic_save: a plain dict of tensors, what torch.load(weights_only=True) expects, never half written.
+    path = atomic_save({key: value.contiguous() for key, value in weights.items()}, Path(args.out))
     print(f"wrote {len(weights)} tensors to {path}")
     return 0
 

@@ -18,6 +18,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PYDC_CACHE", str(tmp_path / "cache"))
 
 
+# These tests look at the listing; screen=False skips decoding a file (see tests/test_bad_inputs.py for that).
 def _touch_png(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (4, 4), (10, 20, 30)).save(path)
@@ -28,7 +29,7 @@ def test_class_folders_sorted_with_labels(tmp_path):
     for relative in ["b/2.png", "b/1.jpg", "a/z.png", "a/sub/y.png", "c/x.webp", "a/.hidden.png", "a/notes.txt"]:
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_bytes(b"x")  # the index looks at names only
-    index = ImageFolderIndex(root)
+    index = ImageFolderIndex(root, screen=False)
     relative = [os.path.relpath(p, root) for p in index.paths]
     assert relative == ["a/sub/y.png", "a/z.png", "b/1.jpg", "b/2.png", "c/x.webp"]
     assert index.classes == ["a", "b", "c"] and index.labels == [0, 0, 1, 1, 2] and len(index) == 5
@@ -37,7 +38,7 @@ def test_class_folders_sorted_with_labels(tmp_path):
 def test_flat_folder_has_no_labels(tmp_path):
     for name in ["3.png", "1.png", "2.PNG"]:
         _touch_png(tmp_path / "flat" / name)
-    index = ImageFolderIndex(tmp_path / "flat")
+    index = ImageFolderIndex(tmp_path / "flat", screen=False)
     assert [os.path.basename(p) for p in index.paths] == ["1.png", "2.PNG", "3.png"]
     assert index.labels is None and index.classes == []
 
@@ -54,27 +55,27 @@ def test_scan_is_cached_and_invalidated_by_changes(tmp_path):
     root = tmp_path / "data"
     for name in ["a/1.png", "a/2.png", "b/1.png"]:
         _touch_png(root / name)
-    first = ImageFolderIndex(root)
+    first = ImageFolderIndex(root, screen=False)
     assert not first.from_cache
-    second = ImageFolderIndex(root)
+    second = ImageFolderIndex(root, screen=False)
     assert second.from_cache and second.paths == first.paths and second.labels == first.labels
 
     time.sleep(0.01)  # directory mtimes have nanosecond resolution here, but leave the clock room to move
     _touch_png(root / "b" / "2.png")
-    third = ImageFolderIndex(root)
+    third = ImageFolderIndex(root, screen=False)
     assert not third.from_cache and len(third) == 4
     (root / "a" / "1.png").unlink()
-    assert len(ImageFolderIndex(root)) == 3
+    assert len(ImageFolderIndex(root, screen=False)) == 3
     _touch_png(root / "c" / "0.png")  # a new class folder changes the root's mtime
-    fourth = ImageFolderIndex(root)
+    fourth = ImageFolderIndex(root, screen=False)
     assert fourth.classes == ["a", "b", "c"] and not fourth.from_cache
-    assert ImageFolderIndex(root).from_cache
+    assert ImageFolderIndex(root, screen=False).from_cache
 
 
 def test_digits_folder_rendered_once(tmp_path, monkeypatch):
     root = digits_folder()
     assert root == tmp_path / "cache" / "digits"
-    index = ImageFolderIndex(root)
+    index = ImageFolderIndex(root, screen=False)
     assert len(index) == 1797 and index.classes == [str(d) for d in range(10)]
     with Image.open(index.paths[0]) as image:
         assert image.size == (32, 32) and image.mode == "RGB"

@@ -202,6 +202,14 @@ def test_faiss_and_auto_backends_on_cpu():
     assert ours.objective[-1] == pytest.approx(through_faiss.objective[-1], rel=0.01)
 
 
+def test_faiss_takes_seeds_beyond_a_c_int():
+    pytest.importorskip("faiss")
+    x = blobs(200, 4, centres=4, seed=1)
+    large = 5000 * 1_000_003  # pydc.train's epoch seed for --seed 5000
+    assert torch.equal(kmeans(x, 4, niter=3, seed=large, backend="faiss").labels,
+                       kmeans(x, 4, niter=3, seed=large % 2**31, backend="faiss").labels)
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(k=0), "positive integer"), (dict(k=2.5), "positive integer"), (dict(niter=-1), "niter"),
     (dict(backend="sklearn"), "backend"), (dict(init_centroids=torch.zeros(3, 4)), "init_centroids"),

@@ -134,7 +134,8 @@ def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeans
     n, d = x_np.shape
     clustering = faiss.Clustering(d, k)
     clustering.niter = int(niter)
-    clustering.seed = int(seed)
+    # faiss's seed is a C int; pydc.train's epoch seeds (seed * 1_000_003 + epoch) exceed it from --seed 2148 on.
+    clustering.seed = int(seed) % 2**31
     clustering.spherical = bool(spherical)
     clustering.max_points_per_centroid = 10_000_000  # DeepCluster: no subsampling
     clustering.verbose = False

@@ -10,7 +10,10 @@ decode_jpeg(device="cuda") for JPEGs) in RGB mode, which already turns grey, CMY
 PNGs come back as uint16 and are scaled to uint8 as floor(v * 255 / 65535) (so only 65535 maps to 255);
 formats torchvision does not read (BMP, TIFF) go through PIL. A file that fails every decoder (truncated JPEG,
 text named .jpg) is reported by raising `UnreadableImage`, which the loaders turn into one warning and a
-count; they never substitute another sample.
+count; they never substitute another sample. Each UnreadableImage carries a `kind` (one of FAILURE_KINDS),
+so that a folder's failures can be summarised by kind (pydc.data.screen).
+Images under MIN_SIDE pixels on a side are refused by `probe` too: a 1x1 image is one colour, which the
+Sobel stem turns into zeros, so it can only dilute the clusters.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from PIL import Image
 # Largest image (width * height) a loader decodes: 64 megapixels (e.g. 8000 x 8000), 192 MB as RGB uint8 per
 # image and per decoding thread. Larger images are skipped with a warning. PIL's own bomb guard starts at 89M.
 MAX_PIXELS = 64_000_000
+# Smallest width and height a loader accepts (the small net's own smallest crop is 8x8).
+MIN_SIDE = 8
+FAILURE_KINDS = ("unreadable", "empty file", "not an image", "too large", "too small", "corrupt")
 
 # torchvision 0.29 warns (DeprecationWarning) on every decode that its image I/O is deprecated in favour of
 # TorchCodec; the warning says nothing about the file. It is silenced once, here, for that message only: a
@@ -39,7 +45,11 @@ _TORCHVISION_FORMATS = {"JPEG", "PNG", "WEBP", "GIF"}
 
 
 class UnreadableImage(Exception):
-    """A file no decoder could turn into an image; the message says why."""
+    """A file no decoder could turn into an image; the message says why, `kind` which of FAILURE_KINDS."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -63,21 +73,23 @@ def probe(path: str, max_pixels: int = MAX_PIXELS) -> ImageHeader:
     try:
         data = read_file(path)
     except OSError as error:
-        raise UnreadableImage(f"cannot read: {error}") from error
+        raise UnreadableImage(f"cannot read: {error}", "unreadable") from error
     if not data:
-        raise UnreadableImage("empty file (0 bytes)")
+        raise UnreadableImage("empty file (0 bytes)", "empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             header = ImageHeader(data, image.format or "", image.mode, image.width, image.height)
     except Image.DecompressionBombError as error:  # PIL's own guard (2 * Image.MAX_IMAGE_PIXELS) came first
-        raise UnreadableImage(f"header size exceeds the limit of {max_pixels} pixels (PIL: {error})") from error
+        raise UnreadableImage(f"header size exceeds the limit of {max_pixels} pixels (PIL: {error})",
+                              "too large") from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise UnreadableImage(f"not an image PIL can identify: {error}") from error
-    if header.width <= 0 or header.height <= 0:
-        raise UnreadableImage(f"empty image size {header.width}x{header.height}")
+        raise UnreadableImage(f"not an image PIL can identify: {error}", "not an image") from error
+    if header.width < MIN_SIDE or header.height < MIN_SIDE:
+        raise UnreadableImage(f"image size {header.width}x{header.height} is under the minimum of {MIN_SIDE}x"
+                              f"{MIN_SIDE} pixels (pydc.data.decode.MIN_SIDE)", "too small")
     if header.width * header.height > max_pixels:
         raise UnreadableImage(f"header size {header.width}x{header.height} exceeds the limit of {max_pixels} pixels "
-                              f"(pydc.data.decode.MAX_PIXELS)")
+                              f"(pydc.data.decode.MAX_PIXELS)", "too large")
     return header
 
 

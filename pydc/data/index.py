@@ -22,7 +22,7 @@ from pathlib import Path
 from pydc.data.cache import cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: dangling symlinks named like images are listed
 
 
 class ImageFolderIndex:
@@ -30,9 +30,11 @@ class ImageFolderIndex:
 
     Attributes: root (Path), paths (list[str], absolute), labels (list[int] or None for a flat folder),
     classes (list[str], empty for a flat folder). `use_cache=False` always rescans and writes nothing.
+    `screen=True` decodes files until one does (pydc.data.screen; usually the first) and raises
+    NoUsableImages (a ValueError) with the failures' counts by kind and example paths when none does.
     """
 
-    def __init__(self, root: str | os.PathLike, use_cache: bool = True):
+    def __init__(self, root: str | os.PathLike, use_cache: bool = True, screen: bool = True):
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise ValueError(f"image folder {str(self.root)!r} does not exist or is not a directory")
@@ -48,6 +50,10 @@ class ImageFolderIndex:
         if not self.paths:
             raise ValueError(f"no images found under {str(self.root)!r} (looked for files ending in "
                              f"{', '.join(IMAGE_EXTENSIONS)}, in class subfolders or directly in the folder)")
+        if screen:
+            from pydc.data.screen import screen_files
+
+            screen_files(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -61,12 +67,23 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _entry_is(entry: os.DirEntry, test: str) -> bool:
+    """entry.is_dir()/is_file(), False where the test itself fails (a symlink loop raises ELOOP)."""
+    try:
+        return getattr(entry, test)()
+    except OSError:
+        return False
+
+
 def _scan(root: Path) -> dict:
     directories: dict[str, int] = {".": os.stat(root).st_mtime_ns}
     with os.scandir(root) as entries:
         entries = sorted(entries, key=lambda entry: entry.name)
-    class_dirs = [e for e in entries if not e.name.startswith(".") and e.is_dir()]
-    root_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    class_dirs = [e for e in entries if not e.name.startswith(".") and _entry_is(e, "is_dir")]
+    # A dangling or looping symlink named like an image is listed (as os.walk lists it in class folders), so
+    # that it is reported as unreadable with the other bad files instead of vanishing.
+    root_images = [e.name for e in entries if _is_image(e.name) and not _entry_is(e, "is_dir")
+                   and (_entry_is(e, "is_file") or e.is_symlink())]
     if not class_dirs:
         return {"classes": [], "paths": root_images, "labels": None, "directories": directories}
     if root_images:

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
+from pydc.cluster.kmeans import BACKENDS as KMEANS_BACKENDS
+from pydc.data.loaders import BACKENDS as DATA_BACKENDS
 from pydc.models import ARCHITECTURES
+from pydc.utils.validate import OptionError, check_types, check_values
 
 # Cluster counts for the bundled digits (1797 images) when --k is not given. On ImageNet the original
 # over-clusters (k = 10000 for 1000 classes); on the digits, k = 100 or 20 learned far slower within the CPU
@@ -43,7 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     algorithm.add_argument("--pca-dim", type=int, default=32,
                            help="DeepCluster: PCA-whitening dimension before k-means (256 on ImageNet)")
     algorithm.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations per clustering")
-    algorithm.add_argument("--kmeans-backend", default="auto", help="pydc.cluster.kmeans backend")
+    algorithm.add_argument("--kmeans-backend", choices=KMEANS_BACKENDS, default="auto",
+                           help="pydc.cluster.kmeans backend (auto: faiss on the CPU when installed, else pydc's)")
     algorithm.add_argument("--odc-momentum", type=float, default=0.2,
                            help="ODC: weight of the new feature in a memory row's update (MMSelfSup uses 0.5 on "
                                 "ImageNet; 0.2 keeps the digits memory steadier)")
@@ -68,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "deepcluster, 0.5 for odc, whose online labels come from the training crops)")
     data.add_argument("--batch-size", type=int, default=32, help="images per step and per process (256 on ImageNet)")
     data.add_argument("--workers", type=int, default=2, help="decoding threads per process")
-    data.add_argument("--data-backend", default="auto", help="pydc.data loader backend (auto, dali, torchvision)")
+    data.add_argument("--data-backend", choices=DATA_BACKENDS, default="auto", help="pydc.data loader backend")
 
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument("--epochs", type=int, default=30)
@@ -85,6 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="checkpoint to resume from exactly; 'auto' = OUTPUT/checkpoint.pt if it exists")
     run.add_argument("--checkpoint-steps", type=int, default=200,
                      help="also checkpoint every this many steps inside an epoch (0: only at epoch ends)")
+    run.add_argument("--keep-checkpoints", type=int, default=0,
+                     help="also keep the last this many epochs' checkpoints as OUTPUT/checkpoints/epoch_NNNN.pt "
+                          "(0: only the latest, OUTPUT/checkpoint.pt)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels: a resumed run ends bit-identical to an uninterrupted one")
@@ -99,13 +106,19 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--config {path}: no such file")
-    text = file.read_text()
-    if file.suffix.lower() == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
+    try:
+        text = file.read_text()
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
 
-        values = yaml.safe_load(text) or {}
+            values = yaml.safe_load(text) or {}
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"--config {path}: cannot be read as {'JSON' if file.suffix.lower() == '.json' else 'YAML'}"
+                         f" ({error})") from None
+    except Exception as error:  # yaml.YAMLError, without importing yaml for JSON configs
+        raise ValueError(f"--config {path}: cannot be read as YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
     known = {action.dest for action in parser._actions}
@@ -119,20 +132,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return defaults
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Flags over --config over built-in defaults; fills --k and --crop from the algorithm and arch."""
-    parser = get_args_parser()
-    preliminary, _ = parser.parse_known_args(argv)
-    if preliminary.config:
-        try:
-            parser.set_defaults(**_config_defaults(parser, preliminary.config))
-        except ValueError as error:
-            parser.error(str(error))
-    args = parser.parse_args(argv)
-    if args.arch not in ARCHITECTURES:  # a config file bypasses argparse's choices
-        parser.error(f"unknown architecture {args.arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    if args.algo not in DEFAULT_K:
-        parser.error(f"unknown algorithm {args.algo!r}; expected deepcluster or odc")
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Options whose defaults depend on the algorithm or the architecture."""
     if args.k is None:
         args.k = DEFAULT_K[args.algo]
     if args.crop is None:
@@ -143,13 +144,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.crop_scale = DEFAULT_CROP_SCALE[args.algo]
     if args.odc_dropout is None:
         args.odc_dropout = DEFAULT_ODC_DROPOUT.get(args.arch, 0.5)
-    if not 0.0 <= args.odc_dropout < 1.0:
-        parser.error(f"--odc-dropout must lie in [0, 1), got {args.odc_dropout}")
-    if args.odc_init not in ("pca", "neck"):  # a config file bypasses argparse's choices
-        parser.error(f"unknown --odc-init {args.odc_init!r}; expected pca or neck")
-    if not 0.0 < args.crop_scale <= 1.0:
-        parser.error(f"--crop-scale must lie in (0, 1], got {args.crop_scale}")
-    for name in ("k", "epochs", "batch_size", "pca_dim"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags over --config over built-in defaults, every value checked (pydc.utils.validate) before anything
+    is read or written; a bad one exits with status 2 and one message. Fills --k, --crop and the other
+    algorithm- and arch-dependent defaults."""
+    parser = get_args_parser()
+    preliminary, _ = parser.parse_known_args(argv)
+    config = {}
+    if preliminary.config:
+        try:
+            config = _config_defaults(parser, preliminary.config)
+        except ValueError as error:
+            parser.error(str(error))
+        parser.set_defaults(**config)
+    args = parser.parse_args(argv)
+    try:
+        check_types(parser, args, config, preliminary.config)
+        _fill_defaults(args)
+        check_values(args, config, preliminary.config)
+    except OptionError as error:
+        parser.error(str(error))
     return args
