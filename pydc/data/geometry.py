@@ -42,6 +42,14 @@ def feature_geometry(height: int, width: int, size: int) -> tuple[int, int, int,
 
 
 @dataclass(frozen=True)
+class CropView:
+    """One crop of a multi-crop training batch: RandomResizedCrop to `size` with area fraction in `scale`."""
+
+    size: int
+    scale: tuple[float, float] = SCALE
+
+
+@dataclass(frozen=True)
 class CropWindows:
     """Per-sample crop windows in pixels of the decoded image, and flips."""
 

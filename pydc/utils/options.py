@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pydc.algorithms import ALGORITHMS
 from pydc.models import ARCHITECTURES
 
 # Cluster counts for the bundled digits (1797 images) when --k is not given. On ImageNet the original
@@ -34,8 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="YAML or JSON file of options (keys as the long flags, - or _); flags override it")
 
     algorithm = parser.add_argument_group("algorithm")
-    algorithm.add_argument("--algo", choices=["deepcluster", "odc"], default="deepcluster",
-                           help="deepcluster: k-means over all features every epoch; odc: an online memory bank")
+    algorithm.add_argument("--algo", choices=list(ALGORITHMS), default="deepcluster",
+                           help="deepcluster: k-means over all features every epoch; odc: an online memory bank "
+                                "(pydc/algorithms/: one module per algorithm)")
     algorithm.add_argument("--arch", choices=list(ARCHITECTURES), default="small",
                            help="backbone behind the Sobel stem; small is sized for 32x32 digits on a CPU")
     algorithm.add_argument("--k", type=int, default=None,
@@ -131,8 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.arch not in ARCHITECTURES:  # a config file bypasses argparse's choices
         parser.error(f"unknown architecture {args.arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    if args.algo not in DEFAULT_K:
-        parser.error(f"unknown algorithm {args.algo!r}; expected deepcluster or odc")
+    if args.algo not in ALGORITHMS:  # a config file bypasses argparse's choices
+        parser.error(f"unknown algorithm {args.algo!r}; expected one of {', '.join(ALGORITHMS)}")
     if args.k is None:
         args.k = DEFAULT_K[args.algo]
     if args.crop is None:
