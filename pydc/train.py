@@ -120,7 +120,7 @@ def build_loaders(args, index, algorithm, rank: int, world_size: int, device: to
 # ----------------------------------------------------------------------------------------------------------------
 def build_training_model(args, algorithm):
     """The algorithm's model around the backbone, SGD with momentum for its body, SGD without for its head."""
-    backbone = build_model(args.arch, args.crop)
+    backbone = build_model(args.arch, args.crop, stem=args.stem)
     model, body_parameters, head_parameters = algorithm.build(backbone)
     optimizer = torch.optim.SGD(body_parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     return model, optimizer, _head_optimizer(args, head_parameters)
@@ -384,7 +384,8 @@ def _algorithm_state(saved: dict, algorithm_class, path) -> dict:
 
 
 def _check_compatible(saved_args: dict, args, path) -> None:
-    for key in ("algo", "arch", "k", "crop"):
+    saved_args = {"stem": "sobel", **saved_args}  # checkpoints from before --stem used the Sobel stem
+    for key in ("algo", "arch", "k", "crop", "stem"):
         if saved_args.get(key) != getattr(args, key):
             raise CheckpointError(f"checkpoint {path} was written with --{key} {saved_args.get(key)}, but this run "
                                   f"has --{key} {getattr(args, key)}; pass the same options to resume")

@@ -177,6 +177,8 @@ def test_odc_option_defaults_and_errors(capsys):
     assert parse_args(["--algo", "odc", "--arch", "resnet50"]).odc_dropout == 0.5  # MMSelfSup's
     assert parse_args(["--algo", "odc", "--odc-dropout", "0.3"]).odc_dropout == 0.3
     assert parse_args([]).odc_init == "pca"
+    assert parse_args([]).stem == "sobel" and parse_args(["--algo", "odc"]).stem == "sobel"
+    assert parse_args(["--stem", "rgb"]).stem == "rgb"
     with pytest.raises(SystemExit):
         parse_args(["--odc-dropout", "1.0"])
     assert "--odc-dropout must lie in [0, 1)" in capsys.readouterr().err

@@ -20,6 +20,8 @@ DEFAULT_K = {"deepcluster": 10, "odc": 10}
 # view), and on 32x32 digits crops down to 8% change a third of the labels every step; half the image keeps
 # the online labels stable (NMI 0.80-0.84 against 0.72-0.78 at 0.08-0.3, 30 epochs, README).
 DEFAULT_CROP_SCALE = {"deepcluster": 0.08, "odc": 0.5}
+# The fixed first layer: DeepCluster and ODC are defined on Sobel-filtered grey images.
+DEFAULT_STEM = {"deepcluster": "sobel", "odc": "sobel"}
 # ODC neck dropout by arch (MMSelfSup's 0.5 otherwise). The memory is updated with the features of the training
 # forward pass, dropout included; on the digits, with 0.5, those features and so the online labels are noisy.
 DEFAULT_ODC_DROPOUT = {"small": 0.0}
@@ -39,7 +41,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                            help="deepcluster: k-means over all features every epoch; odc: an online memory bank "
                                 "(pydc/algorithms/: one module per algorithm)")
     algorithm.add_argument("--arch", choices=list(ARCHITECTURES), default="small",
-                           help="backbone behind the Sobel stem; small is sized for 32x32 digits on a CPU")
+                           help="backbone behind the stem; small is sized for 32x32 digits on a CPU")
+    algorithm.add_argument("--stem", choices=["sobel", "rgb"], default=None,
+                           help="fixed first layer: sobel = grey + Sobel filters (DeepCluster, ODC), rgb = "
+                                "Normalize only (default: the algorithm's, sobel for deepcluster/odc)")
     algorithm.add_argument("--k", type=int, default=None,
                            help=f"number of clusters (default: {DEFAULT_K} on digits; 10000 is the ImageNet value)")
     algorithm.add_argument("--pca-dim", type=int, default=32,
@@ -141,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         from pydc.models import DEFAULT_INPUT_SIZE
 
         args.crop = DEFAULT_INPUT_SIZE[args.arch]
+    if args.stem is None:
+        args.stem = DEFAULT_STEM[args.algo]
     if args.crop_scale is None:
         args.crop_scale = DEFAULT_CROP_SCALE[args.algo]
     if args.odc_dropout is None:
