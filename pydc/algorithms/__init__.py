@@ -4,9 +4,10 @@ ALGORITHMS maps each --algo name to its class: one module per algorithm, each re
 """
 
 from pydc.algorithms.base import Algorithm, Loaders, TrainingError
+from pydc.algorithms.dcv2 import DeepClusterV2
 from pydc.algorithms.deepcluster import DeepCluster
 from pydc.algorithms.odc import ODC
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DeepCluster, ODC)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DeepCluster, ODC, DeepClusterV2)}
 
 __all__ = ["ALGORITHMS", "Algorithm", "Loaders", "TrainingError"]
