@@ -100,7 +100,7 @@ def backbone_from_checkpoint(state: dict, device: torch.device):
     from pydc.models import build_model
 
     args = state["args"]
-    backbone = build_model(args["arch"], args.get("crop"))
+    backbone = build_model(args["arch"], args.get("crop"), stem=args.get("stem", "sobel"))
     prefix = "backbone."
     weights = {key[len(prefix):]: value for key, value in state["model"].items() if key.startswith(prefix)}
     backbone.load_state_dict(weights)

@@ -101,3 +101,22 @@ def test_odc_model_neck_dims_follow_the_backbone(arch):
                                            torch.uint8))
     assert features.shape == (3, 256) and logits.shape == (3, 11)
     assert (features >= 0).all()  # the neck ends with a ReLU
+
+
+@pytest.mark.parametrize("arch", ["small", "resnet50"])
+def test_rgb_stem_feeds_three_channels_and_keeps_checkpoint_keys(arch):
+    from pydc.models import build_model
+    from pydc.nn import RGBStem, SobelStem
+
+    sobel, rgb = build_model(arch, stem="sobel"), build_model(arch, stem="rgb")
+    assert isinstance(sobel.stem, SobelStem) and isinstance(rgb.stem, RGBStem)
+    assert set(sobel.state_dict()) == set(rgb.state_dict())  # the stems save nothing
+    size = rgb.input_size
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(rgb.stem(images), expected)
+    rgb.eval()
+    assert rgb.features(images).shape == (2, rgb.feature_dim)
+    with pytest.raises(ValueError, match="unknown stem 'hsv'"):
+        build_model(arch, stem="hsv")

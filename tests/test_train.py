@@ -127,9 +127,9 @@ def test_odc_run_in_process(tiny_data, tmp_path):
     assert [record["epoch"] for record in epochs] == [0, 1, 2]
     assert all(0.0 <= record["change_ratio"] <= 1.0 for record in epochs)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["memory"] is not None
+    assert state["algorithm"]["memory"] is not None
     np.testing.assert_array_equal(np.load(tmp_path / "assignments" / "epoch_002.npy"),
-                                  state["memory"]["label_bank"].numpy())
+                                  state["algorithm"]["memory"]["label_bank"].numpy())
     assert records[-1]["event"] == "final" and 0.0 <= records[-1]["nmi_kmeans"] <= 1.0
 
 
@@ -138,10 +138,10 @@ def test_odc_memory_init_labels(tiny_data, tmp_path, monkeypatch, init):
     # The memory's initial labels are the k-means labels of the chosen features: the PCA-whitened backbone
     # features (DeepCluster's clustering) or the L2-normalised neck features; the memory stores the neck
     # features either way. The spy records what k-means was given and what init_memory received.
-    from pydc.algorithms import deepcluster, odc
+    from pydc.algorithms import odc
 
     seen = {}
-    real_cluster, real_init = deepcluster.cluster_features, odc.ODCMemory.init_memory
+    real_cluster, real_init = odc.cluster_features, odc.ODCMemory.init_memory
 
     def cluster_spy(features, pca, *rest, **kwargs):
         labels, timings = real_cluster(features, pca, *rest, **kwargs)
@@ -152,7 +152,7 @@ def test_odc_memory_init_labels(tiny_data, tmp_path, monkeypatch, init):
         seen.setdefault("memory", (features.clone(), labels.clone()))
         return real_init(self, features, labels)
 
-    monkeypatch.setattr(pydc.train, "cluster_features", cluster_spy)
+    monkeypatch.setattr(odc, "cluster_features", cluster_spy)
     monkeypatch.setattr(odc.ODCMemory, "init_memory", init_spy)
     flags = [flag if flag != "2" else "1" for flag in TINY_FLAGS]
     assert pydc.train.main(["--algo", "odc", "--odc-init", init, "--data", str(tiny_data), "--output", str(tmp_path),
@@ -177,6 +177,8 @@ def test_odc_option_defaults_and_errors(capsys):
     assert parse_args(["--algo", "odc", "--arch", "resnet50"]).odc_dropout == 0.5  # MMSelfSup's
     assert parse_args(["--algo", "odc", "--odc-dropout", "0.3"]).odc_dropout == 0.3
     assert parse_args([]).odc_init == "pca"
+    assert parse_args([]).stem == "sobel" and parse_args(["--algo", "odc"]).stem == "sobel"
+    assert parse_args(["--stem", "rgb"]).stem == "rgb"
     with pytest.raises(SystemExit):
         parse_args(["--odc-dropout", "1.0"])
     assert "--odc-dropout: expected a number in [0, 1), got 1.0" in capsys.readouterr().err
@@ -243,7 +245,7 @@ def test_config_file_with_flags_overriding(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
-    real_cross_entropy = pydc.train.F.cross_entropy
+    real_cross_entropy = torch.nn.functional.cross_entropy
     calls = {"count": 0}
 
     def diverging(logits, targets, **kwargs):
@@ -251,7 +253,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
         loss = real_cross_entropy(logits, targets, **kwargs)
         return loss * float("nan") if calls["count"] > 8 else loss  # epoch 0 has 6 steps of 12 images
 
-    monkeypatch.setattr(pydc.train.F, "cross_entropy", diverging)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", diverging)
     message = _fails(capsys, "--data", str(tiny_data), "--output", str(tmp_path), "--checkpoint-steps", "0")
     assert "the loss became nan at epoch 1, step 2" in message
     state = load_checkpoint(tmp_path / "checkpoint.pt")

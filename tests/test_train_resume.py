@@ -76,3 +76,45 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(deepcluster_run, tiny_dat
         np.testing.assert_array_equal(np.load(tmp_path / name), np.load(deepcluster_run / name))
     log_epochs = [line for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"event"' not in line]
     assert len(log_epochs) == 2  # the resumed run replaced, not duplicated, the interrupted epoch's record
+
+
+def _legacy(state: dict) -> dict:
+    """The checkpoint as pydc wrote it before algorithms were plug-ins (format 1): algorithm state at top level."""
+    legacy = {key: value for key, value in state.items() if key not in ("format_version", "algorithm")}
+    legacy.update(state["algorithm"])
+    legacy["memory"] = None
+    return legacy
+
+
+def test_format_1_checkpoint_resumes_like_format_2(deepcluster_run, tiny_data, tmp_path):  # noqa: F811
+    current = torch.load(deepcluster_run / "checkpoint.pt", weights_only=True)
+    outputs = {}
+    for name, state in (("format2", current), ("format1", _legacy(current))):
+        output = tmp_path / name
+        output.mkdir()
+        torch.save(state, output / "start.pt")
+        flags = [flag if flag != "2" else "3" for flag in TINY_FLAGS]  # one more epoch
+        run_cli("pydc.train", "--data", tiny_data, "--output", output, "--deterministic", "--no-eval", "--no-plots",
+                *flags, "--resume", output / "start.pt")
+        outputs[name] = torch.load(output / "checkpoint.pt", weights_only=True)
+    assert outputs["format1"]["epoch"] == 3 and outputs["format1"]["format_version"] == 2
+    for key in ("model", "optimizer", "head_optimizer", "algorithm", "assignments", "previous_assignments"):
+        _assert_same_state(outputs["format1"][key], outputs["format2"][key], key)
+
+
+def test_checkpoint_of_an_unknown_format_is_refused_with_its_version(deepcluster_run, tiny_data, tmp_path):  # noqa: F811
+    state = torch.load(deepcluster_run / "checkpoint.pt", weights_only=True)
+    state["format_version"] = 99
+    torch.save(state, tmp_path / "future.pt")
+    result = run_cli("pydc.train", "--data", tiny_data, "--output", tmp_path, *TINY_FLAGS, "--resume",
+                     tmp_path / "future.pt", check=False)
+    assert result.returncode == 2
+    assert "has format 99, written by a newer pydc" in result.stderr
+
+    odc_state = _legacy(state)
+    odc_state["args"] = {**odc_state["args"], "algo": "odc"}
+    torch.save(odc_state, tmp_path / "odc_without_memory.pt")
+    result = run_cli("pydc.train", "--algo", "odc", "--data", tiny_data, "--output", tmp_path, *TINY_FLAGS,
+                     "--resume", tmp_path / "odc_without_memory.pt", check=False)
+    assert result.returncode == 2
+    assert "has format 1 (written by pydc before algorithms were plug-ins)" in result.stderr

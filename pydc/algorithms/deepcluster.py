@@ -1,9 +1,9 @@
-"""DeepCluster's per-epoch pieces: the feature pass, PCA-whitening + k-means, and the classifier it trains.
+"""DeepCluster (Caron et al., 2018) as a pydc training algorithm.
 
-One epoch (Caron et al., 2018): compute features of every image in eval mode on centre crops (PCA moments are
-accumulated batch by batch during that pass), whiten + L2-normalise them, run k-means on the device, then train
-the backbone and a freshly initialised top layer to predict the cluster of each image, drawing images
-uniformly over clusters.
+One epoch: compute features of every image in eval mode on centre crops (PCA moments are accumulated batch by
+batch during that pass), whiten + L2-normalise them, run k-means on the device, then train the backbone and a
+freshly initialised top layer to predict the cluster of each image, drawing images uniformly over clusters.
+The top layer gets a fresh optimizer with it (`reset_head_optimizer`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pydc.algorithms.base import Algorithm, Loaders, TrainingError, epoch_seed
+from pydc.algorithms.features import cluster_features, compute_features, progress_bar
 from pydc.utils import dist as dist_utils
 
 
@@ -39,68 +42,73 @@ class DeepClusterModel(nn.Module):
         return self.top_layer(self.backbone(images))
 
 
-@torch.no_grad()
-def compute_features(feature_fn, loader, num_images: int, device: torch.device, on_batch=None,
-                     progress=None) -> torch.Tensor:
-    """Features of every image, in index order, on `device`, gathered from all ranks.
+class DeepCluster(Algorithm):
+    """Per-epoch k-means over all features; the targets of an epoch are that clustering's labels."""
 
-    `feature_fn(images) -> (B, D)` runs in eval mode; `loader` yields this rank's contiguous shard in order;
-    `on_batch(features)` sees each local batch (the streamed PCA moments). The result is (num_images, D) on
-    every rank.
-    """
-    pieces = []
-    for batch in loader:
-        features = feature_fn(batch.images.to(device, non_blocking=True)).float()
-        if on_batch is not None:
-            on_batch(features)
-        pieces.append(features)
-        if progress is not None:
-            progress.update(1)
-    local = torch.cat(pieces) if pieces else torch.empty(0, device=device)
-    if not dist_utils.is_distributed():
-        return local
-    counts = torch.tensor([local.shape[0]], device=device)
-    all_counts = [torch.zeros_like(counts) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(all_counts, counts)
-    gathered = dist_utils.gather_rows_in_order(local, [int(c) for c in all_counts])
-    if gathered.shape[0] != num_images:
-        raise RuntimeError(f"feature pass gathered {gathered.shape[0]} rows for {num_images} images; the loaders' "
-                           f"shards do not cover the data set exactly once")
-    return gathered
+    name = "deepcluster"
+    reset_head_optimizer = True
 
+    def __init__(self, args, num_images: int, device: torch.device):
+        super().__init__(args, num_images, device)
+        self.labels: torch.Tensor | None = None  # int64 (N,) on the CPU: this epoch's targets
 
-def cluster_features(features: torch.Tensor, pca, num_clusters: int, seed: int, backend: str,
-                     niter: int = 20) -> tuple[torch.Tensor, dict]:
-    """PCA-whiten + L2 (pca already holds the streamed moments) then k-means; returns labels and timings.
+    def build(self, backbone):
+        self.model = DeepClusterModel(backbone, self.args.k).to(self.device)
+        return self.model, list(self.model.backbone.parameters()), list(self.model.top_layer.parameters())
 
-    In torch.distributed only rank 0 computes; the labels are broadcast so every rank holds the same ones.
-    """
-    from pydc.cluster import kmeans
+    def begin_epoch(self, epoch: int, loaders: Loaders) -> dict:
+        """Features -> PCA -> k-means -> new assignments and a fresh top layer."""
+        from pydc.cluster import PCAWhitening
 
-    timings = {}
-    labels = torch.empty(features.shape[0], dtype=torch.int64, device=features.device)
-    objective = float("nan")
-    if dist_utils.is_main_process():
+        args, model = self.args, self.model
+        model.eval()
         start = time.perf_counter()
-        whitened = pca.transform(features)
-        _synchronize(features.device)
-        timings["time_pca"] = time.perf_counter() - start
-        nan_rows = int(torch.isnan(whitened).any(dim=1).sum())
-        if nan_rows > max(1, features.shape[0] // 1000):
-            raise FloatingPointError(f"{nan_rows} of {features.shape[0]} rows are NaN after PCA-whitening; the "
-                                     f"features have collapsed (lower --lr, or check the data)")
-        start = time.perf_counter()
-        result = kmeans(whitened, num_clusters, niter=niter, seed=seed, backend=backend)
-        _synchronize(features.device)
-        timings["time_kmeans"] = time.perf_counter() - start
-        labels.copy_(result.labels.to(features.device))
-        if result.objective:
-            objective = float(result.objective[-1])
-    dist_utils.broadcast_tensor(labels, 0)
-    timings["kmeans_objective"] = objective
-    return labels, timings
+        progress = progress_bar(len(loaders.feature), f"epoch {epoch} features")
+        width = model.backbone.feature_dim
+        pca = PCAWhitening(n_components=min(args.pca_dim, width, self.num_images))
+        streaming = not dist_utils.is_distributed()
+        try:
+            features = compute_features(model.backbone.features, loaders.feature, self.num_images, self.device,
+                                        on_batch=pca.partial_fit if streaming else None, progress=progress)
+            if not streaming and dist_utils.is_main_process():
+                pca.fit(features)
+        except ValueError as error:  # PCA refuses NaN/Inf features: the network has diverged
+            raise TrainingError(f"epoch {epoch}: the features are not finite ({error}); training has diverged. "
+                                f"Lower --lr and resume from an earlier checkpoint") from None
+        progress.close()
+        record = {"time_features": time.perf_counter() - start}
+        try:
+            labels, timings = cluster_features(features, pca, args.k, epoch_seed(args.seed, epoch),
+                                               args.kmeans_backend, args.kmeans_iters)
+        except ValueError as error:
+            raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
+        model.reset_top_layer(args.seed, epoch)
+        record.update(timings)
+        self.labels = labels.cpu()
+        return record
 
+    def order(self, epoch: int, rank: int, world_size: int) -> list[int]:
+        """Uniform over clusters (pydc.cluster.UniformLabelSampler)."""
+        from pydc.cluster import UniformLabelSampler
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sampler = UniformLabelSampler(self.labels, self.num_images, seed=self.args.seed, epoch=epoch, rank=rank,
+                                      world_size=world_size)
+        return [int(i) for i in sampler]
+
+    def loss(self, model, batch) -> torch.Tensor:
+        images = batch.images
+        targets = self.labels.to(images.device)[batch.indices.to(images.device)]
+        return F.cross_entropy(model(images), targets)
+
+    def assignments(self) -> torch.Tensor | None:
+        return self.labels
+
+    def state_dict(self) -> dict:
+        return {"assignments": self.labels}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labels = state["assignments"]
+
+    @classmethod
+    def state_from_legacy_checkpoint(cls, saved: dict) -> dict:
+        return {"assignments": saved["assignments"]}

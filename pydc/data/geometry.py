@@ -7,7 +7,8 @@ Training: torchvision's RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3
 draws of area fraction and log aspect ratio; the first that fits is used, else a centre crop with the ratio
 clamped), then a horizontal flip with probability 1/2. The random numbers come from numpy's default
 generator (PCG64) seeded by (seed, epoch, batch number), drawn for a whole batch at once: the windows depend
-only on those and the image sizes, not on thread counts, backend or device.
+only on those and the image sizes, not on thread counts, backend or device. Multi-crop: crop view v > 0 of a
+batch draws from (seed, epoch, batch number, v); view 0 draws exactly as a single-crop batch does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ def feature_geometry(height: int, width: int, size: int) -> tuple[int, int, int,
 
 
 @dataclass(frozen=True)
+class CropView:
+    """One crop of a multi-crop training batch: RandomResizedCrop to `size` with area fraction in `scale`."""
+
+    size: int
+    scale: tuple[float, float] = SCALE
+
+
+@dataclass(frozen=True)
 class CropWindows:
     """Per-sample crop windows in pixels of the decoded image, and flips."""
 
@@ -57,15 +66,16 @@ class CropWindows:
 
 
 def random_resized_crops(heights, widths, seed: int, epoch: int, batch_number: int,
-                         scale: tuple[float, float] = SCALE) -> CropWindows:
+                         scale: tuple[float, float] = SCALE, view: int = 0) -> CropWindows:
     """RandomResizedCrop windows and flips for a batch of images of the given sizes.
 
-    `scale` is the range of the crop's area fraction (torchvision's default (0.08, 1)).
+    `scale` is the range of the crop's area fraction (torchvision's default (0.08, 1)); `view` numbers the crop
+    of a multi-crop batch (each view draws its own windows).
     """
     heights = np.asarray(heights, dtype=np.int64)
     widths = np.asarray(widths, dtype=np.int64)
     count = len(heights)
-    rng = np.random.default_rng([seed, epoch, batch_number])
+    rng = np.random.default_rng([seed, epoch, batch_number] + ([view] if view else []))
     area_fraction = rng.uniform(scale[0], scale[1], size=(count, TRIES))
     log_ratio = rng.uniform(math.log(RATIO[0]), math.log(RATIO[1]), size=(count, TRIES))
     top_u = rng.random((count, TRIES))

@@ -6,7 +6,13 @@ on a GPU, DALI when it imports (nvJPEG decoding and GPU resizing in one graph), 
 torchvision: DALI's CPU decoding is as fast as torchvision's per thread, but its CPU resize took ~4 ms per
 500x375 image against ~0.9 ms for torchvision's uint8 antialiased kernel on this project's 2-core machine
 (benchmarks/test_bench_data.py), so the DALI CPU graph is there to test the GPU graph, not to be fast.
-Normalisation is left to the model's fused Sobel stem.
+Normalisation is left to the model's stem.
+
+Multi-crop (TrainLoader(views=...)): every batch holds several RandomResizedCrops of each image, of their own
+sizes and scales (SwAV's 2 large + several small crops); `Batch.views` lists them, `Batch.images` is the first.
+The torchvision backend decodes each file once for all views; DALI decodes each view's window (ROI decoding);
+the in-memory cache cuts them from the decoded image. With color_distortion=True every view also gets SwAV's
+colour jitter + random grayscale (pydc.data.color), drawn from (seed, epoch, batch number, view).
 
 Bad files: every file is probed before decoding (pydc.data.decode). A file that cannot be decoded is skipped
 with one warning (per loader) and counted in `stats` of the epoch: {"decoded": samples handed out,
@@ -27,7 +33,8 @@ from tqdm import tqdm
 
 from pydc.data.dali_backend import DaliBackend, dali_available
 from pydc.data.decode import MAX_PIXELS, UnreadableImage, probe
-from pydc.data.geometry import SCALE, CropWindows, random_resized_crops
+from pydc.data.color import color_distortion as distort_colors
+from pydc.data.geometry import SCALE, CropView, CropWindows, random_resized_crops
 from pydc.data.index import ImageFolderIndex
 from pydc.data.memory import shared_in_memory
 from pydc.data.torchvision_backend import TorchvisionBackend, decoding_pool
@@ -41,6 +48,7 @@ class Batch:
     images: torch.Tensor  # uint8 (B, 3, size, size) on the loader's device
     indices: torch.Tensor  # int64 (B,) dataset indices of the rows, on the CPU
     labels: torch.Tensor | None  # int64 (B,) class labels of the rows (None for a flat folder), on the CPU
+    views: list[torch.Tensor] | None = None  # multi-crop: every crop view, same rows (images is views[0])
 
 
 class _Loader:
@@ -116,27 +124,48 @@ class _Loader:
     def _epoch_indices(self):
         raise NotImplementedError
 
-    def _windows(self, heights, widths, batch_number) -> CropWindows | None:
-        return None
+    def _view_plan(self, heights, widths, batch_number) -> list[tuple[CropWindows | None, int]]:
+        """[(crop windows or None for the centre crop, output size)] per view of the batch."""
+        return [(None, self.size)]
+
+    def _finish_views(self, views: list[torch.Tensor], batch_number: int) -> list[torch.Tensor]:
+        """Per-view work on the device after decoding (colour distortion); none by default."""
+        return views
 
     def _batch(self, indices: np.ndarray, batch_number: int) -> Batch | None:
         """The batch of dataset `indices` (the `batch_number`-th of the epoch), without the rows that fail."""
         headers, sizes = self._screen(indices)
         # Windows are drawn for every row (failures included) so that one bad file changes no other row's crop.
-        windows = self._windows(sizes[:, 0], sizes[:, 1], batch_number)
+        plan = self._view_plan(sizes[:, 0], sizes[:, 1], batch_number)
         good = np.array(sorted(headers), dtype=np.int64)
-        images, failed = self._decode(indices[good], [headers[row] for row in good.tolist()],
-                                      None if windows is None else windows.select(good))
+        decoded = self._decode_views(indices[good], [headers[row] for row in good.tolist()],
+                                     [(None if windows is None else windows.select(good), size)
+                                      for windows, size in plan])
+        failed = {position: reason for _, view_failed in decoded for position, reason in view_failed.items()}
         for position, reason in failed.items():
             self._mark_bad(int(indices[good[position]]), reason)
-        kept = np.array([row for position, row in enumerate(good.tolist()) if position not in failed], dtype=np.int64)
+        kept_positions = [position for position in range(len(good)) if position not in failed]
+        kept = good[kept_positions] if kept_positions else np.zeros(0, dtype=np.int64)
         self._count_skipped(indices[np.setdiff1d(np.arange(len(indices)), kept)])
-        if images is None or len(kept) == 0:
+        if any(images is None for images, _ in decoded) or len(kept) == 0:
             return None
         self.stats["decoded"] += len(kept)
+        views = []
+        for images, view_failed in decoded:
+            if view_failed.keys() != failed.keys():  # another view failed rows this one decoded: drop them here too
+                decoded_positions = [position for position in range(len(good)) if position not in view_failed]
+                images = images[[decoded_positions.index(position) for position in kept_positions]]
+            views.append(images.to(self.device, non_blocking=True))
+        views = self._finish_views(views, batch_number)
         kept_indices = torch.from_numpy(indices[kept])
         labels = self._labels[kept_indices] if self._labels is not None else None
-        return Batch(images=images.to(self.device, non_blocking=True), indices=kept_indices, labels=labels)
+        return Batch(images=views[0], indices=kept_indices, labels=labels, views=views if len(views) > 1 else None)
+
+    def _decode_views(self, indices: np.ndarray, headers: list, plan) -> list:
+        """[(images, {position: reason})] per view of `plan`; the torchvision backend decodes each file once."""
+        if len(plan) > 1 and self.memory is None and isinstance(self._decoder, TorchvisionBackend) and len(indices):
+            return self._decoder.train_views(headers, [windows for windows, _ in plan], [size for _, size in plan])
+        return [self._decode(indices, headers, windows, size) for windows, size in plan]
 
     def _screen(self, indices: np.ndarray):
         """({row: header (None from memory)} of the rows not known or found bad, (height, width) of every row)."""
@@ -154,17 +183,17 @@ class _Loader:
                 headers[row], sizes[row] = header, (header.height, header.width)
         return headers, sizes
 
-    def _decode(self, indices: np.ndarray, headers: list, windows: CropWindows | None):
+    def _decode(self, indices: np.ndarray, headers: list, windows: CropWindows | None, size: int):
         """(uint8 images of the rows that decoded, {position: reason} of those that did not)."""
         if len(indices) == 0:
             return None, {}
         if self.memory is not None:
             selected = torch.from_numpy(indices)
-            return (self.memory.feature(selected, self.size) if windows is None
-                    else self.memory.train(selected, windows, self.size))
+            return (self.memory.feature(selected, size) if windows is None
+                    else self.memory.train(selected, windows, size))
         keys = indices.tolist()
-        return (self._decoder.feature(headers, self.size, keys) if windows is None
-                else self._decoder.train(headers, windows, self.size, keys))
+        return (self._decoder.feature(headers, size, keys) if windows is None
+                else self._decoder.train(headers, windows, size, keys))
 
     def _count_skipped(self, skipped_indices: np.ndarray):
         for index in skipped_indices.tolist():
@@ -216,7 +245,10 @@ class FeatureLoader(_Loader):
 class TrainLoader(_Loader):
     """Training batches in the order given by set_order(), with RandomResizedCrop(size, crop_scale) and flips.
 
-    crop_scale is the range of the crop's area fraction, torchvision's (0.08, 1) by default.
+    crop_scale is the range of the crop's area fraction, torchvision's (0.08, 1) by default. views: a sequence
+    of CropView(size, scale), one per crop of a multi-crop batch (size and crop_scale are then unused; view 0
+    is cut exactly as the single crop would be with its size and scale). color_distortion: SwAV's colour jitter
+    and random grayscale on every view (pydc.data.color).
 
     set_order(indices) takes this epoch's order for this rank (from a sampler: duplicates allowed);
     set_epoch(epoch) picks the augmentation draws, which depend only on (seed, epoch, batch number, position in
@@ -224,13 +256,25 @@ class TrainLoader(_Loader):
     """
 
     def __init__(self, index, size, batch_size, device="cpu", backend="auto", num_threads=2, seed=0,
-                 progress=False, cache_in_memory=None, max_pixels=MAX_PIXELS, crop_scale=SCALE):
+                 progress=False, cache_in_memory=None, max_pixels=MAX_PIXELS, crop_scale=SCALE, views=None,
+                 color_distortion=False):
         low, high = (float(v) for v in crop_scale)
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
+        if views is not None:
+            views = tuple(views)
+            if not views or not all(isinstance(view, CropView) for view in views):
+                raise ValueError(f"views must be a non-empty sequence of pydc.data.geometry.CropView, got {views!r}")
+            for view in views:
+                if int(view.size) != view.size or view.size <= 0:
+                    raise ValueError(f"every view's size must be a positive integer, got {view.size!r}")
+                if not 0.0 < float(view.scale[0]) <= float(view.scale[1]) <= 1.0:
+                    raise ValueError(f"every view's scale must satisfy 0 < min <= max <= 1, got {tuple(view.scale)}")
         super().__init__(index, size, batch_size, device, backend, num_threads, progress, seed, cache_in_memory,
                          max_pixels)
         self.crop_scale = (low, high)
+        self.views = views if views is not None else (CropView(size, (low, high)),)
+        self.color_distortion = bool(color_distortion)
         self.epoch = 0
         self._order = np.arange(len(index), dtype=np.int64)
 
@@ -247,8 +291,17 @@ class TrainLoader(_Loader):
     def _epoch_indices(self):
         return self._order
 
-    def _windows(self, heights, widths, batch_number):
-        return random_resized_crops(heights, widths, self.seed, self.epoch, batch_number, self.crop_scale)
+    def _view_plan(self, heights, widths, batch_number):
+        return [(random_resized_crops(heights, widths, self.seed, self.epoch, batch_number,
+                                      (float(view.scale[0]), float(view.scale[1])), view=number), int(view.size))
+                for number, view in enumerate(self.views)]
+
+    def _finish_views(self, views, batch_number):
+        if not self.color_distortion:
+            return views
+        # Key 1 after the view number keeps these draws apart from the crop windows' (seed, epoch, batch, view).
+        return [distort_colors(images, np.random.default_rng([self.seed, self.epoch, batch_number, number, 1]))
+                for number, images in enumerate(views)]
 
 
 def _empty_stats() -> dict:

@@ -76,18 +76,30 @@ class TorchvisionBackend:
     def train(self, headers, windows: CropWindows, size, keys=None):
         return self._apply(headers, lambda image, row: train_transform(image, windows, row, size))
 
+    def train_views(self, headers, windows: list[CropWindows], sizes: list[int], keys=None):
+        """Multi-crop: [(images, failures)] per view, `windows[v]` resized to `sizes[v]`; each file decoded once."""
+        def transform(image, row):
+            return [train_transform(image, view_windows, row, size) for view_windows, size in zip(windows, sizes)]
+
+        results = self._transformed(headers, transform)
+        return [collect([(row, crops if isinstance(crops, UnreadableImage) else crops[view]) for row, crops in results],
+                        self.device) for view in range(len(sizes))]
+
     def _apply(self, headers, transform):
         """(images (k, 3, size, size) of the samples that decoded, {row: reason} for those that did not)."""
+        return collect(self._transformed(headers, transform), self.device)
+
+    def _transformed(self, headers, transform) -> list:
+        """[(row, transform(decoded image, row) or the UnreadableImage)] for every row."""
         if self.device.type == "cuda":
             decoded = enumerate(_decode_cuda(headers, self.device, self.pool))
-            results = [(row, image if isinstance(image, UnreadableImage) else transform(image, row))
-                       for row, image in decoded]
-        else:
-            def work(row):
-                image = _decode_or_error(headers[row])
-                return row, image if isinstance(image, UnreadableImage) else transform(image, row)
-            results = list(self.pool.map(work, range(len(headers))))
-        return collect(results, self.device)
+            return [(row, image if isinstance(image, UnreadableImage) else transform(image, row))
+                    for row, image in decoded]
+
+        def work(row):
+            image = _decode_or_error(headers[row])
+            return row, image if isinstance(image, UnreadableImage) else transform(image, row)
+        return list(self.pool.map(work, range(len(headers))))
 
     def close(self):
         self.pool.shutdown(wait=False)

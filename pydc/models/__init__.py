@@ -1,6 +1,7 @@
-"""Backbones with the Sobel stem: AlexNet-BN, VGG16-BN, ResNet-50 and a small CPU-sized net.
+"""Backbones behind a fixed stem (Sobel by default, RGB with stem="rgb"): AlexNet-BN, VGG16-BN, ResNet-50 and a
+small CPU-sized net.
 
-`build_model(arch)` returns a `SobelBackbone`: `features(uint8 images)` gives the clustering features
+`build_model(arch, input_size, stem)` returns a `SobelBackbone`: `features(uint8 images)` gives the clustering features
 (fc7 before its ReLU for AlexNet/VGG and the small net, the pooled 2048-d output for ResNet-50), `forward`
 adds the activation a classification head expects, `feature_dim` says the feature size.
 """
@@ -18,11 +19,12 @@ ARCHITECTURES = {"small": small, "alexnet": alexnet, "vgg16": vgg16, "resnet50":
 DEFAULT_INPUT_SIZE = {"small": 32, "alexnet": 224, "vgg16": 224, "resnet50": 224}
 
 
-def build_model(arch: str, input_size: int | None = None) -> SobelBackbone:
-    """The backbone named `arch` (one of ARCHITECTURES) for square crops of `input_size` pixels."""
+def build_model(arch: str, input_size: int | None = None, stem: str = "sobel") -> SobelBackbone:
+    """The backbone named `arch` (one of ARCHITECTURES) for square crops of `input_size` pixels, behind the stem
+    named `stem` ("sobel": grey + Sobel, 2 channels into the body; "rgb": Normalize, 3 channels)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](input_size or DEFAULT_INPUT_SIZE[arch])
+    return ARCHITECTURES[arch](input_size or DEFAULT_INPUT_SIZE[arch], stem=stem)
 
 
 __all__ = ["ARCHITECTURES", "DEFAULT_INPUT_SIZE", "SobelBackbone", "build_model"]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from pydc.nn import SobelStem
+from pydc.nn import make_stem
 
 # (out_channels, kernel, stride, padding) or "M" for a 3x3 stride-2 max-pool.
 ALEXNET_CONVS = [(96, 11, 4, 2), "M", (256, 5, 1, 2), "M", (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1), "M"]
@@ -60,16 +60,19 @@ class AlexNetBody(nn.Module):
 
 
 class SobelBackbone(nn.Module):
-    """Sobel stem + a trainable body. `features(images)` gives the clustering features.
+    """A fixed stem (Sobel by default, or RGB: pydc.nn.make_stem) + a trainable body. `features(images)` gives
+    the clustering features. The name stays for the checkpoints and code that know it; the stem has no saved
+    state, so a checkpoint's keys are the same for either stem.
 
     `train_activation` is applied between the features and a classification head during training (ReLU for
     networks whose features are taken before their last ReLU, identity otherwise). Only `body` has
     parameters; `pydc.export` writes `body.state_dict()`.
     """
 
-    def __init__(self, body: nn.Module, feature_dim: int, input_size: int, relu_before_head: bool):
+    def __init__(self, body: nn.Module, feature_dim: int, input_size: int, relu_before_head: bool,
+                 stem: nn.Module | None = None):
         super().__init__()
-        self.stem = SobelStem()
+        self.stem = stem if stem is not None else make_stem("sobel")
         self.body = body
         self.feature_dim = feature_dim
         self.input_size = input_size
@@ -82,9 +85,10 @@ class SobelBackbone(nn.Module):
         return self.train_activation(self.features(images))
 
 
-def alexnet(input_size: int = 224) -> SobelBackbone:
+def alexnet(input_size: int = 224, stem: str = "sobel") -> SobelBackbone:
     if input_size != 224:
         raise ValueError(f"alexnet expects 224x224 crops (its fc6 is sized for a 6x6 map), got --crop {input_size}")
-    body = AlexNetBody()
+    stem_module = make_stem(stem)
+    body = AlexNetBody(in_channels=stem_module.out_channels)
     init_like_deepcluster(body)
-    return SobelBackbone(body, feature_dim=4096, input_size=224, relu_before_head=True)
+    return SobelBackbone(body, feature_dim=4096, input_size=224, relu_before_head=True, stem=stem_module)

@@ -11,11 +11,13 @@ from torch import nn
 from torchvision.models import resnet50 as torchvision_resnet50
 
 from pydc.models.alexnet import SobelBackbone
+from pydc.nn import make_stem
 
 
-def resnet50(input_size: int = 224) -> SobelBackbone:
+def resnet50(input_size: int = 224, stem: str = "sobel") -> SobelBackbone:
+    stem_module = make_stem(stem)
     body = torchvision_resnet50(weights=None)
-    body.conv1 = nn.Conv2d(2, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    body.conv1 = nn.Conv2d(stem_module.out_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     nn.init.kaiming_normal_(body.conv1.weight, mode="fan_out", nonlinearity="relu")
     body.fc = nn.Identity()
-    return SobelBackbone(body, feature_dim=2048, input_size=input_size, relu_before_head=False)
+    return SobelBackbone(body, feature_dim=2048, input_size=input_size, relu_before_head=False, stem=stem_module)

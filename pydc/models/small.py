@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pydc.models.alexnet import SobelBackbone
+from pydc.nn import make_stem
 
 FEATURE_DIM = 256
 
@@ -34,7 +35,9 @@ class SmallBody(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def small(input_size: int = 32) -> SobelBackbone:
+def small(input_size: int = 32, stem: str = "sobel") -> SobelBackbone:
     if input_size < 8:
         raise ValueError(f"small expects crops of at least 8x8 pixels (two 2x2 pools), got --crop {input_size}")
-    return SobelBackbone(SmallBody(), feature_dim=FEATURE_DIM, input_size=input_size, relu_before_head=True)
+    stem_module = make_stem(stem)
+    return SobelBackbone(SmallBody(in_channels=stem_module.out_channels), feature_dim=FEATURE_DIM,
+                         input_size=input_size, relu_before_head=True, stem=stem_module)

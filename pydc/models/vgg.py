@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pydc.models.alexnet import SobelBackbone, init_like_deepcluster
+from pydc.nn import make_stem
 
 VGG16_CONVS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -34,9 +35,10 @@ class VGG16Body(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def vgg16(input_size: int = 224) -> SobelBackbone:
+def vgg16(input_size: int = 224, stem: str = "sobel") -> SobelBackbone:
     if input_size != 224:
         raise ValueError(f"vgg16 expects 224x224 crops (its fc6 is sized for a 7x7 map), got --crop {input_size}")
-    body = VGG16Body()
+    stem_module = make_stem(stem)
+    body = VGG16Body(in_channels=stem_module.out_channels)
     init_like_deepcluster(body)
-    return SobelBackbone(body, feature_dim=4096, input_size=224, relu_before_head=True)
+    return SobelBackbone(body, feature_dim=4096, input_size=224, relu_before_head=True, stem=stem_module)

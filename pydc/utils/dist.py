@@ -65,6 +65,16 @@ def gather_rows_in_order(local_rows: torch.Tensor, counts: list[int]) -> torch.T
     return torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
 
 
+def all_gather_rows(local_rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (counts may differ between ranks), concatenated in rank order, on every rank."""
+    if not is_distributed():
+        return local_rows
+    count = torch.tensor([local_rows.shape[0]], dtype=torch.int64, device=local_rows.device)
+    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return gather_rows_in_order(local_rows.contiguous(), [int(c) for c in counts])
+
+
 def broadcast_tensor(tensor: torch.Tensor, source: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, source)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pydc.algorithms import ALGORITHMS
 from pydc.cluster.kmeans import BACKENDS as KMEANS_BACKENDS
 from pydc.data.loaders import BACKENDS as DATA_BACKENDS
 from pydc.models import ARCHITECTURES
@@ -17,11 +18,20 @@ from pydc.utils.validate import OptionError, check_types, check_values
 # over-clusters (k = 10000 for 1000 classes); on the digits, k = 100 or 20 learned far slower within the CPU
 # budget than k = 10 (NMI vs labels ~0.6-0.7 against ~0.85 after 8 epochs in our prototype runs). ODC uses
 # the same k so that the two are compared like for like (k = 40 did no better).
-DEFAULT_K = {"deepcluster": 10, "odc": 10}
+DEFAULT_K = {"deepcluster": 10, "odc": 10, "dcv2": 10}
 # Smallest RandomResizedCrop area. ODC labels every sample from its training crop (DeepCluster from the centre
 # view), and on 32x32 digits crops down to 8% change a third of the labels every step; half the image keeps
 # the online labels stable (NMI 0.80-0.84 against 0.72-0.78 at 0.08-0.3, 30 epochs, README).
-DEFAULT_CROP_SCALE = {"deepcluster": 0.08, "odc": 0.5}
+DEFAULT_CROP_SCALE = {"deepcluster": 0.08, "odc": 0.5, "dcv2": 0.14}
+# The fixed first layer: DeepCluster and ODC are defined on Sobel-filtered grey images, DeepCluster-v2 on RGB
+# with colour augmentation.
+DEFAULT_STEM = {"deepcluster": "sobel", "odc": "sobel", "dcv2": "rgb"}
+# DeepCluster-v2's multi-crop, SwAV's for 224-pixel crops (2 x 224 at area [0.14, 1] + 6 x 96 at [0.05, 0.14]);
+# for the 32x32 digits: 16-pixel small crops (half the large crop; 96/224 of 32 would be 14) and larger areas,
+# since a 5% window of a 32x32 digit holds a stroke or two (dcv2 README row, against [0.14, 1]/[0.05, 0.14]).
+DEFAULT_DCV2_SMALL_CROPS = {"small": 4}
+DEFAULT_DCV2_LARGE_SCALE = {"small": 0.3}
+DEFAULT_DCV2_SMALL_SCALE = {"small": 0.1}
 # ODC neck dropout by arch (MMSelfSup's 0.5 otherwise). The memory is updated with the features of the training
 # forward pass, dropout included; on the digits, with 0.5, those features and so the online labels are noisy.
 DEFAULT_ODC_DROPOUT = {"small": 0.0}
@@ -30,17 +40,23 @@ DEFAULT_ODC_DROPOUT = {"small": 0.0}
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pydc.train",
-        description="Train visual features without labels by DeepCluster or ODC. With no flags: DeepCluster with "
-                    "the `small` net on the bundled digits, on whatever device is there (a few minutes on a CPU).",
+        description="Train visual features without labels by DeepCluster, ODC or DeepCluster-v2. With no flags: "
+                    "DeepCluster with the `small` net on the bundled digits, on whatever device is there (a few "
+                    "minutes on a CPU).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of options (keys as the long flags, - or _); flags override it")
 
     algorithm = parser.add_argument_group("algorithm")
-    algorithm.add_argument("--algo", choices=["deepcluster", "odc"], default="deepcluster",
-                           help="deepcluster: k-means over all features every epoch; odc: an online memory bank")
+    algorithm.add_argument("--algo", choices=list(ALGORITHMS), default="deepcluster",
+                           help="deepcluster: k-means over all features every epoch; odc: an online memory bank; "
+                                "dcv2: DeepCluster-v2, multi-crop with prototypes from k-means of an embedding "
+                                "memory (pydc/algorithms/: one module per algorithm)")
     algorithm.add_argument("--arch", choices=list(ARCHITECTURES), default="small",
-                           help="backbone behind the Sobel stem; small is sized for 32x32 digits on a CPU")
+                           help="backbone behind the stem; small is sized for 32x32 digits on a CPU")
+    algorithm.add_argument("--stem", choices=["sobel", "rgb"], default=None,
+                           help="fixed first layer: sobel = grey + Sobel filters (DeepCluster, ODC), rgb = "
+                                "Normalize only (default: sobel for deepcluster/odc, rgb for dcv2)")
     algorithm.add_argument("--k", type=int, default=None,
                            help=f"number of clusters (default: {DEFAULT_K} on digits; 10000 is the ImageNet value)")
     algorithm.add_argument("--pca-dim", type=int, default=32,
@@ -62,6 +78,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "its features in train mode, and on the digits dropped units make its labels churn)")
     algorithm.add_argument("--odc-centroid-interval", type=int, default=10,
                            help="ODC: recompute the centroids every this many steps")
+    algorithm.add_argument("--dcv2-prototypes", type=int, default=3,
+                           help="DeepCluster-v2: prototype sets (k-means runs per epoch, --k clusters each); set j "
+                                "clusters the memory of large crop j mod 2")
+    algorithm.add_argument("--dcv2-temperature", type=float, default=0.1,
+                           help="DeepCluster-v2: softmax temperature of the cosine scores against the prototypes")
+    algorithm.add_argument("--dcv2-kmeans-iters", type=int, default=10,
+                           help="DeepCluster-v2: spherical k-means iterations per prototype set and epoch")
+    algorithm.add_argument("--dcv2-small-crops", type=int, default=None,
+                           help="DeepCluster-v2: small crops per image beside the 2 large ones (default: 6 as "
+                                "SwAV, 4 for `small`)")
+    algorithm.add_argument("--dcv2-small-size", type=int, default=None,
+                           help="DeepCluster-v2: small crop size (default: 96 for 224-pixel crops, else --crop // 2)")
+    algorithm.add_argument("--dcv2-large-scale", type=float, default=None,
+                           help="DeepCluster-v2: smallest area fraction of a large crop, which is also the largest "
+                                "of a small crop (default: SwAV's 0.14, 0.3 for `small`)")
+    algorithm.add_argument("--dcv2-small-scale", type=float, default=None,
+                           help="DeepCluster-v2: smallest area fraction of a small crop (default: SwAV's 0.05, "
+                                "0.1 for `small`)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="image folder (default: the bundled digits); class sub-folders, "
@@ -140,6 +174,16 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         from pydc.models import DEFAULT_INPUT_SIZE
 
         args.crop = DEFAULT_INPUT_SIZE[args.arch]
+    if args.stem is None:
+        args.stem = DEFAULT_STEM[args.algo]
+    if args.dcv2_small_crops is None:
+        args.dcv2_small_crops = DEFAULT_DCV2_SMALL_CROPS.get(args.arch, 6)
+    if args.dcv2_small_size is None:
+        args.dcv2_small_size = 96 if args.crop == 224 else max(1, args.crop // 2)
+    if args.dcv2_large_scale is None:
+        args.dcv2_large_scale = DEFAULT_DCV2_LARGE_SCALE.get(args.arch, 0.14)
+    if args.dcv2_small_scale is None:
+        args.dcv2_small_scale = DEFAULT_DCV2_SMALL_SCALE.get(args.arch, 0.05)
     if args.crop_scale is None:
         args.crop_scale = DEFAULT_CROP_SCALE[args.algo]
     if args.odc_dropout is None:
