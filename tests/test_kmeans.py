@@ -107,7 +107,8 @@ def test_split_sizes_halve_between_successive_empties(seed):
     grow, shrink = 1.0 + SPLIT_EPS * sign, 1.0 - SPLIT_EPS * sign
     sources = []
     for empty in range(0, k, 2):
-        copies = [j for j in range(1, k, 2) if torch.allclose(centroids[empty], original[j] * grow, rtol=1e-6, atol=0)]
+        copies = [j for j in range(1, k, 2)
+                  if torch.allclose(centroids[empty], original[j] * grow, rtol=1e-6, atol=0)]
         assert len(copies) == 1, f"cluster {empty} is not a once-perturbed copy of one cluster of 2"
         sources += copies
     assert sorted(sources) == list(range(1, k, 2))

@@ -20,7 +20,7 @@ ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (97, 33, 7), (300,
 
 
 def cpu_has_avx512f() -> bool:
-    """Whether this CPU runs AVX-512F code (the fused kernel's condition, __builtin_cpu_supports("avx512f"))."""
+    """Whether this CPU runs AVX-512F code: the fused kernel's condition (__builtin_cpu_supports)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
@@ -221,13 +221,14 @@ def test_update_matches_reference(device, size):
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_update_accumulates_in_float64(device):
-    # Values 4096 + m / 1024 are exact in float32, and so is every partial sum in float64 (< 2^27, multiples of
-    # 2^-10), so the float64 reference is the exact sum and the kernel must return it correctly rounded: bitwise
-    # equal. A float32 accumulator rounds each of the ~20000 adds per cluster to a multiple of 8 (the float32
-    # step near 8e7) and ends hundreds of units away.
+    # Values 4096 + m / 1024 are exact in float32, and so is every partial sum in float64 (< 2^27, multiples
+    # of 2^-10), so the float64 reference is the exact sum and the kernel must return it correctly rounded:
+    # bitwise equal. A float32 accumulator rounds each of the ~20000 adds per cluster to a multiple of 8 (the
+    # float32 step near 8e7) and ends hundreds of units away.
     generator = torch.Generator().manual_seed(3)
     n, d, k = 60000, 8, 3
-    x = (4096.0 + torch.randint(0, 4096, (n, d), generator=generator) / 1024.0).to(device=device, dtype=torch.float32)
+    fractions = torch.randint(0, 4096, (n, d), generator=generator) / 1024.0
+    x = (4096.0 + fractions).to(device=device, dtype=torch.float32)
     labels = torch.randint(0, k, (n,), generator=generator).to(device)
     sums, counts = UPDATE(x, labels, k, True)
     ref_sums, ref_counts = kmeans_update_reference(x, labels, k)

@@ -15,7 +15,7 @@ def test_catalogue_applies_to_the_current_tree():
         texts = run.patched_sources(mutant, run.REPO)  # raises "does not apply" when a snippet is gone
         assert all(original != mutated for original, mutated in texts.values())
         for test_file in run.test_files(mutant):
-            assert (run.REPO / test_file).is_file(), f"mutant {mutant.id} names a missing test file {test_file}"
+            assert (run.REPO / test_file).is_file(), f"mutant {mutant.id} names a missing file {test_file}"
 
 
 def test_a_mutant_whose_snippet_is_gone_fails_loudly(tmp_path):

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 CATALOGUE = Path(__file__).with_name("mutants.toml")
 KINDS = ("python", "cpp")
 # Not copied: version control, environments, build trees and caches, run outputs.
-SKIPPED_NAMES = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".benchmarks", "runs", "out",
-                 ".ruff_cache"}
+SKIPPED_NAMES = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".benchmarks", "runs",
+                 "out", ".ruff_cache"}
 
 
 class MutantError(Exception):
@@ -73,15 +73,18 @@ def load_catalogue(path: Path = CATALOGUE) -> list[Mutant]:
             raise MutantError(f"{path.name}: mutant id {name} appears twice")
         seen.add(name)
         if entry["kind"] not in KINDS:
-            raise MutantError(f"{path.name}: mutant {name} has kind {entry['kind']!r}, expected one of {KINDS}")
-        if not entry["tests"] or not all(isinstance(t, str) and t.startswith("tests/") for t in entry["tests"]):
+            raise MutantError(f"{path.name}: mutant {name} has kind {entry['kind']!r}, "
+                              f"expected one of {KINDS}")
+        tests = entry["tests"]
+        if not tests or not all(isinstance(t, str) and t.startswith("tests/") for t in tests):
             raise MutantError(f"{path.name}: mutant {name} needs a list of pytest node ids under tests/")
         patches = []
         for patch in entry["patch"]:
             if set(patch) != {"file", "old", "new"} or patch["old"] == patch["new"]:
-                raise MutantError(f"{path.name}: mutant {name}: each patch needs file, old and new (old != new)")
+                raise MutantError(f"{path.name}: mutant {name}: each patch needs file, old and new "
+                                  "(old != new)")
             patches.append(Patch(patch["file"], patch["old"], patch["new"]))
-        mutants.append(Mutant(name, entry["kind"], entry["description"], tuple(entry["tests"]), tuple(patches)))
+        mutants.append(Mutant(name, entry["kind"], entry["description"], tuple(tests), tuple(patches)))
     return mutants
 
 
@@ -96,8 +99,8 @@ def patched_sources(mutant: Mutant, root: Path) -> dict[Path, tuple[str, str]]:
         occurrences = current.count(patch.old)
         if occurrences != 1:
             found = "is not in" if occurrences == 0 else f"occurs {occurrences} times in"
-            raise MutantError(f"mutant {mutant.id} does not apply: its snippet {found} {patch.file} (the code "
-                              f"changed? update the mutant in {CATALOGUE.name}):\n{patch.old}")
+            raise MutantError(f"mutant {mutant.id} does not apply: its snippet {found} {patch.file} (the "
+                              f"code changed? update the mutant in {CATALOGUE.name}):\n{patch.old}")
         texts[path] = (original, current.replace(patch.old, patch.new))
     return texts
 
@@ -106,26 +109,34 @@ def test_files(mutant: Mutant) -> list[str]:
     return sorted({test.split("::")[0] for test in mutant.tests})
 
 
+def same_content(a: Path, b: Path) -> bool:
+    return b.is_file() and a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
+def copied(directory_name: str) -> bool:
+    return directory_name not in SKIPPED_NAMES and not directory_name.endswith(".egg-info")
+
+
 def sync_tree(source: Path, target: Path) -> None:
     """Make `target` hold source's files (see SKIPPED_NAMES). Only files whose content differs are written,
     so that the build in `target` stays incremental; written files get a new mtime, never the source's
     (a restored source must look newer than an object built from its mutant)."""
     wanted = set()
     for directory, subdirectories, files in os.walk(source):
-        subdirectories[:] = [d for d in subdirectories if d not in SKIPPED_NAMES and not d.endswith(".egg-info")]
+        subdirectories[:] = [d for d in subdirectories if copied(d)]
         relative = Path(directory).relative_to(source)
         for name in files:
             if name.endswith(".pyc"):
                 continue
             wanted.add(relative / name)
             src, dst = Path(directory) / name, target / relative / name
-            if dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
+            if same_content(src, dst):
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
             shutil.copymode(src, dst)
     for directory, subdirectories, files in os.walk(target):
-        subdirectories[:] = [d for d in subdirectories if d not in SKIPPED_NAMES and not d.endswith(".egg-info")]
+        subdirectories[:] = [d for d in subdirectories if copied(d)]
         relative = Path(directory).relative_to(target)
         for name in files:
             if relative / name not in wanted and not name.endswith(".pyc"):
@@ -135,11 +146,12 @@ def sync_tree(source: Path, target: Path) -> None:
 def build_cpu_only(root: Path, log) -> None:
     env = dict(os.environ, PYDC_CPU_ONLY="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--force"], cwd=root, env=env,
-                            capture_output=True, text=True)
+    command = [sys.executable, "setup.py", "build_ext", "--inplace", "--force"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     log(f"  build (CPU only) {time.monotonic() - started:.0f} s")
     if result.returncode != 0:
-        raise MutantError(f"the CPU-only build in {root} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise MutantError(f"the CPU-only build in {root} failed:\n{result.stdout[-3000:]}\n"
+                          f"{result.stderr[-3000:]}")
 
 
 def run_tests(root: Path, tests: list[str]) -> subprocess.CompletedProcess:
@@ -156,10 +168,13 @@ def check_copy_imports_itself(root: Path) -> None:
                             "print(e.has_ops())"], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
                            capture_output=True, text=True)
     lines = probe.stdout.split()
-    if probe.returncode != 0 or len(lines) != 2 or not Path(lines[0]).resolve().is_relative_to(root.resolve()):
-        raise MutantError(f"the copy in {root} does not import its own pydc: {probe.stdout} {probe.stderr[-2000:]}")
+    imported_here = len(lines) == 2 and Path(lines[0]).resolve().is_relative_to(root.resolve())
+    if probe.returncode != 0 or not imported_here:
+        raise MutantError(f"the copy in {root} does not import its own pydc: {probe.stdout} "
+                          f"{probe.stderr[-2000:]}")
     if lines[1] != "True":
-        raise MutantError(f"the copy in {root} has no loadable pydc._C: build the extension first (make build)")
+        raise MutantError(f"the copy in {root} has no loadable pydc._C: build the extension first "
+                          "(make build)")
 
 
 def first_failure(output: str) -> str:
@@ -185,7 +200,8 @@ def run_mutants(mutants: list[Mutant], workdir: Path, baseline: bool = True, log
         clean = run_tests(workdir, tests)
         log(f"  baseline: {len(tests)} tests on the unpatched copy, {time.monotonic() - started:.0f} s")
         if clean.returncode != 0:
-            raise MutantError(f"the named tests fail without any mutant:\n{clean.stdout[-4000:]}{clean.stderr[-2000:]}")
+            raise MutantError(f"the named tests fail without any mutant:\n{clean.stdout[-4000:]}"
+                              f"{clean.stderr[-2000:]}")
     results = {}
     for mutant in mutants:
         texts = patched_sources(mutant, workdir)
@@ -204,12 +220,14 @@ def run_mutants(mutants: list[Mutant], workdir: Path, baseline: bool = True, log
                 path.write_text(original)
         if outcome.returncode == 1 or outcome.returncode < 0:  # tests failed, or the process crashed
             results[mutant.id] = "caught"
-            detail = first_failure(outcome.stdout) if outcome.returncode == 1 else f"crashed ({outcome.returncode})"
+            detail = (first_failure(outcome.stdout) if outcome.returncode == 1
+                      else f"crashed ({outcome.returncode})")
         elif outcome.returncode == 0:
             results[mutant.id] = "survived"
             detail = "every named test passed"
         else:  # 2: interrupted, 4: usage error, 5: no tests collected
-            results[mutant.id] = f"error: pytest exit {outcome.returncode}: {outcome.stdout[-2000:]}{outcome.stderr[-2000:]}"
+            results[mutant.id] = (f"error: pytest exit {outcome.returncode}: {outcome.stdout[-2000:]}"
+                                  f"{outcome.stderr[-2000:]}")
             detail = "pytest could not run the tests"
         log(f"  {mutant.id} ({mutant.kind}): {results[mutant.id].split(':')[0]} in "
             f"{time.monotonic() - started:.0f} s: {detail}")
@@ -224,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="ID", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="print the catalogue and exit")
     parser.add_argument("--workdir", type=Path,
-                        help="copy to use (created if missing, kept afterwards; default: a temporary directory)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on the unpatched copy")
-    parser.add_argument("--markdown", action="store_true", help="also print the results as a table for the README")
+                        help="copy to use (created if missing, kept afterwards; default: a temporary "
+                             "directory)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the run of the tests on the unpatched copy")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the results as a table for the README")
     args = parser.parse_args(argv)
     try:
         mutants = load_catalogue()
@@ -239,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             mutants = [m for m in mutants if m.kind == args.kind]
         if args.list:
             for mutant in mutants:
-                print(f"{mutant.id} ({mutant.kind}): {mutant.description}\n    caught by {', '.join(mutant.tests)}")
+                print(f"{mutant.id} ({mutant.kind}): {mutant.description}\n"
+                      f"    caught by {', '.join(mutant.tests)}")
             return 0
         print(f"{len(mutants)} mutants ({args.kind}) of {CATALOGUE.relative_to(REPO)}")
         started = time.monotonic()
@@ -264,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| planted bug | kind | result | tests that must catch it |\n| --- | --- | --- | --- |")
         for mutant in mutants:
             tests = ", ".join(f"`{test.removeprefix('tests/')}`" for test in mutant.tests)
-            print(f"| `{mutant.id}`: {mutant.description} | {mutant.kind} | {results[mutant.id].split(':')[0]} | {tests} |")
+            result = results[mutant.id].split(":")[0]
+            print(f"| `{mutant.id}`: {mutant.description} | {mutant.kind} | {result} | {tests} |")
     return 2 if errors else 1 if survivors else 0
 
 
