@@ -27,8 +27,9 @@ DEFAULT_CROP_SCALE = {"deepcluster": 0.08, "odc": 0.5, "dcv2": 0.14}
 # with colour augmentation.
 DEFAULT_STEM = {"deepcluster": "sobel", "odc": "sobel", "dcv2": "rgb"}
 # DeepCluster-v2's multi-crop, SwAV's for 224-pixel crops (2 x 224 at area [0.14, 1] + 6 x 96 at [0.05, 0.14]);
-# for the 32x32 digits: 16-pixel small crops (half the large crop; 96/224 of 32 would be 14) and larger areas,
-# since a 5% window of a 32x32 digit holds a stroke or two (dcv2 README row, against [0.14, 1]/[0.05, 0.14]).
+# for the 32x32 digits: 16-pixel small crops (half the large crop; 96/224 of 32 would be 14), 4 of them to keep
+# a step near 3 large-crop equivalents on a CPU, and larger areas, since a 5% window of a 32x32 digit holds a
+# stroke or two. Neither these nor SwAV's areas make DeepCluster-v2 learn on the digits yet (README).
 DEFAULT_DCV2_SMALL_CROPS = {"small": 4}
 DEFAULT_DCV2_LARGE_SCALE = {"small": 0.3}
 DEFAULT_DCV2_SMALL_SCALE = {"small": 0.1}
