@@ -109,7 +109,7 @@ def test_checkpoint_of_an_unknown_format_is_refused_with_its_version(deepcluster
     result = run_cli("pydc.train", "--data", tiny_data, "--output", tmp_path, *TINY_FLAGS, "--resume",
                      tmp_path / "future.pt", check=False)
     assert result.returncode == 2
-    assert "has format 99, written by a newer pydc" in result.stderr
+    assert "has format version 99, newer than this pydc reads" in result.stderr
 
     odc_state = _legacy(state)
     odc_state["args"] = {**odc_state["args"], "algo": "odc"}
