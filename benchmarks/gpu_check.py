@@ -5,7 +5,7 @@
 Steps, in order, each under its own limit (STEPS; 470 s in all, inside the 480 s budget that leaves room
 for the machine's start and a rerun):
   build      setup.py build_ext --inplace with FORCE_CUDA=1 and CUDA_HOME from the nvcc on PATH when unset
-  extension  pydc.extension must report CUDA kernels, else the check stops here with its message
+  extension  pydc.extension must report CUDA kernels and torch a GPU, else the check stops here, saying why
   tests      pytest -m cuda over tests/
   memcheck   compute-sanitizer memcheck over SANITIZE_CASES (one CUDA test per kernel path)
   racecheck  compute-sanitizer racecheck over RACECHECK_CASES (the kernels that use shared memory); a
@@ -191,8 +191,13 @@ class Check:
         report = _last_json(text)
         if report:
             self.results["card"] = report["card"]
-        if status != "ok" or not report or not report["cuda_kernels"]:
-            why = (report or {}).get("load_error") or "pydc._C holds no CUDA kernels (built CPU-only?)"
+        if status != "ok" or not report or not report["cuda_kernels"] or not report["cuda"]:
+            if not report or not report["has_ops"]:
+                why = (report or {}).get("load_error") or "pydc._C did not load (extension step output in tests.log)"
+            elif not report["cuda_kernels"]:
+                why = "pydc._C holds no CUDA kernels (built CPU-only: see build.log for CUDA_HOME)"
+            else:
+                why = "torch sees no CUDA device"
             self.results["steps"][-1].update(status="failed", note=f"stopped: {why}")
             self.write_results()
             print(f"gpu_check: stopped after the build: {why}", flush=True)

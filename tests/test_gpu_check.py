@@ -94,7 +94,7 @@ def test_device_not_supported_is_a_skip_detected_at_once(tmp_path, monkeypatch):
 
 
 def test_stops_after_the_build_without_cuda_kernels(tmp_path, monkeypatch):
-    """Here pydc._C has no CUDA kernels (or is not built): the extension step stops the check with why."""
+    """Here there is no GPU (and maybe no CUDA kernels): the extension step stops the check, saying why."""
     check = check_for(tmp_path, monkeypatch, limit=120)
     check.extension()
     assert check.stopped
