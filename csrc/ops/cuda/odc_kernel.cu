@@ -268,8 +268,8 @@ void similarity_gemm(const at::Tensor& rows, const at::Tensor& centroids, at::Te
 }
 
 // The largest centroid norm (float64, on the device), recomputed only when `centroids` is another tensor or
-// its version counter moved (every in-place write through torch bumps it, odc_centroids_from_sums included:
-// tests/test_cuda_review.py checks that on the CPU). The weak reference keeps the TensorImpl's address from
+// its version counter moved (every in-place write through torch bumps it; odc_centroids_from_sums_cuda bumps
+// it itself, since a custom op's write does not: tests/test_cuda_review*.py check both). The weak reference keeps the TensorImpl's address from
 // being reused by another tensor while it is cached, so identity is exact. Inference tensors have no version
 // counter: recomputed on every call.
 class CentroidNormCache {
@@ -432,6 +432,8 @@ void odc_centroids_from_sums_cuda(const at::Tensor& class_sums, const at::Tensor
         K, D, inv_scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // A custom op's in-place write does not move the version counter by itself; CentroidNormCache needs it to.
+  if (!centroids.is_inference()) centroids.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
