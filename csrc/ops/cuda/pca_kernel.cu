@@ -10,7 +10,7 @@
 // inputs reach the tensor cores already in TF32, so cuBLAS converts nothing. The GEMM's float32 accumulation
 // over a chunk's n rows has the bound n * 2^-24 (Higham's gamma_n) for any fp32 GEMM; the split's 12 units
 // add 12 / n to it: 0.07% at the chunk's 16384 rows, i.e. float32 accuracy. Flops at D = 4096 with panels of
-// 512: 3 x (1 + 512/4096) x N D^2 = 6.8e13 for N = 1.28M, ~0.17 s at ~400 TF32 TFLOP/s (H100/H200 dense
+// 512: 3 x (1 + 512/4096) x N D^2 = 7.2e13 for N = 1.28M, ~0.18 s at ~400 TF32 TFLOP/s (H100/H200 dense
 // peak ~495), against ~0.7 s for one plain float32 GEMM of both triangles (4.3e13 at ~60 TFLOP/s).
 // PYDC_PCA_CUDA_GRAM=fp32 turns it off (one plain float32 GEMM, torch's precision setting).
 #include <ATen/core/Tensor.h>
