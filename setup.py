@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,15 +22,27 @@ def _env_flag(name: str) -> bool:
 
 
 def _locate_cuda_home() -> str | None:
-    """CUDA_HOME if set, else /usr/local/cuda when it holds nvcc. Must run before torch's cpp_extension is
-    imported, since that module reads CUDA_HOME once at import time (and would otherwise guess from the
-    nvcc on PATH, which may be a wrapper script outside the toolkit)."""
+    """The CUDA toolkit to build with: CUDA_HOME (or CUDA_PATH) if set; else the toolkit of the nvcc on PATH
+    (followed through symlinks; a wrapper script outside any toolkit is passed over); else /usr/local/cuda
+    when it holds nvcc. The choice is exported as CUDA_HOME and printed. This must run before torch's
+    cpp_extension is imported, since that module reads CUDA_HOME once at import time. FORCE_CUDA=1 with no
+    toolkit found is an error here rather than a CPU-only build that fails every CUDA test later."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         return home
-    if Path("/usr/local/cuda/bin/nvcc").exists():
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-        return "/usr/local/cuda"
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append((Path(os.path.realpath(nvcc)).parent.parent, "the nvcc on PATH"))
+    candidates.append((Path("/usr/local/cuda"), "the default location"))
+    for root, source in candidates:
+        if (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file():
+            os.environ["CUDA_HOME"] = str(root)
+            print(f"pydc: CUDA_HOME={root} (from {source})")
+            return str(root)
+    if _env_flag("FORCE_CUDA"):
+        raise SystemExit("pydc: FORCE_CUDA=1 but no CUDA toolkit was found (no CUDA_HOME, no nvcc on PATH inside a "
+                         "toolkit, nothing in /usr/local/cuda); set CUDA_HOME to the toolkit's root")
     return None
 
 

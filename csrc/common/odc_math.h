@@ -85,6 +85,27 @@ PYDC_HD double odc_dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return s;
 }
 
+// Why a batch is refused before anything changes (bits of one device word, so that the CUDA kernels learn it
+// without a host sync): an index outside [0, N), or the label of an indexed row outside [0, K). A refused
+// batch's op returns -(its bits): -1, -2 or -3; pydc.ops.odc decodes them into IndexError / ValueError.
+constexpr unsigned long long kOdcIndexOutOfRange = 1;
+constexpr unsigned long long kOdcLabelOutOfRange = 2;
+
+// Status bits of one batch position: `label` is read only for an index inside the bank.
+PYDC_HD unsigned long long odc_position_status(int64_t index, int64_t length, const int64_t* label_bank,
+                                               int64_t num_classes) {
+  if (index < 0 || index >= length) return kOdcIndexOutOfRange;
+  const int64_t label = label_bank[index];
+  return (label < 0 || label >= num_classes) ? kOdcLabelOutOfRange : 0;
+}
+
+// Arg-max order of the relabelling: a NaN never wins (the CPU's row_max skips NaN), a larger value wins, equal
+// values go to the lower class index; best_index < 0 means "nothing yet".
+PYDC_HD bool odc_argmax_prefer(double value, int64_t index, double best, int64_t best_index) {
+  if (value != value) return false;
+  return best_index < 0 || value > best || (value == best && index < best_index);
+}
+
 // Bound on |GEMM(row, c) - dot(row, c)| for any summation order, rows of norm <= 1 and centroids of norm
 // <= max_centroid_norm: gamma_D * |c| * |row| (Higham), plus the rounding of the inputs when the GEMM
 // runs in reduced precision (TF32/BF16), doubled because both the best and a rival carry an error.

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/hd.h"
@@ -46,6 +48,28 @@ PYDC_HD double pca_center(double x, double shift) {
 // rounded to float32, at float32 speed (twice the SIMD lanes of float64 on the CPU).
 PYDC_HD float pca_center_split(float x, float shift_hi, float shift_lo) {
   return (x - shift_hi) - shift_lo;
+}
+
+// float32 -> TF32 (10 explicit mantissa bits, what the tensor cores read) by round to nearest even on the 13
+// dropped bits, kept in a float. Finite inputs only (centred values are: non-finite rows are zeroed first).
+// Used by the CUDA Gram's 3xTF32 split: hi = tf32(c), lo = tf32(c - hi); c - hi is exact in float32 (it
+// keeps c's low 13 bits), so hi + lo equals c to within 2^-22 |c|.
+PYDC_HD float pca_tf32_round(float value) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(value);
+#else
+  std::memcpy(&bits, &value, sizeof(bits));
+#endif
+  bits += 0x0fffu + ((bits >> 13) & 1u);
+  bits &= 0xffffe000u;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
 }
 
 // The factor that scales a row with squared L2 norm `sum_squares` to unit norm (0 rows stay 0).

@@ -26,7 +26,11 @@ Differences from faiss, each deliberate:
   to an offset of 10^4; test_pca.py checks both).
 - NaN/Inf: a row holding one is left out of the moments and partial_fit/fit raise ValueError naming how many
   rows were left out (the finite rows stay accumulated); transform raises ValueError naming how many rows
-  hold NaN/Inf (MMSelfSup raises only above 0.1% of rows).
+  hold NaN/Inf (MMSelfSup raises only above 0.1% of rows). On CUDA the count stays on the device, since
+  reading it after every batch would stall the feature pass on a host sync: partial_fit does not raise, and
+  the error names the rows left out since the last check when the fit is next needed (transform, the
+  fitted attributes, get_covariance) or at the end of fit(). defer_nonfinite_check=True/False forces
+  either behaviour on any device; n_samples_seen_ is exact whenever it is read.
 - An empty batch passed to partial_fit changes nothing.
 """
 
@@ -103,7 +107,7 @@ class PCAWhitening:
 
     def __init__(self, n_components: int = 256, eigen_power: float = -0.5, eps: float = 0.0, *,
                  eigenvalue_floor: float = 1e-6, fit_batch_rows: int = 65536, flush_rows: int = 8192,
-                 eigh_threads: int | None = None):
+                 eigh_threads: int | None = None, defer_nonfinite_check: bool | None = None):
         if not isinstance(n_components, int) or isinstance(n_components, bool) or n_components < 1:
             raise ValueError(f"PCAWhitening: expected n_components to be a positive int, got {n_components!r}")
         if eps < 0:
@@ -128,6 +132,8 @@ class PCAWhitening:
         # On an idle machine torch's setting is faster (the float32 eigh at D = 2048: 0.40-0.44 s with 2 threads
         # against 0.80 s with 1), so it is the default; pass 1 on a shared, oversubscribed CPU.
         self.eigh_threads = eigh_threads
+        # None: deferred on CUDA (no host sync per batch), checked per batch on the CPU (where it is free).
+        self.defer_nonfinite_check = defer_nonfinite_check
         self.reset()
 
     # ----------------------------------------------------------------------------------------------- fitting
@@ -135,6 +141,8 @@ class PCAWhitening:
         """Forgets all moments and the fit."""
         self.n_features_in_: int | None = None
         self.n_samples_seen_ = 0
+        self._unchecked_nonfinite: torch.Tensor | None = None  # device count of rows left out, not yet reported
+        self._unchecked_rows = 0  # rows accumulated since that count was last read
         self._moments: dict[str, torch.Tensor] | None = None
         # float32 Gram that float32/16/bf16 batches' GEMMs accumulate into in place (beta = 1), added into the
         # float64 moments every flush_rows rows. Measured on the 2-core CPU at 50,000 x 2048: 12 s with it
@@ -149,7 +157,7 @@ class PCAWhitening:
     def partial_fit(self, batch: torch.Tensor) -> PCAWhitening:
         """Adds one batch of features (rows) to the moments, on the batch's device."""
         total, bad = self._accumulate(batch)
-        if bad:
+        if bad:  # None when the check is deferred
             raise ValueError(self._nonfinite_message("partial_fit", bad, total, "the batch"))
         return self
 
@@ -160,7 +168,8 @@ class PCAWhitening:
         total = bad = 0
         for chunk in x.split(self.fit_batch_rows):
             rows, bad_rows = self._accumulate(chunk)
-            total, bad = total + rows, bad + bad_rows
+            total, bad = total + rows, bad + (bad_rows or 0)
+        self._report_unchecked_nonfinite("fit", "x")
         if bad:
             raise ValueError(self._nonfinite_message("fit", bad, total, "x"))
         self._finalize()
@@ -186,6 +195,16 @@ class PCAWhitening:
 
     # ------------------------------------------------------------------------------------ fitted attributes
     @property
+    def n_samples_seen_(self) -> int:
+        """Finite rows accumulated so far; with a deferred NaN/Inf check, reading it waits for the device."""
+        unread = int(self._unchecked_nonfinite) if self._unchecked_rows else 0
+        return self._n_samples_seen - unread
+
+    @n_samples_seen_.setter
+    def n_samples_seen_(self, value: int) -> None:
+        self._n_samples_seen = int(value)
+
+    @property
     def mean_(self) -> torch.Tensor:
         return self._fitted()["mean"]
 
@@ -210,6 +229,7 @@ class PCAWhitening:
 
     def get_covariance(self) -> torch.Tensor:
         """The (D, D) float64 population covariance (1/n) sum (x - mean)(x - mean)^T of the rows seen so far."""
+        self._report_unchecked_nonfinite("partial_fit", "the batches since the last check")
         if self._moments is None or self.n_samples_seen_ == 0:
             raise RuntimeError("PCAWhitening: no rows seen yet; call partial_fit(batch) or fit(x) first")
         return self._mean_and_covariance()[1]
@@ -312,6 +332,8 @@ class PCAWhitening:
         self.n_features_in_ = state["n_features_in"]
         self.n_samples_seen_ = int(state["n_samples_seen"])
         if state["shift"] is not None:
+            self._unchecked_nonfinite = torch.zeros((), dtype=torch.int64, device=state["shift"].device)
+        if state["shift"] is not None:
             self._moments = {key: state[key].clone() for key in _MOMENT_KEYS}
         if state["fit_mean"] is not None:
             self._fit = {key: state["fit_" + key].clone() for key in _FIT_KEYS}
@@ -343,6 +365,7 @@ class PCAWhitening:
             kept = batch[finite]
             shift = kept.sum(dim=0, dtype=torch.float64) / max(kept.shape[0], 1)
         self.n_features_in_ = d
+        self._unchecked_nonfinite = torch.zeros((), dtype=torch.int64, device=batch.device)
         self._moments = {"shift": shift, "sum": torch.zeros_like(shift),
                          "gram": torch.zeros((d, d), dtype=torch.float64, device=batch.device)}
 
@@ -357,8 +380,14 @@ class PCAWhitening:
                 source.zero_()
         self._pending_rows = 0
 
-    def _accumulate(self, batch: torch.Tensor) -> tuple[int, int]:
-        """Adds batch to the moments; returns (rows, rows left out for NaN/Inf)."""
+    def _defers_check(self, device: torch.device) -> bool:
+        if self.defer_nonfinite_check is None:
+            return device.type == "cuda"
+        return bool(self.defer_nonfinite_check)
+
+    def _accumulate(self, batch: torch.Tensor) -> tuple[int, int | None]:
+        """Adds batch to the moments; returns (rows, rows left out for NaN/Inf), or (rows, None) when that count
+        stays on the device until _report_unchecked_nonfinite reads it."""
         self._check_features("partial_fit", batch)
         rows, d = batch.shape
         if self.n_features_in_ is not None and d != self.n_features_in_:
@@ -372,7 +401,9 @@ class PCAWhitening:
         if batch.device != moments["gram"].device:
             raise ValueError(f"PCAWhitening.partial_fit: the moments live on {moments['gram'].device}, got a batch on "
                              f"{batch.device}; feed every batch from one device")
-        bad = torch.zeros((), dtype=torch.int64, device=batch.device)
+        deferred = self._defers_check(batch.device)
+        # Deferred: the op adds straight into the unread device count (no extra kernel, no sync).
+        bad = self._unchecked_nonfinite if deferred else torch.zeros((), dtype=torch.int64, device=batch.device)
         if batch.dtype == torch.float64:
             pca_accumulate(batch, moments["shift"], moments["sum"], moments["gram"], bad)
         else:
@@ -383,14 +414,31 @@ class PCAWhitening:
                 self._pending_rows += piece.shape[0]
                 if self._pending_rows >= self.flush_rows:
                     self._flush()
-        bad = int(bad)
-        self.n_samples_seen_ += rows - bad
         self._fit = None
         self._projections = {}
+        if deferred:
+            self._unchecked_rows += rows
+            self._n_samples_seen += rows  # less the unread count (see n_samples_seen_)
+            return rows, None
+        bad = int(bad)
+        self._n_samples_seen += rows - bad
         return rows, bad
+
+    def _report_unchecked_nonfinite(self, method: str, what: str) -> None:
+        """Reads the deferred count (one host sync) and raises ValueError if rows were left out since the last
+        read; the count is then cleared, so each such row is reported once."""
+        if not self._unchecked_rows:
+            return
+        total, bad = self._unchecked_rows, int(self._unchecked_nonfinite)
+        self._unchecked_rows = 0
+        if bad:
+            self._unchecked_nonfinite.zero_()
+            self._n_samples_seen -= bad
+            raise ValueError(self._nonfinite_message(method, bad, total, what))
 
     def _fitted(self) -> dict[str, torch.Tensor]:
         if self._fit is None:
+            self._report_unchecked_nonfinite("partial_fit", "the batches since the last check")
             if self._moments is None or self.n_samples_seen_ == 0:
                 raise RuntimeError("PCAWhitening: not fitted yet; call fit(x) or partial_fit(batch) with some finite rows")
             self._finalize()

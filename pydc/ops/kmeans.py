@@ -9,10 +9,12 @@ kmeans_assign(x, centroids, x_sq_norms=None, allow_tf32=True) -> (labels, distan
     across iterations; they are recomputed otherwise). The N x k distance matrix is never formed: the CPU
     kernel folds 4096 x 1024 BLAS blocks into a running arg-min (with PYDC_KMEANS_FUSED=1 on AVX-512 CPUs,
     6-point x 32-centroid register tiles instead, faster only on a busy machine); the CUDA kernel
-    bounds its cuBLAS workspace to 512 MiB. On CUDA with allow_tf32 the dot products are computed with TF32 tensor cores only to rank
+    bounds its cuBLAS workspace to half the device's L2 cache, so the dot products are read back from L2,
+    not HBM. On CUDA with allow_tf32 the dot products are computed with TF32 tensor cores only to rank
     the 4 best candidates of each point, which are then re-scored in fp32: the labels are those of fp32
     arithmetic unless the nearest centroid is not among the TF32 top 4 (a gap below TF32's ~1e-3 relative
-    error across 4 centroids). The CPU always computes in fp32.
+    error across 4 centroids). allow_tf32=False computes them in fp32 whatever torch's global TF32 flag
+    says (the CUDA kernel fetches cuBLAS's handle under at::NoTF32Guard). The CPU always computes in fp32.
 
 kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
     sums (k, d) float32: the sum of the rows of x with each label; counts (k,) int64: how many. The new

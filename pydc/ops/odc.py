@@ -13,10 +13,16 @@ odc_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indi
     The row's label becomes argmax_k centroids[k] . bank[i] with the dot products exact to float64 accuracy
     and ties going to the lowest k; every occurrence whose new label differs from the row's current label
     counts as one change. counts and class_sums follow the net move of each row. Returns the number of
-    changes (int64, 0-dim); MMSelfSup's change ratio is that number over the batch size. An index outside
-    [0, N) refuses the whole batch before anything changes: the CPU kernel raises; the CUDA kernels check on
-    the device (no host sync) and return -1, which ODCMemory.update_samples turns into an IndexError.
+    changes (int64, 0-dim); MMSelfSup's change ratio is that number over the batch size. A GEMM value that is
+    NaN never wins the argmax (a row whose values are all NaN gets class 0), as the CPU's row_max does.
+    An index outside [0, N), or an indexed row whose label is outside [0, K), refuses the whole batch before
+    anything changes: the CPU kernel raises; the CUDA kernels check on the device (no host sync, no device
+    assert) and return -(status bits): -1 for an index, -2 for a label, -3 for both. The wrapper
+    odc_update_samples raises IndexError / ValueError for them (check=True, one host sync on CUDA); with
+    check=False it returns the count as it is, and ChangeTally sums counts on the device and raises when read.
 odc_class_sums(feature_bank, label_bank, class_sums, counts)
+    A label outside [0, K) is refused before anything changes (RuntimeError naming the first such row, on
+    every device: a whole-bank recount can afford the CUDA kernel's one host sync for that check).
     counts = bincount(labels); class_sums[k] = sum over rows of class k of round(row * 2^bits), with
     bits = min(50, 62 - bit_length(N)) so that no sum of rows of norm <= 1 can overflow.
 odc_centroids_from_sums(class_sums, counts, centroids, bank_length)
@@ -145,7 +151,9 @@ def odc_update_samples_reference(feature_bank, label_bank, counts, class_sums, c
         f = x / (x.norm(dim=1, keepdim=True) + NORM_EPS)
         v = (1.0 - momentum) * feature_bank[rows].double() + momentum * f
         feature_bank[rows] = (v / (v.norm(dim=1, keepdim=True) + NORM_EPS)).to(feature_bank.dtype)
-        new_labels = torch.argmax(feature_bank[rows].double() @ centroids64.t(), dim=1)  # first max on ties
+        scores = feature_bank[rows].double() @ centroids64.t()
+        scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        new_labels = torch.argmax(scores, dim=1)  # first max on ties; NaN never wins (all NaN: class 0)
         changes += (new_labels != label_bank[rows]).sum()
         label_bank[rows] = new_labels
     final_labels = label_bank[unique]
@@ -174,16 +182,85 @@ def odc_centroids_from_sums_reference(class_sums, counts, centroids, bank_length
     centroids.copy_(torch.where(filled.unsqueeze(1), means, centroids))
 
 
+# Status bits of a batch the CUDA kernels refused (csrc/common/odc_math.h); the op returns -(bits).
+INDEX_OUT_OF_RANGE = 1
+LABEL_OUT_OF_RANGE = 2
+
+
+def raise_if_refused(changes, bank_length: int, num_classes: int, op: str = "odc_update_samples") -> int:
+    """The change count as an int (a host sync on CUDA), or IndexError / ValueError for a refused batch."""
+    count = int(changes)
+    if count >= 0:
+        return count
+    bits = -count
+    if bits & INDEX_OUT_OF_RANGE:
+        raise IndexError(f"{op}: indices must lie in [0, {bank_length}); the batch was refused and the memory is "
+                         "unchanged")
+    if bits & LABEL_OUT_OF_RANGE:
+        raise ValueError(f"{op}: a row of the batch has a label outside [0, {num_classes}) in label_bank (the "
+                         "memory was not initialised, or its labels were overwritten); the batch was refused and "
+                         "the memory is unchanged")
+    raise RuntimeError(f"{op}: the kernel returned {count}, which is no known status")
+
+
+class ChangeTally:
+    """Change counts of many steps, summed on their device: no host sync per step (add), one when read (total).
+
+    A refused batch changed nothing; total() then raises the error that odc_update_samples(check=True) would
+    have raised at that step, once (later steps were applied normally). Use it with
+    odc_update_samples(..., check=False) in a training loop and read it where the loop logs.
+    """
+
+    def __init__(self, bank_length: int, num_classes: int):
+        self.bank_length, self.num_classes = int(bank_length), int(num_classes)
+        self.reset()
+
+    def reset(self) -> None:
+        self._changes = None  # int64 on the device: sum of the counts of accepted batches
+        self._status = None   # int64 on the device: OR of the status bits of refused batches
+        self.rows = 0         # rows of every batch added (a host number: no sync)
+
+    def add(self, changes: torch.Tensor, rows: int) -> None:
+        accepted = changes.clamp(min=0)
+        status = (-changes).clamp(min=0)
+        self._changes = accepted if self._changes is None else self._changes + accepted
+        self._status = status if self._status is None else self._status.bitwise_or(status)
+        self.rows += int(rows)
+
+    def total(self) -> int:
+        """Changes since the last reset (one host sync); raises for a refused batch, then forgets it."""
+        if self._changes is None:
+            return 0
+        status = int(self._status)
+        if status:
+            self._status.zero_()
+            raise_if_refused(-status, self.bank_length, self.num_classes)
+        return int(self._changes)
+
+    def ratio(self) -> float:
+        """Changes per row added since the last reset (MMSelfSup's change ratio over many steps)."""
+        changes = self.total()
+        return changes / self.rows if self.rows else 0.0
+
+
 def odc_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indices, features,
-                       momentum: float = 0.5) -> torch.Tensor:
-    """Blend a batch into the memory in place; returns the number of label changes (see module docstring)."""
+                       momentum: float = 0.5, *, check: bool = True) -> torch.Tensor:
+    """Blend a batch into the memory in place; returns the number of label changes (see module docstring).
+
+    check=True raises IndexError / ValueError for a batch the CUDA kernels refused (a host sync per call on
+    CUDA); check=False returns the device count as it is (negative for a refused batch), for ChangeTally.
+    The CPU kernel raises for such batches either way.
+    """
     check_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indices, features, momentum)
     if not HAS_OPS:
         warn_fallback("odc_update_samples")
         return odc_update_samples_reference(feature_bank, label_bank, counts, class_sums, centroids, indices,
                                             features, momentum)
-    return torch.ops.pydc.odc_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indices,
-                                             features, float(momentum))
+    changes = torch.ops.pydc.odc_update_samples(feature_bank, label_bank, counts, class_sums, centroids, indices,
+                                                features, float(momentum))
+    if check:
+        raise_if_refused(changes, feature_bank.shape[0], centroids.shape[0])
+    return changes
 
 
 def odc_class_sums(feature_bank, label_bank, class_sums, counts) -> None:

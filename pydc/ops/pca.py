@@ -10,15 +10,18 @@ pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its la
     diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
     of gram is defined: on the CPU a gram of the GEMM type is updated by scipy's BLAS syrk once use_cpu_syrk
     has run (it runs on the first CPU call through this module), which leaves the strict lower triangle as
-    it was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel and
-    the reference fill both. Read the result through its upper triangle (PCAWhitening does).
+    it was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel adds
+    a float32 gram in row panels gram[i:i+512, i:] too (3xTF32, below) and fills both triangles of a
+    float64 one, as the reference does. Read the result through its upper triangle (PCAWhitening does).
     batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
     gram: (D, D) float64, or float32 for a float32/float16/bfloat16 batch (then the GEMM accumulates into it
     in place, beta = 1, with no pass over a temporary: PCAWhitening keeps such a float32 Gram and adds it into
     its float64 one every `flush_rows` rows); nonfinite_rows: int64 with one element; all on one device. B = 0
     changes nothing. GEMM types: float64 for float64 batches, float32 otherwise on the CPU; on CUDA
-    float16/bfloat16 batches multiply in their own dtype on the tensor cores (float32 products), float32 ones
-    at torch's float32 matmul precision (TF32 after `torch.set_float32_matmul_precision("high")`). Chunks of
+    float16/bfloat16 batches multiply in their own dtype on the tensor cores (float32 products); float32
+    batches into a float32 gram as three TF32 GEMMs of their split hi + lo parts (float32 accuracy at
+    tensor-core rate, whatever torch's TF32 flag; PYDC_PCA_CUDA_GRAM=fp32 turns it off), into a float64
+    gram at torch's float32 matmul precision (TF32 after `torch.set_float32_matmul_precision("high")`). Chunks of
     at most 2^23 values and 4096 rows (CPU) / 2^26 values and 16384 rows (CUDA) are centred and multiplied at
     a time (float32 sums over longer runs of rows drift). Why this is robust: with `shift` near the data's
     mean (PCAWhitening uses its first batch's mean) every product is of centred, well-scaled values, so a

@@ -1,12 +1,19 @@
 // CUDA kernels of the k-means ops.
 //
 // kmeans_assign: points are taken in chunks whose dot products with (a block of) the centroids fit a
-// bounded workspace (512 MiB); cuBLAS fills the workspace (x_chunk . c^T), then one warp per point scans
-// its row for the kCandidates best scores ||c||^2 - 2 x.c, keeping them across centroid blocks. With
+// workspace of half the device's L2 cache (25 MB on an H100, 50 MB L2): cuBLAS fills the workspace
+// (x_chunk . c^T) and one warp per point scans its row for the kCandidates best scores ||c||^2 - 2 x.c,
+// keeping them across centroid blocks. The scan reads what the GEMM has just written while it is still in
+// L2, so the N x k dot products never travel through HBM (a 512 MiB workspace sent ~100 GB per iteration
+// there at N = 1.28M, k = 10^4). With
 // allow_tf32 the product runs on TF32 tensor cores (10-bit mantissa inputs), which only ranks the
 // candidates: a last pass re-scores the kCandidates best of every point in fp32 from x and the centroids
 // and picks the winner (lowest index on ties), so labels and distances are fp32 results unless the true
-// nearest centroid fell outside the TF32 top kCandidates. allow_tf32=False runs the product in fp32.
+// nearest centroid fell outside the TF32 top kCandidates. allow_tf32=False runs the product in fp32 whatever
+// torch's global TF32 flag says: torch's getCurrentCUDABlasHandle() puts the shared handle in
+// CUBLAS_TF32_TENSOR_OP_MATH when that flag is on ("allow accelerating single precision routines using TF32
+// tensor cores", cublas_api.h), which lets a CUBLAS_COMPUTE_32F GEMM run in TF32; under at::NoTF32Guard
+// it sets CUBLAS_DEFAULT_MATH instead.
 //
 // kmeans_update: the atomic mode adds every point's row into its cluster's sum with atomicAdd (fast, order
 // of float additions not fixed). The deterministic mode sorts the points by label (stable) and one block
@@ -18,6 +25,7 @@
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sub.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,6 +35,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 
 #include "common/kmeans_math.h"
 #include "ops/kmeans.h"
@@ -35,7 +44,7 @@ namespace pydc {
 namespace {
 
 constexpr int kCandidates = 4;                          // TF32 candidates re-scored in fp32 per point
-constexpr int64_t kWorkspaceFloats = int64_t(1) << 27;  // 512 MiB of dot products per cuBLAS call
+constexpr int64_t kMinWorkspaceFloats = int64_t(1) << 20;  // 4 MiB: floor for devices with a small L2
 constexpr int64_t kMaxCentroidBlock = int64_t(1) << 16; // centroids per cuBLAS call
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
@@ -152,8 +161,18 @@ at::Tensor squared_norms(const at::Tensor& rows, cudaStream_t stream) {
 
 // dots (rows x cols, row-major) = points (rows x d) . centroids (cols x d)^T. cuBLAS is column-major: the
 // row-major dots are the column-major cols x rows matrix centroids . points^T.
+// Dot products per workspace: half the L2 cache, so that the GEMM's output is still there when the
+// candidates kernel reads it (the other half holds the centroid block and the chunk of points).
+int64_t workspace_floats() {
+  const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+  return std::max<int64_t>(kMinWorkspaceFloats, l2_bytes / 2 / static_cast<int64_t>(sizeof(float)));
+}
+
 void chunk_dots(const float* points, const float* centroids, float* dots, int64_t rows, int64_t cols, int64_t d,
                 bool allow_tf32) {
+  // The guard must be alive when the handle is fetched: that is when torch sets the handle's math mode.
+  std::optional<at::NoTF32Guard> full_fp32;
+  if (!allow_tf32) full_fp32.emplace();
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
   const float alpha = 1.0f, beta = 0.0f;
   const cublasComputeType_t compute = allow_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -176,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x, const
 
   const int64_t block_cols = std::min(k, env_or("PYDC_KMEANS_CUDA_BLOCK_COLS", kMaxCentroidBlock));
   const int64_t chunk_rows =
-      std::max<int64_t>(1, std::min(n, env_or("PYDC_KMEANS_CUDA_WORKSPACE_FLOATS", kWorkspaceFloats) / block_cols));
+      std::max<int64_t>(1, std::min(n, env_or("PYDC_KMEANS_CUDA_WORKSPACE_FLOATS", workspace_floats()) / block_cols));
   at::Tensor workspace = at::empty({chunk_rows, block_cols}, plan.x.options());
   at::Tensor cand_score = at::empty({n, kCandidates}, plan.x.options());
   at::Tensor cand_index = at::empty({n, kCandidates}, plan.labels.options());

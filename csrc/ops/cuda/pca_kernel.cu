@@ -1,15 +1,31 @@
-// CUDA row passes of the PCA-whitening ops; the GEMMs in between are cuBLAS through at::mm (ops/pca.cpp).
+// CUDA row passes of the PCA-whitening ops; the GEMMs in between are cuBLAS (ops/pca.cpp through at::mm, and
+// the float32 Gram here).
 // center_rows: one block per row (grid-stride over rows), __syncthreads_or to learn whether any value of
 // the row is NaN/Inf. normalize_rows: one warp per row, shuffle reduction of the squared norm.
+// gram_3xtf32: the float32 Gram at tensor-core rate with float32 accuracy, whatever torch's TF32 flag says.
+// Each centred value is split as hi + lo, both TF32 (pca_tf32_round), and gram += hi^T hi + hi^T lo + lo^T hi
+// by three TF32 GEMMs on upper-triangle row panels. Why that is float32-accurate: c = hi + lo + r with
+// |r| <= 2^-22 |c| (lo is c - hi, exact in float32, rounded to TF32), so each product c_i c_j is formed with
+// a relative error <= 3 * 2^-22 (the dropped lo_i lo_j and the two r terms) = 12 float32 units, and the
+// inputs reach the tensor cores already in TF32, so cuBLAS converts nothing. The GEMM's float32 accumulation
+// over a chunk's n rows has the bound n * 2^-24 (Higham's gamma_n) for any fp32 GEMM; the split's 12 units
+// add 12 / n to it: 0.07% at the chunk's 16384 rows, i.e. float32 accuracy. Flops at D = 4096 with panels of
+// 512: 3 x (1 + 512/4096) x N D^2 = 7.2e13 for N = 1.28M, ~0.18 s at ~400 TF32 TFLOP/s (H100/H200 dense
+// peak ~495), against ~0.7 s for one plain float32 GEMM of both triangles (4.3e13 at ~60 TFLOP/s).
+// PYDC_PCA_CUDA_GRAM=fp32 turns it off (one plain float32 GEMM, torch's precision setting).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/pca_math.h"
 #include "ops/pca.h"
@@ -107,13 +123,71 @@ void normalize_rows_cuda(const at::Tensor& projected, const at::Tensor& out, dou
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+constexpr int64_t kGramPanel = 512;
+
+// centred becomes its TF32 high part, lo its TF32 low part (see the file comment).
+__global__ void split_tf32_kernel(float* __restrict__ centred, float* __restrict__ lo, int64_t total) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float value = centred[e];
+    const float hi = pca_tf32_round(value);
+    centred[e] = hi;
+    lo[e] = pca_tf32_round(value - hi);
+  }
+}
+
+// gram[i0:i0+p, i0:] += a[:, i0:i0+p]^T b[:, i0:] (row-major). cuBLAS is column-major: the row-major panel is
+// the column-major (D - i0) x p block at gram + i0 * D + i0 (ld D), equal to B_cols . A_panel^T over the rows.
+void add_upper_panel(cublasHandle_t handle, const float* a, const float* b, float* gram, int64_t rows, int64_t d,
+                     int64_t i0, int64_t p) {
+  const float alpha = 1.0f, beta = 1.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(d - i0), static_cast<int>(p),
+                                    static_cast<int>(rows), &alpha, b + i0, CUDA_R_32F, static_cast<int>(d), a + i0,
+                                    CUDA_R_32F, static_cast<int>(d), &beta, gram + i0 * d + i0, CUDA_R_32F,
+                                    static_cast<int>(d), CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+}
+
+bool gram_3xtf32_enabled() {
+  const char* value = std::getenv("PYDC_PCA_CUDA_GRAM");
+  return value == nullptr || std::strcmp(value, "fp32") != 0;
+}
+
+// The PcaDeviceOps::syrk_upper hook: upper triangle of a float32 gram += centred^T centred (float32 centred,
+// which it overwrites with the high parts: the driver does not read the chunk again).
+bool gram_3xtf32(const at::Tensor& centred, const at::Tensor& gram) {
+  if (centred.scalar_type() != at::kFloat || gram.scalar_type() != at::kFloat || !gram.is_contiguous() ||
+      !centred.is_contiguous() || !gram_3xtf32_enabled()) {
+    return false;
+  }
+  const int64_t rows = centred.size(0), d = centred.size(1);
+  if (rows == 0) return true;
+  if (rows > INT32_MAX || d > INT32_MAX) return false;
+  float* hi = centred.mutable_data_ptr<float>();  // the driver's scratch chunk
+  at::Tensor lo = at::empty(centred.sizes(), centred.options());
+  const int64_t total = rows * d;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, int64_t(1) << 20));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  split_tf32_kernel<<<blocks, 256, 0, stream>>>(hi, lo.mutable_data_ptr<float>(), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  float* g = gram.mutable_data_ptr<float>();
+  const float* low = lo.const_data_ptr<float>();
+  for (int64_t i0 = 0; i0 < d; i0 += kGramPanel) {
+    const int64_t p = std::min(kGramPanel, d - i0);
+    add_upper_panel(handle, hi, hi, g, rows, d, i0, p);
+    add_upper_panel(handle, hi, low, g, rows, d, i0, p);
+    add_upper_panel(handle, low, hi, g, rows, d, i0, p);
+  }
+  return true;
+}
+
 // 2^26 centred values per chunk (256 MB in float32; 16384 rows at D = 4096), at most 16384 rows (float32
 // sums over longer runs lose digits): GEMMs that large keep the tensor cores busy, while 1.28M x 4096
-// features never get a second full-size copy. One GEMM for the whole
-// Gram (the device has flops to spare; the halving by blocks is a CPU trick). float16/bfloat16 batches
-// multiply in their own dtype on the tensor cores with float32 products.
+// features never get a second full-size copy. A float32 Gram goes through gram_3xtf32; other Grams are one
+// GEMM of both triangles. float16/bfloat16 batches multiply in their own dtype on the tensor cores with
+// float32 products.
 const PcaDeviceOps kCudaOps{&center_rows_cuda, &normalize_rows_cuda, int64_t(1) << 26, 16384, true, 0,
-                           nullptr, nullptr};
+                           &gram_3xtf32, nullptr};
 
 void pca_accumulate_cuda(const at::Tensor& batch, const at::Tensor& shift, at::Tensor& sum, at::Tensor& gram,
                          at::Tensor& nonfinite_rows) {
