@@ -22,7 +22,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma-separated --algo values of pydc.train (default: all of its choices)")
     parser.add_argument("--output", default="runs/quality", help="folder for the report and the training runs")
     parser.add_argument("--images", type=int, default=None,
-                        help="images per dataset (default: each dataset's own size, 1200-1797)")
+                        help="images per dataset (default: each dataset's own size: all 1797 digits, 1200 otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the datasets, the trainer and the evaluation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in every training run")
     parser.add_argument("--train-args", default="",

@@ -38,8 +38,8 @@ RENDER_VERSION = 1  # bump when a renderer changes, so that stale cached folders
 class QualityDataset:
     name: str
     classes: tuple[str, ...]
-    default_images: int
-    render: Callable[[Path, list[int], int], None]  # (folder, images per class, seed)
+    default_images: int | None  # None: every image the source has (the digits)
+    render: Callable[[Path, list[int] | None, int], None]  # (folder, images per class or None for all, seed)
     description: str
 
 
@@ -57,9 +57,9 @@ def build_dataset(name: str, images: int | None = None, seed: int = 0, root: Pat
         raise ValueError(f"unknown quality dataset {name!r}; expected one of {', '.join(DATASETS)}")
     dataset = DATASETS[name]
     images = dataset.default_images if images is None else images
-    counts = class_counts(images, len(dataset.classes))
+    counts = None if images is None else class_counts(images, len(dataset.classes))
     root = Path(root) if root is not None else cache_dir() / "quality"
-    target = root / f"{name}-n{images}-s{seed}-v{RENDER_VERSION}"
+    target = root / f"{name}-n{images or 'all'}-s{seed}-v{RENDER_VERSION}"
 
     def render(folder: Path) -> None:
         for class_name in dataset.classes:
@@ -84,13 +84,17 @@ def _save(image: Image.Image, folder: Path, class_name: str, number: int) -> Non
 DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
 
 
-def _render_digits(folder: Path, counts: list[int], seed: int) -> None:
-    """The first `count` images of each digit's folder in a seeded order (all of them when count covers it)."""
+def _render_digits(folder: Path, counts: list[int] | None, seed: int) -> None:
+    """A seeded choice of `counts[c]` images of each digit (all 1797 images when counts is None)."""
     from pydc.data import digits_folder
 
     source = digits_folder()
     for class_index, class_name in enumerate(DIGIT_CLASSES):
         files = sorted((source / class_name).glob("*.png"))
+        if counts is None:
+            for path in files:
+                shutil.copyfile(path, folder / class_name / path.name)
+            continue
         if counts[class_index] > len(files):
             raise ValueError(f"digits has {len(files)} images of class {class_name}, fewer than the "
                              f"{counts[class_index]} asked for; lower --images (at most 1797)")
@@ -302,8 +306,8 @@ def _render_photo_sources(folder: Path, counts: list[int], seed: int) -> None:
 
 DATASETS: dict[str, QualityDataset] = {
     dataset.name: dataset for dataset in (
-        QualityDataset("digits", DIGIT_CLASSES, 1797, _render_digits,
-                       "scikit-learn's handwritten digits, 8x8 upsampled to 32x32 (pydc's bundled set)"),
+        QualityDataset("digits", DIGIT_CLASSES, None, _render_digits,
+                       "scikit-learn's 1797 handwritten digits, 8x8 upsampled to 32x32 (pydc's bundled set)"),
         QualityDataset("shapes", SHAPE_CLASSES, 1200, _render_shapes,
                        "drawn shapes, strokes and textures; random placement, rotation, scale, colours, noise"),
         QualityDataset("photo-regions", tuple(PHOTO_REGIONS), 1200, _render_photo_regions,
