@@ -48,7 +48,8 @@ def main(argv=None) -> int:
         train_args=shlex.split(args.train_args), umap=not args.no_umap,
         dataset_root=Path(args.dataset_root) if args.dataset_root else None)
     try:
-        document = run_suite(config, log=lambda message: print(message, file=sys.stderr, flush=True))
+        document = run_suite(config, log=lambda message: print(message, file=sys.stderr, flush=True),
+                             on_dataset_done=lambda partial: write_report(partial, config.output))
     except (ValueError, QualityRunError) as error:
         print(f"pydc.quality: error: {error}", file=sys.stderr)
         return 2

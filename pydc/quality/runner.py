@@ -100,8 +100,10 @@ def _row(dataset: str, method: str, kind: str, scores: dict, **extra) -> dict:
             "seconds": scores["seconds"], "pca_dim": scores.get("pca_dim"), **extra}
 
 
-def run_suite(config: SuiteConfig, log=print) -> dict:
-    """Every dataset x (baselines + algorithms); returns the result document that pydc.quality.report writes."""
+def run_suite(config: SuiteConfig, log=print, on_dataset_done=None) -> dict:
+    """Every dataset x (baselines + algorithms); returns the result document that pydc.quality.report writes.
+    `on_dataset_done(document so far)` runs after each dataset (the CLI rewrites the report: a long run that is
+    stopped still leaves the finished datasets' table)."""
     unknown = [name for name in config.datasets if name not in DATASETS]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; expected some of {', '.join(DATASETS)}")
@@ -113,6 +115,10 @@ def run_suite(config: SuiteConfig, log=print) -> dict:
     defaults = trainer_defaults(config.train_args)
     use_umap = config.umap and baselines.umap_available()
     rows, datasets = [], {}
+    document = {"rows": rows, "datasets": datasets, "machine": machine_description(config.threads),
+                "config": {"datasets": config.datasets, "algorithms": config.algorithms, "images": config.images,
+                           "seed": config.seed, "threads": config.threads, "train_args": config.train_args,
+                           "umap": use_umap, "baseline_pca_dim": EVAL_PCA_DIM}}
     for name in config.datasets:
         folder = build_dataset(name, config.images, config.seed, config.dataset_root)
         pixels, labels = baselines.load_pixels(folder)
@@ -134,10 +140,9 @@ def run_suite(config: SuiteConfig, log=print) -> dict:
                              nmi_labels_last_epoch=final["nmi_labels_last_epoch"]))
             log(f"[{name}] {algorithm}: NMI {final['nmi_kmeans']:.3f}, linear {final['linear_probe_accuracy']:.3f}, "
                 f"{final['seconds']:.0f} s")
-    return {"rows": rows, "datasets": datasets, "machine": machine_description(config.threads),
-            "config": {"datasets": config.datasets, "algorithms": config.algorithms, "images": config.images,
-                       "seed": config.seed, "threads": config.threads, "train_args": config.train_args,
-                       "umap": use_umap, "baseline_pca_dim": EVAL_PCA_DIM}}
+        if on_dataset_done is not None:
+            on_dataset_done(document)
+    return document
 
 
 def machine_description(threads: int) -> dict:
