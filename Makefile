@@ -33,7 +33,8 @@ train: build
 	$(PY) -m pydc.train
 
 # Learning quality beyond the digits: every algorithm with its defaults on four small datasets of different kinds,
-# beside raw-pixel k-means, a random network and UMAP + k-means (report in runs/quality; about an hour on 2 cores).
+# beside raw-pixel k-means, a random network and UMAP + k-means (report in runs/quality; 60 min with 1 thread on a
+# heavily shared 2-core machine, 8 training runs of 4-9 min there).
 quality: build $(QUALITY_STAMP)
 	$(PY) -m pydc.quality --output runs/quality
 
