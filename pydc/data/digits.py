@@ -2,51 +2,27 @@
 
 The 8x8 images (values 0..16) are scaled to 0..255, upsampled to 32x32 with bilinear interpolation and
 repeated over three channels, then written as <root>/<digit>/<sample number>.png. The folder is rendered
-once: into a temporary sibling folder (".<name>-XXXX") that is renamed into place when complete, so an
-interrupted run leaves no half-written dataset behind (at worst a stale hidden staging folder, which the
-image index ignores) and two processes racing to render it both end with the same folder.
+once and atomically (pydc.data.rendered).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pydc.data.cache import cache_dir
+from pydc.data.rendered import render_once
 
 IMAGE_SIZE = 32
-_COMPLETE_MARKER = ".complete"
 
 
 def digits_folder(root: str | os.PathLike | None = None) -> Path:
     """Path of the rendered digits folder (default <cache>/digits, see pydc.data.cache), rendering it if needed."""
     target = Path(root).expanduser() if root is not None else cache_dir() / "digits"
-    if (target / _COMPLETE_MARKER).exists():
-        return target
-    if target.exists():
-        # Renders appear only through the atomic rename below, marker included: this folder is not one of ours.
-        if any(target.iterdir()):
-            raise ValueError(f"{str(target)!r} exists and is not a rendered digits folder (no {_COMPLETE_MARKER} "
-                             f"marker); pass another root or remove it")
-        target.rmdir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        _render(staging)
-        (staging / _COMPLETE_MARKER).touch()
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / _COMPLETE_MARKER).exists():  # not another process's finished copy: a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return render_once(target, _render, "digits")
 
 
 def _render(folder: Path) -> None:
