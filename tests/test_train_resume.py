@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from tests.test_train import REPO, TINY_FLAGS, deepcluster_run, read_log, run_cli, tiny_data  # noqa: F401 (fixtures)
@@ -168,3 +169,36 @@ def test_resume_carries_a_perturbed_checkpoint_forward(deepcluster_run, tiny_dat
                 if perturbed[name] is not saved["model"][name] and not name.endswith("num_batches_tracked"))
     print(f"one resumed epoch moved the weights by {moved:.3f}; the noise was {noise:.3f}")
     assert moved < 0.5 * noise
+
+
+ODC_FLAGS = ["--algo", "odc", "--odc-min-cluster", "4", "--odc-centroid-interval", "2", "--no-eval", "--no-plots"]
+
+
+@pytest.mark.slow
+def test_odc_sigkill_at_a_seeded_step_then_resume_is_exact(tiny_data, tmp_path):  # noqa: F811
+    """ODC keeps state that changes every step (the memory's features and labels, its centroids, updated every
+    second step here, and the small-cluster dissolution), so a resume must restore the memory as it was at
+    the killed step: the resumed run ends with the uninterrupted run's weights, optimizers and memory."""
+    runs = {}
+    for name in ("uninterrupted", "killed"):
+        runs[name] = [*ODC_FLAGS, "--data", tiny_data, "--output", tmp_path / name, "--deterministic",
+                      "--checkpoint-steps", "1", *TINY_FLAGS]
+    run_cli("pydc.train", *runs["uninterrupted"])
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    killed_at = kill_during_run(runs["killed"], checkpoint, KILL_AFTER)
+    assert 0 < killed_at < TOTAL_STEPS
+    run_cli("pydc.train", *runs["killed"], "--resume", checkpoint)
+
+    resumed = torch.load(checkpoint, weights_only=True)
+    uninterrupted = torch.load(tmp_path / "uninterrupted" / "checkpoint.pt", weights_only=True)
+    assert set(resumed["algorithm"]["memory"]) == set(uninterrupted["algorithm"]["memory"])
+    for key in ("model", "optimizer", "head_optimizer", "algorithm", "assignments", "previous_assignments",
+                "epoch", "step", "global_step"):
+        _assert_same_state(resumed[key], uninterrupted[key], key)
+    for epoch in (0, 1):
+        name = f"assignments/epoch_{epoch:03d}.npy"
+        np.testing.assert_array_equal(np.load(tmp_path / "killed" / name), np.load(tmp_path / "uninterrupted" / name))
+
+
+# Resuming with another --algo, --arch or --k is refused (status 2, one message naming both values, nothing
+# written or created): rows "resume other algo/arch/k" of the reliability table in tests/test_bad_inputs.py.
