@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train import REPO, TINY_FLAGS, tiny_data  # noqa: F401 (fixture)
+from tests.test_train import REPO, TINY_FLAGS, deepcluster_run, tiny_data  # noqa: F401 (fixtures)
 
 
 def _torchrun(output, data, *flags):
@@ -31,9 +31,18 @@ def _torchrun(output, data, *flags):
     return records
 
 
-def test_torchrun_two_ranks_deepcluster(tiny_data, tmp_path):  # noqa: F811
-    records = _torchrun(tmp_path, tiny_data)
+def test_torchrun_two_ranks_deepcluster(deepcluster_run, tiny_data, tmp_path):  # noqa: F811
+    """Two ranks agree, and their first clustering is the one-process run's (same seed, --deterministic).
+
+    Only epoch 0's clustering is compared: it is computed before any training step, from the untrained network
+    (rank 0 seeds as a single process does), so the two runs must agree exactly unless the ranks' feature
+    shards are gathered in the wrong order. Later epochs legitimately differ: with two ranks each trains on its
+    own half of every epoch's order, with its own augmentation seed, and the gradients are averaged.
+    """
+    records = _torchrun(tmp_path, tiny_data, "--deterministic")
     assert [r["epoch"] for r in records if "event" not in r] == [0, 1]
+    np.testing.assert_array_equal(np.load(tmp_path / "assignments" / "epoch_000.npy"),
+                                  np.load(deepcluster_run / "assignments" / "epoch_000.npy"))
 
 
 @pytest.mark.slow
