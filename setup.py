@@ -151,14 +151,14 @@ INSTALL_REQUIRES = _torch_requirements() + [
     "scikit-learn>=1.5",
     "pillow>=10.0",
     "tqdm>=4.66",
-    "matplotlib>=3.8",
+    "matplotlib>=3.9",
     "PyYAML>=6.0",
 ]
 EXTRAS_REQUIRE = {
     # GPU (and CPU) data loading: pydc.data's backend="dali"; without it the loaders use torchvision.
     "dali": [_dali_requirement()],
     # k-means through faiss (pydc.cluster.kmeans backend="faiss") and the PCA cross-checks in the tests.
-    # faiss-gpu is not on PyPI for CUDA 13: install it from conda-forge/pytorch instead of this extra.
+    # faiss with GPU support is on PyPI only for CUDA 12 (faiss-gpu-cu12); for CUDA 13 take it from conda.
     "faiss": ["faiss-cpu>=1.9"],
     "dev": ["pytest>=8", "pytest-benchmark>=4", "cmake>=3.26", "ninja", "setuptools>=68", "wheel",
             "faiss-cpu>=1.9"],

@@ -126,7 +126,7 @@ def packaged(tmp_path_factory) -> dict[str, Path]:
         archive.extractall(work / "unpacked", filter="data")
     (unpacked,) = (work / "unpacked").iterdir()
     _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--wheel-dir", work / "wheels",
-          unpacked], cwd=work, env=env, timeout=1200, what="pip wheel --no-build-isolation")
+          unpacked], cwd=work, env=env, timeout=3600, what="pip wheel --no-build-isolation")
     (wheel,) = (work / "wheels").glob("pydc-*.whl")
     return {"sdist": sdist, "unpacked": unpacked, "wheel": wheel}
 
