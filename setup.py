@@ -172,7 +172,6 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pydc", "pydc.*"]),
     package_data={"pydc": ["_build_info.json"]},
-    include_package_data=True,
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
