@@ -40,10 +40,11 @@ WITH_CUDA = not CPU_ONLY and (CUDA_HOME is not None or _env_flag("FORCE_CUDA"))
 try:
     import torch  # noqa: E402  (after CUDA_HOME is settled)
 except ModuleNotFoundError as missing_torch:
-    # pyproject.toml leaves torch out of the build requirements on purpose: in pip's isolated build environment
-    # it would be whatever torch pip picks, and the extension would then fail to load into the user's own.
-    raise SystemExit("pydc compiles against the torch of the environment it is installed into, and found none. "
-                     "Install torch first, then build without isolation: "
+    # pyproject.toml leaves torch out of the build requirements on purpose: in pip's isolated build
+    # environment it would be whatever torch pip picks, and the extension would then fail to load into the
+    # user's own.
+    raise SystemExit("pydc compiles against the torch of the environment it is installed into, and found "
+                     "none. Install torch first, then build without isolation: "
                      "`pip install --no-build-isolation <pydc source or sdist>`") from missing_torch
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -116,7 +117,7 @@ def _extension():
 
 
 def _read_version() -> str:
-    """pydc/_version.py's __version__, read without importing pydc (that would need the library built here)."""
+    """pydc/_version.py's __version__, read without importing pydc (which needs the library built here)."""
     namespace: dict = {}
     exec((ROOT / "pydc" / "_version.py").read_text(), namespace)
     return namespace["__version__"]
@@ -128,16 +129,16 @@ VERSION = _read_version()
 def _torch_requirements() -> list[str]:
     """The torch this build compiles against, and the torchvision made for it.
 
-    A compiled extension runs only with the torch release it was built against (the loader refuses any other,
-    see pydc/extension.py), so the wheel asks for that release: `torch==2.14.1` also accepts local builds such as
-    2.14.1+cu130. torchvision's minor version follows torch's (0.29 goes with 2.14)."""
+    A compiled extension runs only with the torch release it was built against (the loader refuses any
+    other, see pydc/extension.py), so the wheel asks for that release: `torch==2.14.1` also accepts local
+    builds such as 2.14.1+cu130. torchvision's minor version follows torch's (0.29 goes with 2.14)."""
     release = torch.__version__.split("+")[0]
     major, minor = (int(part) for part in release.split(".")[:2])
     return [f"torch=={release}", f"torchvision=={major - 2}.{minor + 15}.*"]
 
 
 def _dali_requirement() -> str:
-    """DALI's wheels are per CUDA major version; pick the one matching this torch's CUDA (13 when torch has none)."""
+    """DALI's wheels are per CUDA major version: the one of this torch's CUDA (13 when torch has none)."""
     cuda_major = (torch.version.cuda or "13").split(".")[0]
     return f"nvidia-dali-cuda{cuda_major}0>=2.0"
 

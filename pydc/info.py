@@ -1,7 +1,7 @@
-"""What this pydc is and what it can use here: `python -m pydc.info` prints it, `pydc.info()` returns it as a dict
-(this module is callable: `pydc.info()` is `pydc.info.info()`).
+"""What this pydc is and what it can use here: `python -m pydc.info` prints it, `pydc.info()` returns it as a
+dict (this module is callable: `pydc.info()` is `pydc.info.info()`).
 
-    python -m pydc.info          # a report for bug reports and install checks (like `python -m xformers.info`)
+    python -m pydc.info          # a report for bug reports and install checks, like `python -m xformers.info`
     python -m pydc.info --json   # the same dict as JSON
 
 The dict's keys:
@@ -50,7 +50,8 @@ def info() -> dict:
         "pydc": {"version": __version__, "path": str(Path(__file__).resolve().parent)},
         "library": {"loaded": loaded, "error": extension.load_error()},
         "built_for": _built_for() if loaded else None,
-        "running": {"torch": torch.__version__, "cuda": torch.version.cuda or "", "python": platform.python_version()},
+        "running": {"torch": torch.__version__, "cuda": torch.version.cuda or "",
+                    "python": platform.python_version()},
         "cpu_isa": _cpu_isa(loaded),
         "ops": _ops(),
         "backends": _backends(),
@@ -60,7 +61,7 @@ def info() -> dict:
 
 def _built_for() -> dict:
     built = extension.build_info()
-    archs = [arch for arch in str(built.get("cuda_archs", "")).replace(";", " ").replace(",", " ").split() if arch]
+    archs = str(built.get("cuda_archs", "")).replace(";", " ").replace(",", " ").split()
     return {**built, "cuda_archs": archs}
 
 
@@ -105,8 +106,8 @@ def _cpu_isa(loaded: bool) -> dict:
 
 
 def _ops() -> dict:
-    """{op name: {family, cpu, cuda}} for every registered pydc::* operator; the family is the name's first word
-    (sobel, pca, kmeans, odc), which is also the pydc.ops module and the csrc/ops file that defines it."""
+    """{op name: {family, cpu, cuda}} for every registered pydc::* operator; the family is the name's first
+    word (sobel, pca, kmeans, odc), which is also the pydc.ops module and the csrc/ops file defining it."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     names = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("pydc::"))
     return {name.removeprefix("pydc::"): {"family": name.removeprefix("pydc::").split("_")[0],
@@ -126,7 +127,7 @@ def _distribution_version(*names: str) -> str:
 def _import(module: str) -> tuple[object | None, str]:
     try:
         return importlib.import_module(module), ""
-    except Exception as error:  # noqa: BLE001  (an optional backend may fail in any way: missing CUDA libs, ABI)
+    except Exception as error:  # noqa: BLE001  (an optional backend fails in many ways: CUDA libs, ABI)
         return None, f"{type(error).__name__}: {error}"
 
 
@@ -135,13 +136,16 @@ def _backends() -> dict:
     faiss, faiss_error = _import("faiss")
     codec, codec_error = _import("torchcodec")
     faiss_gpu = faiss is not None and hasattr(faiss, "StandardGpuResources")
+    no_faiss_gpu = faiss_error or "this faiss was built without GPU support"
     return {
-        "dali": {"available": dali is not None, "version": getattr(dali, "__version__", ""), "error": dali_error},
+        "dali": {"available": dali is not None, "version": getattr(dali, "__version__", ""),
+                 "error": dali_error},
         "faiss-cpu": {"available": faiss is not None, "version": getattr(faiss, "__version__", ""),
-                      "distribution": _distribution_version("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss"),
+                      "distribution": _distribution_version("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12",
+                                                            "faiss"),
                       "error": faiss_error},
         "faiss-gpu": {"available": faiss_gpu, "gpus": faiss.get_num_gpus() if faiss_gpu else 0,
-                      "error": "" if faiss_gpu else (faiss_error or "this faiss was built without GPU support")},
+                      "error": "" if faiss_gpu else no_faiss_gpu},
         "torchcodec": {"available": codec is not None, "version": getattr(codec, "__version__", ""),
                        "error": codec_error},
     }
@@ -165,8 +169,8 @@ def _devices() -> dict:
         capability = f"{major}.{minor}"
         cuda.append({"index": index, "name": torch.cuda.get_device_name(index), "capability": capability,
                      "compiled_for": capability in {arch.removesuffix("+PTX") for arch in archs}})
-    return {"cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-            "cuda": cuda}
+    cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu, "cuda": cuda}
 
 
 def _yes(flag: bool) -> str:
@@ -203,15 +207,17 @@ def format_report(report: dict) -> str:
         if backend["available"]:
             detail = backend.get("version") or f"{backend.get('gpus', 0)} GPU(s)"
         else:
-            detail = f"not available ({backend['error'].splitlines()[0] if backend['error'] else 'not installed'})"
+            reason = backend["error"].splitlines()[0] if backend["error"] else "not installed"
+            detail = f"not available ({reason})"
         row(f"  {name}", detail)
     devices = report["devices"]
     cpu = devices["cpu"]
     lines.append("devices")
-    row("  cpu", f"{cpu['model']}, {cpu['logical_cores']} logical cores, torch threads {cpu['torch_threads']}")
+    row("  cpu", f"{cpu['model']}, {cpu['logical_cores']} logical cores, "
+                 f"torch threads {cpu['torch_threads']}")
     for device in devices["cuda"]:
-        row(f"  cuda:{device['index']}", f"{device['name']}, sm {device['capability']}, pydc kernels compiled for it: "
-                                        f"{_yes(device['compiled_for'])}")
+        row(f"  cuda:{device['index']}", f"{device['name']}, sm {device['capability']}, "
+                                        f"pydc kernels compiled for it: {_yes(device['compiled_for'])}")
     if not devices["cuda"]:
         row("  cuda", "no device visible")
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """Deployment without Python model code: a model using SobelStem through torch.export and AOTInductor.
 
 The exported program keeps `pydc.sobel_normalize` as one node (its fake kernel gives the shapes); the
-AOTInductor package calls it through torch's op dispatcher, so the process that runs the package must load the
-ops library first: `torch.ops.load_library` on pydc/_C*.so (or `import pydc`, or the CMake build's
-libpydc_ops.so). The package is run in a fresh interpreter that loads nothing of pydc but that library, and gives
-the eager result; without the library it fails and names the op.
+AOTInductor package calls it through torch's op dispatcher, so the process that runs the package must load
+the ops library first: `torch.ops.load_library` on pydc/_C*.so (or `import pydc`, or the CMake build's
+libpydc_ops.so). The package is run in a fresh interpreter that loads nothing of pydc but that library, and
+gives the eager result; without the library it fails and names the op.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydc import _C
 from pydc.nn import SobelStem
 from tests.conftest import cpu_and_cuda
 
-# Inductor fuses and reorders the conv/pool/linear math, so the compiled outputs match eager to float32 rounding.
+# Inductor fuses and reorders the conv/pool/linear math: the compiled outputs match eager to float32 rounding.
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -33,8 +33,8 @@ class SobelNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = SobelStem()
-        self.body = nn.Sequential(nn.Conv2d(SobelStem.out_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+        self.body = nn.Sequential(nn.Conv2d(SobelStem.out_channels, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(self.stem(images))
@@ -74,7 +74,7 @@ def test_export_and_aoti_package_give_the_eager_result(device, tmp_path):
         eager = [model(images) for images in inputs]
         from_export = [exported.module()(images) for images in inputs]
     for got, expected in zip(from_export, eager):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same kernels, run by the exported graph
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same kernels, run by the graph
 
     package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "sobel_net.pt2"))
     torch.save([images.cpu() for images in inputs], tmp_path / "inputs.pt")

@@ -1,4 +1,4 @@
-"""`python -m pydc.info` and `pydc.info()`: every field checked against what it reports on, found another way."""
+"""`python -m pydc.info` and `pydc.info()`: every field checked against the same fact found another way."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_info(*flags, cwd: Path, pythonpath: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pydc.info", *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(pythonpath)})
+    return subprocess.run([sys.executable, "-m", "pydc.info", *flags], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(pythonpath)})
 
 
 def _ops_defined_in_sources() -> set[str]:
@@ -44,7 +44,8 @@ def report(tmp_path_factory) -> dict:
 
 def test_pydc_info_is_callable_and_returns_the_report():
     assert pydc.info is INFO and callable(pydc.info)
-    assert set(pydc.info()) == {"pydc", "library", "built_for", "running", "cpu_isa", "ops", "backends", "devices"}
+    assert set(pydc.info()) == {"pydc", "library", "built_for", "running", "cpu_isa", "ops", "backends",
+                                "devices"}
 
 
 def test_version_location_and_library(report):

@@ -1,22 +1,24 @@
-"""pydc as another project gets it: sdist -> wheel -> `pip install` into a virtual environment that has only torch.
+"""pydc as another project gets it: sdist -> wheel -> `pip install` into a virtual environment of only torch.
 
 The chain, in the order a user or a packager runs it:
 1. An sdist made from a copy of the checkout (the checkout itself is never written to: setup.py writes
    pydc/_build_info.json and pip writes build/ wherever it builds).
 2. A wheel built from the unpacked sdist with `pip wheel --no-build-isolation --no-deps`, against the torch
    running these tests, so the sdist is shown to hold everything the build needs. PYDC_CPU_ONLY=1 keeps this
-   to the C++ sources (a few minutes on 2 cores instead of much longer with the CUDA kernels); the CUDA build is
-   the same setup.py with a toolkit found, which `make build` and CI exercise.
+   to the 11 C++ files (the CUDA kernels would add the nvcc compiles); the CUDA build is the same setup.py
+   with a toolkit found, which `make build` and CI exercise. This compile is most of the test's time.
 3. A fresh virtual environment with only torch and the packages torch itself requires. Installing torch
-   2.14.1 there from the package index would copy ~6 GB (torch, triton and the CUDA wheels) on every run, so the
-   environment instead gets a folder of links to exactly those distributions of this interpreter (found from
-   torch's declared requirements, with their dist-info, so pip sees torch as installed) on its path through a
-   .pth file. Nothing else of this interpreter is visible: the test first checks that numpy does not import.
+   2.14.1 there from the package index would copy ~6 GB (torch, triton and the CUDA wheels) on every run, so
+   the environment instead gets a folder of links to exactly those distributions of this interpreter (found
+   from torch's declared requirements, with their dist-info, so pip sees torch as installed) on its path
+   through a .pth file. Nothing else of this interpreter is visible: the test first checks that numpy does
+   not import.
 4. `pip install --no-build-isolation <wheel>` into it: pip must resolve pydc's runtime dependencies (numpy,
    scipy, scikit-learn, ...) from the wheel's metadata alone, from the package index.
 5. From a folder outside the checkout, with that environment's Python: import every public module, run each
-   op against its reference, torch.compile(fullgraph=True) over SobelStem + a conv (installed_package_check.py),
-   one epoch of `python -m pydc.train` on a tiny image folder, and `python -m pydc.info`.
+   op against its reference, torch.compile(fullgraph=True) over SobelStem + a conv
+   (installed_package_check.py), one epoch of `python -m pydc.train` on a tiny image folder, and
+   `python -m pydc.info`.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ from tests.test_train import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a copy of the checkout leaves out: build outputs, environments, run outputs, version control.
-_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "out", "*.egg-info", "__pycache__",
-                                      ".pytest_cache", ".benchmarks", "_C*.so", "_build_info.json", "results")
+_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "out", "*.egg-info",
+                                      "__pycache__", ".pytest_cache", ".benchmarks", "_C*.so",
+                                      "_build_info.json", "results")
 
 
 def _run(command, *, cwd, timeout, env=None, what):
     result = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (f"{what} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                                    f"{result.stderr[-6000:]}")
     return result
 
 
@@ -92,8 +96,8 @@ def link_distributions(distributions, target: Path) -> None:
             parts = Path(file).parts
             if not parts or parts[0] == "..":
                 continue
-            prefix = next((parts[:depth] for depth in range(1, len(parts) + 1) if owners[parts[:depth]] <= wanted),
-                          None)
+            depths = range(1, len(parts) + 1)
+            prefix = next((parts[:depth] for depth in depths if owners[parts[:depth]] <= wanted), None)
             if prefix is not None and prefix not in linked and site.joinpath(*prefix).exists():
                 linked.add(prefix)
                 destination = target.joinpath(*prefix)
@@ -119,14 +123,14 @@ def packaged(tmp_path_factory) -> dict[str, Path]:
     source = work / "checkout-copy"
     shutil.copytree(ROOT, source, ignore=_NOT_SOURCES)
     env = {**os.environ, "PYDC_CPU_ONLY": "1", "MAX_JOBS": "2"}
-    _run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", work / "sdist"], cwd=source, env=env, timeout=300,
-         what="setup.py sdist")
+    _run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", work / "sdist"], cwd=source, env=env,
+         timeout=300, what="setup.py sdist")
     (sdist,) = (work / "sdist").glob("pydc-*.tar.gz")
     with tarfile.open(sdist) as archive:
         archive.extractall(work / "unpacked", filter="data")
     (unpacked,) = (work / "unpacked").iterdir()
-    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--wheel-dir", work / "wheels",
-          unpacked], cwd=work, env=env, timeout=3600, what="pip wheel --no-build-isolation")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--wheel-dir",
+          work / "wheels", unpacked], cwd=work, env=env, timeout=3600, what="pip wheel --no-build-isolation")
     (wheel,) = (work / "wheels").glob("pydc-*.whl")
     return {"sdist": sdist, "unpacked": unpacked, "wheel": wheel}
 
@@ -176,11 +180,13 @@ def test_wheel_declares_runtime_dependencies_and_extras(packaged):
     assert not build_info["with_cuda"]  # PYDC_CPU_ONLY=1
     requirements = [Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines()
                     if line.startswith("Requires-Dist:")]
-    plain = {requirement.name.lower(): requirement for requirement in requirements if requirement.marker is None}
+    plain = {requirement.name.lower(): requirement for requirement in requirements
+             if requirement.marker is None}
     for name in ("numpy", "scipy", "scikit-learn", "pillow", "tqdm", "matplotlib", "pyyaml", "torchvision"):
         assert name in plain, f"{name} missing from the wheel's Requires-Dist: {sorted(plain)}"
     assert plain["torch"].specifier.contains(torch.__version__.split("+")[0])
-    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines()
+              if line.startswith("Provides-Extra:")}
     assert {"dali", "faiss", "dev"} <= extras
 
 
