@@ -71,15 +71,17 @@ def check_ops_against_references() -> None:
     expected_labels, expected_distances = ops.kmeans_assign_reference(points, centroids)
     assert torch.equal(labels, expected_labels), "kmeans_assign: labels differ from the reference"
     _close("kmeans_assign", distances, expected_distances, rtol=1e-5, atol=1e-5)
-    _close("kmeans_update", ops.kmeans_update(points, labels, 4), ops.kmeans_update_reference(points, labels, 4),
-           rtol=1e-5, atol=1e-6)
+    _close("kmeans_update", ops.kmeans_update(points, labels, 4),
+           ops.kmeans_update_reference(points, labels, 4), rtol=1e-5, atol=1e-6)
 
     length, dim, classes = 40, 8, 3
-    bank = torch.nn.functional.normalize(torch.randn(length, dim, dtype=torch.float64, generator=generator)).float()
+    bank = torch.randn(length, dim, dtype=torch.float64, generator=generator)
+    bank = torch.nn.functional.normalize(bank).float()
     label_bank = torch.randint(0, classes, (length,), generator=generator)
     memories = []
-    for class_sums_op, centroids_op in ((ops.odc_class_sums, ops.odc_centroids_from_sums),
-                                        (ops.odc_class_sums_reference, ops.odc_centroids_from_sums_reference)):
+    op_pairs = ((ops.odc_class_sums, ops.odc_centroids_from_sums),
+                (ops.odc_class_sums_reference, ops.odc_centroids_from_sums_reference))
+    for class_sums_op, centroids_op in op_pairs:
         memory = [bank.clone(), label_bank.clone(), torch.zeros(classes, dtype=torch.int64),
                   torch.zeros(classes, dim, dtype=torch.int64), torch.zeros(classes, dim)]
         class_sums_op(memory[0], memory[1], memory[3], memory[2])
