@@ -50,7 +50,15 @@ CPU_ONLY = _env_flag("PYDC_CPU_ONLY")
 CUDA_HOME = None if CPU_ONLY else _locate_cuda_home()
 WITH_CUDA = not CPU_ONLY and (CUDA_HOME is not None or _env_flag("FORCE_CUDA"))
 
-import torch  # noqa: E402  (after CUDA_HOME is settled)
+try:
+    import torch  # noqa: E402  (after CUDA_HOME is settled)
+except ModuleNotFoundError as missing_torch:
+    # pyproject.toml leaves torch out of the build requirements on purpose: in pip's isolated build
+    # environment it would be whatever torch pip picks, and the extension would then fail to load into the
+    # user's own.
+    raise SystemExit("pydc compiles against the torch of the environment it is installed into, and found "
+                     "none. Install torch first, then build without isolation: "
+                     "`pip install --no-build-isolation <pydc source or sdist>`") from missing_torch
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -79,6 +87,7 @@ def _sources() -> tuple[list[str], list[str]]:
 
 def _build_info() -> dict:
     return {
+        "pydc": VERSION,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if WITH_CUDA else "",
         "cuda_archs": _cuda_archs() if WITH_CUDA else "",
@@ -92,6 +101,7 @@ def _extension():
     info = _build_info()
     Path(ROOT, "pydc", "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     macros = [
+        ("PYDC_VERSION", f'"{info["pydc"]}"'),
         ("PYDC_TORCH_VERSION", f'"{info["torch"]}"'),
         ("PYDC_CUDA_VERSION", f'"{info["cuda"]}"'),
         ("PYDC_CUDA_ARCHS", f'"{info["cuda_archs"]}"'),
@@ -119,13 +129,66 @@ def _extension():
                         extra_compile_args={"cxx": cxx_flags})
 
 
+def _read_version() -> str:
+    """pydc/_version.py's __version__, read without importing pydc (which needs the library built here)."""
+    namespace: dict = {}
+    exec((ROOT / "pydc" / "_version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
+VERSION = _read_version()
+
+
+def _torch_requirements() -> list[str]:
+    """The torch this build compiles against, and the torchvision made for it.
+
+    A compiled extension runs only with the torch release it was built against (the loader refuses any
+    other, see pydc/extension.py), so the wheel asks for that release: `torch==2.14.1` also accepts local
+    builds such as 2.14.1+cu130. torchvision's minor version follows torch's (0.29 goes with 2.14)."""
+    release = torch.__version__.split("+")[0]
+    major, minor = (int(part) for part in release.split(".")[:2])
+    return [f"torch=={release}", f"torchvision=={major - 2}.{minor + 15}.*"]
+
+
+def _dali_requirement() -> str:
+    """DALI's wheels are per CUDA major version: the one of this torch's CUDA (13 when torch has none)."""
+    cuda_major = (torch.version.cuda or "13").split(".")[0]
+    return f"nvidia-dali-cuda{cuda_major}0>=2.0"
+
+
+# Compatible ranges, not pins: pydc is meant to install into other projects' environments. The floors are the
+# first releases with what pydc uses (numpy 2 ABI for scipy/scikit-learn/matplotlib wheels; scipy's
+# cython_blas ?syrk capsules); requirements/*.txt pin the exact versions `make` installs and CI tests.
+INSTALL_REQUIRES = _torch_requirements() + [
+    "numpy>=2.0,<3",
+    "scipy>=1.13",
+    "scikit-learn>=1.5",
+    "pillow>=10.0",
+    "tqdm>=4.66",
+    "matplotlib>=3.9",
+    "PyYAML>=6.0",
+]
+EXTRAS_REQUIRE = {
+    # GPU (and CPU) data loading: pydc.data's backend="dali"; without it the loaders use torchvision.
+    "dali": [_dali_requirement()],
+    # k-means through faiss (pydc.cluster.kmeans backend="faiss") and the PCA cross-checks in the tests.
+    # faiss with GPU support is on PyPI only for CUDA 12 (faiss-gpu-cu12); for CUDA 13 take it from conda.
+    "faiss": ["faiss-cpu>=1.9"],
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "cmake>=3.26", "ninja", "setuptools>=68", "wheel",
+            "faiss-cpu>=1.9"],
+}
+
 setup(
     name="pydc",
-    version="0.1.0",
+    version=VERSION,
     description="DeepCluster and Online Deep Clustering with fused C++/CUDA ops",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["pydc", "pydc.*"]),
     package_data={"pydc": ["_build_info.json"]},
     python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -7,6 +7,9 @@
 
 #include "ops/cpu/blas_syrk.h"
 
+#ifndef PYDC_VERSION
+#define PYDC_VERSION "unknown"
+#endif
 #ifndef PYDC_TORCH_VERSION
 #define PYDC_TORCH_VERSION "unknown"
 #endif
@@ -24,6 +27,7 @@ namespace {
 
 pybind11::dict build_info() {
   pybind11::dict info;
+  info["pydc"] = PYDC_VERSION;
   info["torch"] = PYDC_TORCH_VERSION;
   info["cuda"] = PYDC_CUDA_VERSION;
   info["cuda_archs"] = PYDC_CUDA_ARCHS;
@@ -80,7 +84,7 @@ void set_cpu_syrk(const pybind11::object& ssyrk, const pybind11::object& dsyrk) 
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pydc compiled ops (registered as torch.ops.pydc.*) and build information";
-  m.def("build_info", &build_info, "Versions and CUDA archs this extension was compiled for");
+  m.def("build_info", &build_info, "pydc version, and the versions and CUDA archs this extension was compiled for");
   m.def("set_cpu_syrk", &set_cpu_syrk, pybind11::arg("ssyrk"), pybind11::arg("dsyrk"),
         "Sets the BLAS ssyrk/dsyrk (scipy.linalg.cython_blas capsules, or None to clear) that the CPU "
         "pca_accumulate uses for its Gram; see pydc.ops.pca.use_cpu_syrk");

@@ -1,8 +1,9 @@
 """Loading of the compiled ops library `pydc._C`.
 
 Importing `pydc._C` registers every `torch.ops.pydc.*` kernel. When that fails, or when the library was
-built for another torch, the error says which versions it was built for, which are installed, and how to
-rebuild, instead of an undefined-symbol message.
+built for another torch or from another pydc version, the error says which versions it was built for, which
+are installed, and how to rebuild, instead of an undefined-symbol message. (A library that predates the
+recorded pydc version says nothing about it, and is then taken as built from this source.)
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import torch
 
+from pydc._version import __version__
+
 _BUILD_INFO_FILE = Path(__file__).with_name("_build_info.json")
 REBUILD_HINT = (
     "rebuild with `make build` (or `python setup.py build_ext --inplace` with the torch you run; "
-    "PYDC_CPU_ONLY=1 for CPU kernels only)"
+    "PYDC_CPU_ONLY=1 for CPU kernels only); for an installed pydc, reinstall it against the torch you run: "
+    "`pip install --no-build-isolation --force-reinstall --no-deps <pydc source or sdist>`"
 )
 
 
@@ -29,11 +33,13 @@ def _recorded_build_info() -> dict | None:
 
 
 def _describe_mismatch(info: dict | None) -> str:
-    running = f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}"
+    running = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}, "
+               f"pydc {__version__}")
     if info is None:
         return f"no build of pydc._C was found for {running}"
     built = (f"torch {info.get('torch')} (CUDA {info.get('cuda') or 'none'}, archs "
-             f"{info.get('cuda_archs') or 'none'}), Python {info.get('python')}")
+             f"{info.get('cuda_archs') or 'none'}), Python {info.get('python')}, "
+             f"pydc {info.get('pydc', '(not recorded)')}")
     return f"pydc._C was built for {built}; you have {running}"
 
 
@@ -44,7 +50,7 @@ def _load() -> tuple[bool, str]:
     except ImportError as error:  # missing file, or an ABI mismatch surfacing as an undefined symbol
         return False, f"{_describe_mismatch(_recorded_build_info())}: {error}. {REBUILD_HINT}"
     info = dict(_C.build_info())
-    if info["torch"] != torch.__version__:
+    if info["torch"] != torch.__version__ or info.get("pydc", __version__) != __version__:
         return False, f"{_describe_mismatch(info)}. {REBUILD_HINT}"
     return True, ""
 
@@ -66,7 +72,7 @@ def load_error() -> str:
 
 
 def build_info() -> dict:
-    """Versions and CUDA archs the loaded extension was compiled for."""
+    """pydc version, and the versions and CUDA archs the loaded extension was compiled for."""
     assert_has_ops()
     from pydc import _C
 

@@ -96,3 +96,20 @@ def test_cmake_cpu_build_loads_with_load_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "ok (2, 2, 6, 7)" in result.stdout
+
+
+def test_library_from_another_pydc_version_is_refused(tmp_path):
+    # The package's version moves on (a pull, a reinstall of the Python files only) while the compiled library
+    # stays: the loader refuses it like one built for another torch, naming both versions.
+    if "pydc" not in extension.build_info():
+        pytest.skip("this build of pydc._C predates the recorded pydc version; rebuild it")
+    package = tmp_path / "pydc"
+    shutil.copytree(ROOT / "pydc", package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "_version.py").write_text('__version__ = "99.0.0"\n')
+    script = "import pydc; print(pydc.extension.has_ops()); print(pydc.extension.load_error())"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    loaded, message = result.stdout.split("\n", 1)
+    assert loaded == "False"
+    assert f"pydc {pydc.__version__}; you have" in message and "pydc 99.0.0" in message and "rebuild with" in message

@@ -14,6 +14,20 @@ count; they never substitute another sample. Each UnreadableImage carries a `kin
 so that a folder's failures can be summarised by kind (pydc.data.screen).
 Images under MIN_SIDE pixels on a side are refused by `probe` too: a 1x1 image is one colour, which the
 Sobel stem turns into zeros, so it can only dilute the clusters.
+
+Why torchvision and not TorchCodec: torchvision 0.29 deprecates its image decoders in favour of TorchCodec.
+TorchCodec 0.17 (checked with torch 2.14.1 on the CPU) decodes JPEG, PNG, WebP, GIF, AVIF and HEIC with the
+libraries its wheel bundles (libjpeg-turbo, libpng, libwebp, libavif; FFmpeg is needed only for its video and
+audio decoders, and none is installed here). It gives the same pixels as torchvision on 256 synthetic 500x375
+JPEGs and 64 PNGs, and on grey, CMYK, RGBA and progressive files; 16-bit PNGs it rounds to the nearest uint8
+(torchvision returns uint16, which pydc floors, see above). It is not faster: one thread, the same encoded
+bytes, torchvision and TorchCodec alternating in 15 and 21 rounds on the shared 2-core AMD EPYC (Zen 4,
+AVX-512; load average 9-14 from other jobs), the median ratio of torchvision's time to TorchCodec's was 0.95
+both times on the 256 JPEGs (quartiles 0.88-1.05 and 0.91-1.01: TorchCodec ~5% slower) and 0.96/0.98 on the
+PNGs (quartiles straddling 1). Both wrap libjpeg-turbo and libpng. Moving would add a compiled dependency tied
+to each torch release for no speed, so pydc keeps torchvision's decoders and silences their deprecation
+warning (below, and in pyproject.toml for the tests); the move is due when torchvision drops them, keeping
+decode()'s contract (RGB uint8, the 16-bit scaling, UnreadableImage).
 """
 
 from __future__ import annotations

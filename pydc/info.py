@@ -1,0 +1,247 @@
+"""What this pydc is and what it can use here: `python -m pydc.info` prints it, `pydc.info()` returns it as a
+dict (this module is callable: `pydc.info()` is `pydc.info.info()`).
+
+    python -m pydc.info          # a report for bug reports and install checks, like `python -m xformers.info`
+    python -m pydc.info --json   # the same dict as JSON
+
+The dict's keys:
+- `pydc`: version and where the package was imported from.
+- `library`: whether the compiled ops (`pydc._C`) loaded, and if not why (the loader's message says what to
+  rebuild); `built_for`: the pydc/torch/CUDA/Python versions and CUDA archs the library was compiled for
+  (None when it did not load); `running`: the torch, CUDA and Python in use.
+- `cpu_isa`: which instruction set the CPU kernels run with. `kernels` is pydc's own answer when the library
+  dispatches its CPU kernels by ISA level at run time; a library without that dispatch is compiled for the
+  x86-64 baseline (setup.py passes no -march), which it reports as such. `cpu` is what this CPU supports (from
+  its flags), `torch` the level ATen's own kernels chose.
+- `ops`: every `torch.ops.pydc.*` operator by family, with whether the dispatcher holds a CPU and a CUDA
+  kernel for it (a CUDA build registers CUDA kernels even where no GPU is visible).
+- `backends`: the optional packages pydc can use (DALI, faiss-cpu, faiss with GPU support, TorchCodec),
+  whether each imports, its version, and the import error when it does not.
+- `devices`: the CPU (model, logical cores, torch threads) and each visible CUDA device with its compute
+  capability and whether the library holds code compiled for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from pydc import extension
+from pydc._version import __version__
+
+# x86-64 levels from the CPU's flags, highest first (the names ATen's CPU_CAPABILITY uses).
+_ISA_LEVELS = (("AVX512", ("avx512f", "avx512bw", "avx512vl", "avx512dq")), ("AVX2", ("avx2", "fma")))
+_BASELINE = "DEFAULT (x86-64 baseline: SSE2)"
+
+
+def info() -> dict:
+    """Everything `python -m pydc.info` prints, as a dict (see the module docstring for its keys)."""
+    loaded = extension.has_ops()
+    return {
+        "pydc": {"version": __version__, "path": str(Path(__file__).resolve().parent)},
+        "library": {"loaded": loaded, "error": extension.load_error()},
+        "built_for": _built_for() if loaded else None,
+        "running": {"torch": torch.__version__, "cuda": torch.version.cuda or "",
+                    "python": platform.python_version()},
+        "cpu_isa": _cpu_isa(loaded),
+        "ops": _ops(),
+        "backends": _backends(),
+        "devices": _devices(),
+    }
+
+
+def _built_for() -> dict:
+    built = extension.build_info()
+    archs = str(built.get("cuda_archs", "")).replace(";", " ").replace(",", " ").split()
+    return {**built, "cuda_archs": archs}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_isa_level(flags: set[str]) -> str:
+    """The highest x86-64 level (AVX512, AVX2, DEFAULT) whose features are all in `flags`."""
+    for level, required in _ISA_LEVELS:
+        if all(flag in flags for flag in required):
+            return level
+    return "DEFAULT"
+
+
+def _pydc_cpu_capability() -> str | None:
+    """The ISA level pydc's CPU kernels dispatch to, when the library has run-time ISA dispatch (an op
+    `torch.ops.pydc.cpu_capability` or a `pydc._C.cpu_capability` function); None for a library without it."""
+    query = getattr(torch.ops.pydc, "cpu_capability", None)
+    if query is None:
+        from pydc import _C
+
+        query = getattr(_C, "cpu_capability", None)
+    return None if query is None else str(query())
+
+
+def _cpu_isa(loaded: bool) -> dict:
+    kernels = _pydc_cpu_capability() if loaded else None
+    if not loaded:
+        kernels = "none (library not loaded: the pure-torch references run)"
+    elif kernels is None:
+        kernels = f"{_BASELINE}, not dispatched by ISA"
+    return {"kernels": kernels, "cpu": cpu_isa_level(_cpu_flags()),
+            "torch": torch.backends.cpu.get_cpu_capability()}
+
+
+def _ops() -> dict:
+    """{op name: {family, cpu, cuda}} for every registered pydc::* operator; the family is the name's first
+    word (sobel, pca, kmeans, odc), which is also the pydc.ops module and the csrc/ops file defining it."""
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    names = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("pydc::"))
+    return {name.removeprefix("pydc::"): {"family": name.removeprefix("pydc::").split("_")[0],
+                                          "cpu": has_kernel(name, "CPU"), "cuda": has_kernel(name, "CUDA")}
+            for name in names}
+
+
+def _distribution_version(*names: str) -> str:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def _import(module: str) -> tuple[object | None, str]:
+    try:
+        return importlib.import_module(module), ""
+    except Exception as error:  # noqa: BLE001  (an optional backend fails in many ways: CUDA libs, ABI)
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _backends() -> dict:
+    dali, dali_error = _import("nvidia.dali")
+    faiss, faiss_error = _import("faiss")
+    codec, codec_error = _import("torchcodec")
+    faiss_gpu = faiss is not None and hasattr(faiss, "StandardGpuResources")
+    no_faiss_gpu = faiss_error or "this faiss was built without GPU support"
+    return {
+        "dali": {"available": dali is not None, "version": getattr(dali, "__version__", ""),
+                 "error": dali_error},
+        "faiss-cpu": {"available": faiss is not None, "version": getattr(faiss, "__version__", ""),
+                      "distribution": _distribution_version("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12",
+                                                            "faiss"),
+                      "error": faiss_error},
+        "faiss-gpu": {"available": faiss_gpu, "gpus": faiss.get_num_gpus() if faiss_gpu else 0,
+                      "error": "" if faiss_gpu else no_faiss_gpu},
+        "torchcodec": {"available": codec is not None, "version": getattr(codec, "__version__", ""),
+                       "error": codec_error},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _devices() -> dict:
+    archs = set(_built_for()["cuda_archs"]) if extension.has_ops() else set()
+    cuda = []
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        major, minor = torch.cuda.get_device_capability(index)
+        capability = f"{major}.{minor}"
+        cuda.append({"index": index, "name": torch.cuda.get_device_name(index), "capability": capability,
+                     "compiled_for": capability in {arch.removesuffix("+PTX") for arch in archs}})
+    cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu, "cuda": cuda}
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def format_report(report: dict) -> str:
+    """The dict of `info()` as aligned text."""
+    lines = []
+
+    def row(label: str, value: object) -> None:
+        lines.append(f"{label:<28}{value}")
+
+    row("pydc", f"{report['pydc']['version']} ({report['pydc']['path']})")
+    library = report["library"]
+    row("compiled ops", "loaded" if library["loaded"] else f"NOT LOADED: {library['error']}")
+    built = report["built_for"]
+    if built:
+        row("built for", f"pydc {built.get('pydc', '(not recorded)')}, torch {built['torch']}, "
+                         f"CUDA {built['cuda'] or 'none'}, Python {built['python']}")
+        row("CUDA archs compiled", " ".join(built["cuda_archs"]) or "none (CPU-only build)")
+    running = report["running"]
+    row("running", f"torch {running['torch']}, CUDA {running['cuda'] or 'none'}, Python {running['python']}")
+    isa = report["cpu_isa"]
+    row("CPU kernels ISA", isa["kernels"])
+    row("CPU supports", f"{isa['cpu']} (ATen's kernels use {isa['torch']})")
+    lines.append("ops (kernels)")
+    for name, op in report["ops"].items():
+        row(f"  {name}", f"{op['family']:<8}CPU {_yes(op['cpu']):<4}CUDA {_yes(op['cuda'])}")
+    if not report["ops"]:
+        lines.append("  none registered")
+    lines.append("optional backends")
+    for name, backend in report["backends"].items():
+        if backend["available"]:
+            detail = backend.get("version") or f"{backend.get('gpus', 0)} GPU(s)"
+        else:
+            reason = backend["error"].splitlines()[0] if backend["error"] else "not installed"
+            detail = f"not available ({reason})"
+        row(f"  {name}", detail)
+    devices = report["devices"]
+    cpu = devices["cpu"]
+    lines.append("devices")
+    row("  cpu", f"{cpu['model']}, {cpu['logical_cores']} logical cores, "
+                 f"torch threads {cpu['torch_threads']}")
+    for device in devices["cuda"]:
+        row(f"  cuda:{device['index']}", f"{device['name']}, sm {device['capability']}, "
+                                        f"pydc kernels compiled for it: {_yes(device['compiled_for'])}")
+    if not devices["cuda"]:
+        row("  cuda", "no device visible")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pydc.info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the dict of pydc.info() as JSON")
+    args = parser.parse_args(argv)
+    report = info()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`pydc.info()` calls info(): the module and the function share the name the issue asked for, and a
+    callable module keeps `import pydc.info`, `python -m pydc.info` and `pydc.info()` all meaning this one."""
+
+    def __call__(self) -> dict:
+        return info()
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())

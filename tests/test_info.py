@@ -1,0 +1,138 @@
+"""`python -m pydc.info` and `pydc.info()`: every field checked against the same fact found another way."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pydc
+import pydc.info as INFO
+from pydc import extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_info(*flags, cwd: Path, pythonpath: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pydc.info", *flags], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(pythonpath)})
+
+
+def _ops_defined_in_sources() -> set[str]:
+    """The op names the schemas in csrc/ops/*.cpp define (m.def("name(...")), read from the sources."""
+    names = set()
+    for source in (ROOT / "csrc" / "ops").glob("*.cpp"):
+        names |= set(re.findall(r'm\.def\(\s*"(\w+)\(', source.read_text()))
+    return names
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    result = _run_info("--json", cwd=tmp_path_factory.mktemp("info"))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_pydc_info_is_callable_and_returns_the_report():
+    assert pydc.info is INFO and callable(pydc.info)
+    assert set(pydc.info()) == {"pydc", "library", "built_for", "running", "cpu_isa", "ops", "backends",
+                                "devices"}
+
+
+def test_version_location_and_library(report):
+    assert report["pydc"] == {"version": pydc.__version__, "path": str(ROOT / "pydc")}
+    assert report["library"] == {"loaded": True, "error": ""}
+    built = extension.build_info()
+    assert report["built_for"]["torch"] == built["torch"] == torch.__version__
+    assert report["built_for"]["with_cuda"] == built["with_cuda"]
+    assert report["built_for"]["python"] == built["python"]
+    assert report["built_for"]["cuda_archs"] == built["cuda_archs"].replace(";", " ").split()
+    assert report["running"] == {"torch": torch.__version__, "cuda": torch.version.cuda or "",
+                                 "python": platform.python_version()}
+
+
+def test_every_op_with_its_cpu_and_cuda_kernels(report):
+    assert set(report["ops"]) == _ops_defined_in_sources()
+    with_cuda = extension.build_info()["with_cuda"]
+    for name, op in report["ops"].items():
+        assert op["family"] in {"sobel", "pca", "kmeans", "odc"} and name.startswith(op["family"] + "_")
+        assert op["cpu"] is True, name
+        assert op["cuda"] is with_cuda, name  # a CUDA build registers CUDA kernels even with no GPU visible
+
+
+def test_cpu_isa(report):
+    isa = report["cpu_isa"]
+    assert isa["torch"] == torch.backends.cpu.get_cpu_capability()
+    assert isa["cpu"] == INFO.cpu_isa_level(INFO._cpu_flags())
+    query = getattr(torch.ops.pydc, "cpu_capability", None) or getattr(pydc._C, "cpu_capability", None)
+    if query is None:  # a library without run-time ISA dispatch runs baseline code
+        assert isa["kernels"].startswith("DEFAULT") and "not dispatched" in isa["kernels"]
+    else:
+        assert isa["kernels"] == str(query())
+
+
+def test_cpu_isa_level_from_flags():
+    assert INFO.cpu_isa_level({"sse2", "avx", "avx2", "fma"}) == "AVX2"
+    assert INFO.cpu_isa_level({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"}) == "AVX512"
+    assert INFO.cpu_isa_level({"avx2", "fma", "avx512f"}) == "AVX2"  # AVX-512 F alone is not ATen's AVX512
+    assert INFO.cpu_isa_level({"sse2", "avx"}) == "DEFAULT"
+
+
+def test_optional_backends(report):
+    backends = report["backends"]
+    assert set(backends) == {"dali", "faiss-cpu", "faiss-gpu", "torchcodec"}
+    for name, module in (("dali", "nvidia.dali"), ("faiss-cpu", "faiss"), ("torchcodec", "torchcodec")):
+        installed = importlib.util.find_spec(module.split(".")[0]) is not None and (
+            module == "faiss" or importlib.util.find_spec(module) is not None)
+        assert backends[name]["available"] is installed, (name, backends[name])
+        if installed:
+            assert backends[name]["version"] == importlib.import_module(module).__version__
+        else:
+            assert backends[name]["error"]
+    if backends["faiss-cpu"]["available"]:
+        import faiss
+
+        assert backends["faiss-gpu"]["available"] is hasattr(faiss, "StandardGpuResources")
+
+
+def test_devices(report):
+    devices = report["devices"]
+    assert devices["cpu"]["logical_cores"] == os.cpu_count()
+    assert len(devices["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    archs = extension.build_info()["cuda_archs"].replace(";", " ").split()
+    for device in devices["cuda"]:
+        major, minor = torch.cuda.get_device_capability(device["index"])
+        assert device["capability"] == f"{major}.{minor}"
+        assert device["compiled_for"] is (device["capability"] in archs)
+
+
+def test_text_report_names_every_field(report, tmp_path):
+    result = _run_info(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "found in sys.modules" not in result.stderr, result.stderr  # runpy: `import pydc` loaded pydc.info
+    text = result.stdout
+    assert f"pydc                        {pydc.__version__}" in text
+    assert f"torch {torch.__version__}" in text and "CPU kernels ISA" in text
+    for name in report["ops"]:
+        assert re.search(rf"^  {name}\s+\w+\s+CPU yes\s+CUDA (yes|no)$", text, re.MULTILINE), name
+    for backend in ("dali", "faiss-cpu", "faiss-gpu", "torchcodec"):
+        assert f"  {backend}" in text
+
+
+def test_info_without_the_compiled_library(tmp_path):
+    # A copy of the package without pydc/_C*.so: the report says so and why, instead of failing.
+    shutil.copytree(ROOT / "pydc", tmp_path / "pydc", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    result = _run_info("--json", cwd=tmp_path, pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["library"]["loaded"] is False and "rebuild with" in report["library"]["error"]
+    assert report["built_for"] is None and report["cpu_isa"]["kernels"].startswith("none")
