@@ -143,12 +143,31 @@ def test_fixed_point_stop_equals_running_every_iteration(bounded):
 
 
 def test_no_stop_while_empty_clusters_are_being_split():
-    """Labels that repeat after an update that split empty clusters are no fixed point (the next split
-    draws again): the run must go on exactly as without the stop."""
-    x, _ = separable(n_per=100, blobs=3)
-    init = torch.cat([initial_centroids(x, 3, seed=0), torch.full((2, x.shape[1]), 1e4)])
-    stopped = kmeans(x, 5, niter=10, seed=1, backend="torch", init_centroids=init, bounded=False)
-    full = kmeans(x, 5, niter=10, seed=1, backend="torch", init_centroids=init, bounded=False,
-                  stop_at_fixed_point=False)
-    assert stopped.splits >= 2
-    assert torch.equal(stopped.centroids, full.centroids) and torch.equal(stopped.labels, full.labels)
+    """Labels that repeat after an update that split an empty cluster are no fixed point: the next update
+    splits again with a new draw. Three groups of identical points (small integers) and a centroid nobody
+    is near: a split copies a group's centroid scaled by 1 +- 1/1024 exactly, both halves tie, the lower
+    index takes the group, the other half empties, and the labels often repeat right after a split."""
+    groups = torch.tensor([[1.0, 2.0, 3.0, 4.0], [9.0, -2.0, 5.0, 1.0], [-4.0, 6.0, -8.0, 2.0]])
+    x = groups.repeat_interleave(50, 0)
+    init = torch.cat([torch.full((1, 4), 1e4), groups])
+    for seed in range(6):
+        stopped = kmeans(x, 4, niter=15, seed=seed, backend="torch", init_centroids=init, bounded=False)
+        full = kmeans(x, 4, niter=15, seed=seed, backend="torch", init_centroids=init, bounded=False,
+                      stop_at_fixed_point=False)
+        assert full.splits == 15  # a split in every iteration: there is no fixed point to stop at
+        assert stopped.iterations == 15
+        assert torch.equal(stopped.centroids, full.centroids) and torch.equal(stopped.labels, full.labels)
+
+
+def test_auto_backend_runs_pydc_bounded_on_the_cpu():
+    x = clustered(n=600, d=8, centres=6, seed=12)
+    result = kmeans(x, 6, niter=5, backend="auto")
+    assert result.backend == "torch" and result.bounded
+
+
+def test_auto_backend_falls_back_to_faiss_without_compiled_ops(monkeypatch):
+    pytest.importorskip("faiss")
+    import sys
+
+    monkeypatch.setattr(sys.modules["pydc.cluster.kmeans"], "HAS_OPS", False)  # pydc.cluster.kmeans is the function
+    assert kmeans(clustered(n=600, d=8, centres=6, seed=12), 6, niter=5, backend="auto").backend == "faiss-cpu"

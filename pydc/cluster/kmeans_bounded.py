@@ -6,6 +6,9 @@ centroid and a lower bound l_g on the distance to every other centroid of each g
 groups: a small k-means of the initial centroids, ~16 centroids each, at most 64 groups). When the
 centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. A point
 whose own centroid is provably nearer than every group's lower bound keeps its label without a GEMM row.
+When a filter finds more than half of the rows unsettled (early iterations, unstructured data), all rows are
+recomputed without gathering, and the next 1, 2, 4 or 8 passes run without the filter (its own cost, about
+a quarter of a GEMM pass, is then wasted); the last of them refreshes the bounds.
 
 Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 GEMM
 candidates, float64 settle of near-ties, ties to the lowest index), so they do not depend on which rows are
@@ -39,6 +42,8 @@ import torch
 
 MAX_GROUPS = 64
 CENTROIDS_PER_GROUP = 16
+DENSE_FRACTION = 0.5  # above this fraction of rows to recompute, all rows are recomputed in place ...
+MAX_BACKOFF = 8       # ... and the next 1, 2, 4, 8 passes (after successive such filters) skip the filter
 _ROUND_UP = 1.0 + 1e-12  # float64 norms and square roots of float32 data: relative error far below 1e-12
 
 
@@ -73,6 +78,8 @@ class YinyangAssigner:
         self.offsets = None
         self.group_of_sorted = None
         self.rows_computed = []    # GEMM rows per call, for benchmarks and tests
+        self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
+        self.backoff = 1
 
     def _make_groups(self, centroids: torch.Tensor) -> None:
         from pydc.cluster.kmeans import kmeans
@@ -92,15 +99,29 @@ class YinyangAssigner:
         norms = self.point_sq_norms if rows is None else self.point_sq_norms.index_select(0, rows)
         return torch.ops.pydc.kmeans_assign_bounds(x, sorted_centroids, self.order, self.offsets, norms)
 
+    def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        self.labels, distances, _, self.lower = self._compute(None, sorted_centroids)
+        self.previous = centroids.clone()
+        self.rows_computed.append(self.x.shape[0])
+        return self.labels.clone(), float(distances.sum(dtype=torch.float64))
+
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.order is None:
             self._make_groups(centroids)
         sorted_centroids = centroids.index_select(0, self.order)
         if self.previous is None:
-            self.labels, distances, _, self.lower = self._compute(None, sorted_centroids)
-            self.previous = centroids.clone()
+            return self._compute_all(centroids, sorted_centroids)
+        if self.unfiltered_passes > 0:
+            # The last filters found most rows unsettled: skip the filter's cost (a float64 distance per
+            # point, passes over the N x t bounds) for a while. Plain kmeans_assign gives the same labels;
+            # the last of these passes refreshes the bounds for the next filter.
+            self.unfiltered_passes -= 1
+            if self.unfiltered_passes == 0:
+                return self._compute_all(centroids, sorted_centroids)
             self.rows_computed.append(self.x.shape[0])
-            return self.labels.clone(), float(distances.sum(dtype=torch.float64))
+            labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            self.labels = labels
+            return labels.clone(), float(distances.sum(dtype=torch.float64))
         drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
         group_drift = torch.zeros(self.offsets.numel() - 1, dtype=torch.float64).scatter_reduce_(
             0, self.group_of_sorted, drift[self.order], reduce="amax", include_self=True)
@@ -112,8 +133,13 @@ class YinyangAssigner:
         lower_min = self.lower.min(dim=1).values
         keep = lower_min * lower_min - upper * upper > margin
         rows = torch.nonzero(~keep).flatten()
-        objective = float(own_sq[keep].sum())
+        if rows.numel() > DENSE_FRACTION * self.x.shape[0]:  # most rows: no gather, no scatter
+            self.unfiltered_passes = self.backoff
+            self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+            return self._compute_all(centroids, sorted_centroids)
+        self.backoff = 1
         self.rows_computed.append(int(rows.numel()))
+        objective = float(own_sq[keep].sum())
         if rows.numel():
             labels, distances, _, new_lower = self._compute(rows, sorted_centroids)
             self.labels[rows] = labels
@@ -121,8 +147,3 @@ class YinyangAssigner:
             objective += float(distances.sum(dtype=torch.float64))
         self.previous = centroids.clone()
         return self.labels.clone(), objective
-
-    @property
-    def fraction_computed(self) -> float:
-        total = len(self.rows_computed) * self.x.shape[0]
-        return sum(self.rows_computed) / total if total else 0.0
