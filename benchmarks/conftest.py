@@ -4,10 +4,16 @@ A benchmark sets `benchmark.group` to name the comparison and `benchmark.extra_i
 "reference". At the end of the run each group's ratio (reference median / pydc median, so > 1 means pydc is
 faster) is printed and added to the --benchmark-json output under "pydc_ratios"; extra_info keys such as
 "bytes" (memory moved) or "flop" give achieved bandwidth and rate as well.
+
+Every benchmark records where it ran in its extra_info (and the JSON in "pydc_machine"): the CPU model
+(lscpu), the ISA level of pydc's CPU kernels (PYDC_CPU_CAPABILITY caps it), the BLAS ISA caps in effect
+(MKL_ENABLE_INSTRUCTIONS, OPENBLAS_CORETYPE, FAISS_OPT_LEVEL) and torch's thread count.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import subprocess
 from collections import defaultdict
@@ -60,7 +66,7 @@ def _ratios(benchmarks) -> list[dict]:
             "reference_name": reference.extra_info.get("reference", reference.name),
             "speedup": reference.stats.median / ours.stats.median,
         }
-        for key in ("bytes", "flop"):
+        for key in ("bytes", "flop", "cpu_model", "cpu_capability", "cpu_threads"):
             if key in ours.extra_info:
                 row[key] = ours.extra_info[key]
         if "bytes" in row:
@@ -74,8 +80,42 @@ def _ratios(benchmarks) -> list[dict]:
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name as lscpu reports it (platform.processor() as a fallback)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    model = fields.get("Model name") or platform.processor() or "unknown"
+    if "CPU family" in fields and "Model" in fields:
+        model += f" (family {fields['CPU family']} model {fields['Model']})"
+    return model
+
+
+BLAS_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL")
+
+
+def where_it_ran() -> dict:
+    """CPU model, pydc's ISA level, BLAS ISA caps and thread count: recorded with every figure."""
+    from pydc.ops.cpu_capability import cpu_capability
+
+    info = {"cpu_model": cpu_model(), "cpu_capability": cpu_capability(), "cpu_threads": torch.get_num_threads()}
+    info.update({name: os.environ[name] for name in BLAS_CAPS if name in os.environ})
+    return info
+
+
+@pytest.fixture(autouse=True)
+def _record_where_it_ran(request):
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info.update(where_it_ran())
+    yield
+
+
 def _machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, **where_it_ran()}
     if torch.cuda.is_available():
         info["card"] = torch.cuda.get_device_name()
     try:
@@ -106,6 +146,8 @@ def pytest_terminal_summary(terminalreporter, config):
             line += f", {row['pydc_GBps']:.0f} GB/s"
         if "pydc_over_floor" in row:
             line += f", {row['pydc_over_floor']:.2f}x the bandwidth floor"
+        if "cpu_capability" in row:
+            line += f" [{row['cpu_capability']}, {row['cpu_threads']} threads]"
         terminalreporter.write_line(line)
 
 

@@ -3,7 +3,12 @@ a plain torch composition, on the same features in one run.
 
 Each timed call does the whole job: moments (or covariance), eigen-decomposition, whitening projection and
 row L2 normalization of all rows. Sizes from the issue: 50,000 x 2048 -> 256 on the CPU, 1,280,000 x 4096
--> 256 on CUDA (float32 features, TF32 GEMMs for pydc and torch alike there).
+-> 256 on CUDA (float32 features, TF32 GEMMs for pydc and torch alike there). Before the CPU pair against faiss
+is timed, both run once and their outputs must agree (assert_same_whitening).
+
+Capped at AVX2 on an AVX-512 machine: PYDC_CPU_CAPABILITY=avx2 (pydc's row passes) with
+MKL_ENABLE_INSTRUCTIONS=AVX2 (torch's GEMMs and eigh), OPENBLAS_CORETYPE=Haswell (scipy's syrk and faiss's
+BLAS) and FAISS_OPT_LEVEL=avx2.
 """
 
 from __future__ import annotations
@@ -102,12 +107,31 @@ def _run_pydc(benchmark, x, k, device):
          warm_up=lambda: pydc_whitening(small, 16, 512))
 
 
+def assert_same_whitening(ours, theirs, rows: int = 500) -> None:
+    """Both outputs describe the same whitened, normalised rows: the inner products of the first rows agree
+    (they do not depend on the arbitrary sign of each component, nor on rotations inside an eigenspace)."""
+    ours = torch.as_tensor(ours[:rows]).double().cpu()
+    theirs = torch.as_tensor(theirs[:rows]).double().cpu()
+    torch.testing.assert_close(ours @ ours.T, theirs @ theirs.T, rtol=0, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def checked_against_faiss(features_by_device):
+    """Runs pydc and faiss once on the CPU features and checks that they agree, before either is timed."""
+    pytest.importorskip("faiss")
+    n, d, k = SHAPES["cpu"]
+    x = features_by_device("cpu")
+    assert_same_whitening(pydc_whitening(x, k, BATCH_ROWS["cpu"]), faiss_whitening(x, k))
+    return True
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["pydc", "faiss"])
-def test_pca_vs_faiss(benchmark, features_by_device, device, impl):
+def test_pca_vs_faiss(benchmark, request, features_by_device, device, impl):
     if device != "cpu":
         pytest.skip("faiss-cpu is the CPU reference")
     pytest.importorskip("faiss")  # without it the pydc half of the pair has nothing to be compared with
+    request.getfixturevalue("checked_against_faiss")
     x, k = _pair(benchmark, features_by_device, device, impl, "faiss")
     if impl == "pydc":
         _run_pydc(benchmark, x, k, device)

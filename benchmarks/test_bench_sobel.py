@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pydc  # noqa: F401  (registers torch.ops.pydc)
 from benchmarks.conftest import DEVICES, pair_roles, synchronized
-from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS
+from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS, sobel_normalize_reference
 
 # CPU: a batch this 2-core machine handles in well under a second; CUDA: one ImageNet training batch.
 SHAPES = {"cpu": (32, 3, 224, 224), "cuda": (256, 3, 224, 224)}
@@ -42,6 +42,7 @@ def test_sobel_normalize(benchmark, device, impl):
         grey_weight = torch.full((1, 3, 1, 1), 1.0 / 3.0, device=device)
         sobel_weight = torch.tensor(SOBEL_KERNELS, device=device).unsqueeze(1)
         fn = synchronized(lambda: torch_chain(images, mean, std, grey_weight, sobel_weight), device)
-    fn()  # warm-up (allocator, cuDNN algorithm choice)
+    out = fn()  # warm-up (allocator, cuDNN algorithm choice); both sides of the pair must match the reference
+    torch.testing.assert_close(out, sobel_normalize_reference(images), rtol=1e-5, atol=1e-4)
     out = benchmark(fn)
     assert out.shape == (shape[0], 2, shape[2], shape[3])

@@ -7,6 +7,7 @@
 // so a row with no finite score keeps the initial candidate (index 0, score +inf).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -69,6 +70,19 @@ struct KMeansTopK {
     }
   }
 };
+
+// Bound on |fl(score) - score| for one point and any centroid, where score = ||c||^2 - 2 x.c is computed in
+// float32 from a float32 ||c||^2 and a float32 dot product summed in any order, with or without FMA (a BLAS
+// GEMM): |error| <= gamma_{d+2} (||c||^2 + 2 ||x|| ||c||) <= gamma_{d+2} (||x|| + R)^2 (Higham's gamma_n =
+// n u / (1 - n u), u = 2^-24; R = the largest centroid norm), times 1.01 so that the float64 arithmetic of
+// the callers (this bound, a float64 settle, bounds on distances) stays inside it. Two float scores further
+// apart than 2 * bound order the exact scores the same way; closer ones are settled in float64.
+PYDC_HD double kmeans_score_error_bound(double point_sq_norm, double max_centroid_norm, int64_t d) {
+  const double n_u = static_cast<double>(d + 2) * 5.9604644775390625e-08;  // (d + 2) * 2^-24
+  const double gamma = n_u / (1.0 - n_u);
+  const double radius = sqrt(point_sq_norm > 0.0 ? point_sq_norm : 0.0) + max_centroid_norm;
+  return 1.01 * gamma * radius * radius;
+}
 
 // Squared L2 norm of a row, accumulated in float in index order.
 PYDC_HD float kmeans_squared_norm(const float* row, int64_t d) {

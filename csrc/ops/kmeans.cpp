@@ -1,6 +1,7 @@
 // Schemas of the k-means ops and the checks both kernels share.
 //
 // kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
+// kmeans_assign_bounds, kmeans_label_distances: the steps of bounded k-means (CPU only).
 // kmeans_update: per-cluster sums of the points and per-cluster counts (the centroid update is sums/counts).
 #include "ops/kmeans.h"
 
@@ -75,4 +76,8 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
         "(Tensor labels, Tensor distances)");
   m.def("kmeans_update(Tensor x, Tensor labels, int k, bool deterministic=True) -> "
         "(Tensor sums, Tensor counts)");
+  // Bounded (Yinyang) k-means on the CPU: kernels and semantics in ops/cpu/kmeans_bounded_kernel.cpp.
+  m.def("kmeans_assign_bounds(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
+        "Tensor x_sq_norms) -> (Tensor labels, Tensor distances, Tensor upper, Tensor group_lower)");
+  m.def("kmeans_label_distances(Tensor x, Tensor centroids, Tensor labels) -> Tensor");
 }

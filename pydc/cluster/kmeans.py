@@ -4,7 +4,7 @@
 
 1. Initial centroids: k distinct rows of x (indices drawn without replacement with `seed`), or
    `init_centroids` when given. spherical=True L2-normalises them.
-2. niter Lloyd iterations. Each assigns every point to its nearest centroid (squared L2, lowest index on
+2. Up to niter Lloyd iterations. Each assigns every point to its nearest centroid (squared L2, lowest index on
    ties; `objective[i]` is the sum of these squared distances, as faiss's iteration_stats obj), then sets
    every non-empty centroid to the mean of its points, then refills the empty clusters as faiss's
    split_clusters does: for each empty cluster in index order, pick a cluster with probability
@@ -12,7 +12,19 @@
    picked), copy its centroid into the empty one and perturb both symmetrically, feature j scaled by
    1 + s/1024 for the copy and 1 - s/1024 for the original with s = +1 for even j and -1 for odd j, and
    give each half of the sizes. spherical=True L2-normalises the centroids after every update.
-3. Final labels: nearest centroid of the returned centroids (one more assignment pass).
+   Fixed-point stop: when an iteration's assignment leaves every label as the previous one did and that
+   previous update refilled no empty cluster, the update would reproduce the current centroids bitwise
+   (the update is deterministic), so every later iteration would repeat this one: the run stops there,
+   with the same centroids, labels and objective values as running all niter iterations (`objective` then
+   has one entry per iteration run, `iterations` says how many). stop_at_fixed_point=False runs all niter.
+   On CUDA with deterministic=False the float atomics make "bitwise" approximate.
+3. Final labels: nearest centroid of the returned centroids (one more assignment pass, unless the run
+   stopped at a fixed point, whose labels are already those).
+
+Bounded k-means (bounded=True, the default; CPU with the compiled ops): the assignments skip the points
+whose Yinyang bounds prove that their label cannot change (pydc/cluster/kmeans_bounded.py). The labels,
+centroids and splits are exactly those of plain Lloyd (bounded=False); the objective agrees up to float
+rounding. On CUDA, and without the compiled ops, bounded=True runs plain Lloyd.
 
 faiss differences: faiss picks the cluster to split by a cyclic scan with acceptance probability
 (size - 1)/(N - k) and a fixed split seed; here it is an exact draw proportional to (size - 1) from a
@@ -27,6 +39,8 @@ import dataclasses
 import numpy as np
 import torch
 
+from pydc.cluster.kmeans_bounded import YinyangAssigner, bounded_assignment_available
+from pydc.ops._registry import HAS_OPS
 from pydc.ops.kmeans import kmeans_assign, kmeans_update
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -40,6 +54,10 @@ class KMeansResult:
     objective: list[float]    # per iteration: sum of squared distances at that iteration's assignment
     backend: str = "torch"    # the backend that ran: "torch", "faiss-cpu" or "faiss-gpu"
     splits: int = 0           # empty clusters refilled over all iterations (torch backend)
+    iterations: int = 0       # Lloyd iterations run (< niter when the run stopped at a fixed point)
+    bounded: bool = False     # whether the assignments used Yinyang bounds (torch backend on the CPU)
+    rows_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: points whose
+    # distances were computed (all N without bounds; fewer when the bounds settle points)
 
 
 def _faiss_module():
@@ -105,28 +123,54 @@ def split_empty_clusters(centroids: torch.Tensor, counts: torch.Tensor, generato
     return len(empty)
 
 
-def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic) -> KMeansResult:
+class _PlainAssigner:
+    """One kmeans_assign pass over all points per call: (labels, objective)."""
+
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor):
+        self.x, self.point_sq_norms = x, point_sq_norms
+
+    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        labels, distances = kmeans_assign(self.x, centroids, self.point_sq_norms)
+        return labels, float(distances.sum(dtype=torch.float64))
+
+
+def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, bounded,
+                  stop_at_fixed_point) -> KMeansResult:
     x32 = x.detach().to(torch.float32).contiguous()
     centroids = (initial_centroids(x32, k, seed) if init_centroids is None
                  else init_centroids.detach().to(device=x.device, dtype=torch.float32).clone())
     if spherical:
         centroids = _normalize_rows(centroids)
     point_sq_norms = (x32 * x32).sum(1)
+    bounded = bounded and bounded_assignment_available(x32)
+    assign = (YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2) if bounded
+              else _PlainAssigner(x32, point_sq_norms))
     split_generator = torch.Generator().manual_seed(int(seed) + 1)
     objective, splits = [], 0
+    previous_labels, previous_split = None, True
+    stopped = False
     for _ in range(int(niter)):
-        labels, distances = kmeans_assign(x32, centroids, point_sq_norms)
-        objective.append(float(distances.sum(dtype=torch.float64)))
+        labels, iteration_objective = assign(centroids)
+        objective.append(iteration_objective)
+        if (stop_at_fixed_point and previous_labels is not None and not previous_split
+                and torch.equal(labels, previous_labels)):
+            stopped = True  # the update would give these centroids again: a fixed point (module docstring)
+            break
         sums, counts = kmeans_update(x32, labels, k, deterministic=deterministic)
         nonempty = counts > 0
         centroids = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype),
                                 torch.zeros_like(sums))
-        if not bool(nonempty.all()):
+        previous_split = not bool(nonempty.all())
+        if previous_split:
             splits += split_empty_clusters(centroids, counts, split_generator)
         if spherical:
             centroids = _normalize_rows(centroids)
-    labels, _ = kmeans_assign(x32, centroids, point_sq_norms)
-    return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits)
+        previous_labels = labels
+    if not stopped:  # the final labels are one more assignment
+        labels, _ = assign(centroids)
+    rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * (len(objective) + (not stopped))
+    return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits,
+                        iterations=len(objective), bounded=bounded, rows_computed=rows_computed)
 
 
 def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeansResult:
@@ -159,16 +203,19 @@ def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeans
     _, labels = index.search(x_np, 1)
     return KMeansResult(centroids=torch.from_numpy(centroids.copy()).to(x.device),
                         labels=torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(x.device),
-                        objective=objective, backend="faiss-gpu" if use_gpu else "faiss-cpu")
+                        objective=objective, backend="faiss-gpu" if use_gpu else "faiss-cpu",
+                        iterations=len(objective))
 
 
 def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str = "auto", spherical: bool = False,
-           *, init_centroids: torch.Tensor | None = None, deterministic: bool = True) -> KMeansResult:
+           *, init_centroids: torch.Tensor | None = None, deterministic: bool = True, bounded: bool = True,
+           stop_at_fixed_point: bool = True) -> KMeansResult:
     """Cluster the rows of x into k clusters; see the module docstring for the exact semantics.
 
     backend: "torch" runs pydc's ops on x's device; "faiss" runs faiss (faiss-gpu for CUDA tensors when it
-    is installed, faiss-cpu otherwise); "auto" runs pydc's ops on CUDA and faiss-cpu on the CPU when faiss
-    is importable, pydc's ops otherwise. deterministic selects the bitwise reproducible centroid update on
+    is installed, faiss-cpu otherwise); "auto" runs pydc's ops wherever they are compiled (on the CPU
+    bounded k-means with the fixed-point stop is faster than faiss-cpu: README, "Measured"), and faiss-cpu
+    on the CPU only when the compiled ops are missing and faiss is importable. deterministic selects the bitwise reproducible centroid update on
     CUDA (the CPU update always is).
     """
     _check_arguments(x, k, niter, backend, init_centroids)
@@ -177,6 +224,6 @@ def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str
     if backend == "faiss" and faiss is None:
         raise ValueError("kmeans: backend='faiss' needs the faiss package (pip install faiss-cpu), which is not "
                          "importable; use backend='torch' for pydc's own k-means")
-    if backend == "faiss" or (backend == "auto" and faiss is not None and not x.is_cuda):
+    if backend == "faiss" or (backend == "auto" and faiss is not None and not x.is_cuda and not HAS_OPS):
         return _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids)
-    return _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic)
+    return _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, bounded, stop_at_fixed_point)

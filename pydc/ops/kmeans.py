@@ -7,14 +7,18 @@ kmeans_assign(x, centroids, x_sq_norms=None, allow_tf32=True) -> (labels, distan
     centroid index, and the distance is clamped at 0 (rounding can make the expansion slightly negative for a
     point equal to its centroid), as faiss does. x_sq_norms, when given, are the rows' squared norms (saved
     across iterations; they are recomputed otherwise). The N x k distance matrix is never formed: the CPU
-    kernel folds 4096 x 1024 BLAS blocks into a running arg-min (with PYDC_KMEANS_FUSED=1 on AVX-512 CPUs,
-    6-point x 32-centroid register tiles instead, faster only on a busy machine); the CUDA kernel
-    bounds its cuBLAS workspace to half the device's L2 cache, so the dot products are read back from L2,
-    not HBM. On CUDA with allow_tf32 the dot products are computed with TF32 tensor cores only to rank
-    the 4 best candidates of each point, which are then re-scored in fp32: the labels are those of fp32
-    arithmetic unless the nearest centroid is not among the TF32 top 4 (a gap below TF32's ~1e-3 relative
-    error across 4 centroids). allow_tf32=False computes them in fp32 whatever torch's global TF32 flag
-    says (the CUDA kernel fetches cuBLAS's handle under at::NoTF32Guard). The CPU always computes in fp32.
+    kernel folds 4096 x 1024 BLAS blocks into a running best and second best; the CUDA kernel bounds its
+    cuBLAS workspace to half the device's L2 cache, so the dot products are read back from L2, not HBM.
+    CPU labels are exact: a row whose float32 best and second best lie closer than twice a proven bound on
+    the float32 error of the scores (common/kmeans_math.h) is settled by fixed-order float64 scores, so the
+    label is the arg-min of the exact distances (ties to the lowest index) whatever the BLAS, ISA level or
+    thread count; this is what lets bounded k-means skip rows and keep Lloyd's labels. On CUDA with
+    allow_tf32 the dot products are computed with TF32 tensor cores only to rank the 4 best candidates of
+    each point, which are then re-scored in fp32: the labels are those of fp32 arithmetic unless the nearest
+    centroid is not among the TF32 top 4 (a gap below TF32's ~1e-3 relative error across 4 centroids).
+    allow_tf32=False computes them in fp32 whatever torch's global TF32 flag says (the CUDA kernel fetches
+    cuBLAS's handle under at::NoTF32Guard). The CPU always computes in fp32 (float64 for the settled rows).
+    The inner loops run at the CPU's ISA level (pydc.ops.cpu_capability).
 
 kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
     sums (k, d) float32: the sum of the rows of x with each label; counts (k,) int64: how many. The new
@@ -23,6 +27,9 @@ kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
     CUDA, deterministic=True sorts the points by label and sums in a fixed order in float64 (bitwise
     reproducible); deterministic=False uses float atomics (faster, last bits vary run to run). The CUDA
     kernels skip labels outside [0, k), since checking them would need a device-to-host sync.
+
+kmeans_assign_bounds and kmeans_label_distances (CPU only) are the steps of bounded k-means; see
+csrc/ops/cpu/kmeans_bounded_kernel.cpp and pydc/cluster/kmeans_bounded.py.
 
 Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
 `kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the

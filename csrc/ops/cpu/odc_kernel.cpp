@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/odc_math.h"
+#include "ops/cpu/cpu_kernels.h"
 #include "ops/odc.h"
 
 namespace pydc {
@@ -61,20 +62,15 @@ void blend_groups(scalar_t* bank, const int64_t* indices, const scalar_t* featur
   });
 }
 
-// Largest value of a GEMM row, ignoring NaN; eight independent lanes so that the compiler vectorizes it.
-template <typename scalar_t>
-scalar_t row_max(const scalar_t* s, int64_t K) {
-  constexpr int kLanes = 8;
-  scalar_t lane[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<scalar_t>::infinity();
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane[l] = s[k + l] > lane[l] ? s[k + l] : lane[l];
-  }
-  for (; k < K; ++k) lane[0] = s[k] > lane[0] ? s[k] : lane[0];
-  scalar_t best = lane[0];
-  for (int l = 1; l < kLanes; ++l) best = lane[l] > best ? lane[l] : best;
-  return best;
+// Largest value of a GEMM row, ignoring NaN (a per-ISA loop, cpu_kernels.h).
+float row_max(const float* s, int64_t K) { return cpu_kernels().row_max_float(s, K); }
+double row_max(const double* s, int64_t K) { return cpu_kernels().row_max_double(s, K); }
+
+void add_quantized(int64_t* sum, const float* row, int64_t n, double scale) {
+  cpu_kernels().add_quantized_float(sum, row, n, scale);
+}
+void add_quantized(int64_t* sum, const double* row, int64_t n, double scale) {
+  cpu_kernels().add_quantized_double(sum, row, n, scale);
 }
 
 // Pass 3: argmax_k centroid_k . row, exact in double: candidates are the classes whose GEMM value lies
@@ -233,7 +229,7 @@ void class_sums_impl(const at::Tensor& feature_bank, const at::Tensor& label_ban
     for (int64_t n = 0; n < N; ++n) {
       const scalar_t* row = bank + n * D;
       int64_t* sum = sums + labels[n] * D;
-      for (int64_t d = d0; d < d1; ++d) sum[d] += odc_quantize(static_cast<double>(row[d]), scale);
+      add_quantized(sum + d0, row + d0, d1 - d0, scale);
     }
   });
 }

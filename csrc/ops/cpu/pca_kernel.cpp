@@ -1,5 +1,6 @@
 // CPU row passes of the PCA-whitening ops (centre rows, normalize rows), multithreaded over rows with
-// at::parallel_for; the GEMMs in between are MKL/OpenBLAS through at::mm (see ops/pca.cpp).
+// at::parallel_for; the GEMMs in between are MKL/OpenBLAS through at::mm (see ops/pca.cpp). The float32 row
+// loops (the hot path at D = 2048) are per-ISA loops (cpu_kernels.h), picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,43 +13,11 @@
 
 #include "common/pca_math.h"
 #include "ops/cpu/blas_syrk.h"
+#include "ops/cpu/cpu_kernels.h"
 #include "ops/pca.h"
 
 namespace pydc {
 namespace {
-
-constexpr int kLanes = 16;  // independent partial sums per row: lets the compiler vectorize the reductions
-
-// float32 rows centred into float32 (the hot path of both ops at D = 2048). A single running poison sum is a
-// serial chain of float adds that the compiler may not reorder, which kept this loop scalar (~0.3 s of a
-// 50,000 x 2048 fit on the 2-core CPU); kLanes separate sums vectorize. Compiled for AVX-512, AVX2 and the
-// baseline, picked at load time.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-bool center_row_float(const float* src, const float* shift_hi, const float* shift_lo, float* dst, int64_t d) {
-  float poison[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const float v = pca_center_split(src[j + lane], shift_hi[j + lane], shift_lo[j + lane]);
-      poison[lane] += v - v;
-      dst[j + lane] = v;
-    }
-  }
-  float total = 0.0f;
-  for (; j < d; ++j) {
-    const float v = pca_center_split(src[j], shift_hi[j], shift_lo[j]);
-    total += v - v;
-    dst[j] = v;
-  }
-  for (int lane = 0; lane < kLanes; ++lane) total += poison[lane];
-  return pca_is_finite(total);
-}
-
-// sums[j] += row[j] in float64 (column sums of the centred rows), vectorized like center_row_float.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void add_row_float(const float* row, double* sums, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) sums[j] += static_cast<double>(row[j]);
-}
 
 // Centres one row into dst and returns true when all its values are finite.
 template <typename in_t, typename out_t>
@@ -57,7 +26,7 @@ bool center_row(const in_t* src, const double* shift, const float* shift_hi, con
   // float32 arithmetic (pca_center_split) where neither side is float64, float64 otherwise. The poison sum
   // stays 0 over finite values and becomes NaN at the first NaN/Inf, in a loop that vectorizes.
   if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
-    return center_row_float(src, shift_hi, shift_lo, dst, d);
+    return cpu_kernels().center_row_float(src, shift_hi, shift_lo, dst, d);
   } else if constexpr (std::is_same_v<in_t, double> || std::is_same_v<out_t, double>) {
     double poison = 0.0;
     for (int64_t j = 0; j < d; ++j) {
@@ -91,6 +60,7 @@ void center_rows_typed(const at::Tensor& rows, const at::Tensor& shift, const at
   }
   out_t* out = centred.mutable_data_ptr<out_t>();
   double* sums = column_sums.defined() ? column_sums.mutable_data_ptr<double>() : nullptr;
+  const CpuKernels& kernels = cpu_kernels();
   std::atomic<int64_t> bad_rows{0};
   std::mutex sums_mutex;
   const int64_t grain = std::max<int64_t>(1, 32768 / d);
@@ -106,7 +76,7 @@ void center_rows_typed(const at::Tensor& rows, const at::Tensor& shift, const at
       } else if (sums != nullptr) {
         // The rounded values the GEMM sees, so that sum and gram describe the same numbers.
         if constexpr (std::is_same_v<out_t, float>) {
-          add_row_float(dst, local_sums.data(), d);
+          kernels.add_row_float(dst, local_sums.data(), d);
         } else {
           for (int64_t j = 0; j < d; ++j) local_sums[j] += pca_load(dst[j]);
         }
@@ -130,38 +100,21 @@ void center_rows_cpu(const at::Tensor& rows, const at::Tensor& shift, const at::
   });
 }
 
-template <typename in_t>
-void normalize_rows_typed(const at::Tensor& projected, const at::Tensor& out, double norm_eps) {
+void normalize_rows_cpu(const at::Tensor& projected, const at::Tensor& out, double norm_eps) {
   const int64_t n = projected.size(0), k = projected.size(1);
-  const in_t* in = projected.const_data_ptr<in_t>();
-  float* result = out.mutable_data_ptr<float>();  // may alias `in` (float32): each row is read, then written
+  float* result = out.mutable_data_ptr<float>();  // may alias `projected` (float32): each row is read, then written
+  const CpuKernels& kernels = cpu_kernels();
+  const bool is_double = projected.scalar_type() == at::kDouble;
+  const void* in = projected.const_data_ptr();
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const in_t* row = in + r * k;
-      double partial[kLanes] = {};
-      int64_t j = 0;
-      for (; j + kLanes <= k; j += kLanes) {
-        for (int lane = 0; lane < kLanes; ++lane) {
-          const double v = static_cast<double>(row[j + lane]);
-          partial[lane] += v * v;
-        }
+      if (is_double) {
+        kernels.normalize_row_double(static_cast<const double*>(in) + r * k, result + r * k, k, norm_eps);
+      } else {
+        kernels.normalize_row_float(static_cast<const float*>(in) + r * k, result + r * k, k, norm_eps);
       }
-      double sum_squares = 0.0;
-      for (; j < k; ++j) sum_squares += static_cast<double>(row[j]) * static_cast<double>(row[j]);
-      for (int lane = 0; lane < kLanes; ++lane) sum_squares += partial[lane];
-      const double scale = pca_inverse_norm<double>(sum_squares, norm_eps);
-      float* dst = result + r * k;
-      for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<float>(static_cast<double>(row[j]) * scale);
     }
   });
-}
-
-void normalize_rows_cpu(const at::Tensor& projected, const at::Tensor& out, double norm_eps) {
-  if (projected.scalar_type() == at::kDouble) {
-    normalize_rows_typed<double>(projected, out, norm_eps);
-  } else {
-    normalize_rows_typed<float>(projected, out, norm_eps);
-  }
 }
 
 // The chunk buffer, kept per thread and dtype between calls and grown when needed (at most 2^23 values:

@@ -1,6 +1,7 @@
 // CPU kernel of the fused Sobel stem: one pass per image band, three grey rows kept in a small ring, so
 // the input is read once and only the output is written. Rows run in parallel (at::parallel_for); the
-// inner loops are plain unit-stride loops that the compiler vectorizes.
+// inner loops are plain unit-stride loops that the compiler vectorizes; for uint8 -> float32 (training)
+// they are compiled per ISA level and picked at run time (cpu_kernels.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "common/sobel_math.h"
+#include "ops/cpu/cpu_kernels.h"
 #include "ops/sobel_normalize.h"
 
 namespace pydc {
@@ -99,6 +101,28 @@ void sobel_cpu_impl(const SobelPlan& plan) {
   });
 }
 
+// uint8 -> float32, the case of training: the band loop is a per-ISA loop (cpu_kernels.h) with the same
+// arithmetic as sobel_cpu_impl<uint8_t, float, float>.
+void sobel_cpu_u8_float(const SobelPlan& plan) {
+  const int64_t B = plan.input.size(0), H = plan.input.size(2), W = plan.input.size(3);
+  const auto coefs = make_grey_coefs<float>(plan.mean, plan.std, plan.scale);
+  const float coef_values[4] = {coefs.a0, coefs.a1, coefs.a2, coefs.bias};
+  const uint8_t* in = plan.input.const_data_ptr<uint8_t>();
+  float* out = plan.output.mutable_data_ptr<float>();
+  const CpuKernels& kernels = cpu_kernels();
+  const int64_t band = 16;
+  const int64_t bands_per_image = (H + band - 1) / band;
+  at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(5 * (W + 2));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / bands_per_image;
+      const int64_t y0 = (item % bands_per_image) * band;
+      kernels.sobel_band_u8(in + n * 3 * H * W, H, W, y0, std::min(H, y0 + band), coef_values, plan.channels_last,
+                            out + n * 2 * H * W, scratch.data());
+    }
+  });
+}
+
 template <typename scalar_t, typename out_t, typename acc_t>
 void sobel_cpu_layout(const SobelPlan& plan) {
   if (plan.channels_last) {
@@ -112,6 +136,10 @@ at::Tensor sobel_normalize_cpu(const at::Tensor& images, c10::ArrayRef<double> m
                                c10::ArrayRef<double> std, std::optional<at::ScalarType> out_dtype) {
   SobelPlan plan = plan_sobel_normalize(images, mean, std, out_dtype);
   if (plan.output.numel() == 0) return plan.output;
+  if (plan.input.scalar_type() == at::kByte && plan.output.scalar_type() == at::kFloat) {
+    sobel_cpu_u8_float(plan);
+    return plan.output;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, plan.input.scalar_type(),
                                   "sobel_normalize_cpu", [&] {
     using in_t = scalar_t;

@@ -1,0 +1,82 @@
+// The CPU inner loops that are compiled once per ISA level and picked at run time (ATen's CPU_CAPABILITY
+// model). The op kernels (kmeans_kernel.cpp, pca_kernel.cpp, ...) keep their threading and tensor handling
+// and call these loops through cpu_kernels(), which returns the table of the level in use.
+//
+// cpu_kernels_impl.h holds the loops; cpu_kernels_default.cpp, cpu_kernels_avx2.cpp and
+// cpu_kernels_avx512.cpp each compile it for one level (a `#pragma GCC target` over the whole translation
+// unit, so no build-system flags are needed). Only raw pointers cross this interface: the per-level
+// translation units include no ATen header, so no inline function or template of ATen is ever emitted with
+// AVX2/AVX-512 code that another translation unit could pick at link time.
+//
+// Every loop computes each output with the same operations in the same order at every level (independent
+// lanes instead of reassociated reductions, no FMA contraction in ISO C++ mode), so results are bitwise the
+// same whichever level runs; the levels differ in speed only.
+#pragma once
+
+#include <cstdint>
+
+namespace pydc {
+
+enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct CpuKernels {
+  const char* name;
+
+  // --- k-means (kmeans_kernel.cpp, kmeans_bounded_kernel.cpp) ---
+  // Folds the scores ||c_j||^2 - 2 dot[j] of centroids j0 .. j0 + n - 1 into a running (best score, its
+  // index, second-best score) under kmeans_prefer; NaN scores never enter.
+  void (*fold_row_top2)(const float* dot, const float* centroid_sq_norms, int64_t n, int64_t j0,
+                        float* best_score, int64_t* best_index, float* second_score);
+  // Smallest score ||c_j||^2 - 2 dot[j] over j in [offsets[g], offsets[g + 1]) except j == excluded, for
+  // each of `groups` groups, into group_min[g] (+inf for a group with no other member).
+  void (*group_min_scores)(const float* dot, const float* centroid_sq_norms, const int64_t* offsets,
+                           int64_t groups, int64_t excluded, float* group_min);
+  // Fixed-order float64 dot product of two float32 rows (8 lanes, then a fixed pairwise sum).
+  double (*dot_f64)(const float* a, const float* b, int64_t d);
+  // Fixed-order float64 squared distance ||a - b||^2 of two float32 rows.
+  double (*squared_distance_f64)(const float* a, const float* b, int64_t d);
+  // accumulator[t] += row[t] in float64.
+  void (*accumulate_row)(double* accumulator, const float* row, int64_t d);
+
+  // --- PCA row passes (pca_kernel.cpp) ---
+  // dst = (src - shift_hi) - shift_lo; returns true when every value is finite.
+  bool (*center_row_float)(const float* src, const float* shift_hi, const float* shift_lo, float* dst,
+                           int64_t d);
+  // sums[j] += row[j] in float64.
+  void (*add_row_float)(const float* row, double* sums, int64_t d);
+  // dst = row * 1 / (||row|| + norm_eps) (norm in float64); dst may alias row.
+  void (*normalize_row_float)(const float* row, float* dst, int64_t k, double norm_eps);
+  void (*normalize_row_double)(const double* row, float* dst, int64_t k, double norm_eps);
+
+  // --- Sobel stem (sobel_normalize_kernel.cpp), uint8 -> float32, the hot case ---
+  // Output rows y0 .. y1 - 1 of one image (3 x H x W planes, or H x W x 3 when channels_last) into
+  // `result` (2 x H x W, or H x W x 2). coefs = {a0, a1, a2, bias} of grey_value; scratch holds 5 (W + 2)
+  // floats.
+  void (*sobel_band_u8)(const uint8_t* image, int64_t H, int64_t W, int64_t y0, int64_t y1,
+                        const float* coefs, bool channels_last, float* result, float* scratch);
+
+  // --- ODC (odc_kernel.cpp) ---
+  // Largest value of a row, ignoring NaN (-inf for an all-NaN row).
+  float (*row_max_float)(const float* s, int64_t n);
+  double (*row_max_double)(const double* s, int64_t n);
+  // sum[d] += odc_quantize(row[d], scale) for d in [0, n).
+  void (*add_quantized_float)(int64_t* sum, const float* row, int64_t n, double scale);
+  void (*add_quantized_double)(int64_t* sum, const double* row, int64_t n, double scale);
+};
+
+namespace cpu_default { extern const CpuKernels kKernels; }
+namespace cpu_avx2 { extern const CpuKernels kKernels; }
+namespace cpu_avx512 { extern const CpuKernels kKernels; }
+
+// Highest level this CPU and OS support (cpuid + xgetbv, via __builtin_cpu_supports).
+CpuCapability cpu_supported_capability();
+// Level in use: the supported one, capped by PYDC_CPU_CAPABILITY (default / avx2 / avx512) read once at
+// load, or as set by set_cpu_capability.
+CpuCapability cpu_capability();
+// Uses `level` from now on; throws (TORCH_CHECK) when the CPU does not support it.
+void set_cpu_capability(CpuCapability level);
+const char* cpu_capability_name(CpuCapability level);
+// The table of the level in use.
+const CpuKernels& cpu_kernels();
+
+}  // namespace pydc

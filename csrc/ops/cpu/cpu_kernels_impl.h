@@ -1,0 +1,263 @@
+// The bodies of the per-ISA CPU loops (see cpu_kernels.h). Included once by each of
+// cpu_kernels_{default,avx2,avx512}.cpp inside `namespace pydc::PYDC_CPU_NS`, after cpu_kernels_prelude.h
+// and after the `#pragma GCC target` of that level. No include here: every header is in the prelude, so
+// its inline functions are compiled for the baseline and only inlined into the code below.
+//
+// Loops are written so that GCC vectorizes them at every width and each result is computed the same way
+// at every level: reductions run in kLanes independent lanes merged in a fixed order.
+
+constexpr int kLanes = 16;
+typedef float float_lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t int_lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline void fold_candidate(float score, int64_t index, float* best_score, int64_t* best_index,
+                           float* second_score) {
+  if (kmeans_prefer(score, index, *best_score, *best_index)) {
+    // the old best becomes a runner-up
+    if (*best_score < *second_score) *second_score = *best_score;
+    *best_score = score;
+    *best_index = index;
+  } else if (score < *second_score) {
+    *second_score = score;
+  }
+}
+
+void fold_row_top2(const float* dot, const float* centroid_sq_norms, int64_t n, int64_t j0, float* best_score,
+                   int64_t* best_index, float* second_score) {
+  int64_t j = 0;
+  if (n >= kLanes) {
+    float_lanes lane_best, lane_second;
+    int_lanes lane_index, index;
+    for (int l = 0; l < kLanes; ++l) {
+      lane_best[l] = kKMeansInf;
+      lane_second[l] = kKMeansInf;
+      lane_index[l] = 0;
+      index[l] = l;
+    }
+    const float_lanes two = {2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f};
+    for (; j + kLanes <= n; j += kLanes) {
+      float_lanes d, c;
+      std::memcpy(&d, dot + j, sizeof(d));
+      std::memcpy(&c, centroid_sq_norms + j, sizeof(c));
+      const float_lanes score = c - two * d;
+      const int_lanes better = score < lane_best;  // strict: a lane keeps its first (lowest) index
+      const float_lanes runner_up = score < lane_second ? score : lane_second;
+      lane_second = better ? lane_best : runner_up;
+      lane_best = better ? score : lane_best;
+      lane_index = better ? index : lane_index;
+      index += kLanes;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      fold_candidate(lane_best[l], j0 + lane_index[l], best_score, best_index, second_score);
+      if (lane_second[l] < *second_score) *second_score = lane_second[l];
+    }
+  }
+  for (; j < n; ++j) {
+    fold_candidate(kmeans_score(centroid_sq_norms[j], dot[j]), j0 + j, best_score, best_index, second_score);
+  }
+}
+
+void group_min_scores(const float* dot, const float* centroid_sq_norms, const int64_t* offsets, int64_t groups,
+                      int64_t excluded, float* group_min) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = offsets[g], end = offsets[g + 1];
+    float lane_min[kLanes];
+    for (int l = 0; l < kLanes; ++l) lane_min[l] = kKMeansInf;
+    int64_t j = begin;
+    for (; j + kLanes <= end; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float score = kmeans_score(centroid_sq_norms[j + l], dot[j + l]);
+        const bool take = score < lane_min[l] && j + l != excluded;
+        lane_min[l] = take ? score : lane_min[l];
+      }
+    }
+    float best = kKMeansInf;
+    for (; j < end; ++j) {
+      const float score = kmeans_score(centroid_sq_norms[j], dot[j]);
+      if (score < best && j != excluded) best = score;
+    }
+    for (int l = 0; l < kLanes; ++l) best = lane_min[l] < best ? lane_min[l] : best;
+    group_min[g] = best;
+  }
+}
+
+inline double sum_lanes8(const double* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+double dot_f64(const float* a, const float* b, int64_t d) {
+  double lane[8] = {};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int l = 0; l < 8; ++l) lane[l] += static_cast<double>(a[t + l]) * static_cast<double>(b[t + l]);
+  }
+  for (int l = 0; t < d; ++t, ++l) lane[l] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+  return sum_lanes8(lane);
+}
+
+double squared_distance_f64(const float* a, const float* b, int64_t d) {
+  double lane[8] = {};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const double diff = static_cast<double>(a[t + l]) - static_cast<double>(b[t + l]);
+      lane[l] += diff * diff;
+    }
+  }
+  for (int l = 0; t < d; ++t, ++l) {
+    const double diff = static_cast<double>(a[t]) - static_cast<double>(b[t]);
+    lane[l] += diff * diff;
+  }
+  return sum_lanes8(lane);
+}
+
+void accumulate_row(double* accumulator, const float* row, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) accumulator[t] += static_cast<double>(row[t]);
+}
+
+// A single running poison sum would be a serial chain of float adds the compiler may not reorder (scalar
+// code); kLanes separate sums vectorize.
+bool center_row_float(const float* src, const float* shift_hi, const float* shift_lo, float* dst, int64_t d) {
+  float poison[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const float v = pca_center_split(src[j + lane], shift_hi[j + lane], shift_lo[j + lane]);
+      poison[lane] += v - v;
+      dst[j + lane] = v;
+    }
+  }
+  float total = 0.0f;
+  for (; j < d; ++j) {
+    const float v = pca_center_split(src[j], shift_hi[j], shift_lo[j]);
+    total += v - v;
+    dst[j] = v;
+  }
+  for (int lane = 0; lane < kLanes; ++lane) total += poison[lane];
+  return pca_is_finite(total);
+}
+
+void add_row_float(const float* row, double* sums, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) sums[j] += static_cast<double>(row[j]);
+}
+
+template <typename in_t>
+void normalize_row(const in_t* row, float* dst, int64_t k, double norm_eps) {
+  double partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= k; j += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const double v = static_cast<double>(row[j + lane]);
+      partial[lane] += v * v;
+    }
+  }
+  double sum_squares = 0.0;
+  for (; j < k; ++j) sum_squares += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+  for (int lane = 0; lane < kLanes; ++lane) sum_squares += partial[lane];
+  const double scale = pca_inverse_norm<double>(sum_squares, norm_eps);
+  for (j = 0; j < k; ++j) dst[j] = static_cast<float>(static_cast<double>(row[j]) * scale);
+}
+
+void normalize_row_float(const float* row, float* dst, int64_t k, double norm_eps) {
+  normalize_row<float>(row, dst, k, norm_eps);
+}
+
+void normalize_row_double(const double* row, float* dst, int64_t k, double norm_eps) {
+  normalize_row<double>(row, dst, k, norm_eps);
+}
+
+// Grey values of input row y (0 outside the image) into grey[1 .. W]; grey[0] and grey[W + 1] are the zero
+// padding columns.
+void sobel_grey_row_u8(const uint8_t* image, int64_t H, int64_t W, int64_t y, const GreyCoefs<float>& coefs,
+                       bool channels_last, float* grey) {
+  grey[0] = 0.0f;
+  grey[W + 1] = 0.0f;
+  float* out = grey + 1;
+  if (y < 0 || y >= H) {
+    for (int64_t x = 0; x < W; ++x) out[x] = 0.0f;
+  } else if (channels_last) {
+    const uint8_t* row = image + y * W * 3;
+    for (int64_t x = 0; x < W; ++x) {
+      out[x] = grey_value<float>(coefs, static_cast<float>(row[3 * x]), static_cast<float>(row[3 * x + 1]),
+                                 static_cast<float>(row[3 * x + 2]));
+    }
+  } else {
+    const uint8_t* r = image + y * W;
+    const uint8_t* g = r + H * W;
+    const uint8_t* b = g + H * W;
+    for (int64_t x = 0; x < W; ++x) {
+      out[x] = grey_value<float>(coefs, static_cast<float>(r[x]), static_cast<float>(g[x]), static_cast<float>(b[x]));
+    }
+  }
+}
+
+void sobel_band_u8(const uint8_t* image, int64_t H, int64_t W, int64_t y0, int64_t y1, const float* coef_values,
+                   bool channels_last, float* result, float* scratch) {
+  const GreyCoefs<float> coefs{coef_values[0], coef_values[1], coef_values[2], coef_values[3]};
+  float* rows[3] = {scratch, scratch + (W + 2), scratch + 2 * (W + 2)};
+  float* gx_row = scratch + 3 * (W + 2);
+  float* gy_row = gx_row + W;
+  sobel_grey_row_u8(image, H, W, y0 - 1, coefs, channels_last, rows[0]);
+  sobel_grey_row_u8(image, H, W, y0, coefs, channels_last, rows[1]);
+  for (int64_t y = y0; y < y1; ++y) {
+    sobel_grey_row_u8(image, H, W, y + 1, coefs, channels_last, rows[2]);
+    const float* t = rows[0];
+    const float* m = rows[1];
+    const float* b = rows[2];
+    for (int64_t x = 0; x < W; ++x) {
+      sobel_3x3<float>(t[x], t[x + 1], t[x + 2], m[x], m[x + 2], b[x], b[x + 1], b[x + 2], gx_row + x, gy_row + x);
+    }
+    if (channels_last) {
+      float* o = result + y * W * 2;
+      for (int64_t x = 0; x < W; ++x) {
+        o[2 * x] = gx_row[x];
+        o[2 * x + 1] = gy_row[x];
+      }
+    } else {
+      std::memcpy(result + y * W, gx_row, W * sizeof(float));
+      std::memcpy(result + H * W + y * W, gy_row, W * sizeof(float));
+    }
+    float* recycled = rows[0];
+    rows[0] = rows[1];
+    rows[1] = rows[2];
+    rows[2] = recycled;
+  }
+}
+
+template <typename scalar_t>
+scalar_t row_max(const scalar_t* s, int64_t n) {
+  constexpr int kMaxLanes = 8;
+  scalar_t lane[kMaxLanes];
+  for (int l = 0; l < kMaxLanes; ++l) lane[l] = -std::numeric_limits<scalar_t>::infinity();
+  int64_t k = 0;
+  for (; k + kMaxLanes <= n; k += kMaxLanes) {
+    for (int l = 0; l < kMaxLanes; ++l) lane[l] = s[k + l] > lane[l] ? s[k + l] : lane[l];
+  }
+  for (; k < n; ++k) lane[0] = s[k] > lane[0] ? s[k] : lane[0];
+  scalar_t best = lane[0];
+  for (int l = 1; l < kMaxLanes; ++l) best = lane[l] > best ? lane[l] : best;
+  return best;
+}
+
+float row_max_float(const float* s, int64_t n) { return row_max<float>(s, n); }
+double row_max_double(const double* s, int64_t n) { return row_max<double>(s, n); }
+
+template <typename scalar_t>
+void add_quantized(int64_t* sum, const scalar_t* row, int64_t n, double scale) {
+  for (int64_t d = 0; d < n; ++d) sum[d] += odc_quantize(static_cast<double>(row[d]), scale);
+}
+
+void add_quantized_float(int64_t* sum, const float* row, int64_t n, double scale) {
+  add_quantized<float>(sum, row, n, scale);
+}
+void add_quantized_double(int64_t* sum, const double* row, int64_t n, double scale) {
+  add_quantized<double>(sum, row, n, scale);
+}
+
+extern const CpuKernels kKernels;
+const CpuKernels kKernels{
+    PYDC_CPU_NAME,       &fold_row_top2,       &group_min_scores,     &dot_f64,
+    &squared_distance_f64, &accumulate_row,    &center_row_float,     &add_row_float,
+    &normalize_row_float, &normalize_row_double, &sobel_band_u8,      &row_max_float,
+    &row_max_double,     &add_quantized_float, &add_quantized_double,
+};

@@ -1,0 +1,164 @@
+// CPU kernels of the ops behind bounded (Yinyang) k-means, pydc/cluster/kmeans_bounded.py:
+//
+// kmeans_assign_bounds(x, centroids, centroid_ids, group_offsets, x_sq_norms)
+//     -> (labels, distances, upper, group_lower)
+//   The labels and distances kmeans_assign would return (same arithmetic, kmeans_cpu.h), for centroids
+//   stored sorted by group (group g = rows group_offsets[g] .. group_offsets[g + 1] - 1; centroid_ids[j] is
+//   the original index of row j, returned as the label and used for ties), plus float64 bounds for the
+//   next iterations: upper >= the exact distance to the chosen centroid, group_lower[:, g] <= the exact
+//   distance to every other centroid of group g. Both include kmeans_score_error_bound and the rounding of
+//   the squared norm x_sq_norms, so they hold for the exact distances, not for the float32 ones.
+// kmeans_label_distances(x, centroids, labels) -> (N,) float64
+//   Fixed-order float64 squared distance of every point to its labelled centroid.
+//
+// The whole row of scores of a block of points is kept (one GEMM of up to 4M floats), since the group
+// minima need every score of the row after its label is known.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/kmeans_math.h"
+#include "ops/cpu/cpu_kernels.h"
+#include "ops/cpu/kmeans_cpu.h"
+
+namespace pydc {
+namespace {
+
+constexpr const char* kBounds = "pydc::kmeans_assign_bounds";
+constexpr const char* kLabelDistances = "pydc::kmeans_label_distances";
+constexpr int64_t kBufferFloats = int64_t(1) << 22;  // 16 MiB of scores per block
+
+void check_points_and_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids) {
+  PYDC_CHECK_DIM(op, "x", x, 2);
+  PYDC_CHECK_DIM(op, "centroids", centroids, 2);
+  PYDC_CHECK_DTYPE(op, "x", x, at::kFloat);
+  PYDC_CHECK_DTYPE(op, "centroids", centroids, at::kFloat);
+  TORCH_CHECK(x.size(1) >= 1 && centroids.size(1) == x.size(1), op, ": expected x (N, d) and centroids (k, d) "
+              "with the same d >= 1, got x of shape ", x.sizes(), " and centroids of shape ", centroids.sizes());
+  TORCH_CHECK(centroids.size(0) >= 1, op, ": expected at least one centroid, got ", describe(centroids));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_cpu(
+    const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids_in, const at::Tensor& offsets_in,
+    const at::Tensor& norms_in) {
+  check_points_and_centroids(kBounds, x_in, centroids_in);
+  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  PYDC_CHECK_DTYPE(kBounds, "centroid_ids", ids_in, at::kLong);
+  PYDC_CHECK_DTYPE(kBounds, "group_offsets", offsets_in, at::kLong);
+  PYDC_CHECK_DTYPE(kBounds, "x_sq_norms", norms_in, at::kFloat);
+  TORCH_CHECK(ids_in.dim() == 1 && ids_in.size(0) == k, kBounds, ": expected centroid_ids of shape (", k,
+              ",), got ", describe(ids_in));
+  TORCH_CHECK(norms_in.dim() == 1 && norms_in.size(0) == n, kBounds, ": expected x_sq_norms of shape (", n,
+              ",), got ", describe(norms_in));
+  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.size(0) >= 2, kBounds, ": expected group_offsets of shape "
+              "(groups + 1,) with at least one group, got ", describe(offsets_in));
+  const at::Tensor offsets_t = offsets_in.contiguous();
+  const int64_t groups = offsets_t.size(0) - 1;
+  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
+  TORCH_CHECK(offsets[0] == 0 && offsets[groups] == k, kBounds, ": expected group_offsets from 0 to k = ", k,
+              ", got ", offsets[0], " to ", offsets[groups]);
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(offsets[g] <= offsets[g + 1], kBounds, ": expected non-decreasing group_offsets, got ",
+                offsets[g], " then ", offsets[g + 1]);
+  }
+  const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous();
+  const at::Tensor ids_t = ids_in.contiguous(), norms = norms_in.contiguous();
+  at::Tensor labels = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, x.options());
+  at::Tensor upper = at::empty({n}, x.options().dtype(at::kDouble));
+  at::Tensor group_lower = at::empty({n, groups}, x.options().dtype(at::kDouble));
+  if (n == 0) return {labels, distances, upper, group_lower};
+
+  const KMeansCentroidInfo info = kmeans_centroid_info(centroids);
+  const float* cn = info.sq_norms.const_data_ptr<float>();
+  const float* xs = x.const_data_ptr<float>();
+  const float* cs = centroids.const_data_ptr<float>();
+  const int64_t* ids = ids_t.const_data_ptr<int64_t>();
+  const float* pn = norms.const_data_ptr<float>();
+  int64_t* label_out = labels.mutable_data_ptr<int64_t>();
+  float* distance_out = distances.mutable_data_ptr<float>();
+  double* upper_out = upper.mutable_data_ptr<double>();
+  double* lower_out = group_lower.mutable_data_ptr<double>();
+  const CpuKernels& kernels = cpu_kernels();
+  // Rounding of ||x||^2 as the caller computed it (float32, any order): gamma_d relative.
+  const double norm_rounding = static_cast<double>(d) * 5.9604644775390625e-08 * 1.01;
+
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(4096, kBufferFloats / k));
+  at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t rows = std::min(block, n - i0);
+    at::Tensor dots = buffer.narrow(0, 0, rows);
+    at::mm_out(dots, x.narrow(0, i0, rows), centroids.t());  // BLAS, multithreaded
+    const float* dot_rows = dots.const_data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
+      std::vector<float> group_min(groups);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t i = i0 + r;
+        const float* dot = dot_rows + r * k;
+        float best = kKMeansInf, second = kKMeansInf;
+        int64_t position = 0;
+        kernels.fold_row_top2(dot, cn, k, 0, &best, &position, &second);
+        float score = best;
+        if (kmeans_needs_settle(best, second, pn[i], info.max_norm, d)) {
+          double exact;
+          position = kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), ids, k, d, &exact);
+          score = static_cast<float>(exact);
+        }
+        label_out[i] = ids[position];
+        distance_out[i] = kmeans_distance(pn[i], score);
+        const double error = kmeans_score_error_bound(pn[i], info.max_norm, d);
+        const double point_sq = static_cast<double>(pn[i]);
+        // The chosen centroid's exact score is at most the float32 best + error (or, settled, within float64
+        // rounding of a score at most that): 2 * error covers both.
+        const double upper_sq = point_sq * (1.0 + norm_rounding) + static_cast<double>(best) + 2.0 * error;
+        upper_out[i] = std::sqrt(std::max(0.0, upper_sq));
+        kernels.group_min_scores(dot, cn, offsets, groups, position, group_min.data());
+        double* lower_row = lower_out + i * groups;
+        for (int64_t g = 0; g < groups; ++g) {
+          const double lower_sq = point_sq * (1.0 - norm_rounding) + static_cast<double>(group_min[g]) - error;
+          // NaN (a NaN row) gives 0: such a row is recomputed every iteration, like in plain Lloyd.
+          lower_row[g] = lower_sq > 0.0 ? std::sqrt(lower_sq) : 0.0;
+        }
+        if (!std::isfinite(upper_out[i])) upper_out[i] = kKMeansInf;
+      }
+    });
+  }
+  return {labels, distances, upper, group_lower};
+}
+
+at::Tensor kmeans_label_distances_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
+                                      const at::Tensor& labels_in) {
+  check_points_and_centroids(kLabelDistances, x_in, centroids_in);
+  PYDC_CHECK_DTYPE(kLabelDistances, "labels", labels_in, at::kLong);
+  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == n, kLabelDistances, ": expected labels of shape (",
+              n, ",), got ", describe(labels_in));
+  const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous(), labels = labels_in.contiguous();
+  at::Tensor out = at::empty({n}, x.options().dtype(at::kDouble));
+  const float* xs = x.const_data_ptr<float>();
+  const float* cs = centroids.const_data_ptr<float>();
+  const int64_t* label = labels.const_data_ptr<int64_t>();
+  double* result = out.mutable_data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(label[i] >= 0 && label[i] < k, kLabelDistances, ": expected labels in [0, ", k, "), got labels[",
+                i, "] = ", label[i]);
+  }
+  const CpuKernels& kernels = cpu_kernels();
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / d), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) result[i] = kernels.squared_distance_f64(xs + i * d, cs + label[i] * d, d);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace pydc
+
+TORCH_LIBRARY_IMPL(pydc, CPU, m) {
+  m.impl("kmeans_assign_bounds", &pydc::kmeans_assign_bounds_cpu);
+  m.impl("kmeans_label_distances", &pydc::kmeans_label_distances_cpu);
+}

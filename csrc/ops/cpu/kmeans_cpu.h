@@ -1,0 +1,38 @@
+// Pieces of the CPU k-means assignment shared by kmeans_assign (kmeans_kernel.cpp) and the bounded
+// assignment of bounded k-means (kmeans_bounded_kernel.cpp), so that both choose labels the same way.
+//
+// The label of a point is the arg-min over centroids of its score ||c||^2 - 2 x.c *in exact arithmetic*
+// (up to float64 rounding), ties to the lowest centroid index. A float32 GEMM (BLAS, any summation order)
+// ranks the centroids; when its best and second-best scores are further apart than twice
+// kmeans_score_error_bound, the float32 winner is the exact winner; otherwise the row is settled by
+// fixed-order float64 scores against every centroid (rare: near-ties and duplicates). The label is thus a
+// function of the inputs alone, not of the BLAS, its blocking, the ISA level or the thread count, which is
+// what lets bounded k-means skip rows and still return Lloyd's labels exactly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace pydc {
+
+struct KMeansCentroidInfo {
+  at::Tensor sq_norms;                 // (k,) float32: kmeans_squared_norm of every centroid (the GEMM path)
+  std::vector<double> sq_norms_f64;    // (k,) fixed-order float64 squared norms (the settle path)
+  double max_norm = 0.0;               // largest centroid norm (float64), for kmeans_score_error_bound
+};
+
+KMeansCentroidInfo kmeans_centroid_info(const at::Tensor& centroids);
+
+// The exact winner of one point by fixed-order float64 scores against all k centroids. `ids` maps a
+// centroid's position to the index that breaks ties (nullptr: its position). Returns the winner's position
+// and its float64 score in *score (+inf and position 0 when no score is finite).
+int64_t kmeans_settle_row(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
+                          int64_t k, int64_t d, double* score);
+
+// True when the float32 best and second-best scores of a point do not prove the float32 winner exact.
+bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
+                         int64_t d);
+
+}  // namespace pydc

@@ -1,0 +1,149 @@
+"""Bounded (Yinyang) assignment for pydc's CPU k-means: Lloyd's labels, with rows skipped that provably keep
+their label.
+
+Yinyang k-means (Ding et al., ICML 2015) keeps, per point, an upper bound u on the distance to its own
+centroid and a lower bound l_g on the distance to every other centroid of each group g of centroids (the
+groups: a small k-means of the initial centroids, ~16 centroids each, at most 64 groups). When the
+centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. A point
+whose own centroid is provably nearer than every group's lower bound keeps its label without a GEMM row.
+When a filter finds more than half of the rows unsettled (early iterations, unstructured data), all rows are
+recomputed without gathering, and the next 1, 2, 4 or 8 passes run without the filter (its own cost, about
+a quarter of a GEMM pass, is then wasted); the last of them refreshes the bounds.
+
+Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 GEMM
+candidates, float64 settle of near-ties, ties to the lowest index), so they do not depend on which rows are
+computed together. A row is skipped only when l_min^2 - u^2 > 2 * kmeans_score_error_bound (the same margin
+that decides a float64 settle); u is recomputed exactly every iteration (fixed-order float64 distance to
+the own centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group
+lower bounds that the kernel returns already subtract the float32 error of the scores they come from. So a
+skipped row's label is the one kmeans_assign would return, and the iteration's centroids are bitwise those
+of plain Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and
+the drift is measured after it. The objective of a skipped row is its float64 distance, of a recomputed row
+the kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
+
+CUDA design (not built yet): the same state on the device: labels (N) int64, upper (N) float32 rounded up
+(or float64), lower (N, t) float32 rounded down. Per iteration: (1) drift kernel: one warp per centroid,
+float64 norm of the move, rounded up, then a segmented max per group; (2) filter kernel, one thread per
+point: u = exact float64 distance to its own centroid (one warp-cooperative dot per point, coalesced),
+l_g -= group drift, skip flag when min_g l_g^2 - u^2 > 2 * error bound; a stream compaction (cub::
+DeviceSelect::Flagged) gathers the active rows; (3) the active rows go through the existing cuBLAS
+block GEMM + top-2 fold of kmeans_kernel.cu with FP32 (no TF32 for this path, or TF32 with its own, larger
+error bound in kmeans_score_error_bound) and a float64 settle kernel for the flagged near-ties, writing labels,
+upper and the per-group minima with the rows still in shared memory (groups are contiguous after sorting the
+centroids by group, so a group minimum is a segmented reduction over the GEMM tile's columns). Labels and
+the deterministic update then match the CPU's bitwise. Memory: N x t x 4 bytes (1.28M x 64 x 4 = 330 MB).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_GROUPS = 64
+CENTROIDS_PER_GROUP = 16
+DENSE_FRACTION = 0.5  # above this fraction of rows to recompute, all rows are recomputed in place ...
+MAX_BACKOFF = 8       # ... and the next 1, 2, 4, 8 passes (after successive such filters) skip the filter
+_ROUND_UP = 1.0 + 1e-12  # float64 norms and square roots of float32 data: relative error far below 1e-12
+
+
+def bounded_assignment_available(x: torch.Tensor) -> bool:
+    """True when the compiled CPU kernels of bounded k-means can run on x."""
+    from pydc.ops._registry import HAS_OPS
+
+    return HAS_OPS and x.device.type == "cpu" and hasattr(torch.ops.pydc, "kmeans_assign_bounds")
+
+
+def _error_bound(point_sq_norms: torch.Tensor, max_centroid_norm: float, d: int) -> torch.Tensor:
+    """kmeans_score_error_bound of common/kmeans_math.h, per point, in float64."""
+    n_u = (d + 2) * 2.0**-24
+    gamma = n_u / (1.0 - n_u)
+    radius = point_sq_norms.double().clamp_min(0).sqrt() + max_centroid_norm
+    return 1.01 * gamma * radius * radius
+
+
+class YinyangAssigner:
+    """Assigns x to successive centroids of one Lloyd run, returning (labels, objective) as kmeans_assign
+    would (identical labels) and computing GEMM rows only for points whose bounds do not settle them."""
+
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, group_seed: int):
+        self.x = x
+        self.point_sq_norms = point_sq_norms
+        self.k = k
+        self.group_seed = group_seed
+        self.previous = None       # centroids of the last call (float32)
+        self.labels = None
+        self.lower = None          # (N, groups) float64
+        self.order = None          # centroid positions sorted by group
+        self.offsets = None
+        self.group_of_sorted = None
+        self.rows_computed = []    # GEMM rows per call, for benchmarks and tests
+        self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
+        self.backoff = 1
+
+    def _make_groups(self, centroids: torch.Tensor) -> None:
+        from pydc.cluster.kmeans import kmeans
+
+        groups = max(1, min(MAX_GROUPS, self.k // CENTROIDS_PER_GROUP))
+        if groups == 1:
+            group = torch.zeros(self.k, dtype=torch.int64)
+        else:  # Yinyang's grouping: a few Lloyd iterations over the initial centroids
+            group = kmeans(centroids, groups, niter=5, seed=self.group_seed, backend="torch", bounded=False).labels
+        self.order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=groups)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.group_of_sorted = group[self.order]
+
+    def _compute(self, rows: torch.Tensor | None, sorted_centroids: torch.Tensor):
+        x = self.x if rows is None else self.x.index_select(0, rows)
+        norms = self.point_sq_norms if rows is None else self.point_sq_norms.index_select(0, rows)
+        return torch.ops.pydc.kmeans_assign_bounds(x, sorted_centroids, self.order, self.offsets, norms)
+
+    def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        self.labels, distances, _, self.lower = self._compute(None, sorted_centroids)
+        self.previous = centroids.clone()
+        self.rows_computed.append(self.x.shape[0])
+        return self.labels.clone(), float(distances.sum(dtype=torch.float64))
+
+    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.order is None:
+            self._make_groups(centroids)
+        sorted_centroids = centroids.index_select(0, self.order)
+        if self.previous is None:
+            return self._compute_all(centroids, sorted_centroids)
+        if self.unfiltered_passes > 0:
+            # The last filters found most rows unsettled: skip the filter's cost (a float64 distance per
+            # point, passes over the N x t bounds) for a while. Plain kmeans_assign gives the same labels;
+            # the last of these passes refreshes the bounds for the next filter.
+            self.unfiltered_passes -= 1
+            if self.unfiltered_passes == 0:
+                return self._compute_all(centroids, sorted_centroids)
+            self.rows_computed.append(self.x.shape[0])
+            labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            self.labels = labels
+            return labels.clone(), float(distances.sum(dtype=torch.float64))
+        drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
+        group_drift = torch.zeros(self.offsets.numel() - 1, dtype=torch.float64).scatter_reduce_(
+            0, self.group_of_sorted, drift[self.order], reduce="amax", include_self=True)
+        self.lower.sub_(group_drift).clamp_min_(0.0)
+        own_sq = torch.ops.pydc.kmeans_label_distances(self.x, centroids, self.labels)
+        upper = own_sq.sqrt() * _ROUND_UP
+        max_norm = float(centroids.double().norm(dim=1).max())
+        margin = 2.0 * _error_bound(self.point_sq_norms, max_norm, self.x.shape[1])
+        lower_min = self.lower.min(dim=1).values
+        keep = lower_min * lower_min - upper * upper > margin
+        rows = torch.nonzero(~keep).flatten()
+        if rows.numel() > DENSE_FRACTION * self.x.shape[0]:  # most rows: no gather, no scatter
+            self.unfiltered_passes = self.backoff
+            self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+            return self._compute_all(centroids, sorted_centroids)
+        self.backoff = 1
+        self.rows_computed.append(int(rows.numel()))
+        objective = float(own_sq[keep].sum())
+        if rows.numel():
+            labels, distances, _, new_lower = self._compute(rows, sorted_centroids)
+            self.labels[rows] = labels
+            self.lower[rows] = new_lower
+            objective += float(distances.sum(dtype=torch.float64))
+        self.previous = centroids.clone()
+        return self.labels.clone(), objective

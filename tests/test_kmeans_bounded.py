@@ -1,0 +1,173 @@
+"""Bounded (Yinyang) k-means equals plain Lloyd, and the fixed-point stop equals running every iteration.
+
+Bounded and plain runs start from the same centroids; the labels, centroids and splits must be identical
+and the objective equal up to float rounding (1e-6 relative), on clustered, unstructured, duplicate-point and
+empty-cluster data, at every ISA level this CPU supports. Each case also checks that the bounds did skip
+work, so that a bounded run silently falling back to plain Lloyd would not pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pydc.cluster import kmeans
+from pydc.cluster.kmeans import initial_centroids
+from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+
+
+def clustered(n=4000, d=24, centres=40, seed=0):
+    """Gaussian centres (scale 3) plus unit noise, as the benchmark's clustered data."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, d, generator=generator) * 3
+    return means[torch.randint(0, centres, (n,), generator=generator)] + torch.randn(n, d, generator=generator)
+
+
+def unstructured(n=4000, d=24, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=generator), dim=1)
+
+
+def duplicates(seed=2):
+    base = clustered(n=700, d=16, centres=12, seed=seed)
+    x = torch.cat([base, base, base[:300], base[:5].repeat(40, 1)])  # exact duplicates: exact ties of scores
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def empty_cluster_start(x, k, seed=3):
+    """A start where a quarter of the centroids are far from every point: they empty and are split."""
+    init = initial_centroids(x, k, seed)
+    init[::4] = 1e3 + torch.arange(len(init[::4]), dtype=torch.float32).unsqueeze(1)
+    return init
+
+
+CASES = {
+    "clustered": lambda: (clustered(), 48, None),
+    "unstructured": lambda: (unstructured(), 40, None),
+    "duplicates": lambda: (duplicates(), 30, None),
+    "empty_clusters": lambda: (clustered(seed=4), 44, "empty"),
+}
+
+
+def assert_same_run(bounded, plain):
+    assert bounded.bounded and not plain.bounded
+    assert torch.equal(bounded.labels, plain.labels)
+    assert torch.equal(bounded.centroids, plain.centroids)
+    assert bounded.splits == plain.splits and bounded.iterations == plain.iterations
+    assert bounded.objective == pytest.approx(plain.objective, rel=1e-6)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bounded_equals_plain_lloyd(case, level):
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    x, k, start = CASES[case]()
+    init = empty_cluster_start(x, k) if start == "empty" else initial_centroids(x, k, seed=7)
+    with cpu_capability_level(level):
+        for stop in (True, False):
+            plain = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=False,
+                           stop_at_fixed_point=stop)
+            bounded = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=True,
+                             stop_at_fixed_point=stop)
+            assert_same_run(bounded, plain)
+            assert len(bounded.rows_computed) == bounded.iterations + (0 if bounded.iterations < 12 else 1)
+            # the bounds skipped work (the first pass computes every row)
+            assert sum(bounded.rows_computed[1:]) < x.shape[0] * (len(bounded.rows_computed) - 1)
+    if start == "empty":
+        assert plain.splits >= k // 4
+
+
+def test_bounded_stays_exact_on_near_ties():
+    """Points exactly between two centroids, and a centroid equal to another: ties go to the lowest index."""
+    generator = torch.Generator().manual_seed(8)
+    centroids = torch.randn(20, 8, generator=generator).round()  # small integers: midpoints are exact
+    centroids[5] = centroids[17]
+    midpoints = (centroids[torch.arange(0, 20, 2)] + centroids[torch.arange(1, 20, 2)]) / 2
+    x = torch.cat([midpoints.repeat(30, 1), centroids.repeat(10, 1), torch.randn(500, 8, generator=generator)])
+    plain = kmeans(x, 20, niter=6, backend="torch", init_centroids=centroids, bounded=False)
+    bounded = kmeans(x, 20, niter=6, backend="torch", init_centroids=centroids, bounded=True)
+    assert_same_run(bounded, plain)
+    labels, _ = torch.ops.pydc.kmeans_assign(x, centroids, None, True)
+    exact = torch.cdist(x.double(), centroids.double()).pow(2)
+    first_min = (exact == exact.min(1, keepdim=True).values).int().argmax(1)  # lowest index among exact minima
+    assert torch.equal(labels, first_min)
+
+
+def test_assign_bounds_kernel_bounds_hold():
+    """The kernel's labels are kmeans_assign's (original indices through centroid_ids), upper >= the exact
+    distance to the chosen centroid, and every group lower bound <= the exact distance to the other members."""
+    x = clustered(n=1500, d=20, centres=30, seed=9)
+    centroids = initial_centroids(x, 30, seed=1)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(3))
+    offsets = torch.tensor([0, 4, 4, 13, 30])  # an empty group too
+    norms = (x * x).sum(1)
+    labels, distances, upper, lower = torch.ops.pydc.kmeans_assign_bounds(x, centroids[order], order, offsets, norms)
+    plain_labels, plain_distances = torch.ops.pydc.kmeans_assign(x, centroids, norms, True)
+    assert torch.equal(labels, plain_labels)
+    torch.testing.assert_close(distances, plain_distances, rtol=1e-5, atol=1e-3)
+    exact = torch.cdist(x.double(), centroids.double())
+    assert bool((upper >= exact.gather(1, labels.unsqueeze(1)).squeeze(1)).all())
+    for g in range(4):
+        members = order[offsets[g]:offsets[g + 1]]
+        if members.numel() == 0:
+            assert bool(torch.isinf(lower[:, g]).all())
+            continue
+        others = exact[:, members].masked_fill(members.unsqueeze(0) == labels.unsqueeze(1), float("inf"))
+        assert bool((lower[:, g] <= others.min(1).values).all())
+    own = torch.ops.pydc.kmeans_label_distances(x, centroids, labels)
+    torch.testing.assert_close(own, exact.gather(1, labels.unsqueeze(1)).squeeze(1).pow(2), rtol=1e-12, atol=1e-9)
+
+
+def separable(n_per=300, d=6, blobs=8, seed=11):
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(blobs, d, generator=generator) * 50
+    return (means.repeat_interleave(n_per, 0) + torch.randn(blobs * n_per, d, generator=generator)), means
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_fixed_point_stop_equals_running_every_iteration(bounded):
+    x, means = separable()
+    init = initial_centroids(x, 8, seed=0)
+    stopped = kmeans(x, 8, niter=30, backend="torch", init_centroids=init, bounded=bounded)
+    full = kmeans(x, 8, niter=30, backend="torch", init_centroids=init, bounded=bounded, stop_at_fixed_point=False)
+    assert stopped.iterations < 30 and full.iterations == 30
+    assert len(stopped.objective) == stopped.iterations
+    assert torch.equal(stopped.centroids, full.centroids) and torch.equal(stopped.labels, full.labels)
+    assert stopped.objective == pytest.approx(full.objective[:stopped.iterations], rel=1e-12)
+    # every iteration after the fixed point repeats the last objective (bounded: skipped rows count their
+    # float64 distance, computed rows their float32 one, so the sum moves by float rounding)
+    rel = 1e-6 if bounded else 1e-12
+    assert full.objective[stopped.iterations:] == pytest.approx([stopped.objective[-1]] * (30 - stopped.iterations),
+                                                                rel=rel)
+
+
+def test_no_stop_while_empty_clusters_are_being_split():
+    """Labels that repeat after an update that split an empty cluster are no fixed point: the next update
+    splits again with a new draw. Three groups of identical points (small integers) and a centroid nobody
+    is near: a split copies a group's centroid scaled by 1 +- 1/1024 exactly, both halves tie, the lower
+    index takes the group, the other half empties, and the labels often repeat right after a split."""
+    groups = torch.tensor([[1.0, 2.0, 3.0, 4.0], [9.0, -2.0, 5.0, 1.0], [-4.0, 6.0, -8.0, 2.0]])
+    x = groups.repeat_interleave(50, 0)
+    init = torch.cat([torch.full((1, 4), 1e4), groups])
+    for seed in range(6):
+        stopped = kmeans(x, 4, niter=15, seed=seed, backend="torch", init_centroids=init, bounded=False)
+        full = kmeans(x, 4, niter=15, seed=seed, backend="torch", init_centroids=init, bounded=False,
+                      stop_at_fixed_point=False)
+        assert full.splits == 15  # a split in every iteration: there is no fixed point to stop at
+        assert stopped.iterations == 15
+        assert torch.equal(stopped.centroids, full.centroids) and torch.equal(stopped.labels, full.labels)
+
+
+def test_auto_backend_runs_pydc_bounded_on_the_cpu():
+    x = clustered(n=600, d=8, centres=6, seed=12)
+    result = kmeans(x, 6, niter=5, backend="auto")
+    assert result.backend == "torch" and result.bounded
+
+
+def test_auto_backend_falls_back_to_faiss_without_compiled_ops(monkeypatch):
+    pytest.importorskip("faiss")
+    import sys
+
+    monkeypatch.setattr(sys.modules["pydc.cluster.kmeans"], "HAS_OPS", False)  # pydc.cluster.kmeans is the function
+    assert kmeans(clustered(n=600, d=8, centres=6, seed=12), 6, niter=5, backend="auto").backend == "faiss-cpu"
