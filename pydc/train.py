@@ -12,8 +12,10 @@ epochs (the algorithm's epoch start, then the step loop on its order) -> final e
 pydc/utils/options.py.
 
 Outputs under --output: log.jsonl (one record per epoch, then a final one), checkpoint.pt (every epoch and
-every --checkpoint-steps steps, atomic, enough to resume exactly), assignments/epoch_NNN.npy, and plots
-(curves.png, cluster_sizes.png, exemplars.png).
+every --checkpoint-steps steps, atomic, enough to resume exactly), checkpoints/epoch_NNNN.pt (the last
+--keep-checkpoints), assignments/epoch_NNN.npy, and plots (curves.png, cluster_sizes.png, exemplars.png).
+On SIGTERM/SIGUSR1 (preemption, pydc/utils/preemption.py) the run finishes its step, checkpoints, logs a
+`preempted` record and exits with 128 + the signal number; `--resume auto` continues it.
 """
 
 from __future__ import annotations
@@ -153,9 +155,11 @@ def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals
     and what the algorithm's `after_step` adds), summed on from `totals` (a resumed epoch's sums so far, so that
     its sums are added in the same order as an uninterrupted epoch's: bit-identical logs).
 
-    A resumed epoch iterates past its first `state["step"]` batches without training on them: the loader's
-    augmentation draws depend on the batch number, so this is what reproduces the uninterrupted epoch exactly
-    (at the price of decoding those batches once more). `on_step(stats)` runs after every step (checkpoints).
+    A resumed epoch starts the loader at batch `state["batch"]` (loader.start_at): the batches before it are not
+    read again, and since a batch's augmentation draws depend only on (seed, epoch, batch number) the epoch goes
+    on exactly as it would have. `state["batch"]` is the position after the last trained batch in the epoch's
+    batches (it exceeds `state["step"]` where a batch whose files all failed was left out). `on_step(stats)` runs
+    after every step (checkpoints).
     """
     model.train()
     stats = {"loss_sum": 0.0, "images": 0, "steps": 0, "time_train": 0.0, **(totals or {})}
@@ -163,9 +167,8 @@ def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals
     start = time.perf_counter()
     progress = progress_bar(len(loader), f"epoch {state['epoch']} train")
     progress.update(state["step"])
-    for batch_number, batch in enumerate(loader):
-        if batch_number < state["step"]:
-            continue
+    loader.start_at(state["batch"])
+    for batch in loader:
         loss = algorithm.loss(model, batch)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
@@ -183,6 +186,7 @@ def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals
         stats["images"] += images
         stats["steps"] += 1
         state["step"] += 1
+        state["batch"] = batch.number + 1
         state["global_step"] += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}")
@@ -220,7 +224,7 @@ def train(args) -> dict:
     model, optimizer, head_optimizer = build_training_model(args, algorithm)
 
     # -- stage 4: resume ------------------------------------------------------------------------------------------
-    state = {"epoch": 0, "step": 0, "global_step": 0, "previous_assignments": None, "partial": {},
+    state = {"epoch": 0, "step": 0, "batch": 0, "global_step": 0, "previous_assignments": None, "partial": {},
              "cluster_record": {}}
     checkpoint_path = output / "checkpoint.pt"
     resume = args.resume
@@ -236,32 +240,37 @@ def train(args) -> dict:
             head_optimizer.load_state_dict(saved["head_optimizer"])
         algorithm.load_state_dict(algorithm_state)
         for key in state:
-            state[key] = saved[key]
-        restore_rng_state(saved["rng"])
+            # "batch" is new: before it, a resumed epoch counted its batches again (as many as its steps).
+            state[key] = saved[key] if key in saved else saved["step"]
+        rng_note = _restore_rank_rng(saved, args, rank, world_size, resume)
         if rank == 0:
             log.truncate_after_epoch(state["epoch"])
             log.write({"event": "resumed", "epoch": state["epoch"], "step": state["step"],
                        "global_step": state["global_step"], "checkpoint": str(resume)})
-            outputs.note(f"resumed from {resume} at epoch {state['epoch']}, step {state['step']}")
+            outputs.note(f"resumed from {resume} at epoch {state['epoch']}, step {state['step']}{rng_note}")
     training_model = _wrap(model, device)
 
     def save(tag: str) -> None:
+        rng_ranks = dist_utils.all_gather_objects(capture_rng_state())  # collective: every rank takes part
         if rank != 0:
             return
         save_checkpoint({
             "format_version": FORMAT_VERSION,
             "args": {key: value for key, value in vars(args).items()},
-            "epoch": state["epoch"], "step": state["step"], "global_step": state["global_step"],
+            "epoch": state["epoch"], "step": state["step"], "batch": state["batch"],
+            "global_step": state["global_step"],
             "world_size": world_size, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "head_optimizer": None if head_optimizer is None else head_optimizer.state_dict(),
-            "rng": capture_rng_state(),
+            # Every rank's generators, in rank order; a resume restores each rank's own ("rng": rank 0's, which
+            # is what checkpoints before per-rank states held).
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks,
             "algorithm": algorithm.state_dict(),
             # A copy of the algorithm's current clusters for tools that read checkpoints (plots, analysis).
             "assignments": algorithm.assignments(), "previous_assignments": state["previous_assignments"],
             "partial": state["partial"], "cluster_record": state["cluster_record"], "tag": tag,
             # The sampler's order is a function of (seed, epoch, algorithm state); its position is what this rank
-            # has consumed of it (a resume skips exactly that many batches).
-            "sampler": {"seed": args.seed, "epoch": state["epoch"], "position": state["step"] * args.batch_size},
+            # has consumed of it (a resume starts the loader there without reading what lies before).
+            "sampler": {"seed": args.seed, "epoch": state["epoch"], "position": state["batch"] * args.batch_size},
         }, checkpoint_path)
 
     def stop_if_preempted(guard, saved: bool) -> None:
@@ -281,13 +290,14 @@ def train(args) -> dict:
 
     # -- stage 5: epochs ------------------------------------------------------------------------------------------
     try:
-        with PreemptionGuard(device, distributed=world_size > 1) as guard:
+        with PreemptionGuard(device, distributed=world_size > 1, rank=rank) as guard:
             while state["epoch"] < args.epochs:
                 epoch = state["epoch"]
                 epoch_start = time.perf_counter()
                 fresh_epoch = state["step"] == 0
                 if fresh_epoch:
                     state["partial"] = {}
+                    _share_buffers(model)
                     state["cluster_record"] = _begin_epoch(algorithm, epoch, loaders, args, world_size)
                 order = algorithm.order(epoch, rank, world_size)
                 train_loader.set_epoch(epoch)
@@ -316,6 +326,7 @@ def train(args) -> dict:
                 state["previous_assignments"] = assignments
                 state["epoch"] += 1
                 state["step"] = 0
+                state["batch"] = 0
                 state["partial"] = {}
                 save("epoch")
                 if rank == 0:
@@ -397,6 +408,35 @@ def _ranks_agree(tensors: list[torch.Tensor], device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _restore_rank_rng(saved: dict, args, rank: int, world_size: int, path) -> str:
+    """Give this rank back its own random generators; returns a note for the resume message ("" when exact).
+
+    A mid-epoch checkpoint resumes only under the world size that wrote it (each rank's step counts batches of its
+    share of the epoch's order). An epoch's checkpoint may resume under another world size: the data order and
+    the model are world-size independent there, but the ranks' generators are then seeded afresh from (--seed,
+    rank, epoch), so the run is not bit-identical to one that kept its world size."""
+    saved_world_size = saved.get("world_size", 1)
+    ranks = saved.get("rng_ranks")
+    if saved_world_size == world_size:
+        if ranks is None and world_size > 1:  # written before per-rank states: only rank 0's was kept
+            restore_rng_state(saved["rng"])
+            return " (an older checkpoint with rank 0's random state only: other ranks are not exact)"
+        restore_rng_state(ranks[rank] if ranks is not None else saved["rng"])
+        return ""
+    if saved["step"] != 0:
+        raise CheckpointError(f"checkpoint {path} was written mid-epoch (epoch {saved['epoch']}, step "
+                              f"{saved['step']}) by {saved_world_size} process(es), but this run has {world_size}; "
+                              f"a mid-epoch resume needs the same number of processes. Resume with "
+                              f"{saved_world_size}, or from an epoch's checkpoint (--keep-checkpoints keeps them "
+                              f"under {Path(path).parent / 'checkpoints'})")
+    seed = [args.seed % 2**32, rank, saved["epoch"]]
+    torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    np.random.seed(np.random.SeedSequence(seed).generate_state(1))
+    random.seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    return (f" (written by {saved_world_size} process(es), resumed by {world_size}: random generators seeded "
+            f"afresh, not bit-identical to an uninterrupted run)")
+
+
 def _algorithm_state(saved: dict, algorithm_class, path) -> dict:
     """The algorithm's state from a checkpoint of this format, or mapped from a format-1 checkpoint."""
     version = saved.get("format_version", 1)
@@ -411,6 +451,15 @@ def _algorithm_state(saved: dict, algorithm_class, path) -> dict:
         raise CheckpointError(f"checkpoint {path} has format 1 (written by pydc before algorithms were plug-ins) "
                               f"and its --algo {algorithm_class.name} state cannot be recovered from it ({error}); "
                               f"start afresh or resume with the pydc that wrote it") from None
+
+
+def _share_buffers(model) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics) before an epoch's feature pass. DDP broadcasts them
+    at the start of each forward, so after an epoch's last step every rank holds its own last update; a resumed
+    run holds rank 0's (the checkpoint's) on every rank. Sharing them makes both runs compute the same features."""
+    if dist_utils.is_distributed():
+        for buffer in model.buffers():
+            dist_utils.broadcast_tensor(buffer.data, 0)
 
 
 def _begin_epoch(algorithm, epoch: int, loaders: Loaders, args, world_size: int) -> dict:

@@ -29,7 +29,8 @@ def test_sigterm_at_a_random_step_checkpoints_and_resume_is_exact(deepcluster_ru
     stop_after = random.Random().randint(1, TOTAL_STEPS - 1)
     print(f"SIGTERM after global step {stop_after}")
     # No --checkpoint-steps: the only mid-epoch checkpoint is the one the preemption writes.
-    flags = ["--data", tiny_data, "--output", tmp_path, "--deterministic", "--checkpoint-steps", "0", *TINY_FLAGS]
+    flags = ["--data", tiny_data, "--output", tmp_path, "--deterministic", "--checkpoint-steps", "0",
+             "--keep-checkpoints", "2", *TINY_FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", TEST_HOOK: str(stop_after)}
     stopped = subprocess.run([sys.executable, "-m", "pydc.train", *map(str, flags)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
@@ -41,7 +42,11 @@ def test_sigterm_at_a_random_step_checkpoints_and_resume_is_exact(deepcluster_ru
     assert [(event["signal"], event["global_step"]) for event in events] == [("SIGTERM", stop_after)]
     assert not any(record.get("event") == "final" for record in read_log(tmp_path))
 
+    stale = tmp_path / ".checkpoint.pt.killedwrite.tmp"  # what a write killed midway leaves
+    stale.write_bytes(b"partial")
     resumed_run = run_cli("pydc.train", *flags, "--resume", "auto")
+    assert not stale.exists()
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["epoch_0000.pt", "epoch_0001.pt"]
     assert f"resumed from {tmp_path / 'checkpoint.pt'}" in resumed_run.stderr
     log = read_log(tmp_path)
     resumed = [record for record in log if record.get("event") == "resumed"]

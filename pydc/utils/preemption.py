@@ -14,8 +14,8 @@ rank that left early would hang the others in their next collective): `stop_requ
 (MAX of one integer) every step. That is one tiny collective per step next to DDP's gradient all-reduce; a
 signal sent to only one rank (a scheduler usually signals all) stops every rank at the same step.
 
-For tests, PYDC_TEST_SIGNAL_AT_STEP=S[:NAME] makes the process send itself SIGNAME (default TERM) right after
-global step S, so a test can preempt a run at an exact step.
+For tests, PYDC_TEST_SIGNAL_AT_STEP=S[:NAME[:RANK]] makes the process (only rank RANK's, when given) send
+itself SIGNAME (default TERM) right after global step S, so a test can preempt a run at an exact step.
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ def exit_status(signal_number: int) -> int:
 class PreemptionGuard:
     """Within `with`: SIGTERM/SIGUSR1 set a flag (the first one received is kept) instead of killing the process."""
 
-    def __init__(self, device: torch.device | str = "cpu", distributed: bool = False):
+    def __init__(self, device: torch.device | str = "cpu", distributed: bool = False, rank: int = 0):
         self.device = torch.device(device)
         self.distributed = distributed
         self.received: int | None = None
         self._previous: dict[int, object] = {}
-        self._test_step, self._test_signal = _test_hook()
+        self._test_step, self._test_signal, test_rank = _test_hook()
+        if test_rank is not None and test_rank != rank:
+            self._test_step = None
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
@@ -86,9 +88,10 @@ class PreemptionGuard:
         return int(flag.item()) or None
 
 
-def _test_hook() -> tuple[int | None, int]:
+def _test_hook() -> tuple[int | None, int, int | None]:
+    """(step, signal, rank or None for every rank) from PYDC_TEST_SIGNAL_AT_STEP; step None when unset."""
     value = os.environ.get(TEST_HOOK)
     if not value:
-        return None, signal.SIGTERM
-    step, _, name = value.partition(":")
-    return int(step), getattr(signal, "SIG" + (name or "TERM"))
+        return None, signal.SIGTERM, None
+    step, name, rank = (value.split(":") + ["", ""])[:3]
+    return int(step), getattr(signal, "SIG" + (name or "TERM")), int(rank) if rank else None
