@@ -34,15 +34,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pydc.algorithms import ALGORITHMS, Loaders, TrainingError
 from pydc.algorithms.features import compute_features, progress_bar
+from pydc.data.screen import NoUsableImages, require_enough_images
 from pydc.models import build_model
 from pydc.utils import dist as dist_utils
-from pydc.data.screen import NoUsableImages, require_enough_images
 from pydc.utils.checkpoint import (FORMAT_VERSION, CheckpointError, capture_rng_state, check_compatible,
                                    keep_epoch_checkpoint, load_checkpoint, remove_stale_temporaries,
-                                   restore_rng_state, save_checkpoint)
+                                   save_checkpoint)
 from pydc.utils.logging import JsonLinesLog
-from pydc.utils.preemption import Preempted, PreemptionGuard
 from pydc.utils.options import get_args_parser, parse_args  # noqa: F401  (get_args_parser: public entry point)
+from pydc.utils.preemption import Preempted, PreemptionGuard
+from pydc.utils.resume import algorithm_state as algorithm_state_of, restore_rank_rng
 from pydc.utils.run_outputs import RunOutputs
 
 
@@ -233,7 +234,7 @@ def train(args) -> dict:
     if resume:
         saved = load_checkpoint(resume, map_location="cpu")
         check_compatible(saved["args"], vars(args), resume)
-        algorithm_state = _algorithm_state(saved, algorithm_class, resume)
+        algorithm_state = algorithm_state_of(saved, algorithm_class, resume)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if head_optimizer is not None:
@@ -242,7 +243,7 @@ def train(args) -> dict:
         for key in state:
             # "batch" is new: before it, a resumed epoch counted its batches again (as many as its steps).
             state[key] = saved[key] if key in saved else saved["step"]
-        rng_note = _restore_rank_rng(saved, args, rank, world_size, resume)
+        rng_note = restore_rank_rng(saved, args.seed, rank, world_size, resume)
         if rank == 0:
             log.truncate_after_epoch(state["epoch"])
             log.write({"event": "resumed", "epoch": state["epoch"], "step": state["step"],
@@ -406,51 +407,6 @@ def _ranks_agree(tensors: list[torch.Tensor], device: torch.device) -> bool:
     flag = torch.tensor([int(agree)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _restore_rank_rng(saved: dict, args, rank: int, world_size: int, path) -> str:
-    """Give this rank back its own random generators; returns a note for the resume message ("" when exact).
-
-    A mid-epoch checkpoint resumes only under the world size that wrote it (each rank's step counts batches of its
-    share of the epoch's order). An epoch's checkpoint may resume under another world size: the data order and
-    the model are world-size independent there, but the ranks' generators are then seeded afresh from (--seed,
-    rank, epoch), so the run is not bit-identical to one that kept its world size."""
-    saved_world_size = saved.get("world_size", 1)
-    ranks = saved.get("rng_ranks")
-    if saved_world_size == world_size:
-        if ranks is None and world_size > 1:  # written before per-rank states: only rank 0's was kept
-            restore_rng_state(saved["rng"])
-            return " (an older checkpoint with rank 0's random state only: other ranks are not exact)"
-        restore_rng_state(ranks[rank] if ranks is not None else saved["rng"])
-        return ""
-    if saved["step"] != 0:
-        raise CheckpointError(f"checkpoint {path} was written mid-epoch (epoch {saved['epoch']}, step "
-                              f"{saved['step']}) by {saved_world_size} process(es), but this run has {world_size}; "
-                              f"a mid-epoch resume needs the same number of processes. Resume with "
-                              f"{saved_world_size}, or from an epoch's checkpoint (--keep-checkpoints keeps them "
-                              f"under {Path(path).parent / 'checkpoints'})")
-    seed = [args.seed % 2**32, rank, saved["epoch"]]
-    torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    np.random.seed(np.random.SeedSequence(seed).generate_state(1))
-    random.seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-    return (f" (written by {saved_world_size} process(es), resumed by {world_size}: random generators seeded "
-            f"afresh, not bit-identical to an uninterrupted run)")
-
-
-def _algorithm_state(saved: dict, algorithm_class, path) -> dict:
-    """The algorithm's state from a checkpoint of this format, or mapped from a format-1 checkpoint."""
-    version = saved.get("format_version", 1)
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {version}, written by a newer pydc; this pydc reads "
-                              f"formats 1 to {FORMAT_VERSION}. Upgrade pydc to resume it")
-    if version == FORMAT_VERSION:
-        return saved["algorithm"]
-    try:
-        return algorithm_class.state_from_legacy_checkpoint(saved)
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} has format 1 (written by pydc before algorithms were plug-ins) "
-                              f"and its --algo {algorithm_class.name} state cannot be recovered from it ({error}); "
-                              f"start afresh or resume with the pydc that wrote it") from None
 
 
 def _share_buffers(model) -> None:

@@ -10,10 +10,13 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from pydc.utils.checkpoint import CheckpointError
 from pydc.utils.preemption import TEST_HOOK
+from pydc.utils.resume import restore_rank_rng
 from tests.test_preemption import _without_times
 from tests.test_train import REPO, TINY_FLAGS, run_cli, tiny_data  # noqa: F401 (fixture)
 from tests.test_train_resume import _assert_same_state
@@ -64,3 +67,20 @@ def test_two_process_run_stopped_mid_epoch_resumes_exactly(tiny_data, tmp_path):
                 "global_step", "rng_ranks"):
         _assert_same_state(resumed[key], uninterrupted[key], key)
     assert _without_times(_log(stopped)) == _without_times(_log(reference))
+
+
+def test_rank_generators_under_another_world_size():
+    """An epoch's checkpoint under another world size: each rank reseeded from (seed, rank, epoch), said so;
+    a mid-epoch one refused with the reason."""
+    saved = {"world_size": 2, "epoch": 3, "step": 0, "rng": None, "rng_ranks": [None, None]}
+    draws = []
+    for _ in range(2):
+        note = restore_rank_rng(saved, seed=7, rank=0, world_size=1, path="run/checkpoint.pt")
+        draws.append((torch.rand(3), np.random.rand(), random.random()))
+    assert "written by 2 process(es), resumed by 1: random generators seeded afresh" in note
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
+    restore_rank_rng(saved, seed=7, rank=1, world_size=1, path="run/checkpoint.pt")
+    assert not torch.equal(torch.rand(3), draws[0][0])  # another rank, other draws
+    with pytest.raises(CheckpointError, match=r"written mid-epoch \(epoch 3, step 2\) by 2 process\(es\), but this "
+                                              r"run has 1; a mid-epoch resume needs the same number of processes"):
+        restore_rank_rng({**saved, "step": 2}, seed=7, rank=0, world_size=1, path="run/checkpoint.pt")
