@@ -12,8 +12,10 @@ epochs (the algorithm's epoch start, then the step loop on its order) -> final e
 pydc/utils/options.py.
 
 Outputs under --output: log.jsonl (one record per epoch, then a final one), checkpoint.pt (every epoch and
-every --checkpoint-steps steps, atomic, enough to resume exactly), assignments/epoch_NNN.npy, and plots
-(curves.png, cluster_sizes.png, exemplars.png).
+every --checkpoint-steps steps, atomic, enough to resume exactly), checkpoints/epoch_NNNN.pt (the last
+--keep-checkpoints), assignments/epoch_NNN.npy, and plots (curves.png, cluster_sizes.png, exemplars.png).
+On SIGTERM/SIGUSR1 (preemption, pydc/utils/preemption.py) the run finishes its step, checkpoints, logs a
+`preempted` record and exits with 128 + the signal number; `--resume auto` continues it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,17 +34,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pydc.algorithms import ALGORITHMS, Loaders, TrainingError
 from pydc.algorithms.features import compute_features, progress_bar
+from pydc.data.screen import NoUsableImages, require_enough_images
 from pydc.models import build_model
 from pydc.utils import dist as dist_utils
-from pydc.utils.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+from pydc.utils.checkpoint import (FORMAT_VERSION, CheckpointError, capture_rng_state, check_compatible,
+                                   keep_epoch_checkpoint, load_checkpoint, remove_stale_temporaries,
                                    save_checkpoint)
 from pydc.utils.logging import JsonLinesLog
 from pydc.utils.options import get_args_parser, parse_args  # noqa: F401  (get_args_parser: public entry point)
+from pydc.utils.preemption import Preempted, PreemptionGuard
+from pydc.utils.resume import algorithm_state as algorithm_state_of, restore_rank_rng
 from pydc.utils.run_outputs import RunOutputs
 
-# Version 2: the algorithm's state lies under "algorithm" (version 1, before algorithms were plug-ins, kept it
-# in top-level keys such as "memory"; such checkpoints are mapped on load).
-CHECKPOINT_FORMAT = 2
 
 class NonFiniteLossError(TrainingError):
     pass
@@ -51,9 +55,8 @@ class NonFiniteLossError(TrainingError):
 # Stage 1: set-up
 # ----------------------------------------------------------------------------------------------------------------
 def set_up(args):
-    rank, world_size, device = dist_utils.init_distributed(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {args.device} asks for a GPU but torch sees none; use --device cpu")
+    """Devices, threads, determinism and seeds; the output folder is made later, once the data is usable."""
+    rank, world_size, device = dist_utils.init_distributed(args.device)  # --device was checked by validate.py
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
@@ -65,23 +68,28 @@ def set_up(args):
     torch.manual_seed(args.seed + rank)
     np.random.seed((args.seed + rank) % 2**32)
     random.seed(args.seed + rank)
+    return rank, world_size, device
+
+
+def make_output(args, rank: int) -> Path:
+    """The output folder (rank 0 makes it), without the temporary files of a checkpoint write that was killed."""
     output = Path(args.output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-    return rank, world_size, device, output
+        remove_stale_temporaries(output / "checkpoint.pt")
+    dist_utils.barrier()
+    return output
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 2: data
 # ----------------------------------------------------------------------------------------------------------------
 def build_index(args):
-    """The image index of --data (default: the bundled digits), checked to be usable with --k."""
+    """The image index of --data (default: the bundled digits; validate.py checked that the folder exists),
+    checked to be usable with --k."""
     from pydc.data import ImageFolderIndex, digits_folder
 
     data_dir = Path(args.data) if args.data else Path(digits_folder())
-    if not data_dir.is_dir():
-        raise TrainingError(f"--data {data_dir}: no such folder; expected a folder of images (or of class "
-                            f"sub-folders of images)")
     try:
         index = ImageFolderIndex(data_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
@@ -143,23 +151,25 @@ def _wrap(model, device):
 # ----------------------------------------------------------------------------------------------------------------
 # One training epoch
 # ----------------------------------------------------------------------------------------------------------------
-def train_one_epoch(algorithm, model, loader, optimizers, state, on_step) -> dict:
-    """Train on `loader` from `state["step"]` on; returns this call's stats (loss sum, images, steps, seconds,
-    and what the algorithm's `after_step` adds).
+def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals: dict | None = None) -> dict:
+    """Train on `loader` from `state["step"]` on; returns the epoch's stats (loss sum, images, steps, seconds,
+    and what the algorithm's `after_step` adds), summed on from `totals` (a resumed epoch's sums so far, so that
+    its sums are added in the same order as an uninterrupted epoch's: bit-identical logs).
 
-    A resumed epoch iterates past its first `state["step"]` batches without training on them: the loader's
-    augmentation draws depend on the batch number, so this is what reproduces the uninterrupted epoch exactly
-    (at the price of decoding those batches once more). `on_step(stats, start)` runs after every step
-    (checkpoints).
+    A resumed epoch starts the loader at batch `state["batch"]` (loader.start_at): the batches before it are not
+    read again, and since a batch's augmentation draws depend only on (seed, epoch, batch number) the epoch goes
+    on exactly as it would have. `state["batch"]` is the position after the last trained batch in the epoch's
+    batches (it exceeds `state["step"]` where a batch whose files all failed was left out). `on_step(stats)` runs
+    after every step (checkpoints).
     """
     model.train()
-    stats = {"loss_sum": 0.0, "images": 0, "steps": 0, "time_train": 0.0}
+    stats = {"loss_sum": 0.0, "images": 0, "steps": 0, "time_train": 0.0, **(totals or {})}
+    time_before = stats["time_train"]
     start = time.perf_counter()
     progress = progress_bar(len(loader), f"epoch {state['epoch']} train")
     progress.update(state["step"])
-    for batch_number, batch in enumerate(loader):
-        if batch_number < state["step"]:
-            continue
+    loader.start_at(state["batch"])
+    for batch in loader:
         loss = algorithm.loss(model, batch)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
@@ -177,12 +187,14 @@ def train_one_epoch(algorithm, model, loader, optimizers, state, on_step) -> dic
         stats["images"] += images
         stats["steps"] += 1
         state["step"] += 1
+        state["batch"] = batch.number + 1
         state["global_step"] += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}")
-        on_step(stats, start)
+        stats["time_train"] = time_before + time.perf_counter() - start
+        on_step(stats)
     progress.close()
-    stats["time_train"] = time.perf_counter() - start
+    stats["time_train"] = time_before + time.perf_counter() - start
     return stats
 
 
@@ -195,9 +207,7 @@ def _merge(total: dict, part: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def train(args) -> dict:
     # -- stage 1: set-up ---------------------------------------------------------------------------------------
-    rank, world_size, device, output = set_up(args)
-    log = JsonLinesLog(output / "log.jsonl")
-    outputs = RunOutputs(output, enabled=rank == 0, plots=not args.no_plots, tensorboard=args.tensorboard)
+    rank, world_size, device = set_up(args)
 
     # -- stage 2: data ------------------------------------------------------------------------------------------
     index = build_index(args)
@@ -207,12 +217,15 @@ def train(args) -> dict:
     feature_loader, train_loader = build_loaders(args, index, algorithm, rank, world_size, device)
     loaders = Loaders(feature=feature_loader, train=train_loader, num_images=num_images, device=device)
     true_labels = None if index.labels is None else torch.as_tensor(np.asarray(index.labels), dtype=torch.int64)
+    output = make_output(args, rank)
+    log = JsonLinesLog(output / "log.jsonl")
+    outputs = RunOutputs(output, enabled=rank == 0, plots=not args.no_plots, tensorboard=args.tensorboard)
 
     # -- stage 3: model and optimizers ---------------------------------------------------------------------------
     model, optimizer, head_optimizer = build_training_model(args, algorithm)
 
     # -- stage 4: resume ------------------------------------------------------------------------------------------
-    state = {"epoch": 0, "step": 0, "global_step": 0, "previous_assignments": None, "partial": {},
+    state = {"epoch": 0, "step": 0, "batch": 0, "global_step": 0, "previous_assignments": None, "partial": {},
              "cluster_record": {}}
     checkpoint_path = output / "checkpoint.pt"
     resume = args.resume
@@ -220,77 +233,106 @@ def train(args) -> dict:
         resume = str(checkpoint_path) if checkpoint_path.exists() else None
     if resume:
         saved = load_checkpoint(resume, map_location="cpu")
-        _check_compatible(saved["args"], args, resume)
-        algorithm_state = _algorithm_state(saved, algorithm_class, resume)
+        check_compatible(saved["args"], vars(args), resume)
+        algorithm_state = algorithm_state_of(saved, algorithm_class, resume)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if head_optimizer is not None:
             head_optimizer.load_state_dict(saved["head_optimizer"])
         algorithm.load_state_dict(algorithm_state)
         for key in state:
-            state[key] = saved[key]
-        restore_rng_state(saved["rng"])
+            # "batch" is new: before it, a resumed epoch counted its batches again (as many as its steps).
+            state[key] = saved[key] if key in saved else saved["step"]
+        rng_note = restore_rank_rng(saved, args.seed, rank, world_size, resume)
         if rank == 0:
             log.truncate_after_epoch(state["epoch"])
-            outputs.note(f"resumed from {resume} at epoch {state['epoch']}, step {state['step']}")
+            log.write({"event": "resumed", "epoch": state["epoch"], "step": state["step"],
+                       "global_step": state["global_step"], "checkpoint": str(resume)})
+            outputs.note(f"resumed from {resume} at epoch {state['epoch']}, step {state['step']}{rng_note}")
     training_model = _wrap(model, device)
 
     def save(tag: str) -> None:
+        rng_ranks = dist_utils.all_gather_objects(capture_rng_state())  # collective: every rank takes part
         if rank != 0:
             return
         save_checkpoint({
-            "format_version": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
             "args": {key: value for key, value in vars(args).items()},
-            "epoch": state["epoch"], "step": state["step"], "global_step": state["global_step"],
+            "epoch": state["epoch"], "step": state["step"], "batch": state["batch"],
+            "global_step": state["global_step"],
             "world_size": world_size, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "head_optimizer": None if head_optimizer is None else head_optimizer.state_dict(),
-            "rng": capture_rng_state(),
+            # Every rank's generators, in rank order; a resume restores each rank's own ("rng": rank 0's, which
+            # is what checkpoints before per-rank states held).
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks,
             "algorithm": algorithm.state_dict(),
             # A copy of the algorithm's current clusters for tools that read checkpoints (plots, analysis).
             "assignments": algorithm.assignments(), "previous_assignments": state["previous_assignments"],
             "partial": state["partial"], "cluster_record": state["cluster_record"], "tag": tag,
             # The sampler's order is a function of (seed, epoch, algorithm state); its position is what this rank
-            # has consumed of it (a resume skips exactly that many batches).
-            "sampler": {"seed": args.seed, "epoch": state["epoch"], "position": state["step"] * args.batch_size},
+            # has consumed of it (a resume starts the loader there without reading what lies before).
+            "sampler": {"seed": args.seed, "epoch": state["epoch"], "position": state["batch"] * args.batch_size},
         }, checkpoint_path)
+
+    def stop_if_preempted(guard, saved: bool) -> None:
+        """After a step or an epoch: on a preemption signal (every rank agrees), checkpoint, log and stop."""
+        signal_number = guard.stop_requested()
+        if signal_number is None:
+            return
+        if not saved:
+            save("preempted")
+        name = signal.Signals(signal_number).name
+        if rank == 0:
+            log.write({"event": "preempted", "signal": name, "epoch": state["epoch"], "step": state["step"],
+                       "global_step": state["global_step"], "checkpoint": str(checkpoint_path)})
+        raise Preempted(signal_number, f"{name} received: stopped after epoch {state['epoch']}, step "
+                                       f"{state['step']} (global step {state['global_step']}) and wrote "
+                                       f"{checkpoint_path}; continue with --resume auto")
 
     # -- stage 5: epochs ------------------------------------------------------------------------------------------
     try:
-        while state["epoch"] < args.epochs:
-            epoch = state["epoch"]
-            epoch_start = time.perf_counter()
-            fresh_epoch = state["step"] == 0
-            if fresh_epoch:
+        with PreemptionGuard(device, distributed=world_size > 1, rank=rank) as guard:
+            while state["epoch"] < args.epochs:
+                epoch = state["epoch"]
+                epoch_start = time.perf_counter()
+                fresh_epoch = state["step"] == 0
+                if fresh_epoch:
+                    state["partial"] = {}
+                    _share_buffers(model)
+                    state["cluster_record"] = _begin_epoch(algorithm, epoch, loaders, args, world_size)
+                order = algorithm.order(epoch, rank, world_size)
+                train_loader.set_epoch(epoch)
+                train_loader.set_order(order)
+                if fresh_epoch and algorithm.reset_head_optimizer:
+                    # The algorithm re-initialised its head in begin_epoch: a fresh optimizer goes with it; a resumed
+                    # epoch keeps the loaded one.
+                    head_optimizer = _head_optimizer(args, optimizer_parameters(head_optimizer))
+
+                def on_step(stats):
+                    state["partial"] = dict(stats)
+                    saved = bool(args.checkpoint_steps) and state["global_step"] % args.checkpoint_steps == 0
+                    if saved:
+                        save("step")
+                    guard.after_step(state["global_step"])
+                    stop_if_preempted(guard, saved)
+
+                optimizers = [optimizer] + ([head_optimizer] if head_optimizer is not None else [])
+                totals = train_one_epoch(algorithm, training_model, train_loader, optimizers, state, on_step,
+                                         totals=state["partial"])
+                record = _epoch_record(args, algorithm, state, totals, true_labels, time.perf_counter() - epoch_start)
+                assignments = algorithm.assignments()
+                if rank == 0:
+                    log.write(record)
+                    outputs.epoch_end(record, assignments, args.k, log.read())
+                state["previous_assignments"] = assignments
+                state["epoch"] += 1
+                state["step"] = 0
+                state["batch"] = 0
                 state["partial"] = {}
-                state["cluster_record"] = algorithm.begin_epoch(epoch, loaders)
-            order = algorithm.order(epoch, rank, world_size)
-            train_loader.set_epoch(epoch)
-            train_loader.set_order(order)
-            if fresh_epoch and algorithm.reset_head_optimizer:
-                # The algorithm re-initialised its head in begin_epoch: a fresh optimizer goes with it; a resumed
-                # epoch keeps the loaded one.
-                head_optimizer = _head_optimizer(args, optimizer_parameters(head_optimizer))
-
-            partial_before = dict(state["partial"])
-
-            def on_step(stats, start, partial_before=partial_before):
-                state["partial"] = _merge(partial_before, {**stats, "time_train": time.perf_counter() - start})
-                if args.checkpoint_steps and state["global_step"] % args.checkpoint_steps == 0:
-                    save("step")
-
-            optimizers = [optimizer] + ([head_optimizer] if head_optimizer is not None else [])
-            stats = train_one_epoch(algorithm, training_model, train_loader, optimizers, state, on_step)
-            totals = _merge(partial_before, stats)
-            record = _epoch_record(args, algorithm, state, totals, true_labels, time.perf_counter() - epoch_start)
-            assignments = algorithm.assignments()
-            if rank == 0:
-                log.write(record)
-                outputs.epoch_end(record, assignments, args.k, log.read())
-            state["previous_assignments"] = assignments
-            state["epoch"] += 1
-            state["step"] = 0
-            state["partial"] = {}
-            save("epoch")
+                save("epoch")
+                if rank == 0:
+                    keep_epoch_checkpoint(checkpoint_path, state["epoch"] - 1, args.keep_checkpoints)
+                stop_if_preempted(guard, saved=True)  # before the next epoch's feature pass and clustering
     except NonFiniteLossError as error:
         if rank == 0:
             log.write({"epoch": state["epoch"], "event": "stopped", "reason": str(error)})
@@ -367,28 +409,39 @@ def _ranks_agree(tensors: list[torch.Tensor], device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _algorithm_state(saved: dict, algorithm_class, path) -> dict:
-    """The algorithm's state from a checkpoint of this format, or mapped from a format-1 checkpoint."""
-    version = saved.get("format_version", 1)
-    if version > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {version}, written by a newer pydc; this pydc reads "
-                              f"formats 1 to {CHECKPOINT_FORMAT}. Upgrade pydc to resume it")
-    if version == CHECKPOINT_FORMAT:
-        return saved["algorithm"]
+def _share_buffers(model) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics) before an epoch's feature pass. DDP broadcasts them
+    at the start of each forward, so after an epoch's last step every rank holds its own last update; a resumed
+    run holds rank 0's (the checkpoint's) on every rank. Sharing them makes both runs compute the same features."""
+    if dist_utils.is_distributed():
+        for buffer in model.buffers():
+            dist_utils.broadcast_tensor(buffer.data, 0)
+
+
+def _begin_epoch(algorithm, epoch: int, loaders: Loaders, args, world_size: int) -> dict:
+    """algorithm.begin_epoch, then (or when it failed) the check that its feature pass, if it made one, decoded
+    at least --k images over all ranks: a folder of mostly bad files otherwise fails deep in PCA or k-means."""
     try:
-        return algorithm_class.state_from_legacy_checkpoint(saved)
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {path} has format 1 (written by pydc before algorithms were plug-ins) "
-                              f"and its --algo {algorithm_class.name} state cannot be recovered from it ({error}); "
-                              f"start afresh or resume with the pydc that wrote it") from None
+        record = algorithm.begin_epoch(epoch, loaders)
+    except TrainingError:
+        _require_enough_images(loaders.feature, args, world_size, loaders.device)
+        raise
+    _require_enough_images(loaders.feature, args, world_size, loaders.device)
+    return record
 
 
-def _check_compatible(saved_args: dict, args, path) -> None:
-    saved_args = {"stem": "sobel", **saved_args}  # checkpoints from before --stem used the Sobel stem
-    for key in ("algo", "arch", "k", "crop", "stem"):
-        if saved_args.get(key) != getattr(args, key):
-            raise CheckpointError(f"checkpoint {path} was written with --{key} {saved_args.get(key)}, but this run "
-                                  f"has --{key} {getattr(args, key)}; pass the same options to resume")
+def _require_enough_images(feature_loader, args, world_size: int, device) -> None:
+    stats = feature_loader.stats
+    if stats["decoded"] + stats["skipped"] == 0:  # no feature pass this epoch
+        return
+    if world_size > 1:  # every rank reaches this point (the feature pass and clustering are collective)
+        decoded = torch.tensor([stats["decoded"]], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(decoded)
+        stats = {**stats, "decoded": int(decoded.item())}
+    try:
+        require_enough_images(stats, args.k, args.data or "the bundled digits")
+    except NoUsableImages as error:
+        raise TrainingError(str(error)) from None
 
 
 def main(argv=None) -> int:
@@ -400,6 +453,9 @@ def main(argv=None) -> int:
     except (TrainingError, CheckpointError, FloatingPointError) as error:
         print(f"pydc.train: error: {error}", file=sys.stderr)
         return 2
+    except Preempted as preempted:
+        print(f"pydc.train: preempted: {preempted}", file=sys.stderr)
+        return preempted.exit_status
     finally:
         dist_utils.cleanup()
     if final and is_main:

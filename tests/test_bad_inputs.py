@@ -275,8 +275,6 @@ def test_bad_input_is_refused_with_one_message(row, bad, earlier_run, data, tmp_
         assert not fresh.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="phase 2: train.py must call pydc.data.screen.require_enough_images after "
-                                       "the first feature pass")
 def test_fewer_decodable_images_than_k(bad, earlier_run, data, tmp_path, capsys):
     folder = tmp_path / "mostly_junk"
     shutil.copytree(bad["junk"], folder)

@@ -108,10 +108,19 @@ def test_peek_reads_what_load_reads(tmp_path):
 
 
 def test_check_compatible_names_the_differing_option():
-    saved = _state(1.0)["args"]
+    saved = {**_state(1.0)["args"], "stem": "rgb"}
     check_compatible(saved, dict(saved), "x.pt")
     with pytest.raises(CheckpointError, match="written with --k 3, but this run has --k 5"):
         check_compatible(saved, {**saved, "k": 5}, "x.pt")
+    with pytest.raises(CheckpointError, match="written with --stem rgb, but this run has --stem sobel"):
+        check_compatible(saved, {**saved, "stem": "sobel"}, "x.pt")
+
+
+def test_check_compatible_reads_a_checkpoint_from_before_stem_as_sobel():
+    legacy = {key: value for key, value in _state(1.0)["args"].items() if key != "stem"}
+    check_compatible(legacy, {**legacy, "stem": "sobel"}, "x.pt")
+    with pytest.raises(CheckpointError, match="written with --stem sobel, but this run has --stem rgb"):
+        check_compatible(legacy, {**legacy, "stem": "rgb"}, "x.pt")
 
 
 def test_keep_epoch_checkpoints_keeps_the_last_n(tmp_path):

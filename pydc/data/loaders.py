@@ -49,6 +49,7 @@ class Batch:
     indices: torch.Tensor  # int64 (B,) dataset indices of the rows, on the CPU
     labels: torch.Tensor | None  # int64 (B,) class labels of the rows (None for a flat folder), on the CPU
     views: list[torch.Tensor] | None = None  # multi-crop: every crop view, same rows (images is views[0])
+    number: int = 0  # its position in the epoch's batches (a batch whose files all fail is not yielded)
 
 
 class _Loader:
@@ -73,6 +74,7 @@ class _Loader:
         self._warned: set[int] = set()
         self._skipped_this_epoch: set[str] = set()
         self.stats = _empty_stats()
+        self._start = 0  # the batch the next iteration starts at (start_at)
 
         self.memory = None
         if backend != "dali" and cache_in_memory is not False:
@@ -94,16 +96,25 @@ class _Loader:
         """Number of batches of the current epoch (before skipping any that fail entirely)."""
         return -(-len(self._epoch_indices()) // self.batch_size)
 
+    def start_at(self, batch_number: int) -> None:
+        """Make the next iteration (only that one) begin at batch `batch_number` of the epoch: the batches before
+        it are neither read nor decoded (a resumed epoch). A batch's augmentation draws depend only on (seed,
+        epoch, batch number), so batch n is the same whether the iteration started at 0 or at n."""
+        if batch_number < 0:
+            raise ValueError(f"batch_number must be >= 0, got {batch_number}")
+        self._start = int(batch_number)
+
     def __iter__(self):
         indices = np.asarray(self._epoch_indices(), dtype=np.int64)
         self.stats = _empty_stats()
         self._skipped_this_epoch = set()
         chunks = [indices[start:start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
-        bar = tqdm(total=len(chunks), desc=type(self).__name__, unit="batch",
+        first, self._start = min(self._start, len(chunks)), 0
+        bar = tqdm(total=len(chunks), initial=first, desc=type(self).__name__, unit="batch",
                    disable=None if self.progress else True, leave=False)
         # Batches are assembled in order by one background thread, PREFETCH_BATCHES ahead of the consumer.
         pending: collections.deque = collections.deque()
-        submitted = 0
+        submitted = first
         try:
             while pending or submitted < len(chunks):
                 while submitted < len(chunks) and len(pending) <= PREFETCH_BATCHES:
@@ -159,7 +170,8 @@ class _Loader:
         views = self._finish_views(views, batch_number)
         kept_indices = torch.from_numpy(indices[kept])
         labels = self._labels[kept_indices] if self._labels is not None else None
-        return Batch(images=views[0], indices=kept_indices, labels=labels, views=views if len(views) > 1 else None)
+        return Batch(images=views[0], indices=kept_indices, labels=labels, views=views if len(views) > 1 else None,
+                     number=batch_number)
 
     def _decode_views(self, indices: np.ndarray, headers: list, plan) -> list:
         """[(images, {position: reason})] per view of `plan`; the torchvision backend decodes each file once."""

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 
 
-# Version 1: the layout written by pydc.train before algorithms were plug-ins (model, optimizers, rng, epoch,
-# step, and the algorithm's state in top-level keys such as "memory"). Version 2: the algorithm's state lies
-# under "algorithm" (pydc.train maps version-1 files on load).
+# Version 1: the layout written by pydc.train since checkpoints exist (model, optimizers, rng, epoch, step ...).
+# Version 2: the algorithm's state lies under "algorithm" (version 1, before algorithms were plug-ins, kept it in
+# top-level keys such as "memory"; pydc.train maps such checkpoints on load).
 FORMAT_VERSION = 2
 # Options a checkpoint must share with the run that resumes it (the shapes of its tensors depend on them).
 COMPATIBILITY_KEYS = ("algo", "arch", "k", "crop", "stem")
-# Values of options that older checkpoints do not record (every run before --stem used the Sobel stem).
-_LEGACY_DEFAULTS = {"stem": "sobel"}
+# The value an option had before it existed, for checkpoints written then (--stem: the Sobel stem).
+LEGACY_DEFAULTS = {"stem": "sobel"}
 EPOCH_CHECKPOINTS = "checkpoints"
 _ELSEWHERE = f"Resume from another checkpoint (e.g. one under {EPOCH_CHECKPOINTS}/) or start afresh"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -128,7 +128,7 @@ def _first_sentence(error: Exception) -> str:
 
 def check_compatible(saved_args: dict, args: dict, path) -> None:
     """Refuse to resume a checkpoint whose tensors were shaped by other options than this run's."""
-    saved_args, args = {**_LEGACY_DEFAULTS, **saved_args}, {**_LEGACY_DEFAULTS, **args}
+    saved_args = {**LEGACY_DEFAULTS, **saved_args}
     for key in COMPATIBILITY_KEYS:
         if saved_args.get(key) != args.get(key):
             flag = "--" + key.replace("_", "-")

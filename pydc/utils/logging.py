@@ -7,6 +7,9 @@ import math
 import os
 from pathlib import Path
 
+# Records a resumed run keeps although they belong to the epoch it rewrites.
+HISTORY_EVENTS = ("preempted", "resumed")
+
 
 def _plain(value):
     """Numbers and containers as JSON can hold them (NaN/inf become strings, numpy/torch scalars floats)."""
@@ -38,8 +41,10 @@ class JsonLinesLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate_after_epoch(self, epoch: int) -> None:
-        """Drop records of epochs >= `epoch` (a resumed run rewrites them), keeping the file otherwise."""
-        kept = [record for record in self.read() if record.get("epoch", -1) < epoch]
+        """Drop records of epochs >= `epoch` (a resumed run rewrites them), keeping the file otherwise and the
+        run's history (HISTORY_EVENTS: where it was preempted and resumed)."""
+        kept = [record for record in self.read()
+                if record.get("epoch", -1) < epoch or record.get("event") in HISTORY_EVENTS]
         temporary = self.path.with_suffix(self.path.suffix + ".tmp")
         temporary.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(temporary, self.path)

@@ -44,6 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train visual features without labels by DeepCluster, ODC or DeepCluster-v2. With no flags: "
                     "DeepCluster with the `small` net on the bundled digits, on whatever device is there (a few "
                     "minutes on a CPU).",
+        epilog="Exit status: 0 done; 2 bad options, data or checkpoint (one line on stderr); 143 (SIGTERM) or "
+               "138 (SIGUSR1): preempted, the run finished its step and wrote OUTPUT/checkpoint.pt: continue "
+               "it with --resume auto.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of options (keys as the long flags, - or _); flags override it")
