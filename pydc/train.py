@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from pydc._version import __version__
 from pydc.algorithms import ALGORITHMS, Loaders, TrainingError
 from pydc.algorithms.features import compute_features, progress_bar
 from pydc.data.screen import NoUsableImages, require_enough_images
@@ -256,7 +257,7 @@ def train(args) -> dict:
         if rank != 0:
             return
         save_checkpoint({
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION, "pydc_version": __version__,
             "args": {key: value for key, value in vars(args).items()},
             "epoch": state["epoch"], "step": state["step"], "batch": state["batch"],
             "global_step": state["global_step"],
@@ -339,7 +340,8 @@ def train(args) -> dict:
         raise
 
     # -- stage 6: final evaluation -------------------------------------------------------------------------------
-    final = {"event": "final", "epoch": state["epoch"], "images": num_images, "world_size": world_size}
+    final = {"event": "final", "epoch": state["epoch"], "images": num_images, "world_size": world_size,
+             "pydc_version": __version__}
     assignments = algorithm.assignments()
     if world_size > 1 and assignments is not None:
         # Every rank must hold the same algorithm state (clusters, memories, prototypes) and assignments.

@@ -83,7 +83,7 @@ def test_run_writes_log_assignments_plots_and_checkpoint(deepcluster_run, tiny_d
         assert record["clusters"]["max"] >= record["clusters"]["min"]
     assert epochs[0]["nmi_prev"] is None and 0.0 <= epochs[1]["nmi_prev"] <= 1.0
     final = records[-1]
-    assert final["event"] == "final" and final["epoch"] == 2
+    assert final["event"] == "final" and final["epoch"] == 2 and final["pydc_version"] == pydc.__version__
     for key in ("knn_accuracy", "linear_probe_accuracy", "nmi_kmeans"):
         assert 0.0 <= final[key] <= 1.0
     for epoch in (0, 1):
@@ -95,6 +95,7 @@ def test_run_writes_log_assignments_plots_and_checkpoint(deepcluster_run, tiny_d
     state = torch.load(deepcluster_run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 0 and state["args"]["algo"] == "deepcluster"
     assert {"model", "optimizer", "head_optimizer", "rng", "assignments", "global_step"} <= set(state)
+    assert state["pydc_version"] == pydc.__version__  # which pydc wrote it (issue 17)
     assert not list(deepcluster_run.glob(".*.tmp")), "a temporary checkpoint file was left behind"
 
 
