@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pydc.algorithms import ALGORITHMS
-from pydc.algorithms.dcv2 import DeepClusterV2, prototype_loss
+from pydc.algorithms.dcv2 import DeepClusterV2, mean_pairwise_cosine, prototype_loss
 from pydc.cluster import kmeans
 from pydc.data import Batch
 from pydc.utils.options import parse_args
@@ -204,3 +204,17 @@ def test_torchrun_two_ranks_dcv2_share_prototypes_and_assignments(tiny_data, tmp
     assert [r["epoch"] for r in records if "event" not in r] == [0, 1]
     state = torch.load(Path(tmp_path) / "checkpoint.pt", weights_only=True)
     assert state["algorithm"]["prototypes"].abs().sum() > 0
+
+
+def test_memory_cosine_is_the_mean_over_pairs_of_distinct_rows():
+    """The collapse watch of the epoch record: equals the brute-force mean of the off-diagonal cosines, is 1 for a
+    collapsed memory and -1 / (N - 1) for rows summing to zero."""
+    generator = torch.Generator().manual_seed(4)
+    rows = F.normalize(torch.randn(37, 16, generator=generator), dim=1)
+    cosines = rows @ rows.t()
+    brute_force = (cosines.sum() - cosines.diagonal().sum()) / (37 * 36)
+    assert mean_pairwise_cosine(rows) == pytest.approx(float(brute_force), abs=1e-6)
+    collapsed = F.normalize(torch.ones(9, 16), dim=1)
+    assert mean_pairwise_cosine(collapsed) == pytest.approx(1.0, abs=1e-6)
+    opposite = torch.cat([torch.eye(4), -torch.eye(4)])  # sum is zero: mean = -N / (N (N - 1))
+    assert mean_pairwise_cosine(opposite) == pytest.approx(-1.0 / 7.0, abs=1e-6)

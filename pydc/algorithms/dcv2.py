@@ -7,7 +7,8 @@ two large crops from the last time the image was trained on, so clustering needs
 - epoch start: for each prototype set j (--dcv2-prototypes, default 3; k = --k clusters each), spherical
   k-means (--dcv2-kmeans-iters, default 10) of the memory of large crop j mod 2, on the device with pydc's
   k-means ops. The centroids become prototype set j (unit norm, never trained); the labels are the images'
-  assignments for set j. In torch.distributed rank 0 clusters and broadcasts both.
+  assignments for set j. In torch.distributed rank 0 clusters and broadcasts both. The epoch record's
+  `memory_cosine` (mean cosine between the memory's rows) shows whether the embeddings collapse.
 - every step: loss = mean over prototype sets of the cross-entropy of (embedding . prototypes) / temperature
   (--dcv2-temperature, 0.1) against the image's assignment, over all crops; then the two large crops'
   embeddings of the batch overwrite the images' memory rows (all-gathered from every rank, so that each rank
@@ -78,6 +79,8 @@ class DeepClusterV2(Algorithm):
         synchronize(self.device)
         record["time_kmeans"] = time.perf_counter() - start
         record["kmeans_objective"] = objectives[0]
+        # Collapse watch: near 1 when the embeddings crowd together (then k-means splits noise, see the README).
+        record["memory_cosine"] = mean_pairwise_cosine(self.memory[0])
         return record
 
     @torch.no_grad()
@@ -173,3 +176,14 @@ def prototype_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, targets: 
     losses = [F.cross_entropy(embeddings @ prototypes[number].t() / temperature, targets[number].repeat(views),
                               ignore_index=UNASSIGNED) for number in range(prototypes.shape[0])]
     return torch.stack(losses).mean()
+
+
+def mean_pairwise_cosine(rows: torch.Tensor) -> float:
+    """Mean of rows[i] . rows[j] over the pairs i != j of unit rows (N, D), in O(N D):
+    (|sum of rows|^2 - sum of |rows[i]|^2) / (N (N - 1))."""
+    count = rows.shape[0]
+    if count < 2:
+        return float("nan")
+    rows = rows.double()
+    total = rows.sum(dim=0)
+    return float((total.dot(total) - rows.pow(2).sum()) / (count * (count - 1)))
