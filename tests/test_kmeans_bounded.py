@@ -159,20 +159,6 @@ def test_no_stop_while_empty_clusters_are_being_split():
         assert torch.equal(stopped.centroids, full.centroids) and torch.equal(stopped.labels, full.labels)
 
 
-def test_auto_backend_runs_pydc_bounded_on_the_cpu():
-    x = clustered(n=600, d=8, centres=6, seed=12)
-    result = kmeans(x, 6, niter=5, backend="auto")
-    assert result.backend == "torch" and result.bounded
-
-
-def test_auto_backend_falls_back_to_faiss_without_compiled_ops(monkeypatch):
-    pytest.importorskip("faiss")
-    import sys
-
-    monkeypatch.setattr(sys.modules["pydc.cluster.kmeans"], "HAS_OPS", False)  # pydc.cluster.kmeans is the function
-    assert kmeans(clustered(n=600, d=8, centres=6, seed=12), 6, niter=5, backend="auto").backend == "faiss-cpu"
-
-
 @pytest.mark.parametrize("level", LEVELS)
 def test_assign_labels_are_the_exact_arg_min_under_near_ties(level):
     """Centroids closer together than float32 can resolve (relative gaps ~1e-8 of the scores): the float32
