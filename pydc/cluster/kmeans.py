@@ -40,7 +40,6 @@ import numpy as np
 import torch
 
 from pydc.cluster.kmeans_bounded import YinyangAssigner, bounded_assignment_available
-from pydc.ops._registry import HAS_OPS
 from pydc.ops.kmeans import kmeans_assign, kmeans_update
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -213,9 +212,10 @@ def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str
     """Cluster the rows of x into k clusters; see the module docstring for the exact semantics.
 
     backend: "torch" runs pydc's ops on x's device; "faiss" runs faiss (faiss-gpu for CUDA tensors when it
-    is installed, faiss-cpu otherwise); "auto" runs pydc's ops wherever they are compiled (on the CPU
-    bounded k-means with the fixed-point stop is faster than faiss-cpu: README, "Measured"), and faiss-cpu
-    on the CPU only when the compiled ops are missing and faiss is importable. deterministic selects the bitwise reproducible centroid update on
+    is installed, faiss-cpu otherwise); "auto" runs pydc's ops on CUDA and faiss-cpu on the CPU when faiss
+    is importable, pydc's ops otherwise: measured on the CPU (README, "Measured", issue 12), pydc's bounded
+    k-means with the fixed-point stop is not yet faster than faiss-cpu (1.06-1.83x its time), so "auto"
+    keeps faiss there. deterministic selects the bitwise reproducible centroid update on
     CUDA (the CPU update always is).
     """
     _check_arguments(x, k, niter, backend, init_centroids)
@@ -224,6 +224,6 @@ def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str
     if backend == "faiss" and faiss is None:
         raise ValueError("kmeans: backend='faiss' needs the faiss package (pip install faiss-cpu), which is not "
                          "importable; use backend='torch' for pydc's own k-means")
-    if backend == "faiss" or (backend == "auto" and faiss is not None and not x.is_cuda and not HAS_OPS):
+    if backend == "faiss" or (backend == "auto" and faiss is not None and not x.is_cuda):
         return _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids)
     return _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, bounded, stop_at_fixed_point)

@@ -1,0 +1,114 @@
+"""The CPU pairs of issue 12 in one process, each pair on the same inputs and checked before timing, one JSON
+line per pair as it finishes (for a busy machine, where the pytest-benchmark suites take too long):
+
+    python -m benchmarks.cpu_pairs OUT.json                       # the CPU's own ISA level
+    PYDC_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2 \\
+        python -m benchmarks.cpu_pairs OUT.json                   # capped at AVX2
+
+Sobel (median of 7) and assign (median of 5) alternate sides; k-means (clustered and unstructured data, same
+start) and PCA run once per side. OUT.json also records where it ran (CPU model, level, BLAS caps, threads).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import pydc  # noqa: F401  (registers torch.ops.pydc)
+from benchmarks.conftest import where_it_ran
+from benchmarks.test_bench_kmeans import assert_labels_agree_except_ties, features
+from benchmarks.test_bench_pca import assert_same_whitening, faiss_whitening, pydc_whitening, synthetic_features
+from benchmarks.test_bench_sobel import torch_chain
+from pydc.cluster import kmeans
+from pydc.cluster.kmeans import initial_centroids
+from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS, sobel_normalize_reference
+
+N, D, K = 100_000, 256, 1000
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def alternate(ours, reference, rounds):
+    """Median seconds of each side, the sides alternating round by round."""
+    ours_s, reference_s = [], []
+    for _ in range(rounds):
+        ours_s.append(timed(ours)[1])
+        reference_s.append(timed(reference)[1])
+    return statistics.median(ours_s), statistics.median(reference_s)
+
+
+def sobel_pair():
+    images = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    grey, sobel = torch.full((1, 3, 1, 1), 1 / 3), torch.tensor(SOBEL_KERNELS).unsqueeze(1)
+    ours = lambda: torch.ops.pydc.sobel_normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD), None)  # noqa: E731
+    reference = lambda: torch_chain(images, mean, std, grey, sobel)  # noqa: E731
+    expected = sobel_normalize_reference(images)
+    for fn in (ours, reference):
+        torch.testing.assert_close(fn(), expected, rtol=1e-5, atol=1e-4)
+    return ("sobel_normalize 32x3x224x224 uint8", *alternate(ours, reference, 7), "torch chain", {})
+
+
+def assign_pair():
+    import faiss
+
+    x = features(N, D, "cpu")
+    centroids = x[torch.randperm(N, generator=torch.Generator().manual_seed(1))[:K]].clone()
+    norms = (x * x).sum(1)
+    index = faiss.IndexFlatL2(D)
+    index.add(np.ascontiguousarray(centroids.numpy()))
+    x_np = np.ascontiguousarray(x.numpy())
+    theirs = torch.from_numpy(index.search(x_np, 1)[1].reshape(-1).astype(np.int64))
+    assert_labels_agree_except_ties(x, centroids, torch.ops.pydc.kmeans_assign(x, centroids, norms, True)[0], theirs)
+    times = alternate(lambda: torch.ops.pydc.kmeans_assign(x, centroids, norms, True), lambda: index.search(x_np, 1), 5)
+    return (f"kmeans_assign {N}x{D} k={K}", *times, "faiss IndexFlatL2.search(x, 1)", {})
+
+
+def kmeans_pair(dataset):
+    x = features(N, D, "cpu", dataset)
+    init = initial_centroids(x, K, seed=0)
+    ours, ours_s = timed(lambda: kmeans(x, K, niter=20, backend="torch", init_centroids=init))
+    theirs, theirs_s = timed(lambda: kmeans(x, K, niter=20, backend="faiss", init_centroids=init))
+    assert ours.objective[-1] <= theirs.objective[-1] * 1.01, "objective not within 1% of faiss's"
+    extra = dict(pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
+                 pydc_objective=ours.objective[-1], faiss_objective=theirs.objective[-1],
+                 fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)))
+    return f"k-means {dataset} {N}x{D} k={K} niter=20", ours_s, theirs_s, "faiss-cpu k-means", extra
+
+
+def pca_pair():
+    x = synthetic_features(50_000, 2048, "cpu")
+    small = synthetic_features(2048, 64, "cpu", seed=1)
+    pydc_whitening(small, 16, 512)  # one-time costs (BLAS pools, scipy import) out of both timings
+    faiss_whitening(small, 16)
+    ours, ours_s = timed(lambda: pydc_whitening(x, 256, 4096))
+    theirs, theirs_s = timed(lambda: faiss_whitening(x, 256))
+    assert_same_whitening(ours, theirs)
+    return "PCA-whitening fit+transform 50000x2048->256", ours_s, theirs_s, "faiss PCAMatrix(-0.5) + normalize_L2", {}
+
+
+def main(path):
+    out = {"where": where_it_ran(), "pairs": []}
+    print(out["where"], flush=True)
+    for pair in (sobel_pair, assign_pair, lambda: kmeans_pair("clustered"), lambda: kmeans_pair("unstructured"),
+                 pca_pair):
+        name, ours_s, reference_s, reference, extra = pair()
+        row = dict(what=name, pydc_s=ours_s, reference=reference, reference_s=reference_s,
+                   ratio=ours_s / reference_s, **extra)
+        out["pairs"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
