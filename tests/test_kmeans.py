@@ -45,8 +45,9 @@ def test_objective_matches_faiss_from_same_start(device, n, d, k):
     init = initial_centroids(x, k, seed=3)
     faiss_objective, clustering = faiss_kmeans(faiss, x, k, init)
     result = kmeans(x.to(device), k, niter=20, backend="torch", init_centroids=init.to(device))
-    assert len(result.objective) == 20 and result.splits == 0
-    # Same start, same first assignment; after 20 iterations within 1%.
+    # The fixed-point stop may end before 20 iterations: later Lloyd iterations would change nothing.
+    assert len(result.objective) == result.iterations <= 20 and result.splits == 0
+    # Same start, same first assignment; at the end within 1%.
     assert result.objective[0] == pytest.approx(faiss_objective[0], rel=1e-4)
     assert result.objective[-1] == pytest.approx(faiss_objective[-1], rel=0.01)
     # Without splits the two runs are the same Lloyd iterations up to float rounding.
