@@ -60,3 +60,19 @@ def test_odc_memory_init_shard_equals_gather(tiny_data, tmp_path, init):  # noqa
     assert shard[0]["epoch"] == gather[0]["epoch"] == 0
     assert shard[0]["kmeans_objective"] == pytest.approx(gather[0]["kmeans_objective"], rel=1e-5)
     np.testing.assert_array_equal(_assignments(tmp_path / "shard", 0), _assignments(tmp_path / "gather", 0))
+
+
+@pytest.mark.slow
+def test_dcv2_memory_kmeans_shard_equals_gather(tiny_data, tmp_path):  # noqa: F811
+    import torch
+
+    from tests.test_dcv2 import DCV2_FLAGS
+
+    _torchrun(tmp_path / "shard", tiny_data, *DCV2_FLAGS, "--cluster-on", "shard")
+    _torchrun(tmp_path / "gather", tiny_data, *DCV2_FLAGS, "--cluster-on", "gather")
+    shard = torch.load(tmp_path / "shard" / "checkpoint.pt", weights_only=True)["algorithm"]
+    gather = torch.load(tmp_path / "gather" / "checkpoint.pt", weights_only=True)["algorithm"]
+    # every prototype set's labels and centroids of the last clustering, after an epoch trained on the first's
+    assert len(torch.unique(shard["assignments"])) > 1
+    torch.testing.assert_close(shard["assignments"], gather["assignments"], rtol=0, atol=0)
+    torch.testing.assert_close(shard["prototypes"], gather["prototypes"], rtol=1e-5, atol=1e-6)
