@@ -10,10 +10,54 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tests.test_train import REPO, TINY_FLAGS, read_log, run_cli, tiny_data  # noqa: F401 (fixture)
 
 DETERMINISTIC = ["--deterministic", "--kmeans-backend", "torch"]
+
+
+def test_cluster_on_rule_and_option_checks():
+    import argparse
+
+    from pydc.algorithms.sharded_clustering import cluster_on_shards
+    from pydc.utils.options import parse_args
+    from pydc.utils.validate import OptionError, check_values
+
+    assert parse_args([]).cluster_on == "auto"
+    cpu = torch.device("cpu")
+    # one process: auto gathers whatever the size (there is nothing to shard across); shard is honoured
+    assert cluster_on_shards(argparse.Namespace(cluster_on="auto"), 10**18, cpu) is False
+    assert cluster_on_shards(argparse.Namespace(cluster_on="gather"), 10**18, cpu) is False
+    assert cluster_on_shards(argparse.Namespace(cluster_on="shard"), 0, cpu) is True
+    args = parse_args(["--cluster-on", "shard"])
+    args.kmeans_backend = "faiss"
+    with pytest.raises(OptionError, match="--cluster-on shard"):
+        check_values(args)
+
+
+def test_cluster_shard_one_process_and_nonfinite_rows():
+    from pydc.algorithms.sharded_clustering import NonfiniteFeatures, StreamedPCA, cluster_shard
+    from pydc.cluster import PCAWhitening, kmeans
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(300, 12, generator=generator) + torch.arange(300).remainder(3).unsqueeze(1) * 4.0
+    pca = PCAWhitening(n_components=6)
+    stream = StreamedPCA(pca)
+    for batch in features.split(64):
+        stream(batch)
+    labels, timings, centroids = cluster_shard(features, pca, 5, seed=3, niter=10, num_images=300)
+    reference = kmeans(PCAWhitening(n_components=6).fit(features).transform(features), 5, niter=10, seed=3,
+                       backend="torch")
+    assert labels.dtype == torch.int64 and centroids.shape == (5, 6)
+    torch.testing.assert_close(labels, reference.labels, rtol=0, atol=0)
+    broken = features.clone()
+    broken[7, 2] = float("nan")
+    stream = StreamedPCA(PCAWhitening(n_components=6))
+    stream(broken)
+    assert stream.nonfinite_rows == 1
+    with pytest.raises(NonfiniteFeatures, match="1 feature rows"):
+        cluster_shard(broken, stream.pca, 5, seed=3, niter=10, num_images=300, nonfinite_rows=stream.nonfinite_rows)
 
 
 def _torchrun(output, data, *flags) -> list[dict]:
@@ -64,8 +108,6 @@ def test_odc_memory_init_shard_equals_gather(tiny_data, tmp_path, init):  # noqa
 
 @pytest.mark.slow
 def test_dcv2_memory_kmeans_shard_equals_gather(tiny_data, tmp_path):  # noqa: F811
-    import torch
-
     from tests.test_dcv2 import DCV2_FLAGS
 
     _torchrun(tmp_path / "shard", tiny_data, *DCV2_FLAGS, "--epochs", "1", "--cluster-on", "shard")
