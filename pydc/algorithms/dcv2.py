@@ -7,8 +7,10 @@ two large crops from the last time the image was trained on, so clustering needs
 - epoch start: for each prototype set j (--dcv2-prototypes, default 3; k = --k clusters each), spherical
   k-means (--dcv2-kmeans-iters, default 10) of the memory of large crop j mod 2, on the device with pydc's
   k-means ops. The centroids become prototype set j (unit norm, never trained); the labels are the images'
-  assignments for set j. In torch.distributed rank 0 clusters and broadcasts both. The epoch record's
-  `memory_cosine` (mean cosine between the memory's rows) shows whether the embeddings collapse.
+  assignments for set j. In torch.distributed each rank clusters its 1/W of the memory's rows (sharded
+  k-means, --cluster-on shard or auto), or rank 0 clusters all and broadcasts both (--cluster-on gather).
+  The epoch record's `memory_cosine` (mean cosine between the memory's rows) shows whether the embeddings
+  collapse.
 - every step: loss = mean over prototype sets of the cross-entropy of (embedding . prototypes) / temperature
   (--dcv2-temperature, 0.1) against the image's assignment, over all crops; then the two large crops'
   embeddings of the batch overwrite the images' memory rows (all-gathered from every rank, so that each rank
@@ -16,8 +18,8 @@ two large crops from the last time the image was trained on, so clustering needs
 - the first epoch's memory: as SwAV, one pass over the training loader (epoch 0's order and crops) in train
   mode without gradients, before the first clustering; it is timed as `time_features`.
 
-Differences from SwAV: the memory is replicated on every rank (SwAV keeps each rank's share and runs a
-distributed k-means); k-means refills empty clusters by splitting others (pydc.cluster.kmeans) where SwAV keeps
+Differences from SwAV: the memory is replicated on every rank (SwAV keeps each rank's share; the k-means is
+distributed in both); k-means refills empty clusters by splitting others (pydc.cluster.kmeans) where SwAV keeps
 the old centroid; SGD as the other algorithms instead of LARS with a cosine schedule.
 """
 
@@ -100,15 +102,24 @@ class DeepClusterV2(Algorithm):
 
     @torch.no_grad()
     def cluster_memory(self, epoch: int) -> list[float]:
-        """Spherical k-means of the memory for every prototype set; returns each set's final objective."""
+        """Spherical k-means of the memory for every prototype set; returns each set's final objective.
+
+        The memory is on every rank, so gathering costs nothing and sharding saves no memory; what sharding
+        saves is time: with --cluster-on shard (and auto under torchrun) each rank clusters its contiguous
+        1/W of the rows (sharded_kmeans: one all-reduce of k x 129 float64 per iteration, then the int32
+        labels gathered) instead of rank 0 clustering all of them while the others wait, as SwAV's distributed
+        k-means. Otherwise rank 0 clusters and broadcasts.
+        """
+        args = self.args
+        if args.cluster_on == "shard" or (args.cluster_on == "auto" and dist_utils.is_distributed()):
+            return self._cluster_memory_sharded(epoch)
         from pydc.cluster import kmeans
 
         objectives = [float("nan")] * self.num_sets
         if dist_utils.is_main_process():
             for number in range(self.num_sets):
-                result = kmeans(self.memory[number % LARGE_CROPS], self.args.k, niter=self.args.dcv2_kmeans_iters,
-                                seed=epoch_seed(self.args.seed, epoch) * self.num_sets + number, backend="torch",
-                                spherical=True)
+                result = kmeans(self.memory[number % LARGE_CROPS], args.k, niter=args.dcv2_kmeans_iters,
+                                seed=self._kmeans_seed(epoch, number), backend="torch", spherical=True)
                 self.prototypes[number].copy_(F.normalize(result.centroids, dim=1))
                 self.labels[number].copy_(result.labels)
                 if result.objective:
@@ -116,6 +127,24 @@ class DeepClusterV2(Algorithm):
         dist_utils.broadcast_tensor(self.prototypes, 0)
         dist_utils.broadcast_tensor(self.labels, 0)
         return objectives
+
+    def _cluster_memory_sharded(self, epoch: int) -> list[float]:
+        from pydc.algorithms.sharded_clustering import cluster_shard
+
+        rows = torch.arange(self.num_images).tensor_split(dist_utils.world_size())[dist_utils.rank()]
+        start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+        objectives = []
+        for number in range(self.num_sets):
+            labels, timings, centroids = cluster_shard(self.memory[number % LARGE_CROPS, start:stop], None, self.args.k,
+                                                       self._kmeans_seed(epoch, number), self.args.dcv2_kmeans_iters,
+                                                       self.num_images, spherical=True)
+            self.prototypes[number].copy_(F.normalize(centroids, dim=1))
+            self.labels[number].copy_(labels)
+            objectives.append(timings["kmeans_objective"])
+        return objectives
+
+    def _kmeans_seed(self, epoch: int, number: int) -> int:
+        return epoch_seed(self.args.seed, epoch) * self.num_sets + number
 
     def order(self, epoch: int, rank: int, world_size: int) -> list[int]:
         """A seeded shuffle of every image."""

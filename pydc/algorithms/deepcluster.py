@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pydc.algorithms.base import Algorithm, Loaders, TrainingError, epoch_seed
-from pydc.algorithms.features import cluster_features, compute_features, progress_bar
+from pydc.algorithms.features import cluster_features, compute_features, diverged, local_features, progress_bar
+from pydc.algorithms.sharded_clustering import (NonfiniteFeatures, StreamedPCA, cluster_on_shards, cluster_shard,
+                                                gathered_feature_bytes)
 from pydc.utils import dist as dist_utils
 
 
@@ -57,7 +59,13 @@ class DeepCluster(Algorithm):
         return self.model, list(self.model.backbone.parameters()), list(self.model.top_layer.parameters())
 
     def begin_epoch(self, epoch: int, loaders: Loaders) -> dict:
-        """Features -> PCA -> k-means -> new assignments and a fresh top layer."""
+        """Features -> PCA -> k-means -> new assignments and a fresh top layer.
+
+        --cluster-on gather: every rank's features are gathered onto every rank, rank 0 fits PCA (streamed
+        batch by batch in one process) and clusters, the labels are broadcast. shard: each rank streams its
+        own shard into the PCA moments and keeps it; sharded PCA + k-means (sharded_clustering.cluster_shard);
+        only the int32 labels are gathered.
+        """
         from pydc.cluster import PCAWhitening
 
         args, model = self.args, self.model
@@ -66,20 +74,33 @@ class DeepCluster(Algorithm):
         progress = progress_bar(len(loaders.feature), f"epoch {epoch} features")
         width = model.backbone.feature_dim
         pca = PCAWhitening(n_components=min(args.pca_dim, width, self.num_images))
-        streaming = not dist_utils.is_distributed()
+        sharded = cluster_on_shards(args, gathered_feature_bytes(self.num_images, width, args.pca_dim, args.k,
+                                                                 dist_utils.world_size()), self.device)
+        streaming = sharded or not dist_utils.is_distributed()
+        stream = StreamedPCA(pca) if sharded else pca.partial_fit
         try:
-            features = compute_features(model.backbone.features, loaders.feature, self.num_images, self.device,
-                                        on_batch=pca.partial_fit if streaming else None, progress=progress)
+            if sharded:
+                features = local_features(model.backbone.features, loaders.feature, self.device, width,
+                                          on_batch=stream, progress=progress)
+            else:
+                features = compute_features(model.backbone.features, loaders.feature, self.num_images, self.device,
+                                            on_batch=stream if streaming else None, progress=progress, width=width)
             if not streaming and dist_utils.is_main_process():
                 pca.fit(features)
         except ValueError as error:  # PCA refuses NaN/Inf features: the network has diverged
-            raise TrainingError(f"epoch {epoch}: the features are not finite ({error}); training has diverged. "
-                                f"Lower --lr and resume from an earlier checkpoint") from None
+            raise diverged(epoch, error) from None
         progress.close()
         record = {"time_features": time.perf_counter() - start}
+        seed = epoch_seed(args.seed, epoch)
         try:
-            labels, timings = cluster_features(features, pca, args.k, epoch_seed(args.seed, epoch),
-                                               args.kmeans_backend, args.kmeans_iters)
+            if sharded:
+                labels, timings, _ = cluster_shard(features, pca, args.k, seed, args.kmeans_iters, self.num_images,
+                                                   nonfinite_rows=stream.nonfinite_rows)
+            else:
+                labels, timings = cluster_features(features, pca, args.k, seed, args.kmeans_backend,
+                                                   args.kmeans_iters)
+        except NonfiniteFeatures as error:
+            raise diverged(epoch, error) from None
         except ValueError as error:
             raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
         model.reset_top_layer(args.seed, epoch)
@@ -112,3 +133,4 @@ class DeepCluster(Algorithm):
     @classmethod
     def state_from_legacy_checkpoint(cls, saved: dict) -> dict:
         return {"assignments": saved["assignments"]}
+

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from pydc.algorithms.base import TrainingError
 from pydc.utils import dist as dist_utils
 
 
@@ -21,13 +22,12 @@ def progress_bar(total: int, description: str):
 
 
 @torch.no_grad()
-def compute_features(feature_fn, loader, num_images: int, device: torch.device, on_batch=None,
-                     progress=None) -> torch.Tensor:
-    """Features of every image, in index order, on `device`, gathered from all ranks.
+def local_features(feature_fn, loader, device: torch.device, width: int, on_batch=None,
+                   progress=None) -> torch.Tensor:
+    """This rank's features, (n_local, width) in its shard's order (a rank with no images gets (0, width)).
 
-    `feature_fn(images) -> (B, D)` runs in eval mode; `loader` yields this rank's contiguous shard in order;
-    `on_batch(features)` sees each local batch (the streamed PCA moments). The result is (num_images, D) on
-    every rank.
+    `feature_fn(images) -> (B, width)` runs in eval mode; `loader` yields this rank's contiguous shard in
+    order; `on_batch(features)` sees each local batch (the streamed PCA moments).
     """
     pieces = []
     for batch in loader:
@@ -37,7 +37,15 @@ def compute_features(feature_fn, loader, num_images: int, device: torch.device, 
         pieces.append(features)
         if progress is not None:
             progress.update(1)
-    local = torch.cat(pieces) if pieces else torch.empty(0, device=device)
+    return torch.cat(pieces) if pieces else torch.empty((0, width), device=device)
+
+
+@torch.no_grad()
+def compute_features(feature_fn, loader, num_images: int, device: torch.device, on_batch=None,
+                     progress=None, width: int = 0) -> torch.Tensor:
+    """Features of every image, in index order, on `device`, gathered from all ranks: local_features's rows
+    of every rank concatenated in rank order, (num_images, D) on every rank."""
+    local = local_features(feature_fn, loader, device, width, on_batch=on_batch, progress=progress)
     if not dist_utils.is_distributed():
         return local
     counts = torch.tensor([local.shape[0]], device=device)
@@ -80,6 +88,12 @@ def cluster_features(features: torch.Tensor, pca, num_clusters: int, seed: int, 
     dist_utils.broadcast_tensor(labels, 0)
     timings["kmeans_objective"] = objective
     return labels, timings
+
+
+def diverged(epoch: int, error: Exception):
+    """The TrainingError for features that are not finite (PCA refuses them): the network has diverged."""
+    return TrainingError(f"epoch {epoch}: the features are not finite ({error}); training has diverged. "
+                         f"Lower --lr and resume from an earlier checkpoint")
 
 
 def synchronize(device: torch.device) -> None:

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from pydc.algorithms.base import Algorithm, Loaders, TrainingError, epoch_seed, shuffled_shard
-from pydc.algorithms.features import cluster_features, compute_features, progress_bar
+from pydc.algorithms.features import cluster_features, compute_features, diverged, local_features, progress_bar
 from pydc.algorithms.odc_memory import ODCMemory
 from pydc.algorithms.odc_model import ODCModel
+from pydc.algorithms.sharded_clustering import (NonfiniteFeatures, StreamedPCA, cluster_on_shards, cluster_shard,
+                                                gathered_feature_bytes)
 from pydc.utils import dist as dist_utils
 
 __all__ = ["ODC", "ODCMemory", "ODCModel"]
@@ -55,30 +57,69 @@ class ODC(Algorithm):
         start = time.perf_counter()  # time_features includes the BN calibration pass
         _calibrate_batch_norm(model, loaders.feature, self.device)
         progress = progress_bar(len(loaders.feature), f"epoch {epoch} features")
-        if args.odc_init == "pca":
+        width, neck_width = model.backbone.feature_dim, model.feature_dim
+        pca_init = args.odc_init == "pca"
+        gathered = gathered_feature_bytes(self.num_images, width + neck_width if pca_init else neck_width,
+                                          args.pca_dim, args.k, dist_utils.world_size())
+        if cluster_on_shards(args, gathered, self.device):
+            return self._init_memory_sharded(epoch, loaders, progress, start)
+        if pca_init:
             # The neck features come from the same pass, behind the backbone's.
-            width = model.backbone.feature_dim
             pca = PCAWhitening(n_components=min(args.pca_dim, width, self.num_images))
             streaming = not dist_utils.is_distributed()
             try:
                 features = compute_features(_BackboneAndNeck(model), loaders.feature, self.num_images, self.device,
                                             on_batch=(lambda batch: pca.partial_fit(batch[:, :width])) if streaming
-                                            else None, progress=progress)
+                                            else None, progress=progress, width=width + neck_width)
                 features, neck_features = features[:, :width], features[:, width:]
                 if not streaming and dist_utils.is_main_process():
                     pca.fit(features)
             except ValueError as error:  # PCA refuses NaN/Inf features: the network has diverged
-                raise TrainingError(f"epoch {epoch}: the features are not finite ({error}); training has "
-                                    f"diverged. Lower --lr and resume from an earlier checkpoint") from None
+                raise diverged(epoch, error) from None
         else:
             pca = _Identity()
             features = neck_features = F.normalize(compute_features(model.embed, loaders.feature, self.num_images,
-                                                                    self.device, progress=progress), dim=1)
+                                                                    self.device, progress=progress,
+                                                                    width=neck_width), dim=1)
         progress.close()
         record = {"time_features": time.perf_counter() - start}
         try:
             labels, timings = cluster_features(features, pca, args.k, epoch_seed(args.seed, epoch),
                                                args.kmeans_backend, args.kmeans_iters)
+        except ValueError as error:
+            raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
+        self.memory.init_memory(neck_features, labels.to(self.device))
+        record.update(timings)
+        return record
+
+    def _init_memory_sharded(self, epoch: int, loaders: Loaders, progress, start: float) -> dict:
+        """--cluster-on shard: the same clustering, each rank keeping its shard (sharded PCA-whitening of the
+        backbone features with --odc-init pca, or the L2-normalised neck features with neck) and sharded
+        k-means. The memory holds every image's neck feature on every rank, so those (256-d) are gathered
+        anyway; the backbone features (2048-d on a ResNet-50), the larger part, never are."""
+        from pydc.cluster import PCAWhitening
+
+        args, model = self.args, self.model
+        width, neck_width = model.backbone.feature_dim, model.feature_dim
+        pca, stream = None, None
+        if args.odc_init == "pca":
+            pca = PCAWhitening(n_components=min(args.pca_dim, width, self.num_images))
+            stream = StreamedPCA(pca, columns=width)
+            local = local_features(_BackboneAndNeck(model), loaders.feature, self.device, width + neck_width,
+                                   on_batch=stream, progress=progress)
+            features, neck_local = local[:, :width], local[:, width:]  # init_memory L2-normalises
+        else:
+            neck_local = features = F.normalize(local_features(model.embed, loaders.feature, self.device, neck_width,
+                                                               progress=progress), dim=1)
+        progress.close()
+        neck_features = dist_utils.all_gather_rows(neck_local)
+        record = {"time_features": time.perf_counter() - start}
+        try:
+            nonfinite = stream.nonfinite_rows if stream is not None else int((~torch.isfinite(features)).any(1).sum())
+            labels, timings, _ = cluster_shard(features, pca, args.k, epoch_seed(args.seed, epoch), args.kmeans_iters,
+                                               self.num_images, nonfinite_rows=nonfinite)
+        except NonfiniteFeatures as error:
+            raise diverged(epoch, error) from None
         except ValueError as error:
             raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
         self.memory.init_memory(neck_features, labels.to(self.device))

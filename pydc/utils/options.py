@@ -68,6 +68,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     algorithm.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations per clustering")
     algorithm.add_argument("--kmeans-backend", choices=KMEANS_BACKENDS, default="auto",
                            help="pydc.cluster.kmeans backend (auto: faiss on the CPU when installed, else pydc's)")
+    algorithm.add_argument("--cluster-on", choices=["gather", "shard", "auto"], default="auto",
+                           help="where the clustering's features live under torchrun. gather: every rank's features "
+                                "on every rank, rank 0 fits PCA and runs k-means (--kmeans-backend), labels "
+                                "broadcast. shard: each rank keeps its own shard; sharded PCA and pydc's k-means, "
+                                "only statistics and the int32 labels cross the network (faiss cannot shard). "
+                                "auto (default): shard when distributed and the gathered features would exceed "
+                                "1/4 of a device's memory (GPU, or host memory / local ranks on the CPU), else "
+                                "gather. DeepCluster's feature pass, ODC's memory initialisation, DCv2's memory "
+                                "k-means")
     algorithm.add_argument("--odc-momentum", type=float, default=0.2,
                            help="ODC: weight of the new feature in a memory row's update (MMSelfSup uses 0.5 on "
                                 "ImageNet; 0.2 keeps the digits memory steadier)")

@@ -191,6 +191,9 @@ def _check_backends(args: argparse.Namespace) -> None:
     if args.kmeans_backend == "faiss" and importlib.util.find_spec("faiss") is None:
         raise OptionError("--kmeans-backend faiss: the faiss package is not installed (pip install faiss-cpu); "
                           "use --kmeans-backend torch or auto")
+    if args.cluster_on == "shard" and args.kmeans_backend == "faiss":
+        raise OptionError("--cluster-on shard runs pydc's own sharded k-means (faiss cannot shard the rows); use "
+                          "--kmeans-backend torch or auto with it, or --cluster-on gather for faiss")
 
 
 def _check_crop(arch: str, crop: int) -> None:
