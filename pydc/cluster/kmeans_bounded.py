@@ -36,7 +36,6 @@ the deterministic update then match the CPU's bitwise. Memory: N x t x 4 bytes (
 
 from __future__ import annotations
 
-import math
 
 import torch
 
