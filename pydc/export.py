@@ -22,7 +22,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from pydc.utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 BODY_PREFIX = "backbone.body."
