@@ -175,8 +175,11 @@ def _assert_same_run(got: dict, single, niter: int) -> None:
 @pytest.mark.parametrize("case, spherical, niter", [("plain", False, 12), ("spherical", True, 12),
                                                     ("converging", False, 200)])
 def test_sharded_kmeans_equals_one_process(ranks, case, spherical, niter):
+    # The one-process reference is plain Lloyd (bounded=False), as sharded_kmeans is: the bounded assignment
+    # gives the same labels and centroids but sums the objective from other rows (tests/test_kmeans_bounded.py).
     world, results = ranks
-    single = kmeans(kmeans_points(), KM_K, niter=niter, seed=5, backend="torch", spherical=spherical)
+    single = kmeans(kmeans_points(), KM_K, niter=niter, seed=5, backend="torch", spherical=spherical,
+                    bounded=False)
     for result in results:
         got = result["kmeans"][case]
         _assert_same_run(got, single, niter)
@@ -191,7 +194,8 @@ def test_sharded_kmeans_equals_one_process(ranks, case, spherical, niter):
 def test_sharded_kmeans_from_rank0_initial_centroids(ranks):
     _, results = ranks
     init = torch.randn(KM_K, KM_DIM, generator=torch.Generator().manual_seed(7))
-    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch", init_centroids=init)
+    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch", init_centroids=init,
+                    bounded=False)
     for result in results:
         _assert_same_run(result["kmeans"]["given_init"], single, 12)
 
@@ -199,7 +203,7 @@ def test_sharded_kmeans_from_rank0_initial_centroids(ranks):
 def test_a_rank_without_rows(ranks):
     _, results = ranks
     single_pca = PCAWhitening(PCA_COMPONENTS).fit(pca_features(torch.float64))
-    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch")
+    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch", bounded=False)
     for result in results:
         assert torch.allclose(result["empty_shard"]["components"], single_pca.components_, atol=1e-8)
         _assert_same_run(result["empty_shard"], single, 12)
@@ -207,7 +211,7 @@ def test_a_rank_without_rows(ranks):
 
 def test_sharded_kmeans_with_global_index(ranks):
     _, results = ranks
-    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch")
+    single = kmeans(kmeans_points(), KM_K, niter=12, seed=5, backend="torch", bounded=False)
     for result in results:
         _assert_same_run(result["kmeans"]["global_index"], single, 12)
 
@@ -217,7 +221,7 @@ def test_sharded_kmeans_with_global_index(ranks):
 def test_without_a_process_group_equals_kmeans_and_fit(device):
     x = kmeans_points().to(device)
     for spherical in (False, True):
-        single = kmeans(x, KM_K, niter=12, seed=5, backend="torch", spherical=spherical)
+        single = kmeans(x, KM_K, niter=12, seed=5, backend="torch", spherical=spherical, bounded=False)
         result = sharded_kmeans(x, KM_K, niter=12, seed=5, spherical=spherical)
         _assert_same_run({"labels": gather_labels(result.labels), "centroids": result.centroids,
                           "objective": result.objective}, single, 12)
@@ -236,7 +240,7 @@ def test_no_fixed_point_stop_while_a_cluster_stays_empty():
     centroids keep moving; stopping there would leave the one-process result."""
     generator = torch.Generator().manual_seed(4)
     x = torch.cat([torch.randn(1, 3, generator=generator).expand(40, 3), torch.randn(5, 3, generator=generator)])
-    single = kmeans(x, 6, niter=15, seed=0, backend="torch")
+    single = kmeans(x, 6, niter=15, seed=0, backend="torch", bounded=False)
     result = sharded_kmeans(x, 6, niter=15, seed=0)
     assert single.splits >= 10, "the case should split on most iterations"
     _assert_same_run({"labels": gather_labels(result.labels), "centroids": result.centroids,
