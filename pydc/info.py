@@ -106,13 +106,20 @@ def _cpu_isa(loaded: bool) -> dict:
 
 
 def _ops() -> dict:
-    """{op name: {family, cpu, cuda}} for every registered pydc::* operator; the family is the name's first
-    word (sobel, pca, kmeans, odc), which is also the pydc.ops module and the csrc/ops file defining it."""
+    """{op name: {family, cpu, cuda, any_device}} for every registered pydc::* operator. The family is the
+    pydc.ops module and the csrc/ops file defining it: the name's first word (sobel, pca, kmeans, odc), or
+    cpu_capability for the ops that read or set the CPU kernels' ISA level. cpu/cuda: the dispatcher holds a
+    kernel for that device; any_device: a catch-all kernel that takes no tensor (the cpu_capability ops)."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     names = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("pydc::"))
-    return {name.removeprefix("pydc::"): {"family": name.removeprefix("pydc::").split("_")[0],
-                                          "cpu": has_kernel(name, "CPU"), "cuda": has_kernel(name, "CUDA")}
-            for name in names}
+    ops = {}
+    for name in names:
+        short = name.removeprefix("pydc::")
+        family = "cpu_capability" if short.endswith("capability") else short.split("_")[0]
+        cpu, cuda = has_kernel(name, "CPU"), has_kernel(name, "CUDA")
+        ops[short] = {"family": family, "cpu": cpu, "cuda": cuda,
+                      "any_device": not (cpu or cuda) and torch._C._dispatch_has_kernel(name)}
+    return ops
 
 
 def _distribution_version(*names: str) -> str:
@@ -199,7 +206,8 @@ def format_report(report: dict) -> str:
     row("CPU supports", f"{isa['cpu']} (ATen's kernels use {isa['torch']})")
     lines.append("ops (kernels)")
     for name, op in report["ops"].items():
-        row(f"  {name}", f"{op['family']:<8}CPU {_yes(op['cpu']):<4}CUDA {_yes(op['cuda'])}")
+        kernels = "any device" if op["any_device"] else f"CPU {_yes(op['cpu']):<4}CUDA {_yes(op['cuda'])}"
+        row(f"  {name}", f"{op['family']:<15}{kernels}")
     if not report["ops"]:
         lines.append("  none registered")
     lines.append("optional backends")
