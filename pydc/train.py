@@ -42,10 +42,11 @@ from pydc.utils.checkpoint import (FORMAT_VERSION, CheckpointError, capture_rng_
                                    keep_epoch_checkpoint, load_checkpoint, remove_stale_temporaries,
                                    save_checkpoint)
 from pydc.utils.logging import JsonLinesLog
-from pydc.utils.options import get_args_parser, parse_args  # noqa: F401  (get_args_parser: public entry point)
+from pydc.utils.options import get_args_parser, parse_args, resolve_data_defaults  # noqa: F401  (get_args_parser: public entry point)
 from pydc.utils.preemption import Preempted, PreemptionGuard
 from pydc.utils.resume import algorithm_state as algorithm_state_of, restore_rank_rng
 from pydc.utils.run_outputs import RunOutputs
+from pydc.utils.schedule import learning_rate, set_learning_rate
 
 
 class NonFiniteLossError(TrainingError):
@@ -98,6 +99,7 @@ def build_index(args):
     if len(index) == 0:
         raise TrainingError(f"--data {data_dir} holds no images; expected JPEG/PNG files (directly or in class "
                             f"sub-folders)")
+    resolve_data_defaults(args, len(index))
     if len(index) < args.k:
         raise TrainingError(f"--data {data_dir} holds {len(index)} images, fewer than --k {args.k} clusters; "
                             f"lower --k or add images")
@@ -152,7 +154,8 @@ def _wrap(model, device):
 # ----------------------------------------------------------------------------------------------------------------
 # One training epoch
 # ----------------------------------------------------------------------------------------------------------------
-def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals: dict | None = None) -> dict:
+def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals: dict | None = None,
+                    rate_at=None) -> dict:
     """Train on `loader` from `state["step"]` on; returns the epoch's stats (loss sum, images, steps, seconds,
     and what the algorithm's `after_step` adds), summed on from `totals` (a resumed epoch's sums so far, so that
     its sums are added in the same order as an uninterrupted epoch's: bit-identical logs).
@@ -161,7 +164,8 @@ def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals
     read again, and since a batch's augmentation draws depend only on (seed, epoch, batch number) the epoch goes
     on exactly as it would have. `state["batch"]` is the position after the last trained batch in the epoch's
     batches (it exceeds `state["step"]` where a batch whose files all failed was left out). `on_step(stats)` runs
-    after every step (checkpoints).
+    after every step (checkpoints). `rate_at(progress)` gives the learning rate at `progress` epochs into the run
+    (pydc.utils.schedule), set on every optimizer before each step.
     """
     model.train()
     stats = {"loss_sum": 0.0, "images": 0, "steps": 0, "time_train": 0.0, **(totals or {})}
@@ -177,6 +181,9 @@ def train_one_epoch(algorithm, model, loader, optimizers, state, on_step, totals
             raise NonFiniteLossError(f"the loss became {loss_value} at epoch {state['epoch']}, step {state['step']}; "
                                      f"training stopped and the last checkpoint was kept. Lower --lr, or resume "
                                      f"from that checkpoint")
+        if rate_at is not None:
+            stats["lr"] = rate_at(state["epoch"] + batch.number / max(1, len(loader)))
+            set_learning_rate(optimizers, stats["lr"])
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -252,6 +259,9 @@ def train(args) -> dict:
             outputs.note(f"resumed from {resume} at epoch {state['epoch']}, step {state['step']}{rng_note}")
     training_model = _wrap(model, device)
 
+    def rate_at(progress: float) -> float:
+        return learning_rate(args.lr, progress, args.epochs, args.lr_schedule, args.warmup_epochs)
+
     def save(tag: str) -> None:
         rng_ranks = dist_utils.all_gather_objects(capture_rng_state())  # collective: every rank takes part
         if rank != 0:
@@ -319,7 +329,7 @@ def train(args) -> dict:
 
                 optimizers = [optimizer] + ([head_optimizer] if head_optimizer is not None else [])
                 totals = train_one_epoch(algorithm, training_model, train_loader, optimizers, state, on_step,
-                                         totals=state["partial"])
+                                         totals=state["partial"], rate_at=rate_at)
                 record = _epoch_record(args, algorithm, state, totals, true_labels, time.perf_counter() - epoch_start)
                 assignments = algorithm.assignments()
                 if rank == 0:
@@ -383,7 +393,7 @@ def _epoch_record(args, algorithm, state, totals, true_labels, seconds) -> dict:
     record["time_train"] = totals.get("time_train", 0.0)
     record["time_epoch"] = seconds
     record.update(algorithm.epoch_record(totals))
-    record["lr"] = args.lr
+    record["lr"] = totals.get("lr", args.lr)  # the rate of the epoch's last step
     return record
 
 

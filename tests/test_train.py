@@ -239,7 +239,7 @@ def test_config_file_with_flags_overriding(tmp_path):
     config.write_text(json.dumps({"algo": "odc", "epochs": 7, "batch-size": 32, "lr": 0.1}))
     args = parse_args(["--config", str(config), "--epochs", "3"])
     assert (args.algo, args.epochs, args.batch_size, args.lr) == ("odc", 3, 32, 0.1)
-    assert args.k == 10 and args.crop == 32  # filled from the algorithm and the arch
+    assert args.k is None and args.pca_dim == 64 and args.crop == 32  # k: from the data (train.py); the rest: the arch
     config.write_text(json.dumps({"epochz": 1}))
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])

@@ -17,6 +17,8 @@ ARCHITECTURES = {"small": small, "alexnet": alexnet, "vgg16": vgg16, "resnet50":
 
 # The crop each architecture is built for; `small` is sized for the bundled 32x32 digits.
 DEFAULT_INPUT_SIZE = {"small": 32, "alexnet": 224, "vgg16": 224, "resnet50": 224}
+# The width of `features()` (SobelBackbone.feature_dim), known before a model is built.
+FEATURE_DIM = {"small": 256, "alexnet": 4096, "vgg16": 4096, "resnet50": 2048}
 
 
 def build_model(arch: str, input_size: int | None = None, stem: str = "sobel") -> SobelBackbone:
@@ -27,4 +29,4 @@ def build_model(arch: str, input_size: int | None = None, stem: str = "sobel") -
     return ARCHITECTURES[arch](input_size or DEFAULT_INPUT_SIZE[arch], stem=stem)
 
 
-__all__ = ["ARCHITECTURES", "DEFAULT_INPUT_SIZE", "SobelBackbone", "build_model"]
+__all__ = ["ARCHITECTURES", "DEFAULT_INPUT_SIZE", "FEATURE_DIM", "SobelBackbone", "build_model"]

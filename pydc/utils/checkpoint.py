@@ -38,6 +38,8 @@ import torch
 FORMAT_VERSION = 2
 # Options a checkpoint must share with the run that resumes it (the shapes of its tensors depend on them).
 COMPATIBILITY_KEYS = ("algo", "arch", "k", "crop", "stem")
+# Options whose default is resolved only once the data is indexed (None while options are validated).
+DATA_DEPENDENT_KEYS = ("k",)
 # The value an option had before it existed, for checkpoints written then (--stem: the Sobel stem).
 LEGACY_DEFAULTS = {"stem": "sobel"}
 EPOCH_CHECKPOINTS = "checkpoints"
@@ -130,6 +132,8 @@ def check_compatible(saved_args: dict, args: dict, path) -> None:
     """Refuse to resume a checkpoint whose tensors were shaped by other options than this run's."""
     saved_args = {**LEGACY_DEFAULTS, **saved_args}
     for key in COMPATIBILITY_KEYS:
+        if args.get(key) is None and key in DATA_DEPENDENT_KEYS:
+            continue  # resolved from the data later (options.resolve_data_defaults); train.py checks again then
         if saved_args.get(key) != args.get(key):
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"checkpoint {path} was written with {flag} {saved_args.get(key)}, but this "

@@ -83,6 +83,7 @@ RANGES = {
     "workers": Range(1, MAX_THREADS),
     "epochs": Range(1),
     "lr": Range(0, MAX_LR, low_open=True),
+    "warmup_epochs": Range(0),
     "wd": Range(0, 1),
     "momentum": Range(0, 1, high_open=True),
     "checkpoint_steps": Range(0),
