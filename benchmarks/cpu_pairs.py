@@ -81,7 +81,8 @@ def kmeans_pair(dataset):
     assert ours.objective[-1] <= theirs.objective[-1] * 1.01, "objective not within 1% of faiss's"
     extra = dict(pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
                  pydc_objective=ours.objective[-1], faiss_objective=theirs.objective[-1],
-                 fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)))
+                 fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)),
+                 fraction_scores_computed=sum(ours.scores_computed) / (N * K * len(ours.scores_computed)))
     return f"k-means {dataset} {N}x{D} k={K} niter=20", ours_s, theirs_s, "faiss-cpu k-means", extra
 
 

@@ -57,6 +57,8 @@ class KMeansResult:
     bounded: bool = False     # whether the assignments used Yinyang bounds (torch backend on the CPU)
     rows_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: points whose
     # distances were computed (all N without bounds; fewer when the bounds settle points)
+    scores_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: point-centroid
+    # scores computed (N * k without bounds; fewer when the bounds settle points or groups of centroids)
 
 
 def _faiss_module():
@@ -167,9 +169,12 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
         previous_labels = labels
     if not stopped:  # the final labels are one more assignment
         labels, _ = assign(centroids)
-    rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * (len(objective) + (not stopped))
+    passes = len(objective) + (not stopped)
+    rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * passes
+    scores_computed = assign.scores_computed if bounded else [x32.shape[0] * k] * passes
     return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits,
-                        iterations=len(objective), bounded=bounded, rows_computed=rows_computed)
+                        iterations=len(objective), bounded=bounded, rows_computed=rows_computed,
+                        scores_computed=scores_computed)
 
 
 def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeansResult:

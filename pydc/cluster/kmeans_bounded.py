@@ -41,7 +41,7 @@ import torch
 
 MAX_GROUPS = 64
 CENTROIDS_PER_GROUP = 16
-DENSE_FRACTION = 0.5  # above this fraction of rows to recompute, all rows are recomputed in place ...
+DENSE_FRACTION = 0.7  # above this fraction of scores computed, the next passes score all of them ...
 MAX_BACKOFF = 8       # ... and the next 1, 2, 4, 8 passes (after successive such filters) skip the filter
 _ROUND_UP = 1.0 + 1e-12  # float64 norms and square roots of float32 data: relative error far below 1e-12
 
@@ -51,14 +51,6 @@ def bounded_assignment_available(x: torch.Tensor) -> bool:
     from pydc.ops._registry import HAS_OPS
 
     return HAS_OPS and x.device.type == "cpu" and hasattr(torch.ops.pydc, "kmeans_assign_bounds")
-
-
-def _error_bound(point_sq_norms: torch.Tensor, max_centroid_norm: float, d: int) -> torch.Tensor:
-    """kmeans_score_error_bound of common/kmeans_math.h, per point, in float64."""
-    n_u = (d + 2) * 2.0**-24
-    gamma = n_u / (1.0 - n_u)
-    radius = point_sq_norms.double().clamp_min(0).sqrt() + max_centroid_norm
-    return 1.01 * gamma * radius * radius
 
 
 class YinyangAssigner:
@@ -76,7 +68,8 @@ class YinyangAssigner:
         self.order = None          # centroid positions sorted by group
         self.offsets = None
         self.group_of_sorted = None
-        self.rows_computed = []    # GEMM rows per call, for benchmarks and tests
+        self.rows_computed = []    # per call: points with any score computed (benchmarks and tests) ...
+        self.scores_computed = []  # ... and point-centroid scores computed (N * k without bounds)
         self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
         self.backoff = 1
 
@@ -93,16 +86,18 @@ class YinyangAssigner:
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.group_of_sorted = group[self.order]
 
-    def _compute(self, rows: torch.Tensor | None, sorted_centroids: torch.Tensor):
-        x = self.x if rows is None else self.x.index_select(0, rows)
-        norms = self.point_sq_norms if rows is None else self.point_sq_norms.index_select(0, rows)
-        return torch.ops.pydc.kmeans_assign_bounds(x, sorted_centroids, self.order, self.offsets, norms)
-
     def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        self.labels, distances, _, self.lower = self._compute(None, sorted_centroids)
+        # Zero bounds fail every test: the local filter scores every group of every point, which sets
+        # exact labels and fresh bounds (faster than kmeans_assign_bounds's GEMM + fold of the same).
+        groups = self.offsets.numel() - 1
+        self.labels = torch.zeros(self.x.shape[0], dtype=torch.int64)
+        self.lower = torch.zeros(self.x.shape[0], groups, dtype=torch.float64)
+        distances, counts = torch.ops.pydc.kmeans_assign_yinyang(
+            self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms,
+            torch.zeros(groups, dtype=torch.float64), self.labels, self.lower)
+        self._count(*counts.tolist())
         self.previous = centroids.clone()
-        self.rows_computed.append(self.x.shape[0])
-        return self.labels.clone(), float(distances.sum(dtype=torch.float64))
+        return self.labels.clone(), float(distances.sum())
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.order is None:
@@ -111,38 +106,32 @@ class YinyangAssigner:
         if self.previous is None:
             return self._compute_all(centroids, sorted_centroids)
         if self.unfiltered_passes > 0:
-            # The last filters found most rows unsettled: skip the filter's cost (a float64 distance per
-            # point, passes over the N x t bounds) for a while. Plain kmeans_assign gives the same labels;
-            # the last of these passes refreshes the bounds for the next filter.
+            # The last filters scored most centroids anyway: skip the filters' own cost (a float64 distance
+            # per point, passes over the N x G bounds) for a while. Plain kmeans_assign gives the same
+            # labels; the last of these passes refreshes the bounds for the next filter.
             self.unfiltered_passes -= 1
             if self.unfiltered_passes == 0:
                 return self._compute_all(centroids, sorted_centroids)
-            self.rows_computed.append(self.x.shape[0])
+            self._count(self.x.shape[0], self.x.shape[0] * self.k)
             labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
             self.labels = labels
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
         group_drift = torch.zeros(self.offsets.numel() - 1, dtype=torch.float64).scatter_reduce_(
             0, self.group_of_sorted, drift[self.order], reduce="amax", include_self=True)
-        self.lower.sub_(group_drift).clamp_min_(0.0)
-        own_sq = torch.ops.pydc.kmeans_label_distances(self.x, centroids, self.labels)
-        upper = own_sq.sqrt() * _ROUND_UP
-        max_norm = float(centroids.double().norm(dim=1).max())
-        margin = 2.0 * _error_bound(self.point_sq_norms, max_norm, self.x.shape[1])
-        lower_min = self.lower.min(dim=1).values
-        keep = lower_min * lower_min - upper * upper > margin
-        rows = torch.nonzero(~keep).flatten()
-        if rows.numel() > DENSE_FRACTION * self.x.shape[0]:  # most rows: no gather, no scatter
+        distances, counts = torch.ops.pydc.kmeans_assign_yinyang(
+            self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms, group_drift, self.labels,
+            self.lower)
+        rows, scores = counts.tolist()
+        self._count(rows, scores)
+        if scores > DENSE_FRACTION * self.x.shape[0] * self.k:
             self.unfiltered_passes = self.backoff
             self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-            return self._compute_all(centroids, sorted_centroids)
-        self.backoff = 1
-        self.rows_computed.append(int(rows.numel()))
-        objective = float(own_sq[keep].sum())
-        if rows.numel():
-            labels, distances, _, new_lower = self._compute(rows, sorted_centroids)
-            self.labels[rows] = labels
-            self.lower[rows] = new_lower
-            objective += float(distances.sum(dtype=torch.float64))
+        else:
+            self.backoff = 1
         self.previous = centroids.clone()
-        return self.labels.clone(), objective
+        return self.labels.clone(), float(distances.sum())
+
+    def _count(self, rows: int, scores: int) -> None:
+        self.rows_computed.append(rows)
+        self.scores_computed.append(scores)
