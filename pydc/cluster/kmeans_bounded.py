@@ -1,25 +1,30 @@
-"""Bounded (Yinyang) assignment for pydc's CPU k-means: Lloyd's labels, with rows skipped that provably keep
-their label.
+"""Bounded (Yinyang) assignment for pydc's CPU k-means: Lloyd's labels, with the point-centroid scores
+skipped that provably cannot change a label.
 
 Yinyang k-means (Ding et al., ICML 2015) keeps, per point, an upper bound u on the distance to its own
 centroid and a lower bound l_g on the distance to every other centroid of each group g of centroids (the
 groups: a small k-means of the initial centroids, ~16 centroids each, at most 64 groups). When the
-centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. A point
-whose own centroid is provably nearer than every group's lower bound keeps its label without a GEMM row.
-When a filter finds more than half of the rows unsettled (early iterations, unstructured data), all rows are
-recomputed without gathering, and the next 1, 2, 4 or 8 passes run without the filter (its own cost, about
-a quarter of a GEMM pass, is then wasted); the last of them refreshes the bounds.
+centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. Each pass
+(one kmeans_assign_yinyang call, csrc/ops/cpu/kmeans_yinyang_kernel.cpp) applies two filters: the global
+one, a point whose own centroid is provably nearer than every group's lower bound keeps its label with no
+score computed; the local one, for the other points only the groups whose bound fails (and the own
+centroid's group) are scored, in blocks of 8 transposed centroids per group. The first pass starts from
+zero bounds (every group scored). When a pass scores more than DENSE_FRACTION of all point-centroid pairs
+(early iterations, unstructured data), the next 1, 2, 4 or 8 passes (after successive such passes) run plain
+kmeans_assign (BLAS GEMM: faster than the block scoring when nearly everything is scored); the last of them
+refreshes the bounds.
 
-Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 GEMM
-candidates, float64 settle of near-ties, ties to the lowest index), so they do not depend on which rows are
-computed together. A row is skipped only when l_min^2 - u^2 > 2 * kmeans_score_error_bound (the same margin
-that decides a float64 settle); u is recomputed exactly every iteration (fixed-order float64 distance to
-the own centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group
-lower bounds that the kernel returns already subtract the float32 error of the scores they come from. So a
-skipped row's label is the one kmeans_assign would return, and the iteration's centroids are bitwise those
-of plain Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and
-the drift is measured after it. The objective of a skipped row is its float64 distance, of a recomputed row
-the kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
+Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 candidates,
+float64 settle of near-ties, ties to the lowest index), so they do not depend on which scores are computed
+together. A group is skipped only when l_g^2 - u^2 > 2 * kmeans_score_error_bound (the same margin that
+decides a float64 settle), so every skipped centroid is farther than the own one and the exact arg-min is
+among the scored ones; u is recomputed exactly every pass (fixed-order float64 distance to the own
+centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group lower
+bounds that the kernel stores already subtract the float32 error of the scores they come from. So the
+labels are the ones kmeans_assign would return, and the iteration's centroids are bitwise those of plain
+Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and the
+drift is measured after it. The objective of a skipped point is its float64 distance, of a scored one the
+kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
 
 CUDA design (not built yet): the same state on the device: labels (N) int64, upper (N) float32 rounded up
 (or float64), lower (N, t) float32 rounded down. Per iteration: (1) drift kernel: one warp per centroid,
