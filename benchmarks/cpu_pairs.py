@@ -6,12 +6,14 @@ line per pair as it finishes (for a busy machine, where the pytest-benchmark sui
         python -m benchmarks.cpu_pairs OUT.json                   # capped at AVX2
 
 Sobel (median of 7) and assign (median of 5) alternate sides; k-means (clustered and unstructured data, same
-start) and PCA run once per side. OUT.json also records where it ran (CPU model, level, BLAS caps, threads).
+start) and PCA run once per side. OUT.json also records where it ran (CPU model, level, BLAS caps, threads)
+and the 1-minute load average after each pair (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,7 +83,8 @@ def kmeans_pair(dataset):
     assert ours.objective[-1] <= theirs.objective[-1] * 1.01, "objective not within 1% of faiss's"
     extra = dict(pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
                  pydc_objective=ours.objective[-1], faiss_objective=theirs.objective[-1],
-                 fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)))
+                 fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)),
+                 fraction_scores_computed=sum(ours.scores_computed) / (N * K * len(ours.scores_computed)))
     return f"k-means {dataset} {N}x{D} k={K} niter=20", ours_s, theirs_s, "faiss-cpu k-means", extra
 
 
@@ -103,7 +106,7 @@ def main(path):
                  pca_pair):
         name, ours_s, reference_s, reference, extra = pair()
         row = dict(what=name, pydc_s=ours_s, reference=reference, reference_s=reference_s,
-                   ratio=ours_s / reference_s, **extra)
+                   ratio=ours_s / reference_s, load_average_1min=os.getloadavg()[0], **extra)
         out["pairs"].append(row)
         print(json.dumps(row), flush=True)
         with open(path, "w") as f:

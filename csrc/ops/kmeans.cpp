@@ -1,7 +1,7 @@
 // Schemas of the k-means ops and the checks both kernels share.
 //
 // kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
-// kmeans_assign_bounds, kmeans_label_distances: the steps of bounded k-means (CPU only).
+// kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang: the steps of bounded k-means (CPU only).
 // kmeans_update: per-cluster sums of the points and per-cluster counts (the centroid update is sums/counts).
 #include "ops/kmeans.h"
 
@@ -80,4 +80,7 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("kmeans_assign_bounds(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
         "Tensor x_sq_norms) -> (Tensor labels, Tensor distances, Tensor upper, Tensor group_lower)");
   m.def("kmeans_label_distances(Tensor x, Tensor centroids, Tensor labels) -> Tensor");
+  m.def("kmeans_assign_yinyang(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
+        "Tensor x_sq_norms, Tensor group_drift, Tensor(a!) labels, Tensor(b!) group_lower) -> "
+        "(Tensor distances, Tensor counts)");
 }

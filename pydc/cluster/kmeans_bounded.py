@@ -1,25 +1,30 @@
-"""Bounded (Yinyang) assignment for pydc's CPU k-means: Lloyd's labels, with rows skipped that provably keep
-their label.
+"""Bounded (Yinyang) assignment for pydc's CPU k-means: Lloyd's labels, with the point-centroid scores
+skipped that provably cannot change a label.
 
 Yinyang k-means (Ding et al., ICML 2015) keeps, per point, an upper bound u on the distance to its own
 centroid and a lower bound l_g on the distance to every other centroid of each group g of centroids (the
 groups: a small k-means of the initial centroids, ~16 centroids each, at most 64 groups). When the
-centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. A point
-whose own centroid is provably nearer than every group's lower bound keeps its label without a GEMM row.
-When a filter finds more than half of the rows unsettled (early iterations, unstructured data), all rows are
-recomputed without gathering, and the next 1, 2, 4 or 8 passes run without the filter (its own cost, about
-a quarter of a GEMM pass, is then wasted); the last of them refreshes the bounds.
+centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. Each pass
+(one kmeans_assign_yinyang call, csrc/ops/cpu/kmeans_yinyang_kernel.cpp) applies two filters: the global
+one, a point whose own centroid is provably nearer than every group's lower bound keeps its label with no
+score computed; the local one, for the other points only the groups whose bound fails (and the own
+centroid's group) are scored, in blocks of 8 transposed centroids per group. The first pass starts from
+zero bounds (every group scored). When a pass scores more than DENSE_FRACTION of all point-centroid pairs
+(early iterations, unstructured data), the next 1, 2, 4 or 8 passes (after successive such passes) run plain
+kmeans_assign (BLAS GEMM: faster than the block scoring when nearly everything is scored); the last of them
+refreshes the bounds.
 
-Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 GEMM
-candidates, float64 settle of near-ties, ties to the lowest index), so they do not depend on which rows are
-computed together. A row is skipped only when l_min^2 - u^2 > 2 * kmeans_score_error_bound (the same margin
-that decides a float64 settle); u is recomputed exactly every iteration (fixed-order float64 distance to
-the own centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group
-lower bounds that the kernel returns already subtract the float32 error of the scores they come from. So a
-skipped row's label is the one kmeans_assign would return, and the iteration's centroids are bitwise those
-of plain Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and
-the drift is measured after it. The objective of a skipped row is its float64 distance, of a recomputed row
-the kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
+Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 candidates,
+float64 settle of near-ties, ties to the lowest index), so they do not depend on which scores are computed
+together. A group is skipped only when l_g^2 - u^2 > 2 * kmeans_score_error_bound (the same margin that
+decides a float64 settle), so every skipped centroid is farther than the own one and the exact arg-min is
+among the scored ones; u is recomputed exactly every pass (fixed-order float64 distance to the own
+centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group lower
+bounds that the kernel stores already subtract the float32 error of the scores they come from. So the
+labels are the ones kmeans_assign would return, and the iteration's centroids are bitwise those of plain
+Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and the
+drift is measured after it. The objective of a skipped point is its float64 distance, of a scored one the
+kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
 
 CUDA design (not built yet): the same state on the device: labels (N) int64, upper (N) float32 rounded up
 (or float64), lower (N, t) float32 rounded down. Per iteration: (1) drift kernel: one warp per centroid,
@@ -41,7 +46,7 @@ import torch
 
 MAX_GROUPS = 64
 CENTROIDS_PER_GROUP = 16
-DENSE_FRACTION = 0.5  # above this fraction of rows to recompute, all rows are recomputed in place ...
+DENSE_FRACTION = 0.7  # above this fraction of scores computed, the next passes score all of them ...
 MAX_BACKOFF = 8       # ... and the next 1, 2, 4, 8 passes (after successive such filters) skip the filter
 _ROUND_UP = 1.0 + 1e-12  # float64 norms and square roots of float32 data: relative error far below 1e-12
 
@@ -51,14 +56,6 @@ def bounded_assignment_available(x: torch.Tensor) -> bool:
     from pydc.ops._registry import HAS_OPS
 
     return HAS_OPS and x.device.type == "cpu" and hasattr(torch.ops.pydc, "kmeans_assign_bounds")
-
-
-def _error_bound(point_sq_norms: torch.Tensor, max_centroid_norm: float, d: int) -> torch.Tensor:
-    """kmeans_score_error_bound of common/kmeans_math.h, per point, in float64."""
-    n_u = (d + 2) * 2.0**-24
-    gamma = n_u / (1.0 - n_u)
-    radius = point_sq_norms.double().clamp_min(0).sqrt() + max_centroid_norm
-    return 1.01 * gamma * radius * radius
 
 
 class YinyangAssigner:
@@ -76,7 +73,8 @@ class YinyangAssigner:
         self.order = None          # centroid positions sorted by group
         self.offsets = None
         self.group_of_sorted = None
-        self.rows_computed = []    # GEMM rows per call, for benchmarks and tests
+        self.rows_computed = []    # per call: points with any score computed (benchmarks and tests) ...
+        self.scores_computed = []  # ... and point-centroid scores computed (N * k without bounds)
         self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
         self.backoff = 1
 
@@ -93,16 +91,18 @@ class YinyangAssigner:
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.group_of_sorted = group[self.order]
 
-    def _compute(self, rows: torch.Tensor | None, sorted_centroids: torch.Tensor):
-        x = self.x if rows is None else self.x.index_select(0, rows)
-        norms = self.point_sq_norms if rows is None else self.point_sq_norms.index_select(0, rows)
-        return torch.ops.pydc.kmeans_assign_bounds(x, sorted_centroids, self.order, self.offsets, norms)
-
     def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        self.labels, distances, _, self.lower = self._compute(None, sorted_centroids)
+        # Zero bounds fail every test: the local filter scores every group of every point, which sets
+        # exact labels and fresh bounds (faster than kmeans_assign_bounds's GEMM + fold of the same).
+        groups = self.offsets.numel() - 1
+        self.labels = torch.zeros(self.x.shape[0], dtype=torch.int64)
+        self.lower = torch.zeros(self.x.shape[0], groups, dtype=torch.float64)
+        distances, counts = torch.ops.pydc.kmeans_assign_yinyang(
+            self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms,
+            torch.zeros(groups, dtype=torch.float64), self.labels, self.lower)
+        self._count(*counts.tolist())
         self.previous = centroids.clone()
-        self.rows_computed.append(self.x.shape[0])
-        return self.labels.clone(), float(distances.sum(dtype=torch.float64))
+        return self.labels.clone(), float(distances.sum())
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.order is None:
@@ -111,38 +111,32 @@ class YinyangAssigner:
         if self.previous is None:
             return self._compute_all(centroids, sorted_centroids)
         if self.unfiltered_passes > 0:
-            # The last filters found most rows unsettled: skip the filter's cost (a float64 distance per
-            # point, passes over the N x t bounds) for a while. Plain kmeans_assign gives the same labels;
-            # the last of these passes refreshes the bounds for the next filter.
+            # The last filters scored most centroids anyway: skip the filters' own cost (a float64 distance
+            # per point, passes over the N x G bounds) for a while. Plain kmeans_assign gives the same
+            # labels; the last of these passes refreshes the bounds for the next filter.
             self.unfiltered_passes -= 1
             if self.unfiltered_passes == 0:
                 return self._compute_all(centroids, sorted_centroids)
-            self.rows_computed.append(self.x.shape[0])
+            self._count(self.x.shape[0], self.x.shape[0] * self.k)
             labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
             self.labels = labels
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
         group_drift = torch.zeros(self.offsets.numel() - 1, dtype=torch.float64).scatter_reduce_(
             0, self.group_of_sorted, drift[self.order], reduce="amax", include_self=True)
-        self.lower.sub_(group_drift).clamp_min_(0.0)
-        own_sq = torch.ops.pydc.kmeans_label_distances(self.x, centroids, self.labels)
-        upper = own_sq.sqrt() * _ROUND_UP
-        max_norm = float(centroids.double().norm(dim=1).max())
-        margin = 2.0 * _error_bound(self.point_sq_norms, max_norm, self.x.shape[1])
-        lower_min = self.lower.min(dim=1).values
-        keep = lower_min * lower_min - upper * upper > margin
-        rows = torch.nonzero(~keep).flatten()
-        if rows.numel() > DENSE_FRACTION * self.x.shape[0]:  # most rows: no gather, no scatter
+        distances, counts = torch.ops.pydc.kmeans_assign_yinyang(
+            self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms, group_drift, self.labels,
+            self.lower)
+        rows, scores = counts.tolist()
+        self._count(rows, scores)
+        if scores > DENSE_FRACTION * self.x.shape[0] * self.k:
             self.unfiltered_passes = self.backoff
             self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-            return self._compute_all(centroids, sorted_centroids)
-        self.backoff = 1
-        self.rows_computed.append(int(rows.numel()))
-        objective = float(own_sq[keep].sum())
-        if rows.numel():
-            labels, distances, _, new_lower = self._compute(rows, sorted_centroids)
-            self.labels[rows] = labels
-            self.lower[rows] = new_lower
-            objective += float(distances.sum(dtype=torch.float64))
+        else:
+            self.backoff = 1
         self.previous = centroids.clone()
-        return self.labels.clone(), objective
+        return self.labels.clone(), float(distances.sum())
+
+    def _count(self, rows: int, scores: int) -> None:
+        self.rows_computed.append(rows)
+        self.scores_computed.append(scores)

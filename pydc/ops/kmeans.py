@@ -28,8 +28,10 @@ kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
     reproducible); deterministic=False uses float atomics (faster, last bits vary run to run). The CUDA
     kernels skip labels outside [0, k), since checking them would need a device-to-host sync.
 
-kmeans_assign_bounds and kmeans_label_distances (CPU only) are the steps of bounded k-means; see
-csrc/ops/cpu/kmeans_bounded_kernel.cpp and pydc/cluster/kmeans_bounded.py.
+kmeans_assign_yinyang (one pass of bounded k-means: global and local Yinyang filter, updating labels and
+group bounds in place), kmeans_assign_bounds (a full pass that also returns the bounds) and
+kmeans_label_distances (float64 distance to the own centroid) are CPU only; see
+csrc/ops/cpu/kmeans_yinyang_kernel.cpp, kmeans_bounded_kernel.cpp and pydc/cluster/kmeans_bounded.py.
 
 Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
 `kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the

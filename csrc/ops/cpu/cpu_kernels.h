@@ -8,9 +8,10 @@
 // translation units include no ATen header, so no inline function or template of ATen is ever emitted with
 // AVX2/AVX-512 code that another translation unit could pick at link time.
 //
-// Every loop computes each output with the same operations in the same order at every level (independent
-// lanes instead of reassociated reductions, no FMA contraction in ISO C++ mode), so results are bitwise the
-// same whichever level runs; the levels differ in speed only.
+// Every loop but block_scores8 computes each output with the same operations in the same order at every level
+// (independent lanes instead of reassociated reductions, no FMA contraction in ISO C++ mode), so results are
+// bitwise the same whichever level runs; the levels differ in speed only. block_scores8 fuses multiply-adds
+// where the level has FMA (see there).
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,24 @@ struct CpuKernels {
   // each of `groups` groups, into group_min[g] (+inf for a group with no other member).
   void (*group_min_scores)(const float* dot, const float* centroid_sq_norms, const int64_t* offsets,
                            int64_t groups, int64_t excluded, float* group_min);
+  // Scores of n_rows points against n_blocks (1 or 2) consecutive transposed blocks of 8 centroids (block
+  // b's feature t of centroid l at blocks[(b * d + t) * 8 + l]; block_sq_norms: their ||c||^2, 8 per block):
+  // scores[r][8 b + l] = block_sq_norms[8 b + l] - 2 * x_r . c_{b,l}, each dot summed in feature order in
+  // float32, the same for any n_rows / n_blocks; fused multiply-adds at AVX2 and AVX-512, so unlike every
+  // other loop here the scores differ by float32 rounding from the default level's. The local filter of bounded
+  // k-means scores a point only against the groups its bounds do not settle with this.
+  void (*block_scores8)(const float* const* rows, int64_t n_rows, const float* blocks, int64_t n_blocks,
+                        const float* block_sq_norms, int64_t d, float* const* scores);
+  // The smallest score of every group g with need[g] != 0 into group_min[g] (others untouched), from a row
+  // of block scores (block b = scores[8 b .. 8 b + 7], padding +inf; group g = blocks group_block[g] ..
+  // group_block[g + 1] - 1). NaN scores never win.
+  void (*group_block_minima)(const float* scores, const int64_t* group_block, const uint8_t* need, int64_t groups,
+                             float* group_min);
+  // Decays a point's group lower bounds by the group drifts (lower[g] = max(0, lower[g] - drift[g])) and sets
+  // need[g] = 1 where the bound does not prove the group farther than the own centroid (lower[g]^2 - upper_sq
+  // > margin fails), 0 elsewhere; returns whether any group is needed.
+  bool (*decay_group_bounds)(double* lower, const double* drift, int64_t groups, double upper_sq, double margin,
+                             uint8_t* need);
   // Fixed-order float64 dot product of two float32 rows (8 lanes, then a fixed pairwise sum).
   double (*dot_f64)(const float* a, const float* b, int64_t d);
   // Fixed-order float64 squared distance ||a - b||^2 of two float32 rows.

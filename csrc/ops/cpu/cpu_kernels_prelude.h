@@ -7,6 +7,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // FMA in block_scores8 where the level has it
+#endif
+
 #include "common/kmeans_math.h"
 #include "common/odc_math.h"
 #include "common/pca_math.h"

@@ -43,29 +43,42 @@ void check_points_and_centroids(const char* op, const at::Tensor& x, const at::T
   TORCH_CHECK(centroids.size(0) >= 1, op, ": expected at least one centroid, got ", describe(centroids));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_cpu(
-    const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids_in, const at::Tensor& offsets_in,
-    const at::Tensor& norms_in) {
-  check_points_and_centroids(kBounds, x_in, centroids_in);
-  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
-  PYDC_CHECK_DTYPE(kBounds, "centroid_ids", ids_in, at::kLong);
-  PYDC_CHECK_DTYPE(kBounds, "group_offsets", offsets_in, at::kLong);
-  PYDC_CHECK_DTYPE(kBounds, "x_sq_norms", norms_in, at::kFloat);
-  TORCH_CHECK(ids_in.dim() == 1 && ids_in.size(0) == k, kBounds, ": expected centroid_ids of shape (", k,
-              ",), got ", describe(ids_in));
-  TORCH_CHECK(norms_in.dim() == 1 && norms_in.size(0) == n, kBounds, ": expected x_sq_norms of shape (", n,
-              ",), got ", describe(norms_in));
-  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.size(0) >= 2, kBounds, ": expected group_offsets of shape "
+}  // namespace
+
+int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids,
+                                const at::Tensor& ids, const at::Tensor& offsets_in, const at::Tensor& norms) {
+  check_points_and_centroids(op, x, centroids);
+  const int64_t n = x.size(0), k = centroids.size(0);
+  PYDC_CHECK_DTYPE(op, "centroid_ids", ids, at::kLong);
+  PYDC_CHECK_DTYPE(op, "group_offsets", offsets_in, at::kLong);
+  PYDC_CHECK_DTYPE(op, "x_sq_norms", norms, at::kFloat);
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == k, op, ": expected centroid_ids of shape (", k, ",), got ",
+              describe(ids));
+  TORCH_CHECK(norms.dim() == 1 && norms.size(0) == n, op, ": expected x_sq_norms of shape (", n, ",), got ",
+              describe(norms));
+  TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.size(0) >= 2, op, ": expected group_offsets of shape "
               "(groups + 1,) with at least one group, got ", describe(offsets_in));
   const at::Tensor offsets_t = offsets_in.contiguous();
   const int64_t groups = offsets_t.size(0) - 1;
   const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
-  TORCH_CHECK(offsets[0] == 0 && offsets[groups] == k, kBounds, ": expected group_offsets from 0 to k = ", k,
-              ", got ", offsets[0], " to ", offsets[groups]);
+  TORCH_CHECK(offsets[0] == 0 && offsets[groups] == k, op, ": expected group_offsets from 0 to k = ", k, ", got ",
+              offsets[0], " to ", offsets[groups]);
   for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK(offsets[g] <= offsets[g + 1], kBounds, ": expected non-decreasing group_offsets, got ",
-                offsets[g], " then ", offsets[g + 1]);
+    TORCH_CHECK(offsets[g] <= offsets[g + 1], op, ": expected non-decreasing group_offsets, got ", offsets[g],
+                " then ", offsets[g + 1]);
   }
+  return groups;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_cpu(
+    const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids_in, const at::Tensor& offsets_in,
+    const at::Tensor& norms_in) {
+  const int64_t groups = check_grouped_centroids(kBounds, x_in, centroids_in, ids_in, offsets_in, norms_in);
+  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  const at::Tensor offsets_t = offsets_in.contiguous();
+  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
   const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous();
   const at::Tensor ids_t = ids_in.contiguous(), norms = norms_in.contiguous();
   at::Tensor labels = at::empty({n}, x.options().dtype(at::kLong));
@@ -85,8 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
   double* upper_out = upper.mutable_data_ptr<double>();
   double* lower_out = group_lower.mutable_data_ptr<double>();
   const CpuKernels& kernels = cpu_kernels();
-  // Rounding of ||x||^2 as the caller computed it (float32, any order): gamma_d relative.
-  const double norm_rounding = static_cast<double>(d) * 5.9604644775390625e-08 * 1.01;
+  const double norm_rounding = kmeans_norm_rounding(d);
 
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(4096, kBufferFloats / k));
   at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
@@ -119,10 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
         upper_out[i] = std::sqrt(std::max(0.0, upper_sq));
         kernels.group_min_scores(dot, cn, offsets, groups, position, group_min.data());
         double* lower_row = lower_out + i * groups;
+        // NaN (a NaN row) gives 0: such a row is recomputed every iteration, like in plain Lloyd.
         for (int64_t g = 0; g < groups; ++g) {
-          const double lower_sq = point_sq * (1.0 - norm_rounding) + static_cast<double>(group_min[g]) - error;
-          // NaN (a NaN row) gives 0: such a row is recomputed every iteration, like in plain Lloyd.
-          lower_row[g] = lower_sq > 0.0 ? std::sqrt(lower_sq) : 0.0;
+          lower_row[g] = kmeans_group_lower_bound(point_sq, norm_rounding, group_min[g], error);
         }
         if (!std::isfinite(upper_out[i])) upper_out[i] = kKMeansInf;
       }

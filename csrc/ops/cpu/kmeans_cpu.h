@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -34,5 +35,23 @@ int64_t kmeans_settle_row(const float* x, const float* centroids, const double* 
 // True when the float32 best and second-best scores of a point do not prove the float32 winner exact.
 bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
                          int64_t d);
+
+// --- bounded (Yinyang) k-means: kmeans_bounded_kernel.cpp, kmeans_yinyang_kernel.cpp ---
+
+// Checks the arguments shared by the bounded-assignment ops (x (N, d) and centroids (k, d) float32, centroid
+// ids (k,) int64, group offsets (G + 1,) int64 from 0 to k, non-decreasing, x_sq_norms (N,) float32) and
+// returns the number of groups G.
+int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids,
+                                const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& x_sq_norms);
+
+// Relative rounding of ||x||^2 as a caller computed it (float32, any order): gamma_d, with 1% slack.
+inline double kmeans_norm_rounding(int64_t d) { return static_cast<double>(d) * 5.9604644775390625e-08 * 1.01; }
+
+// A lower bound on the exact distance from a point to every centroid whose float32 score (kmeans_score) is
+// at least group_min: the score's error and the rounding of ||x||^2 taken off. 0 for NaN.
+inline double kmeans_group_lower_bound(double point_sq, double norm_rounding, float group_min, double error) {
+  const double lower_sq = point_sq * (1.0 - norm_rounding) + static_cast<double>(group_min) - error;
+  return lower_sq > 0.0 ? std::sqrt(lower_sq) : 0.0;
+}
 
 }  // namespace pydc

@@ -1,0 +1,257 @@
+// CPU kernel of one bounded (Yinyang) assignment pass after the first, pydc/cluster/kmeans_bounded.py:
+//
+// kmeans_assign_yinyang(x, centroids, centroid_ids, group_offsets, x_sq_norms, group_drift,
+//                       labels(a!), group_lower(b!)) -> (distances, counts)
+//   centroids are stored sorted by group as in kmeans_assign_bounds (ops/cpu/kmeans_bounded_kernel.cpp);
+//   labels (N,) int64 hold every point's label under the previous centroids (original indices) and
+//   group_lower (N, G) float64 the bounds kmeans_assign_bounds or this op left for them. group_drift (G,)
+//   float64 bounds how far any centroid of each group moved since (rounded up). On return labels are the
+//   labels kmeans_assign would give for `centroids`, group_lower holds valid bounds for them, distances (N,)
+//   float64 the squared distance of every point to its new centroid, counts (2,) int64 = (points whose
+//   scores were computed, centroid scores computed).
+//
+// Per point: the exact (fixed-order float64) distance u to its labelled centroid; every group bound
+// decays by its group's drift. The global filter: when every group bound l_g satisfies l_g^2 - u^2 > twice
+// kmeans_score_error_bound, no centroid can be as near as the own one and the point is done (as in
+// kmeans_assign's settle rule, the margin keeps the decision exact). Otherwise the local filter: only the
+// groups that fail that test, and the own centroid's group, are scored (float32, block_scores8), in
+// blocks of 8 centroids transposed once per call, points gathered per group so that a block stays in L1
+// while every point that needs it is scored. Every centroid outside those groups is provably farther than
+// the own one, so the exact arg-min is among the scored ones: the float32 top-2 and the float64 settle of
+// near-ties (kmeans_cpu.h) give exactly kmeans_assign's label. The scored groups' bounds are refreshed
+// from their float32 scores as kmeans_assign_bounds does; the others keep their decayed bounds, valid
+// because neither the old nor the new label lies in them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/kmeans_math.h"
+#include "ops/cpu/cpu_kernels.h"
+#include "ops/cpu/kmeans_cpu.h"
+
+namespace pydc {
+namespace {
+
+constexpr const char* kYinyang = "pydc::kmeans_assign_yinyang";
+constexpr int64_t kBlockWidth = 8;   // centroids per transposed block (block_scores8)
+constexpr int64_t kChunkRows = 128;  // points scored together: chunk x padded k floats of scores (~600 KB)
+constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 sum: error far below 1e-12
+
+// The centroids of every group in blocks of kBlockWidth, transposed (feature-major), padded with zero
+// centroids whose norm is +inf (their scores never win).
+struct TransposedBlocks {
+  std::vector<float> values;         // blocks x d x 8
+  std::vector<float> sq_norms;       // blocks x 8
+  std::vector<int64_t> first;        // sorted position of each block's lane 0
+  std::vector<int64_t> width;        // real centroids in each block
+  std::vector<int64_t> group_block;  // blocks of group g: group_block[g] .. group_block[g + 1] - 1
+};
+
+TransposedBlocks transpose_blocks(const float* centroids, const float* sq_norms, const int64_t* offsets,
+                                  int64_t groups, int64_t d) {
+  TransposedBlocks blocks;
+  blocks.group_block.push_back(0);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t j = offsets[g]; j < offsets[g + 1]; j += kBlockWidth) {
+      blocks.first.push_back(j);
+      blocks.width.push_back(std::min(kBlockWidth, offsets[g + 1] - j));
+    }
+    blocks.group_block.push_back(static_cast<int64_t>(blocks.first.size()));
+  }
+  const int64_t count = static_cast<int64_t>(blocks.first.size());
+  blocks.values.assign(count * d * kBlockWidth, 0.0f);
+  blocks.sq_norms.assign(count * kBlockWidth, kKMeansInf);
+  at::parallel_for(0, count, 16, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      float* out = blocks.values.data() + b * d * kBlockWidth;
+      for (int64_t l = 0; l < blocks.width[b]; ++l) {
+        const float* c = centroids + (blocks.first[b] + l) * d;
+        for (int64_t t = 0; t < d; ++t) out[t * kBlockWidth + l] = c[t];
+        blocks.sq_norms[b * kBlockWidth + l] = sq_norms[blocks.first[b] + l];
+      }
+    }
+  });
+  return blocks;
+}
+
+// Calls fn(sorted position, column in a row of block scores) for every centroid of group g.
+template <typename Fn>
+void for_each_member(const TransposedBlocks& blocks, int64_t g, Fn fn) {
+  for (int64_t b = blocks.group_block[g]; b < blocks.group_block[g + 1]; ++b) {
+    for (int64_t l = 0; l < blocks.width[b]; ++l) fn(blocks.first[b] + l, b * kBlockWidth + l);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
+                                                            const at::Tensor& ids_in, const at::Tensor& offsets_in,
+                                                            const at::Tensor& norms_in, const at::Tensor& drift_in,
+                                                            const at::Tensor& labels, const at::Tensor& lower) {
+  const int64_t groups = check_grouped_centroids(kYinyang, x_in, centroids_in, ids_in, offsets_in, norms_in);
+  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  PYDC_CHECK_DTYPE(kYinyang, "group_drift", drift_in, at::kDouble);
+  PYDC_CHECK_DTYPE(kYinyang, "labels", labels, at::kLong);
+  PYDC_CHECK_DTYPE(kYinyang, "group_lower", lower, at::kDouble);
+  TORCH_CHECK(drift_in.dim() == 1 && drift_in.size(0) == groups, kYinyang, ": expected group_drift of shape (",
+              groups, ",), got ", describe(drift_in));
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), kYinyang,
+              ": expected contiguous labels of shape (", n, ",), got ", describe(labels));
+  TORCH_CHECK(lower.dim() == 2 && lower.size(0) == n && lower.size(1) == groups && lower.is_contiguous(), kYinyang,
+              ": expected contiguous group_lower of shape (", n, ", ", groups, "), got ", describe(lower));
+  const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous(), norms = norms_in.contiguous();
+  const at::Tensor ids_t = ids_in.contiguous(), offsets_t = offsets_in.contiguous(), drift_t = drift_in.contiguous();
+  const int64_t* ids = ids_t.const_data_ptr<int64_t>();
+  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
+  const double* drift = drift_t.const_data_ptr<double>();
+  std::vector<int64_t> position_of(k, -1), group_of(k);
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(ids[j] >= 0 && ids[j] < k && position_of[ids[j]] < 0, kYinyang,
+                ": expected centroid_ids to be a permutation of 0 .. k - 1, got centroid_ids[", j, "] = ", ids[j]);
+    position_of[ids[j]] = j;
+  }
+  for (int64_t g = 0; g < groups; ++g) std::fill(group_of.begin() + offsets[g], group_of.begin() + offsets[g + 1], g);
+  int64_t* label = labels.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(label[i] >= 0 && label[i] < k, kYinyang, ": expected labels in [0, ", k, "), got labels[", i,
+                "] = ", label[i]);
+  }
+  at::Tensor distances = at::empty({n}, x.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({2}, x.options().dtype(at::kLong));
+  if (n == 0) return {distances, counts};
+
+  const KMeansCentroidInfo info = kmeans_centroid_info(centroids);
+  const float* xs = x.const_data_ptr<float>();
+  const float* cs = centroids.const_data_ptr<float>();
+  const float* pn = norms.const_data_ptr<float>();
+  double* lower_all = lower.mutable_data_ptr<double>();
+  double* distance_out = distances.mutable_data_ptr<double>();
+  const CpuKernels& kernels = cpu_kernels();
+  const double norm_rounding = kmeans_norm_rounding(d);
+  const TransposedBlocks blocks =
+      transpose_blocks(cs, info.sq_norms.const_data_ptr<float>(), offsets, groups, d);
+  const int64_t padded_k = static_cast<int64_t>(blocks.first.size()) * kBlockWidth;
+  std::atomic<int64_t> rows_computed{0}, scores_computed{0};
+
+  at::parallel_for(0, n, kChunkRows, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kChunkRows * padded_k);
+    std::vector<uint8_t> needed(kChunkRows * groups);
+    std::vector<int64_t> active;                 // chunk rows that fail the global filter
+    std::vector<int64_t> members;                // active rows that need the group being scored
+    std::vector<const float*> row_pointers;
+    std::vector<float*> score_pointers;
+    std::vector<double> error(kChunkRows);
+    std::vector<float> group_min(groups);
+    int64_t chunk_rows = 0, chunk_scores = 0;
+    for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
+      const int64_t c1 = std::min(end, c0 + kChunkRows);
+      active.clear();
+      for (int64_t i = c0; i < c1; ++i) {
+        const int64_t r = i - c0, own = position_of[label[i]];
+        const double own_sq = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
+        const double upper = std::sqrt(own_sq) * kRoundUp;
+        error[r] = kmeans_score_error_bound(pn[i], info.max_norm, d);
+        uint8_t* need = needed.data() + r * groups;
+        distance_out[i] = own_sq;
+        // NaN bounds (never stored: kmeans_group_lower_bound gives 0) would decay to 0
+        if (!kernels.decay_group_bounds(lower_all + i * groups, drift, groups, upper * upper, 2.0 * error[r], need)) {
+          continue;  // the global filter: the label stays
+        }
+        need[group_of[own]] = 1;
+        active.push_back(r);
+      }
+      // Score the needed groups, a group's blocks at a time for all active rows that need it.
+      for (int64_t g = 0; g < groups; ++g) {
+        members.clear();
+        for (const int64_t r : active) {
+          if (needed[r * groups + g]) members.push_back(r);
+        }
+        if (members.empty()) continue;
+        row_pointers.clear();
+        for (const int64_t r : members) row_pointers.push_back(xs + (c0 + r) * d);
+        for (int64_t b = blocks.group_block[g]; b < blocks.group_block[g + 1]; b += 2) {
+          const int64_t pair = std::min<int64_t>(2, blocks.group_block[g + 1] - b);
+          score_pointers.clear();
+          for (const int64_t r : members) score_pointers.push_back(scores.data() + r * padded_k + b * kBlockWidth);
+          kernels.block_scores8(row_pointers.data(), static_cast<int64_t>(members.size()),
+                                blocks.values.data() + b * d * kBlockWidth, pair,
+                                blocks.sq_norms.data() + b * kBlockWidth, d, score_pointers.data());
+          for (int64_t q = b; q < b + pair; ++q) chunk_scores += blocks.width[q] * static_cast<int64_t>(members.size());
+        }
+      }
+      // Per active row: top-2 over the scored centroids (the best group's minimum and the runner-up among
+      // the other groups' minima and the best group's other members), settle near-ties, refresh the scored
+      // groups' bounds.
+      for (const int64_t r : active) {
+        const int64_t i = c0 + r;
+        const float* row_scores = scores.data() + r * padded_k;
+        const uint8_t* need = needed.data() + r * groups;
+        kernels.group_block_minima(row_scores, blocks.group_block.data(), need, groups, group_min.data());
+        float best = kKMeansInf, second = kKMeansInf;
+        int64_t best_group = -1;
+        for (int64_t g = 0; g < groups; ++g) {
+          if (!need[g]) continue;
+          if (group_min[g] < best) {
+            second = std::min(second, best);
+            best = group_min[g];
+            best_group = g;
+          } else if (group_min[g] < second) {
+            second = group_min[g];
+          }
+        }
+        int64_t position = 0;
+        if (best_group >= 0) {
+          position = -1;
+          for_each_member(blocks, best_group, [&](int64_t j, int64_t column) {
+            const float s = row_scores[column];
+            if (position < 0 && s == best) {
+              position = j;
+            } else if (s < second) {
+              second = s;
+            }
+          });
+        }
+        float score = best;
+        if (kmeans_needs_settle(best, second, pn[i], info.max_norm, d)) {
+          double exact;
+          position = kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), ids, k, d, &exact);
+          score = static_cast<float>(exact);
+        }
+        // no finite score at all (a NaN point): label 0, as kmeans_assign gives
+        label[i] = std::isfinite(best) ? ids[position] : 0;
+        distance_out[i] = kmeans_distance(pn[i], score);
+        const double point_sq = static_cast<double>(pn[i]);
+        double* lower_row = lower_all + i * groups;
+        const int64_t winner_group = group_of[position];
+        for (int64_t g = 0; g < groups; ++g) {
+          if (!need[g]) continue;
+          float others_min = group_min[g];
+          if (g == winner_group) {  // every member but the winner
+            others_min = kKMeansInf;
+            for_each_member(blocks, g, [&](int64_t j, int64_t column) {
+              const float s = row_scores[column];
+              others_min = (s < others_min && j != position) ? s : others_min;
+            });
+          }
+          lower_row[g] = kmeans_group_lower_bound(point_sq, norm_rounding, others_min, error[r]);
+        }
+      }
+      chunk_rows += static_cast<int64_t>(active.size());
+    }
+    rows_computed += chunk_rows;
+    scores_computed += chunk_scores;
+  });
+  int64_t* count = counts.mutable_data_ptr<int64_t>();
+  count[0] = rows_computed.load();
+  count[1] = scores_computed.load();
+  return {distances, counts};
+}
+
+}  // namespace
+}  // namespace pydc
+
+TORCH_LIBRARY_IMPL(pydc, CPU, m) { m.impl("kmeans_assign_yinyang", &pydc::kmeans_assign_yinyang_cpu); }

@@ -1,0 +1,112 @@
+"""pydc::kmeans_assign_yinyang, one bounded assignment pass of Yinyang k-means (global and local filter):
+its labels are kmeans_assign's for the new centroids, every group bound it leaves holds for the exact
+distances, and it scores fewer point-centroid pairs than a full pass when the centroids barely moved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pydc.cluster.kmeans import initial_centroids
+from pydc.ops._registry import HAS_OPS
+from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+
+pytestmark = pytest.mark.skipif(not HAS_OPS, reason="needs the compiled pydc ops")
+
+OFFSETS = torch.tensor([0, 4, 4, 13, 19, 30])  # an empty group, groups of 4 to 11 (blocks of 8 and a pair)
+
+
+def clustered(n, d, centres, seed):
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, d, generator=generator) * 3
+    return means[torch.randint(0, centres, (n,), generator=generator)] + torch.randn(n, d, generator=generator)
+
+
+def group_drift(old, new, order, offsets):
+    drift = (new.double() - old.double()).norm(dim=1) * (1 + 1e-12)
+    return torch.stack([drift[order[offsets[g]:offsets[g + 1]]].max() if offsets[g + 1] > offsets[g]
+                        else torch.zeros((), dtype=torch.float64) for g in range(len(offsets) - 1)])
+
+
+def assert_bounds_hold(x, centroids, order, offsets, labels, lower):
+    exact = torch.cdist(x.double(), centroids.double())
+    for g in range(len(offsets) - 1):
+        members = order[offsets[g]:offsets[g + 1]]
+        if members.numel() == 0:
+            assert bool(torch.isinf(lower[:, g]).all())
+            continue
+        others = exact[:, members].masked_fill(members.unsqueeze(0) == labels.unsqueeze(1), float("inf"))
+        assert bool((lower[:, g] <= others.min(1).values).all()), f"group {g}: a lower bound exceeds a distance"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_step_gives_kmeans_assign_labels_and_valid_bounds(level):
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    x = clustered(n=2503, d=20, centres=30, seed=9)  # 2503: chunks of 128 rows and a ragged last one
+    old = initial_centroids(x, 30, seed=1)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(3))
+    norms = (x * x).sum(1)
+    generator = torch.Generator().manual_seed(4)
+    with cpu_capability_level(level):
+        labels, _, _, lower = torch.ops.pydc.kmeans_assign_bounds(x, old[order], order, OFFSETS, norms)
+        for step in range(3):  # successive passes keep bounds valid through decay and refresh
+            new = old + 0.05 * torch.randn(old.shape, generator=generator)
+            new[step * 7] += 2.0  # one centroid jumps: its group's bound decays to nothing
+            drift = group_drift(old, new, order, OFFSETS)
+            distances, counts = torch.ops.pydc.kmeans_assign_yinyang(x, new[order], order, OFFSETS, norms, drift,
+                                                                     labels, lower)
+            plain_labels, plain_distances = torch.ops.pydc.kmeans_assign(x, new, norms, True)
+            assert torch.equal(labels, plain_labels)
+            torch.testing.assert_close(distances, plain_distances.double(), rtol=1e-5, atol=1e-3)
+            assert_bounds_hold(x, new, order, OFFSETS, labels, lower)
+            rows, scores = counts.tolist()
+            assert 0 < rows < x.shape[0] and 0 < scores < rows * 30  # both filters skipped work
+            old = new
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_step_settles_near_ties_exactly(level):
+    """Centroids within float32 noise of each other (pairs 8 apart share a block lane): every label is the
+    float64 arg-min, lowest index on ties, from zero bounds (every group scored) and from fresh bounds."""
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    generator = torch.Generator().manual_seed(13)
+    base = torch.randn(32, generator=generator) * 10
+    centroids = base + 1e-4 * torch.randn(30, 32, generator=generator)
+    centroids[8:16] = centroids[:8] + 1e-5 * torch.randn(8, 32, generator=generator)
+    centroids[20] = centroids[3]  # an exact duplicate: exact ties
+    x = torch.cat([base + 1e-2 * torch.randn(1000, 32, generator=generator),
+                   centroids[:16].repeat(40, 1) + 1e-2 * torch.randn(640, 32, generator=generator)])
+    exact = torch.cdist(x.double(), centroids.double()).pow(2)
+    first_min = (exact == exact.min(1, keepdim=True).values).int().argmax(1)
+    order = torch.randperm(30, generator=generator)
+    norms = (x * x).sum(1)
+    with cpu_capability_level(level):
+        labels = torch.zeros(x.shape[0], dtype=torch.int64)
+        lower = torch.zeros(x.shape[0], len(OFFSETS) - 1, dtype=torch.float64)
+        zero_drift = torch.zeros(len(OFFSETS) - 1, dtype=torch.float64)
+        for _ in range(2):
+            torch.ops.pydc.kmeans_assign_yinyang(x, centroids[order], order, OFFSETS, norms, zero_drift, labels, lower)
+            assert torch.equal(labels, first_min)
+
+
+def test_bad_inputs_name_what_was_expected():
+    x = torch.randn(50, 6)
+    centroids = torch.randn(10, 6)
+    order, offsets, norms = torch.arange(10), torch.tensor([0, 4, 10]), (x * x).sum(1)
+    drift = torch.zeros(2, dtype=torch.float64)
+
+    def call(ids=order, labels=None, lower=None, group_drift=drift):
+        labels = torch.zeros(50, dtype=torch.int64) if labels is None else labels
+        lower = torch.zeros(50, 2, dtype=torch.float64) if lower is None else lower
+        return torch.ops.pydc.kmeans_assign_yinyang(x, centroids, ids, offsets, norms, group_drift, labels, lower)
+
+    with pytest.raises(RuntimeError, match="permutation"):
+        call(ids=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 8]))
+    with pytest.raises(RuntimeError, match=r"expected labels in \[0, 10\)"):
+        call(labels=torch.full((50,), 10, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"group_lower of shape \(50, 2\)"):
+        call(lower=torch.zeros(50, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="group_drift"):
+        call(group_drift=torch.zeros(2))
