@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pydc.quality.datasets import DATASETS, IMAGE_SIZE, build_dataset, class_counts
-from pydc.quality.report import check_targets
+from pydc.quality.report import check_targets, markdown
 from pydc.quality.runner import trainer_algorithms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,13 +72,15 @@ def test_bad_dataset_requests_are_refused(tmp_path):
         build_dataset("digits", images=1900, root=tmp_path)
 
 
-def _document(deepcluster_nmi: float, raw_nmi: float, odc_nmi: float, deepcluster_linear: float = 0.99) -> dict:
+def _document(deepcluster_nmi: float, raw_nmi: float, odc_nmi: float, deepcluster_linear: float = 0.99,
+              raw_linear: float = 0.90) -> dict:
     def row(method, nmi, linear):
-        return {"dataset": "digits", "method": method, "nmi": nmi, "nmi_l2": nmi, "linear": linear, "knn": 0.5}
+        return {"dataset": "digits", "method": method, "nmi": nmi, "nmi_l2": nmi, "linear": linear, "knn": 0.5,
+                "seconds": 1.0}
 
-    return {"datasets": {"digits": {}}, "rows": [row("raw-pixels", raw_nmi, 0.90), row("deepcluster", deepcluster_nmi,
-                                                                                     deepcluster_linear),
-                                                 row("odc", odc_nmi, 0.9), row("umap+kmeans", 0.90, 0.9)]}
+    rows = [row("raw-pixels", raw_nmi, raw_linear), row("deepcluster", deepcluster_nmi, deepcluster_linear),
+            row("odc", odc_nmi, 0.9), row("umap+kmeans", 0.90, 0.9)]
+    return {"datasets": {"digits": {"images": 1797, "classes": 10}}, "rows": rows}
 
 
 def test_targets_compare_against_the_baselines():
@@ -90,6 +92,22 @@ def test_targets_compare_against_the_baselines():
     assert missed == {"deepcluster NMI - raw k-means NMI": False, "deepcluster linear - raw linear": False,
                       "odc NMI - deepcluster NMI": False, "deepcluster NMI": False, "deepcluster linear": False,
                       "deepcluster NMI - umap+kmeans NMI": False}
+
+
+def test_a_probe_margin_beyond_accuracy_one_is_reported_missed_and_marked_unreachable():
+    reachable = {c["target"]: c for c in check_targets(_document(0.93, 0.80, 0.91))}
+    assert "note" not in reachable["deepcluster linear - raw linear"]
+    checks = {c["target"]: c for c in check_targets(_document(0.93, 0.80, 0.91, deepcluster_linear=0.995,
+                                                              raw_linear=0.959))}
+    margin = checks["deepcluster linear - raw linear"]
+    assert not margin["met"] and "unreachable" in margin["note"] and "0.959" in margin["note"]
+    assert "unreachable: raw pixels already score 0.959" in markdown({"machine": _MACHINE, "config": _CONFIG,
+                                                                      **_document(0.93, 0.8, 0.91, 0.995, 0.959),
+                                                                      "targets": list(checks.values())})
+
+
+_MACHINE = {"cpu": "test cpu", "cpu_count": 2, "threads": 1, "torch": "x"}
+_CONFIG = {"seed": 0, "train_args": [], "baseline_pca_dim": 32}
 
 
 @pytest.mark.slow

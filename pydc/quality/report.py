@@ -28,11 +28,15 @@ def check_targets(document: dict) -> list[dict]:
         if deepcluster is None or raw is None:
             continue
 
-        def check(target, value, goal):
-            checks.append({"dataset": dataset, "target": target, "value": value, "goal": goal, "met": value >= goal})
+        def check(target, value, goal, note=None):
+            checks.append({"dataset": dataset, "target": target, "value": value, "goal": goal, "met": value >= goal,
+                           **({"note": note} if note else {})})
 
         check("deepcluster NMI - raw k-means NMI", deepcluster["nmi"] - raw["nmi"], NMI_MARGIN)
-        check("deepcluster linear - raw linear", deepcluster["linear"] - raw["linear"], LINEAR_MARGIN)
+        # Reported as missed, not waived: the lead decides how the issue's target reads where it cannot be met.
+        unreachable = raw["linear"] + LINEAR_MARGIN > 1.0
+        check("deepcluster linear - raw linear", deepcluster["linear"] - raw["linear"], LINEAR_MARGIN,
+              f"unreachable: raw pixels already score {raw['linear']:.3f}" if unreachable else None)
         if "odc" in methods:
             check("odc NMI - deepcluster NMI", methods["odc"]["nmi"] - deepcluster["nmi"], -ODC_GAP)
         if dataset == "digits":
@@ -71,7 +75,7 @@ def markdown(document: dict) -> str:
     if checks:
         lines += ["", "## Targets (issue 14)", "", "| dataset | target | value | goal | met |", "|---|---|---:|---:|---|"]
         lines += [f"| {c['dataset']} | {c['target']} | {c['value']:+.3f} | {c['goal']:+.2f} | "
-                  f"{'yes' if c['met'] else 'NO'} |" for c in checks]
+                  f"{'yes' if c['met'] else 'NO'}{' (' + c['note'] + ')' if c.get('note') else ''} |" for c in checks]
     return "\n".join(lines) + "\n"
 
 
