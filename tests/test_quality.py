@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pydc.eval import main as evaluate_checkpoint
 from pydc.quality.datasets import DATASETS, IMAGE_SIZE, build_dataset, class_counts
 from pydc.quality.report import check_targets, markdown
-from pydc.quality.runner import trainer_algorithms
+from pydc.quality.runner import EVAL_PCA_DIM, trainer_algorithms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +113,7 @@ _CONFIG = {"seed": 0, "train_args": [], "baseline_pca_dim": 32}
 
 
 @pytest.mark.slow
-def test_suite_end_to_end_on_tiny_datasets(tmp_path):
+def test_suite_end_to_end_on_tiny_datasets(tmp_path, capsys, request):
     output = tmp_path / "report"
     command = [sys.executable, "-m", "pydc.quality", "--images", "48", "--output", str(output), "--no-umap",
                "--dataset-root", str(tmp_path / "datasets"), "--threads", "1",
@@ -121,6 +123,9 @@ def test_suite_end_to_end_on_tiny_datasets(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     document = json.loads((output / "results.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the suite's process (--threads 1), so that the k-means below repeats exactly
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     algorithms = trainer_algorithms()
     expected = {(dataset, method) for dataset in DATASETS for method in ["raw-pixels", "random-net", *algorithms]}
     assert {(row["dataset"], row["method"]) for row in document["rows"]} == expected
@@ -130,7 +135,16 @@ def test_suite_end_to_end_on_tiny_datasets(tmp_path):
         assert row["seconds"] > 0
         if row["kind"] == "trained":
             assert row["epochs"] == 1 and "--epochs" in row["command"]
-            assert (output / "runs" / row["dataset"] / row["method"] / "log.jsonl").is_file()
+            run = output / "runs" / row["dataset"] / row["method"]
+            assert (run / "log.jsonl").is_file()
+            # The table's NMI whitens to the suite's fixed dimension, not the run's --pca-dim 8: it must equal
+            # what pydc.eval computes from the run's checkpoint at that dimension.
+            assert (row["pca_dim"], row["run_pca_dim"]) == (EVAL_PCA_DIM, 8) and 0 <= row["nmi_run_pca"] <= 1
+            capsys.readouterr()
+            assert evaluate_checkpoint(["--checkpoint", str(run / "checkpoint.pt"), "--data",
+                                        document["datasets"][row["dataset"]]["folder"], "--pca-dim",
+                                        str(EVAL_PCA_DIM), "--device", "cpu", "--workers", "1"]) == 0
+            assert row["nmi"] == pytest.approx(json.loads(capsys.readouterr().out)["nmi_kmeans"], abs=1e-9)
     for name, info in document["datasets"].items():
         assert info["images"] == 48 and info["classes"] == len(DATASETS[name].classes)
     assert {check["dataset"] for check in document["targets"]} == set(DATASETS)

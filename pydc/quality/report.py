@@ -56,8 +56,9 @@ def markdown(document: dict) -> str:
         f"torch {machine['torch']}. Seed {config['seed']}; trainer flags: "
         f"`{' '.join(config['train_args']) or '(defaults)'}`.",
         "",
-        "NMI: k-means with k = number of classes on the features, PCA-whitened (to the run's --pca-dim for trained "
-        f"rows, {config['baseline_pca_dim']} for the random net) and L2-normalised, best of 5 by objective; raw "
+        "NMI: k-means with k = number of classes on the features, PCA-whitened to "
+        f"{config['baseline_pca_dim']} (every row, whatever the run's --pca-dim) and L2-normalised, best of 5 by "
+        "objective; raw "
         "pixels: k-means on the L2-normalised pixels; UMAP: k-means on the 10-d embedding. NMI-L2: k-means on the "
         "L2-normalised features. Linear probe and k-NN "
         "(k = 20, cosine): 70/30 stratified split. Seconds: wall time (training rows: the whole `pydc.train` "
