@@ -112,6 +112,12 @@ _MACHINE = {"cpu": "test cpu", "cpu_count": 2, "threads": 1, "torch": "x"}
 _CONFIG = {"seed": 0, "train_args": [], "baseline_pca_dim": 32}
 
 
+def test_the_report_names_the_machine_and_its_load():
+    machine = {**_MACHINE, "cpu_family": "25", "cpu_model": "17", "avx512": True, "load_average_at_start": 8.64}
+    table = markdown({"machine": machine, "config": _CONFIG, **_document(0.93, 0.8, 0.91)})
+    assert "Machine: test cpu (family 25 model 17, AVX-512), 2 CPUs, load average 8.6 at start, 1 torch thread" in table
+
+
 @pytest.mark.slow
 def test_suite_end_to_end_on_tiny_datasets(tmp_path, capsys, request):
     output = tmp_path / "report"

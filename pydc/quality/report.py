@@ -47,13 +47,23 @@ def check_targets(document: dict) -> list[dict]:
     return checks
 
 
+def _cpu(machine: dict) -> str:
+    """'AMD EPYC (family 25 model 17, AVX-512), 2 CPUs, load average 8.3 at start' (parts only when known)."""
+    details = [f"family {machine['cpu_family']} model {machine['cpu_model']}"] if machine.get("cpu_family") else []
+    details += ["AVX-512"] if machine.get("avx512") else []
+    text = machine["cpu"] + (f" ({', '.join(details)})" if details else "") + f", {machine['cpu_count']} CPUs"
+    if machine.get("load_average_at_start") is not None:
+        text += f", load average {machine['load_average_at_start']:.1f} at start"
+    return text
+
+
 def markdown(document: dict) -> str:
     machine, config = document["machine"], document["config"]
     lines = [
         "# pydc quality suite",
         "",
-        f"Machine: {machine['cpu']} ({machine['cpu_count']} CPUs), {machine['threads']} torch thread(s), "
-        f"torch {machine['torch']}. Seed {config['seed']}; trainer flags: "
+        f"Machine: {_cpu(machine)}, {machine['threads']} torch thread(s), torch {machine['torch']}. "
+        f"Seed {config['seed']}; trainer flags: "
         f"`{' '.join(config['train_args']) or '(defaults)'}`.",
         "",
         "NMI: k-means with k = number of classes on the features, PCA-whitened to "
