@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pydc.eval import main as evaluate_checkpoint
 from pydc.quality.datasets import DATASETS, IMAGE_SIZE, build_dataset, class_counts
-from pydc.quality.report import check_targets
-from pydc.quality.runner import trainer_algorithms
+from pydc.quality.report import check_targets, markdown
+from pydc.quality.runner import EVAL_PCA_DIM, trainer_algorithms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,13 +74,15 @@ def test_bad_dataset_requests_are_refused(tmp_path):
         build_dataset("digits", images=1900, root=tmp_path)
 
 
-def _document(deepcluster_nmi: float, raw_nmi: float, odc_nmi: float, deepcluster_linear: float = 0.99) -> dict:
+def _document(deepcluster_nmi: float, raw_nmi: float, odc_nmi: float, deepcluster_linear: float = 0.99,
+              raw_linear: float = 0.90) -> dict:
     def row(method, nmi, linear):
-        return {"dataset": "digits", "method": method, "nmi": nmi, "nmi_l2": nmi, "linear": linear, "knn": 0.5}
+        return {"dataset": "digits", "method": method, "nmi": nmi, "nmi_l2": nmi, "linear": linear, "knn": 0.5,
+                "seconds": 1.0}
 
-    return {"datasets": {"digits": {}}, "rows": [row("raw-pixels", raw_nmi, 0.90), row("deepcluster", deepcluster_nmi,
-                                                                                     deepcluster_linear),
-                                                 row("odc", odc_nmi, 0.9), row("umap+kmeans", 0.90, 0.9)]}
+    rows = [row("raw-pixels", raw_nmi, raw_linear), row("deepcluster", deepcluster_nmi, deepcluster_linear),
+            row("odc", odc_nmi, 0.9), row("umap+kmeans", 0.90, 0.9)]
+    return {"datasets": {"digits": {"images": 1797, "classes": 10}}, "rows": rows}
 
 
 def test_targets_compare_against_the_baselines():
@@ -92,8 +96,30 @@ def test_targets_compare_against_the_baselines():
                       "deepcluster NMI - umap+kmeans NMI": False}
 
 
+def test_a_probe_margin_beyond_accuracy_one_is_reported_missed_and_marked_unreachable():
+    reachable = {c["target"]: c for c in check_targets(_document(0.93, 0.80, 0.91))}
+    assert "note" not in reachable["deepcluster linear - raw linear"]
+    checks = {c["target"]: c for c in check_targets(_document(0.93, 0.80, 0.91, deepcluster_linear=0.995,
+                                                              raw_linear=0.959))}
+    margin = checks["deepcluster linear - raw linear"]
+    assert not margin["met"] and "unreachable" in margin["note"] and "0.959" in margin["note"]
+    assert "unreachable: raw pixels already score 0.959" in markdown({"machine": _MACHINE, "config": _CONFIG,
+                                                                      **_document(0.93, 0.8, 0.91, 0.995, 0.959),
+                                                                      "targets": list(checks.values())})
+
+
+_MACHINE = {"cpu": "test cpu", "cpu_count": 2, "threads": 1, "torch": "x"}
+_CONFIG = {"seed": 0, "train_args": [], "baseline_pca_dim": 32}
+
+
+def test_the_report_names_the_machine_and_its_load():
+    machine = {**_MACHINE, "cpu_family": "25", "cpu_model": "17", "avx512": True, "load_average_at_start": 8.64}
+    table = markdown({"machine": machine, "config": _CONFIG, **_document(0.93, 0.8, 0.91)})
+    assert "Machine: test cpu (family 25 model 17, AVX-512), 2 CPUs, load average 8.6 at start, 1 torch thread" in table
+
+
 @pytest.mark.slow
-def test_suite_end_to_end_on_tiny_datasets(tmp_path):
+def test_suite_end_to_end_on_tiny_datasets(tmp_path, capsys, request):
     output = tmp_path / "report"
     command = [sys.executable, "-m", "pydc.quality", "--images", "48", "--output", str(output), "--no-umap",
                "--dataset-root", str(tmp_path / "datasets"), "--threads", "1",
@@ -103,6 +129,9 @@ def test_suite_end_to_end_on_tiny_datasets(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     document = json.loads((output / "results.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the suite's process (--threads 1), so that the k-means below repeats exactly
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     algorithms = trainer_algorithms()
     expected = {(dataset, method) for dataset in DATASETS for method in ["raw-pixels", "random-net", *algorithms]}
     assert {(row["dataset"], row["method"]) for row in document["rows"]} == expected
@@ -112,7 +141,16 @@ def test_suite_end_to_end_on_tiny_datasets(tmp_path):
         assert row["seconds"] > 0
         if row["kind"] == "trained":
             assert row["epochs"] == 1 and "--epochs" in row["command"]
-            assert (output / "runs" / row["dataset"] / row["method"] / "log.jsonl").is_file()
+            run = output / "runs" / row["dataset"] / row["method"]
+            assert (run / "log.jsonl").is_file()
+            # The table's NMI whitens to the suite's fixed dimension, not the run's --pca-dim 8: it must equal
+            # what pydc.eval computes from the run's checkpoint at that dimension.
+            assert (row["pca_dim"], row["run_pca_dim"]) == (EVAL_PCA_DIM, 8) and 0 <= row["nmi_run_pca"] <= 1
+            capsys.readouterr()
+            assert evaluate_checkpoint(["--checkpoint", str(run / "checkpoint.pt"), "--data",
+                                        document["datasets"][row["dataset"]]["folder"], "--pca-dim",
+                                        str(EVAL_PCA_DIM), "--device", "cpu", "--workers", "1"]) == 0
+            assert row["nmi"] == pytest.approx(json.loads(capsys.readouterr().out)["nmi_kmeans"], abs=1e-9)
     for name, info in document["datasets"].items():
         assert info["images"] == 48 and info["classes"] == len(DATASETS[name].classes)
     assert {check["dataset"] for check in document["targets"]} == set(DATASETS)

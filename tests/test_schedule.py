@@ -5,7 +5,8 @@ import math
 import pytest
 
 from pydc.utils.checkpoint import CheckpointError, check_compatible
-from pydc.utils.options import default_k, default_pca_dim, parse_args, resolve_data_defaults
+from pydc.utils.options import (default_k, default_odc_min_cluster, default_pca_dim, parse_args,
+                                resolve_data_defaults)
 from pydc.utils.schedule import learning_rate
 
 
@@ -54,6 +55,35 @@ def test_k_is_resolved_from_the_data_unless_given(tmp_path):
     given = parse_args(["--output", str(tmp_path / "b"), "--k", "7", "--pca-dim", "16"])
     resolve_data_defaults(given, 3200)
     assert (given.k, given.pca_dim) == (7, 16)
+
+
+def test_default_odc_min_cluster_keeps_mmselfsups_fraction_of_the_mean_cluster():
+    assert default_odc_min_cluster(1_281_167, 10_000) == 20  # MMSelfSup's value on ImageNet
+    assert default_odc_min_cluster(1797, default_k(1797)) == 5  # the digits: ~32 images per cluster
+    assert default_odc_min_cluster(24, 3) == 1  # never 0: empty clusters are always refilled
+    assert default_odc_min_cluster(5000, 10) == 78  # it follows N / k, not a constant
+
+
+def test_odc_min_cluster_is_resolved_after_k_unless_given(tmp_path):
+    args = parse_args(["--output", str(tmp_path / "a"), "--algo", "odc"])
+    assert args.odc_min_cluster is None
+    resolve_data_defaults(args, 1280)
+    assert (args.k, args.odc_min_cluster) == (40, 5)
+    given_k = parse_args(["--output", str(tmp_path / "b"), "--algo", "odc", "--k", "8"])
+    resolve_data_defaults(given_k, 1280)
+    assert given_k.odc_min_cluster == 25  # from the given k: 160 images per cluster
+    given = parse_args(["--output", str(tmp_path / "c"), "--algo", "odc", "--odc-min-cluster", "3"])
+    resolve_data_defaults(given, 1280)
+    assert given.odc_min_cluster == 3
+
+
+def test_defaults_chosen_on_the_quality_suite(tmp_path):
+    """README "Defaults": cosine decay (constant-rate DeepCluster ends at a random point of a 0.07-0.13 NMI swing)
+    and DeepCluster crops of at least 30% of the image (8% of a 32x32 image is 9x9 pixels)."""
+    deepcluster = parse_args(["--output", str(tmp_path / "a")])
+    assert (deepcluster.lr_schedule, deepcluster.crop_scale, deepcluster.epochs) == ("cosine", 0.3, 30)
+    odc = parse_args(["--output", str(tmp_path / "b"), "--algo", "odc"])
+    assert (odc.lr_schedule, odc.crop_scale) == ("cosine", 0.5)
 
 
 def test_unresolved_k_is_checked_against_a_checkpoint_only_once_resolved():

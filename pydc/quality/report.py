@@ -28,11 +28,15 @@ def check_targets(document: dict) -> list[dict]:
         if deepcluster is None or raw is None:
             continue
 
-        def check(target, value, goal):
-            checks.append({"dataset": dataset, "target": target, "value": value, "goal": goal, "met": value >= goal})
+        def check(target, value, goal, note=None):
+            checks.append({"dataset": dataset, "target": target, "value": value, "goal": goal, "met": value >= goal,
+                           **({"note": note} if note else {})})
 
         check("deepcluster NMI - raw k-means NMI", deepcluster["nmi"] - raw["nmi"], NMI_MARGIN)
-        check("deepcluster linear - raw linear", deepcluster["linear"] - raw["linear"], LINEAR_MARGIN)
+        # Reported as missed, not waived: the lead decides how the issue's target reads where it cannot be met.
+        unreachable = raw["linear"] + LINEAR_MARGIN > 1.0
+        check("deepcluster linear - raw linear", deepcluster["linear"] - raw["linear"], LINEAR_MARGIN,
+              f"unreachable: raw pixels already score {raw['linear']:.3f}" if unreachable else None)
         if "odc" in methods:
             check("odc NMI - deepcluster NMI", methods["odc"]["nmi"] - deepcluster["nmi"], -ODC_GAP)
         if dataset == "digits":
@@ -43,17 +47,28 @@ def check_targets(document: dict) -> list[dict]:
     return checks
 
 
+def _cpu(machine: dict) -> str:
+    """'AMD EPYC (family 25 model 17, AVX-512), 2 CPUs, load average 8.3 at start' (parts only when known)."""
+    details = [f"family {machine['cpu_family']} model {machine['cpu_model']}"] if machine.get("cpu_family") else []
+    details += ["AVX-512"] if machine.get("avx512") else []
+    text = machine["cpu"] + (f" ({', '.join(details)})" if details else "") + f", {machine['cpu_count']} CPUs"
+    if machine.get("load_average_at_start") is not None:
+        text += f", load average {machine['load_average_at_start']:.1f} at start"
+    return text
+
+
 def markdown(document: dict) -> str:
     machine, config = document["machine"], document["config"]
     lines = [
         "# pydc quality suite",
         "",
-        f"Machine: {machine['cpu']} ({machine['cpu_count']} CPUs), {machine['threads']} torch thread(s), "
-        f"torch {machine['torch']}. Seed {config['seed']}; trainer flags: "
+        f"Machine: {_cpu(machine)}, {machine['threads']} torch thread(s), torch {machine['torch']}. "
+        f"Seed {config['seed']}; trainer flags: "
         f"`{' '.join(config['train_args']) or '(defaults)'}`.",
         "",
-        "NMI: k-means with k = number of classes on the features, PCA-whitened (to the run's --pca-dim for trained "
-        f"rows, {config['baseline_pca_dim']} for the random net) and L2-normalised, best of 5 by objective; raw "
+        "NMI: k-means with k = number of classes on the features, PCA-whitened to "
+        f"{config['baseline_pca_dim']} (every row, whatever the run's --pca-dim) and L2-normalised, best of 5 by "
+        "objective; raw "
         "pixels: k-means on the L2-normalised pixels; UMAP: k-means on the 10-d embedding. NMI-L2: k-means on the "
         "L2-normalised features. Linear probe and k-NN "
         "(k = 20, cosine): 70/30 stratified split. Seconds: wall time (training rows: the whole `pydc.train` "
@@ -71,7 +86,7 @@ def markdown(document: dict) -> str:
     if checks:
         lines += ["", "## Targets (issue 14)", "", "| dataset | target | value | goal | met |", "|---|---|---:|---:|---|"]
         lines += [f"| {c['dataset']} | {c['target']} | {c['value']:+.3f} | {c['goal']:+.2f} | "
-                  f"{'yes' if c['met'] else 'NO'} |" for c in checks]
+                  f"{'yes' if c['met'] else 'NO'}{' (' + c['note'] + ')' if c.get('note') else ''} |" for c in checks]
     return "\n".join(lines) + "\n"
 
 
