@@ -66,8 +66,8 @@ class DeepClusterV2(Algorithm):
         small = CropView(args.dcv2_small_size, (args.dcv2_small_scale, args.dcv2_large_scale))
         return (large,) * LARGE_CROPS + (small,) * args.dcv2_small_crops
 
-    def color_distortion(self) -> bool:
-        return True
+    def color_distortion(self) -> float:
+        return float(self.args.dcv2_color_strength)
 
     # --- epoch start: fill the memory once, then cluster it -------------------------------------------------------
     def begin_epoch(self, epoch: int, loaders: Loaders) -> dict:
