@@ -116,7 +116,7 @@ def build_loaders(args, index, algorithm, rank: int, world_size: int, device: to
     if algorithm.train_views() is not None:
         train_options["views"] = algorithm.train_views()
     if algorithm.color_distortion():
-        train_options["color_distortion"] = True
+        train_options["color_distortion"] = float(algorithm.color_distortion())
     try:
         train_loader = TrainLoader(index, args.crop, args.batch_size, device=str(device), backend=args.data_backend,
                                    num_threads=args.workers, seed=args.seed + rank,

@@ -20,7 +20,9 @@ from pydc.utils.options import parse_args
 from tests.test_train import REPO, TINY_FLAGS, run_cli, tiny_data  # noqa: F401 (fixture)
 from tests.test_train_resume import _assert_same_state, _global_step, kill_during_run
 
-DCV2_FLAGS = ["--algo", "dcv2", "--dcv2-small-crops", "2", "--dcv2-small-size", "8", "--no-plots"]
+# A colour strength other than the `small` default (none) keeps the colour distortion in the whole-run tests.
+DCV2_FLAGS = ["--algo", "dcv2", "--dcv2-small-crops", "2", "--dcv2-small-size", "8", "--dcv2-color-strength", "0.5",
+              "--no-plots"]
 
 
 def _algorithm(num_images=40, k=4, sets=3, seed=0):
@@ -132,6 +134,23 @@ def test_trainer_names_no_algorithm():
     assert not pattern.findall(source), f"pydc/train.py names an algorithm: {sorted(set(pattern.findall(source)))}"
 
 
+def test_color_strength_default_and_the_training_loader(tiny_data):  # noqa: F811
+    """No colour distortion for `small` (the grey digits; README), SwAV's s = 1 for the other archs; a given
+    strength reaches the training loader, and the other algorithms' loaders get none."""
+    from pydc.data import ImageFolderIndex
+    from pydc.train import build_loaders
+
+    assert parse_args(["--algo", "dcv2", "--device", "cpu"]).dcv2_color_strength == 0.0
+    assert parse_args(["--algo", "dcv2", "--arch", "resnet50", "--device", "cpu"]).dcv2_color_strength == 1.0
+    index = ImageFolderIndex(tiny_data)
+    for flags, strength in ((["--algo", "dcv2"], 0.0), (["--algo", "dcv2", "--dcv2-color-strength", "0.7"], 0.7),
+                            (["--algo", "deepcluster", "--dcv2-color-strength", "0.7"], 0.0)):
+        args = parse_args([*flags, "--device", "cpu", "--crop", "16", "--k", "3", "--workers", "1"])
+        algorithm = ALGORITHMS[args.algo](args, len(index), torch.device("cpu"))
+        _, train_loader = build_loaders(args, index, algorithm, 0, 1, torch.device("cpu"))
+        assert train_loader.color_strength == strength and train_loader.color_distortion == (strength > 0)
+
+
 # -- whole runs ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dcv2_run(tiny_data, tmp_path_factory):  # noqa: F811
@@ -188,6 +207,25 @@ def test_torchrun_two_ranks_dcv2_share_prototypes_and_assignments(tiny_data, tmp
     assert [r["epoch"] for r in records if "event" not in r] == [0, 1]
     state = torch.load(Path(tmp_path) / "checkpoint.pt", weights_only=True)
     assert state["algorithm"]["prototypes"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_dcv2_defaults_learn_on_the_digits(tmp_path):
+    """The failure this guards against (README, "DeepCluster-v2 on the digits"): with SwAV's colour distortion
+    on the grey digits the embeddings collapsed in the first steps, the memory's rows crowding together
+    (memory_cosine 0.36 -> 0.85-0.90) and the loss staying at chance, ln k, for every epoch. With the defaults
+    the third epoch's memory stays spread (~0.6) and its loss lies well below chance (~ln k - 0.8)."""
+    import math
+
+    from tests.test_train import read_log
+
+    run_cli("pydc.train", "--algo", "dcv2", "--output", tmp_path, "--epochs", "3", "--threads", "1", "--device",
+            "cpu", "--no-plots", "--no-eval", "--checkpoint-steps", "0", timeout=1200)
+    epochs = [record for record in read_log(tmp_path) if "event" not in record]
+    k = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"]["k"]
+    assert [record["epoch"] for record in epochs] == [0, 1, 2]
+    assert epochs[-1]["memory_cosine"] < 0.75, [record["memory_cosine"] for record in epochs]
+    assert epochs[-1]["loss"] < math.log(k) - 0.3, ([record["loss"] for record in epochs], math.log(k))
 
 
 def test_memory_cosine_is_the_mean_over_pairs_of_distinct_rows():

@@ -140,3 +140,29 @@ def test_loader_color_distortion_is_reproducible_and_per_view(index):
         for view_p, view_a, view_b in zip(p, a, b):
             assert torch.equal(view_a, view_b)
         assert not all(torch.equal(x, y) for x, y in zip(p, a))
+
+
+def test_loader_color_distortion_strength_is_swavs_s(index):
+    # A float strength s is SwAV's get_color_distortion(s): each view equals the undistorted view through
+    # color_distortion(view, that view's generator, s); True is s = 1 and 0 is no distortion at all.
+    def epoch(color):
+        loader = TrainLoader(index, 24, 4, backend="torchvision", seed=2, views=VIEWS[:2], color_distortion=color,
+                             cache_in_memory=True)
+        loader.set_order(list(range(8)))
+        loader.set_epoch(1)
+        return [(b.number, b.views) for b in loader]
+
+    plain, half, full, swav = epoch(0.0), epoch(0.5), epoch(True), epoch(1.0)
+    for (number, p), (_, h), (_, f), (_, s) in zip(plain, half, full, swav):
+        for view_number, (view_p, view_h, view_f, view_s) in enumerate(zip(p, h, f, s)):
+            rng = [2, 1, number, view_number, 1]
+            assert torch.equal(view_h, color_distortion(view_p, np.random.default_rng(rng), 0.5))
+            assert torch.equal(view_f, color_distortion(view_p, np.random.default_rng(rng), 1.0))
+            assert torch.equal(view_f, view_s)
+    assert not all(torch.equal(x, y) for (_, h), (_, f) in zip(half, full) for x, y in zip(h, f))
+
+
+@pytest.mark.parametrize("strength", [-0.5, float("nan"), float("inf")])
+def test_loader_refuses_a_bad_color_strength(index, strength):
+    with pytest.raises(ValueError, match="color_distortion must be a finite strength >= 0"):
+        TrainLoader(index, 24, 4, backend="torchvision", views=VIEWS[:2], color_distortion=strength)

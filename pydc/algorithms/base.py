@@ -76,9 +76,10 @@ class Algorithm:
         """The training loader's crops (multi-crop), or None for one RandomResizedCrop(--crop, --crop-scale)."""
         return None
 
-    def color_distortion(self) -> bool:
-        """Whether the training loader applies colour jitter + random grayscale to the crops."""
-        return False
+    def color_distortion(self) -> float:
+        """The strength of the colour jitter + random grayscale the training loader applies to the crops
+        (SwAV's s, pydc.data.color); 0: none."""
+        return 0.0
 
     # --- per epoch --------------------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, loaders: Loaders) -> dict:

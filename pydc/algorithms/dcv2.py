@@ -1,8 +1,9 @@
 """DeepCluster-v2 (Caron et al., 2020, with SwAV; after facebookresearch/swav main_deepclusterv2.py).
 
-The network (dcv2_model.py) embeds every crop of a multi-crop batch (2 large + several small crops, colour
-distortion, RGB stem by default) on the unit sphere. A memory holds, for every image, the embeddings of its
-two large crops from the last time the image was trained on, so clustering needs no feature pass:
+The network (dcv2_model.py) embeds every crop of a multi-crop batch (2 large + several small crops, SwAV's colour
+distortion at strength --dcv2-color-strength, RGB stem by default) on the unit sphere. A memory holds, for every
+image, the embeddings of its two large crops from the last time the image was trained on, so clustering needs no
+feature pass:
 
 - epoch start: for each prototype set j (--dcv2-prototypes, default 3; k = --k clusters each), spherical
   k-means (--dcv2-kmeans-iters, default 10) of the memory of large crop j mod 2, on the device with pydc's
@@ -20,7 +21,10 @@ two large crops from the last time the image was trained on, so clustering needs
 
 Differences from SwAV: the memory is replicated on every rank (SwAV keeps each rank's share; the k-means is
 distributed in both); k-means refills empty clusters by splitting others (pydc.cluster.kmeans) where SwAV keeps
-the old centroid; SGD as the other algorithms instead of LARS with a cosine schedule.
+the old centroid; SGD as the other algorithms instead of LARS (--lr-schedule cosine and --warmup-epochs give
+SwAV's schedule; on the digits a warm-up neither prevented the collapse nor sped up learning, README); for `small`
+no colour distortion and large crops from half the image, since on the grey digits SwAV's jitter made the
+embeddings collapse (README).
 """
 
 from __future__ import annotations
@@ -66,8 +70,8 @@ class DeepClusterV2(Algorithm):
         small = CropView(args.dcv2_small_size, (args.dcv2_small_scale, args.dcv2_large_scale))
         return (large,) * LARGE_CROPS + (small,) * args.dcv2_small_crops
 
-    def color_distortion(self) -> bool:
-        return True
+    def color_distortion(self) -> float:
+        return float(self.args.dcv2_color_strength)
 
     # --- epoch start: fill the memory once, then cluster it -------------------------------------------------------
     def begin_epoch(self, epoch: int, loaders: Loaders) -> dict:

@@ -24,6 +24,7 @@ shifts onto another sample. A batch whose samples all failed is not yielded.
 from __future__ import annotations
 
 import collections
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -260,7 +261,8 @@ class TrainLoader(_Loader):
     crop_scale is the range of the crop's area fraction, torchvision's (0.08, 1) by default. views: a sequence
     of CropView(size, scale), one per crop of a multi-crop batch (size and crop_scale are then unused; view 0
     is cut exactly as the single crop would be with its size and scale). color_distortion: SwAV's colour jitter
-    and random grayscale on every view (pydc.data.color).
+    and random grayscale on every view (pydc.data.color), at strength s = the value given (True: s = 1, SwAV's;
+    False or 0: none).
 
     set_order(indices) takes this epoch's order for this rank (from a sampler: duplicates allowed);
     set_epoch(epoch) picks the augmentation draws, which depend only on (seed, epoch, batch number, position in
@@ -286,7 +288,11 @@ class TrainLoader(_Loader):
                          max_pixels)
         self.crop_scale = (low, high)
         self.views = views if views is not None else (CropView(size, (low, high)),)
-        self.color_distortion = bool(color_distortion)
+        strength = float(color_distortion)
+        if not strength >= 0.0 or not math.isfinite(strength):
+            raise ValueError(f"color_distortion must be a finite strength >= 0 (or a bool), got {color_distortion!r}")
+        self.color_strength = strength
+        self.color_distortion = strength > 0.0
         self.epoch = 0
         self._order = np.arange(len(index), dtype=np.int64)
 
@@ -312,7 +318,8 @@ class TrainLoader(_Loader):
         if not self.color_distortion:
             return views
         # Key 1 after the view number keeps these draws apart from the crop windows' (seed, epoch, batch, view).
-        return [distort_colors(images, np.random.default_rng([self.seed, self.epoch, batch_number, number, 1]))
+        return [distort_colors(images, np.random.default_rng([self.seed, self.epoch, batch_number, number, 1]),
+                               self.color_strength)
                 for number, images in enumerate(views)]
 
 

@@ -52,10 +52,16 @@ DEFAULT_STEM = {"deepcluster": "sobel", "odc": "sobel", "dcv2": "rgb"}
 # DeepCluster-v2's multi-crop, SwAV's for 224-pixel crops (2 x 224 at area [0.14, 1] + 6 x 96 at [0.05, 0.14]);
 # for the 32x32 digits: 16-pixel small crops (half the large crop; 96/224 of 32 would be 14), 4 of them to keep
 # a step near 3 large-crop equivalents on a CPU, and larger areas, since a 5% window of a 32x32 digit holds a
-# stroke or two. Neither these nor SwAV's areas make DeepCluster-v2 learn on the digits yet (README).
+# stroke or two. The large crops start at half the image, as ODC's crops (DEFAULT_CROP_SCALE): the memory's
+# clusters come from training crops, and smaller ones agree less across two crops of an image (README).
 DEFAULT_DCV2_SMALL_CROPS = {"small": 4}
-DEFAULT_DCV2_LARGE_SCALE = {"small": 0.3}
+DEFAULT_DCV2_LARGE_SCALE = {"small": 0.5}
 DEFAULT_DCV2_SMALL_SCALE = {"small": 0.1}
+# SwAV's colour distortion strength s (jitter factors in [1 - 0.8 s, 1 + 0.8 s]). On grey images hue,
+# saturation and grayscale do nothing and brightness / contrast down to 0.2 x erase the digits; the random
+# network's clusters then follow each crop's brightness, which the next crop redraws, and the embeddings
+# collapse in the first steps (memory_cosine 0.36 -> 0.85 in epoch 0, at any --lr; README). None for `small`.
+DEFAULT_DCV2_COLOR_STRENGTH = {"small": 0.0}
 # ODC neck dropout by arch (MMSelfSup's 0.5 otherwise). The memory is updated with the features of the training
 # forward pass, dropout included; on the digits, with 0.5, those features and so the online labels are noisy.
 DEFAULT_ODC_DROPOUT = {"small": 0.0}
@@ -132,10 +138,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                            help="DeepCluster-v2: small crop size (default: 96 for 224-pixel crops, else --crop // 2)")
     algorithm.add_argument("--dcv2-large-scale", type=float, default=None,
                            help="DeepCluster-v2: smallest area fraction of a large crop, which is also the largest "
-                                "of a small crop (default: SwAV's 0.14, 0.3 for `small`)")
+                                "of a small crop (default: SwAV's 0.14, 0.5 for `small`)")
     algorithm.add_argument("--dcv2-small-scale", type=float, default=None,
                            help="DeepCluster-v2: smallest area fraction of a small crop (default: SwAV's 0.05, "
                                 "0.1 for `small`)")
+    algorithm.add_argument("--dcv2-color-strength", type=float, default=None,
+                           help="DeepCluster-v2: strength s of SwAV's colour distortion of every crop (jitter by "
+                                "[1 - 0.8 s, 1 + 0.8 s], random grayscale); 0: none (default: SwAV's 1, 0 for "
+                                "`small`: the digits are grey)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="image folder (default: the bundled digits); class sub-folders, "
@@ -232,6 +242,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.dcv2_large_scale = DEFAULT_DCV2_LARGE_SCALE.get(args.arch, 0.14)
     if args.dcv2_small_scale is None:
         args.dcv2_small_scale = DEFAULT_DCV2_SMALL_SCALE.get(args.arch, 0.05)
+    if args.dcv2_color_strength is None:
+        args.dcv2_color_strength = DEFAULT_DCV2_COLOR_STRENGTH.get(args.arch, 1.0)
     if args.crop_scale is None:
         args.crop_scale = DEFAULT_CROP_SCALE[args.algo]
     if args.odc_dropout is None:

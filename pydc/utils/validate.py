@@ -77,6 +77,7 @@ RANGES = {
     "dcv2_small_size": Range(1),
     "dcv2_large_scale": Range(0, 1, low_open=True),
     "dcv2_small_scale": Range(0, 1, low_open=True),
+    "dcv2_color_strength": Range(0),
     "crop": Range(1),
     "crop_scale": Range(0, 1, low_open=True),
     "batch_size": Range(1),
