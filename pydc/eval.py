@@ -9,7 +9,8 @@ classifiers train on a stratified 70% split and are scored on the other 30% (fix
 - linear probe: scikit-learn LogisticRegression on standardised features;
 - NMI: k-means with k = number of classes (best of 5 initialisations by objective) on the features of
   every image, PCA-whitened to --pca-dim and L2-normalised as DeepCluster clusters them (`nmi_kmeans`;
-  default: the run's --pca-dim), and on the L2-normalised features alone (`nmi_kmeans_l2`), vs the labels.
+  default: EVAL_PCA_DIM = 32 for every run, whatever --pca-dim it trained with), and on the L2-normalised
+  features alone (`nmi_kmeans_l2`), vs the labels.
 """
 
 from __future__ import annotations
@@ -66,8 +67,13 @@ def kmeans_nmi(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     return float(nmi(best.labels.cpu(), labels.cpu()))
 
 
+# The evaluation's PCA-whitening width for the k-means NMI: fixed, so that runs trained with different --pca-dim
+# (a training option, whose default follows the feature width) are scored alike.
+EVAL_PCA_DIM = 32
+
+
 def evaluate_features(features: torch.Tensor, labels, seed: int = 0, knn_k: int = 20,
-                      test_fraction: float = 0.3, pca_dim: int = 32) -> dict:
+                      test_fraction: float = 0.3, pca_dim: int = EVAL_PCA_DIM) -> dict:
     """The three scores for (N, D) features and N integer labels (tensor or array)."""
     from sklearn.model_selection import train_test_split
 
@@ -129,7 +135,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN classifier")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split and of k-means")
     parser.add_argument("--pca-dim", type=int, default=None,
-                        help="PCA-whitening dimension before k-means (default: the checkpoint's --pca-dim)")
+                        help=f"PCA-whitening dimension before k-means (default: {EVAL_PCA_DIM} for every checkpoint, "
+                             f"whatever its --pca-dim)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     return parser
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
         if labels is None:
             raise ValueError(f"{data_dir} has no class sub-folders, so there are no labels to evaluate against; "
                              f"point --data at a folder with one sub-folder per class")
-        pca_dim = args.pca_dim or state["args"].get("pca_dim") or 32
+        pca_dim = args.pca_dim or EVAL_PCA_DIM
         scores = evaluate_features(features, labels, seed=args.seed, knn_k=args.knn_k, pca_dim=pca_dim)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"pydc.eval: error: {error}", file=sys.stderr)

@@ -364,7 +364,7 @@ def train(args) -> dict:
         if rank == 0:
             from pydc.eval import evaluate_features
 
-            final.update(evaluate_features(features, true_labels, seed=args.seed, pca_dim=args.pca_dim))
+            final.update(evaluate_features(features, true_labels, seed=args.seed))  # fixed protocol
     if rank == 0:
         log.write(final)
         outputs.final(index, assignments, args.k)

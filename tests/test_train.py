@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import pydc.train
+from pydc.eval import EVAL_PCA_DIM
 from pydc.utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,7 @@ def test_run_writes_log_assignments_plots_and_checkpoint(deepcluster_run, tiny_d
     assert final["event"] == "final" and final["epoch"] == 2 and final["pydc_version"] == pydc.__version__
     for key in ("knn_accuracy", "linear_probe_accuracy", "nmi_kmeans"):
         assert 0.0 <= final[key] <= 1.0
+    assert final["pca_dim"] == EVAL_PCA_DIM  # the evaluation's fixed whitening, not the run's --pca-dim 8
     for epoch in (0, 1):
         labels = np.load(deepcluster_run / "assignments" / f"epoch_{epoch:03d}.npy")
         assert labels.shape == (72,) and labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < 3
@@ -106,6 +108,7 @@ def test_eval_and_export_clis(deepcluster_run, tiny_data, tmp_path):
     assert scores["images"] == 72 and scores["classes"] == 3 and scores["feature_dim"] == 256
     for key in ("knn_accuracy", "linear_probe_accuracy", "nmi_kmeans"):
         assert 0.0 <= scores[key] <= 1.0
+    assert scores["pca_dim"] == EVAL_PCA_DIM  # the trainer's final record's protocol, not the run's --pca-dim 8
 
     out = tmp_path / "backbone.pt"
     run_cli("pydc.export", "--checkpoint", deepcluster_run / "checkpoint.pt", "--out", out)

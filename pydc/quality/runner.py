@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
+from pydc.eval import EVAL_PCA_DIM
 from pydc.quality import baselines
 from pydc.quality.datasets import DATASETS, build_dataset
 
-# PCA-whitening dimension of every NMI in the suite's table (random network and trained rows; raw pixels are
-# clustered L2-normalised only, see baselines.raw_pixels). Fixed, not the run's --pca-dim: the trainer's final
-# record whitens to --pca-dim, which is itself a default under test, and whitening more directions of the same
-# features moved the NMI by up to 0.07 (photo-regions, PCA 64 vs L2-only), so rows of runs with different
-# --pca-dim would not compare. The run's own figure stays in results.json as nmi_run_pca.
-EVAL_PCA_DIM = 32
+# Every NMI in the suite's table (random network and trained rows; raw pixels are clustered L2-normalised only,
+# see baselines.raw_pixels) whitens to pydc.eval.EVAL_PCA_DIM, not the run's --pca-dim, which is itself a
+# default under test: whitening more directions of the same features moved the NMI by up to 0.07
+# (photo-regions, PCA 64 vs L2-only). The trainer's final record now uses EVAL_PCA_DIM too (it used --pca-dim
+# before); the suite still re-scores every run from its checkpoint and keeps the run's figure as nmi_run_pca.
 
 
 class QualityRunError(RuntimeError):
