@@ -110,3 +110,20 @@ def test_bad_inputs_name_what_was_expected():
         call(lower=torch.zeros(50, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="group_drift"):
         call(group_drift=torch.zeros(2))
+
+
+def test_fakes_of_the_bounded_ops_match_the_kernels():
+    """torch.library.opcheck: schema (in-place labels/group_lower), fake tensors (shapes, dtypes) and dispatch of
+    the CPU-only bounded ops agree with their kernels, so torch.compile can trace code that calls them."""
+    x = clustered(n=300, d=12, centres=30, seed=2)
+    centroids = initial_centroids(x, 30, seed=1)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(3))
+    norms = (x * x).sum(1)
+    labels, _, _, lower = torch.ops.pydc.kmeans_assign_bounds(x, centroids[order], order, OFFSETS, norms)
+    drift = torch.full((len(OFFSETS) - 1,), 0.01, dtype=torch.float64)
+    checks = [(torch.ops.pydc.kmeans_assign_bounds.default, (x, centroids[order], order, OFFSETS, norms)),
+              (torch.ops.pydc.kmeans_label_distances.default, (x, centroids, labels)),
+              (torch.ops.pydc.kmeans_assign_yinyang.default,
+               (x, centroids[order], order, OFFSETS, norms, drift, labels.clone(), lower.clone()))]
+    for op, arguments in checks:
+        torch.library.opcheck(op, arguments, test_utils=("test_schema", "test_faketensor"))

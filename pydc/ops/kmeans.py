@@ -153,6 +153,31 @@ if HAS_OPS:
         n = x.shape[0]
         return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
 
+    # The CPU-only ops of bounded k-means (pydc.cluster.kmeans_bounded): shapes and dtypes for torch.compile.
+    @torch.library.register_fake("pydc::kmeans_assign_bounds")
+    def _kmeans_assign_bounds_fake(x, centroids, centroid_ids, group_offsets, x_sq_norms):
+        torch._check(x.dim() == 2 and centroids.dim() == 2 and x.shape[1] == centroids.shape[1],
+                     lambda: "kmeans_assign_bounds: expected 2-D x and centroids of the same width")
+        torch._check(group_offsets.dim() == 1 and group_offsets.shape[0] >= 2,
+                     lambda: "kmeans_assign_bounds: expected group_offsets of G + 1 >= 2 entries")
+        n, groups = x.shape[0], group_offsets.shape[0] - 1
+        return (x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32),
+                x.new_empty((n,), dtype=torch.float64), x.new_empty((n, groups), dtype=torch.float64))
+
+    @torch.library.register_fake("pydc::kmeans_label_distances")
+    def _kmeans_label_distances_fake(x, centroids, labels):
+        torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
+                     lambda: "kmeans_label_distances: expected 2-D x and one label per row")
+        return x.new_empty((x.shape[0],), dtype=torch.float64)
+
+    @torch.library.register_fake("pydc::kmeans_assign_yinyang")
+    def _kmeans_assign_yinyang_fake(x, centroids, centroid_ids, group_offsets, x_sq_norms, group_drift, labels,
+                                    group_lower):
+        torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
+                     lambda: "kmeans_assign_yinyang: expected 2-D x and one label per row")
+        # labels and group_lower are updated in place (schema a!/b!); the outputs are new tensors.
+        return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
+
     @torch.library.register_fake("pydc::kmeans_update")
     def _kmeans_update_fake(x, labels, k, deterministic=True):
         torch._check(x.dim() == 2 and x.dtype == torch.float32, lambda: "kmeans_update: expected 2-D float32 x")
