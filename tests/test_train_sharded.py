@@ -102,7 +102,10 @@ def test_odc_memory_init_shard_equals_gather(tiny_data, tmp_path, init):  # noqa
     # epoch 0's record holds the initial k-means; its assignments are the memory's labels after training on
     # them, which start from the initial memory and labels
     assert shard[0]["epoch"] == gather[0]["epoch"] == 0
-    assert shard[0]["kmeans_objective"] == pytest.approx(gather[0]["kmeans_objective"], rel=1e-5)
+    # The labels below must be equal; the objectives only agree to float32 rounding, which for the neck init's
+    # unit-norm features (distances ~1e-3 from |x|^2 + |c|^2 - 2 x.c, terms ~1) is ~1e-4 relative, and the two
+    # paths compute and sum the distances differently.
+    assert shard[0]["kmeans_objective"] == pytest.approx(gather[0]["kmeans_objective"], rel=1e-4)
     np.testing.assert_array_equal(_assignments(tmp_path / "shard", 0), _assignments(tmp_path / "gather", 0))
 
 
