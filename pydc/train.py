@@ -42,7 +42,8 @@ from pydc.utils.checkpoint import (FORMAT_VERSION, CheckpointError, capture_rng_
                                    keep_epoch_checkpoint, load_checkpoint, remove_stale_temporaries,
                                    save_checkpoint)
 from pydc.utils.logging import JsonLinesLog
-from pydc.utils.options import get_args_parser, parse_args, resolve_data_defaults  # noqa: F401  (get_args_parser: public entry point)
+from pydc.utils.options import (get_args_parser, parse_args,  # noqa: F401  (get_args_parser: public entry point)
+                                resolve_data_defaults)
 from pydc.utils.preemption import Preempted, PreemptionGuard
 from pydc.utils.resume import algorithm_state as algorithm_state_of, restore_rank_rng
 from pydc.utils.run_outputs import RunOutputs
@@ -115,8 +116,9 @@ def build_loaders(args, index, algorithm, rank: int, world_size: int, device: to
     train_options = {}
     if algorithm.train_views() is not None:
         train_options["views"] = algorithm.train_views()
-    if algorithm.color_distortion():
-        train_options["color_distortion"] = float(algorithm.color_distortion())
+    color_strength = float(algorithm.color_distortion())
+    if color_strength:
+        train_options["color_distortion"] = color_strength
     try:
         train_loader = TrainLoader(index, args.crop, args.batch_size, device=str(device), backend=args.data_backend,
                                    num_threads=args.workers, seed=args.seed + rank,

@@ -120,3 +120,10 @@ def test_rgb_stem_feeds_three_channels_and_keeps_checkpoint_keys(arch):
     assert rgb.features(images).shape == (2, rgb.feature_dim)
     with pytest.raises(ValueError, match="unknown stem 'hsv'"):
         build_model(arch, stem="hsv")
+
+
+def test_feature_dim_table_matches_the_built_backbones():
+    """--pca-dim's default is read from FEATURE_DIM before any model is built: it must be what each builds."""
+    from pydc.models import ARCHITECTURES, FEATURE_DIM, build_model
+
+    assert {arch: build_model(arch).feature_dim for arch in ARCHITECTURES} == FEATURE_DIM

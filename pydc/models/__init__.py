@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydc.models.alexnet import SobelBackbone, alexnet
 from pydc.models.resnet import resnet50
-from pydc.models.small import small
+from pydc.models.small import FEATURE_DIM as SMALL_FEATURE_DIM, small
 from pydc.models.vgg import vgg16
 
 ARCHITECTURES = {"small": small, "alexnet": alexnet, "vgg16": vgg16, "resnet50": resnet50}
@@ -18,7 +18,7 @@ ARCHITECTURES = {"small": small, "alexnet": alexnet, "vgg16": vgg16, "resnet50":
 # The crop each architecture is built for; `small` is sized for the bundled 32x32 digits.
 DEFAULT_INPUT_SIZE = {"small": 32, "alexnet": 224, "vgg16": 224, "resnet50": 224}
 # The width of `features()` (SobelBackbone.feature_dim), known before a model is built.
-FEATURE_DIM = {"small": 256, "alexnet": 4096, "vgg16": 4096, "resnet50": 2048}
+FEATURE_DIM = {"small": SMALL_FEATURE_DIM, "alexnet": 4096, "vgg16": 4096, "resnet50": 2048}
 
 
 def build_model(arch: str, input_size: int | None = None, stem: str = "sobel") -> SobelBackbone:
