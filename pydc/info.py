@@ -65,15 +65,28 @@ def _built_for() -> dict:
     return {**built, "cuda_archs": archs}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The first CPU's entries in /proc/cpuinfo: model name, x86 family and model (strings, None where
+    absent) and flags (a set; empty where the file cannot be read, e.g. off Linux)."""
+    identity = {"model_name": None, "family": None, "model": None, "flags": set()}
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:
-        return set()
+        return identity
+    keys = {"model name": "model_name", "cpu family": "family", "model": "model"}
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in keys and identity[keys[key]] is None:
+            identity[keys[key]] = value
+        elif key == "flags":
+            identity["flags"] = set(value.split())
+            break  # the flags line closes the first processor's block on x86
+    return identity
+
+
+def _cpu_flags() -> set[str]:
+    return cpu_identity()["flags"]
 
 
 def cpu_isa_level(flags: set[str]) -> str:
@@ -159,13 +172,7 @@ def _backends() -> dict:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_identity()["model_name"] or platform.processor() or platform.machine()
 
 
 def _devices() -> dict:

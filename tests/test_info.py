@@ -150,3 +150,18 @@ def test_info_without_the_compiled_library(tmp_path):
     report = json.loads(result.stdout)
     assert report["library"]["loaded"] is False and "rebuild with" in report["library"]["error"]
     assert report["built_for"] is None and report["cpu_isa"]["kernels"].startswith("none")
+
+
+def test_cpu_identity_reads_the_first_processor(tmp_path):
+    # two processors that differ: the identity is the first one's; the quality suite and `pydc.info` both read it
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n" \
+            "model name\t: {name}\nflags\t\t: {flags}\n\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(block.format(n=0, family=23, model=49, name="AMD EPYC 7B12", flags="fpu sse2 avx2 fma")
+                       + block.format(n=1, family=25, model=17, name="other", flags="fpu avx512f"))
+    identity = INFO.cpu_identity(cpuinfo)
+    assert identity == {"model_name": "AMD EPYC 7B12", "family": "23", "model": "49",
+                        "flags": {"fpu", "sse2", "avx2", "fma"}}
+    assert INFO.cpu_isa_level(identity["flags"]) == "AVX2"
+    assert INFO.cpu_identity(tmp_path / "absent") == {"model_name": None, "family": None, "model": None,
+                                                       "flags": set()}

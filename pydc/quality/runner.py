@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pydc.eval import EVAL_PCA_DIM
+from pydc.info import cpu_identity
 from pydc.quality import baselines
 from pydc.quality.datasets import DATASETS, build_dataset
 
@@ -167,22 +168,9 @@ def run_suite(config: SuiteConfig, log=print, on_dataset_done=None) -> dict:
 def machine_description(threads: int) -> dict:
     """CPU (name, x86 family/model, AVX-512), threads, versions and the load average when the suite started:
     wall times on a shared machine are only comparable at a similar load."""
-    cpu, family, model, avx512 = platform.processor() or platform.machine(), None, None, False
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name":
-                cpu = value
-            elif key == "cpu family" and family is None:
-                family = value
-            elif key == "model" and model is None:
-                model = value
-            elif key == "flags":
-                avx512 = "avx512f" in value.split()
-                break
-    except OSError:
-        pass
+    identity = cpu_identity()
+    cpu = identity["model_name"] or platform.processor() or platform.machine()
+    family, model, avx512 = identity["family"], identity["model"], "avx512f" in identity["flags"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cpu_family": family, "cpu_model": model, "avx512": avx512, "cpu_count": os.cpu_count(),
             "threads": threads, "load_average_at_start": load, "torch": torch.__version__,
