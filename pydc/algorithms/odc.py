@@ -37,7 +37,8 @@ class ODC(Algorithm):
         self._step_indices: torch.Tensor | None = None    # from `loss` to `after_step`
 
     def build(self, backbone):
-        self.model = ODCModel(backbone, self.args.k, dropout=self.args.odc_dropout).to(self.device)
+        self.model = ODCModel(backbone, self.args.k, dropout=self.args.odc_dropout,
+                              init=self.args.odc_linear_init).to(self.device)
         self.memory = ODCMemory(self.num_images, self.model.feature_dim, self.args.k, momentum=self.args.odc_momentum,
                                 min_cluster=self.args.odc_min_cluster, device=self.device)
         body = list(self.model.backbone.parameters()) + list(self.model.neck.parameters())
@@ -146,12 +147,14 @@ class ODC(Algorithm):
         self._step_features = self._step_indices = None
         if global_step % self.args.odc_centroid_interval == 0:
             self.memory.update_centroids()
-        self.memory.deal_with_small_clusters()
-        return {"change_ratio_sum": change_ratio}
+        refilled = self.memory.deal_with_small_clusters()
+        return {"change_ratio_sum": change_ratio, "clusters_refilled": refilled}
 
     def epoch_record(self, totals: dict) -> dict:
-        """change_ratio: the mean fraction of a batch's rows whose label changed in the memory update."""
-        return {"change_ratio": totals.get("change_ratio_sum", 0.0) / max(1, totals.get("steps", 0))}
+        """change_ratio: the mean fraction of a batch's rows whose label changed in the memory update;
+        clusters_refilled: how many small clusters the epoch dissolved and refilled by splitting a large one."""
+        return {"change_ratio": totals.get("change_ratio_sum", 0.0) / max(1, totals.get("steps", 0)),
+                "clusters_refilled": int(totals.get("clusters_refilled", 0))}
 
     # --- state ------------------------------------------------------------------------------------------------
     def assignments(self) -> torch.Tensor:

@@ -122,6 +122,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     algorithm.add_argument("--odc-dropout", type=float, default=None,
                            help="ODC: dropout in the neck (default: 0.5 as MMSelfSup, 0 for `small`: the memory takes "
                                 "its features in train mode, and on the digits dropped units make its labels churn)")
+    algorithm.add_argument("--odc-linear-init", choices=["mmselfsup", "torch"], default="mmselfsup",
+                           help="ODC: initialisation of the neck's and head's linear layers: mmselfsup = weights "
+                                "N(0, 0.01), biases 0; torch = PyTorch's Linear default (Kaiming-uniform)")
     algorithm.add_argument("--odc-centroid-interval", type=int, default=10,
                            help="ODC: recompute the centroids every this many steps")
     algorithm.add_argument("--dcv2-prototypes", type=int, default=3,
