@@ -53,7 +53,7 @@ constexpr int64_t kBlockWidth = 8;   // centroids per transposed block (block_sc
 constexpr int64_t kChunkRows = 128;  // points scored together: chunk x padded k floats of scores (~600 KB)
 constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 sum: error far below 1e-12
 constexpr int64_t kGramRows = 256;   // centroids per Gram-matrix slice (kGramRows x k float64)
-constexpr int64_t kMaxSeparationBytes = int64_t{256} << 20;  // above, the separation filter is off (k > ~45k)
+constexpr int64_t kMaxSeparationBytes = int64_t{256} << 20;  // above, the separation filter is off (k > ~22k)
 
 // The centroids of every group in blocks of kBlockWidth, transposed (feature-major), padded with zero
 // centroids whose norm is +inf (their scores never win).
@@ -114,6 +114,9 @@ struct CentroidSeparation {
   bool enabled = false;
   std::vector<float> block_min;
   std::vector<float> group_min;
+  // per centroid: the largest finite block_min (0 if none); a point that this cannot skip can skip no
+  // group or block, so most points of unstructured data pay one test instead of one per group and block
+  std::vector<float> largest;
 };
 
 CentroidSeparation centroid_separation(const at::Tensor& centroids, const TransposedBlocks& blocks,
@@ -127,6 +130,7 @@ CentroidSeparation centroid_separation(const at::Tensor& centroids, const Transp
   separation.enabled = true;
   separation.block_min.assign(k * n_blocks, kKMeansInf);
   separation.group_min.assign(k * groups, kKMeansInf);
+  separation.largest.assign(k, 0.0f);
   std::vector<int64_t> block_of(k);
   for (int64_t b = 0; b < n_blocks; ++b) {
     std::fill(block_of.begin() + blocks.first[b], block_of.begin() + blocks.first[b] + blocks.width[b], b);
@@ -155,6 +159,11 @@ CentroidSeparation centroid_separation(const at::Tensor& centroids, const Transp
           float& g = group_row[group_of[j]];
           g = std::min(g, lower);
         }
+        float largest = 0.0f;
+        for (int64_t b = 0; b < n_blocks; ++b) {
+          largest = std::isfinite(block_row[b]) ? std::max(largest, block_row[b]) : largest;
+        }
+        separation.largest[p] = largest;
       }
     });
   }
@@ -264,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
     std::vector<float*> score_pointers;
     std::vector<double> error(kChunkRows), upper_of(kChunkRows);
     std::vector<int64_t> own_of(kChunkRows);
+    std::vector<uint8_t> separable(kChunkRows);  // whether the separation filter can skip anything for the row
     std::vector<double> skipped_min(kChunkRows * groups);  // per row and group: separation of skipped blocks
     std::vector<float> group_min(groups);
     int64_t chunk_rows = 0, chunk_scores = 0;
@@ -283,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
           continue;  // the global filter: the label stays
         }
         bool any = false;
-        if (separation.enabled) {
+        separable[r] = separation.enabled && separation_skips(separation.largest[own], upper, 2.0 * error[r]);
+        if (separable[r]) {
           const float* separation_row = separation.group_min.data() + own * groups;
           for (int64_t g = 0; g < groups; ++g) {
             if (need[g] && separation_skips(separation_row[g], upper, 2.0 * error[r])) {
@@ -314,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
           for (const int64_t r : members) {
             float* row_scores = scores.data() + r * padded_k + b * kBlockWidth;
             const int64_t own_block = block_of[own_of[r]];
-            if (separation.enabled && own_block != b && own_block != b + pair - 1) {
+            if (separable[r] && own_block != b && own_block != b + pair - 1) {
               const float* separation_row = separation.block_min.data() + own_of[r] * n_blocks + b;
               const float nearest = pair == 2 ? std::min(separation_row[0], separation_row[1]) : separation_row[0];
               if (separation_skips(nearest, upper_of[r], 2.0 * error[r])) {  // provably farther: +inf scores
