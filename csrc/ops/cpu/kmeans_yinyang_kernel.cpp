@@ -257,7 +257,25 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
       transpose_blocks(cs, info.sq_norms.const_data_ptr<float>(), offsets, groups, d);
   const int64_t n_blocks = static_cast<int64_t>(blocks.first.size());
   const int64_t padded_k = n_blocks * kBlockWidth;
-  const CentroidSeparation separation = centroid_separation(centroids, blocks, group_of, groups);
+  // Every point's exact distance to its own centroid first: when no point's own centroid is far enough
+  // from any centroid to pass the separation test (||c|| + max ||c_j|| bounds every separation; unstructured
+  // data), the Gram matrix is not computed at all.
+  std::vector<double> own_sq_all(n);
+  std::atomic<int64_t> may_separate{0};
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    int64_t count = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t own = position_of[label[i]];
+      own_sq_all[i] = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
+      const double farthest = std::sqrt(info.sq_norms_f64[own]) + info.max_norm;
+      count += separation_skips(farthest * kRoundUp, std::sqrt(own_sq_all[i]) * kRoundUp,
+                                2.0 * kmeans_score_error_bound(pn[i], info.max_norm, d));
+    }
+    may_separate += count;
+  });
+  const CentroidSeparation separation = may_separate.load() > 0
+                                            ? centroid_separation(centroids, blocks, group_of, groups)
+                                            : CentroidSeparation{};
   std::vector<int64_t> block_of(k);
   for (int64_t b = 0; b < n_blocks; ++b) {
     std::fill(block_of.begin() + blocks.first[b], block_of.begin() + blocks.first[b] + blocks.width[b], b);
@@ -282,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
       active.clear();
       for (int64_t i = c0; i < c1; ++i) {
         const int64_t r = i - c0, own = position_of[label[i]];
-        const double own_sq = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
+        const double own_sq = own_sq_all[i];
         const double upper = std::sqrt(own_sq) * kRoundUp;
         error[r] = kmeans_score_error_bound(pn[i], info.max_norm, d);
         uint8_t* need = needed.data() + r * groups;
