@@ -7,7 +7,8 @@ line per pair as it finishes (for a busy machine, where the pytest-benchmark sui
 
 Sobel (median of 5 rounds x 10 calls) and assign (median of 5) alternate sides; k-means (clustered and unstructured data, same
 start) and PCA run once per side. OUT.json also records where it ran (CPU model, level, BLAS caps, threads)
-and the 1-minute load average after each pair (the machine may be shared).
+and the 1-minute load average after each pair (the machine may be shared). Names after OUT.json pick pairs
+(sobel, assign, kmeans, pca), e.g. `python -m benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
 """
 
 from __future__ import annotations
@@ -103,11 +104,17 @@ def pca_pair():
     return "PCA-whitening fit+transform 50000x2048->256", ours_s, theirs_s, "faiss PCAMatrix(-0.5) + normalize_L2", {}
 
 
-def main(path):
+PAIRS = {"sobel": [sobel_pair], "assign": [assign_pair],
+         "kmeans": [lambda: kmeans_pair("clustered"), lambda: kmeans_pair("unstructured")], "pca": [pca_pair]}
+
+
+def main(path, names=tuple(PAIRS)):
+    unknown = sorted(set(names) - set(PAIRS))
+    if unknown:
+        raise SystemExit(f"cpu_pairs: unknown pairs {unknown}; expected some of {list(PAIRS)}")
     out = {"where": where_it_ran(), "pairs": []}
     print(out["where"], flush=True)
-    for pair in (sobel_pair, assign_pair, lambda: kmeans_pair("clustered"), lambda: kmeans_pair("unstructured"),
-                 pca_pair):
+    for pair in [pair for name in PAIRS if name in names for pair in PAIRS[name]]:
         name, ours_s, reference_s, reference, extra = pair()
         row = dict(what=name, pydc_s=ours_s, reference=reference, reference_s=reference_s,
                    ratio=ours_s / reference_s, load_average_1min=os.getloadavg()[0], **extra)
@@ -118,4 +125,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:]) or tuple(PAIRS))

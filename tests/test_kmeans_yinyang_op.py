@@ -66,6 +66,34 @@ def test_step_gives_kmeans_assign_labels_and_valid_bounds(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_centroid_separation_skips_only_farther_centroids(level):
+    """Zero group bounds settle nothing, so only the centroid-separation filter (d(x, j) >= d(c, j) - d(x, c))
+    can skip scores: from random labels (own centroids far from the points) and then from the right ones
+    (most groups and blocks skipped), the labels are kmeans_assign's, every bound left holds, and the second
+    pass scores far fewer pairs than the n x k that zero bounds alone would score."""
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    generator = torch.Generator().manual_seed(21)
+    means = torch.randn(30, 20, generator=generator) * 3
+    x = means[torch.randint(0, 30, (2503,), generator=generator)] + torch.randn(2503, 20, generator=generator)
+    x[:45] = (means[0:30:2] + means[1:30:2]).repeat(3, 1) / 2  # midpoints: near-equidistant pairs of centroids
+    centroids = means + 0.1 * torch.randn(means.shape, generator=generator)
+    order = torch.randperm(30, generator=generator)
+    norms = (x * x).sum(1)
+    zero_drift = torch.zeros(len(OFFSETS) - 1, dtype=torch.float64)
+    plain_labels, _ = torch.ops.pydc.kmeans_assign(x, centroids, norms, True)
+    with cpu_capability_level(level):
+        labels = torch.randint(0, 30, (x.shape[0],), generator=generator)
+        for step in range(2):
+            lower = torch.zeros(x.shape[0], len(OFFSETS) - 1, dtype=torch.float64)
+            _, counts = torch.ops.pydc.kmeans_assign_yinyang(x, centroids[order], order, OFFSETS, norms,
+                                                             zero_drift, labels, lower)
+            assert torch.equal(labels, plain_labels)
+            assert_bounds_hold(x, centroids, order, OFFSETS, labels, lower)
+        assert counts[1] < 0.5 * x.shape[0] * 30  # the separation filter skipped most scores
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_step_settles_near_ties_exactly(level):
     """Centroids within float32 noise of each other (pairs 8 apart share a block lane): every label is the
     float64 arg-min, lowest index on ties, from zero bounds (every group scored) and from fresh bounds."""

@@ -5,10 +5,16 @@ Yinyang k-means (Ding et al., ICML 2015) keeps, per point, an upper bound u on t
 centroid and a lower bound l_g on the distance to every other centroid of each group g of centroids (the
 groups: a small k-means of the initial centroids, ~16 centroids each, at most 64 groups). When the
 centroids move by drift_j, the bounds stay valid as u + drift_own and l_g - max_{j in g} drift_j. Each pass
-(one kmeans_assign_yinyang call, csrc/ops/cpu/kmeans_yinyang_kernel.cpp) applies two filters: the global
+(one kmeans_assign_yinyang call, csrc/ops/cpu/kmeans_yinyang_kernel.cpp) applies three filters: the global
 one, a point whose own centroid is provably nearer than every group's lower bound keeps its label with no
 score computed; the local one, for the other points only the groups whose bound fails (and the own
-centroid's group) are scored, in blocks of 8 transposed centroids per group. The first pass starts from
+centroid's group) are scored, in blocks of 8 transposed centroids per group. A third filter uses the
+centroids' separation (Elkan, ICML 2003): d(x, j) >= d(c, j) - u for the own centroid c, so with the k x k
+centroid distances of the pass (one float64 Gram matrix, bounded from below per block of 8 and per group) a
+group or block at least 2u (plus the margin below) from c is not scored either; this is what settles the
+points of a true cluster while the centroids still move too much for the drift-decayed bounds (clustered
+data). Near-ties are settled in float64 among the scored centroids within the error margin of the best,
+not against all k (the points halfway between clusters have many). The first pass starts from
 zero bounds (every group scored). When a pass scores more than DENSE_FRACTION of all point-centroid pairs
 (early iterations, unstructured data), the next 1, 2, 4 or 8 passes (after successive such passes) run plain
 kmeans_assign (BLAS GEMM: faster than the block scoring when nearly everything is scored); the last of them
@@ -20,20 +26,31 @@ together. A group is skipped only when l_g^2 - u^2 > 2 * kmeans_score_error_boun
 decides a float64 settle), so every skipped centroid is farther than the own one and the exact arg-min is
 among the scored ones; u is recomputed exactly every pass (fixed-order float64 distance to the own
 centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group lower
-bounds that the kernel stores already subtract the float32 error of the scores they come from. So the
-labels are the ones kmeans_assign would return, and the iteration's centroids are bitwise those of plain
+bounds that the kernel stores already subtract the float32 error of the scores they come from. The
+separation filter skips a group or block only when (s - u)^2 - u^2 > 2 * kmeans_score_error_bound, where s
+is a lower bound on the distance from c to the group's or block's nearest other member (the float64 Gram matrix's error, 4 (d + 4)
+2^-53 (||c||^2 + ||c_j||^2), taken off before a downward-rounded root), so again every skipped centroid is
+farther than the own one; a group it drops keeps max(decayed bound, s - u), a partly skipped group's
+refreshed bound is min(scored members' bound, s - u), both valid for every member. A near-tie settle needs
+only the scored centroids whose float32 score is within 2 * bound of the best: any other one is provably
+farther (by at least 2% of the bound, the bound's 1% slack, far above float64 rounding), so the fixed-order
+float64 arg-min (ties to the lowest index) over those is kmeans_assign's. So the labels are the ones
+kmeans_assign would return, and the iteration's centroids are bitwise those of plain
 Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and the
 drift is measured after it. The objective of a skipped point is its float64 distance, of a scored one the
 kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
 
 CUDA design (not built yet): the same state on the device: labels (N) int64, upper (N) float32 rounded up
 (or float64), lower (N, t) float32 rounded down. Per iteration: (1) drift kernel: one warp per centroid,
-float64 norm of the move, rounded up, then a segmented max per group; (2) filter kernel, one thread per
-point: u = exact float64 distance to its own centroid (one warp-cooperative dot per point, coalesced),
-l_g -= group drift, skip flag when min_g l_g^2 - u^2 > 2 * error bound; a stream compaction (cub::
+float64 norm of the move, rounded up, then a segmented max per group; the k x k float64 Gram matrix of the
+centroids (cuBLAS DGEMM, k^2 d: ~1% of a pass at k = 1000) reduced to per-group separation lower bounds
+(k x t float32); (2) filter kernel, one thread per point: u = exact float64 distance to its own centroid
+(one warp-cooperative dot per point, coalesced), l_g -= group drift, l_g = max(l_g, sep(c, g) - u) where
+the separation test passes, skip flag when min_g l_g^2 - u^2 > 2 * error bound; a stream compaction (cub::
 DeviceSelect::Flagged) gathers the active rows; (3) the active rows go through the existing cuBLAS
 block GEMM + top-2 fold of kmeans_kernel.cu with FP32 (no TF32 for this path, or TF32 with its own, larger
-error bound in kmeans_score_error_bound) and a float64 settle kernel for the flagged near-ties, writing labels,
+error bound in kmeans_score_error_bound) and a float64 settle kernel for the flagged near-ties (only the
+candidates within the margin of the best), writing labels,
 upper and the per-group minima with the rows still in shared memory (groups are contiguous after sorting the
 centroids by group, so a group minimum is a segmented reduction over the GEMM tile's columns). Labels and
 the deterministic update then match the CPU's bitwise. Memory: N x t x 4 bytes (1.28M x 64 x 4 = 330 MB).

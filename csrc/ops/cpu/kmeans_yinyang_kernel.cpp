@@ -21,6 +21,16 @@
 // near-ties (kmeans_cpu.h) give exactly kmeans_assign's label. The scored groups' bounds are refreshed
 // from their float32 scores as kmeans_assign_bounds does; the others keep their decayed bounds, valid
 // because neither the old nor the new label lies in them.
+//
+// The centroid-separation filter (Elkan's lemma, Elkan ICML 2003): for the own centroid c, any centroid j
+// and the point x, d(x, j) >= d(c, j) - d(x, c) (triangle inequality). Once per call the distance from
+// every centroid to the nearest other member of every block of 8 (and of every group) is bounded from below
+// (CentroidSeparation, from a float64 Gram matrix); a group or a block whose separation s from the own
+// centroid gives (s - u)^2 - u^2 > twice kmeans_score_error_bound (the margin of the group test) holds only
+// centroids farther than the own one and is not scored. A group dropped so keeps the larger of its decayed
+// bound and s - u (both valid for all its members); a block skipped inside a scored group is +inf in the
+// row's scores (never best nor runner-up: provably farther) and the group's refreshed bound is the smaller
+// of its scored members' bound and s - u of the skipped blocks. The own centroid's block is always scored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -42,6 +52,8 @@ constexpr const char* kYinyang = "pydc::kmeans_assign_yinyang";
 constexpr int64_t kBlockWidth = 8;   // centroids per transposed block (block_scores8)
 constexpr int64_t kChunkRows = 128;  // points scored together: chunk x padded k floats of scores (~600 KB)
 constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 sum: error far below 1e-12
+constexpr int64_t kGramRows = 256;   // centroids per Gram-matrix slice (kGramRows x k float64)
+constexpr int64_t kMaxSeparationBytes = int64_t{256} << 20;  // above, the separation filter is off (k > ~22k)
 
 // The centroids of every group in blocks of kBlockWidth, transposed (feature-major), padded with zero
 // centroids whose norm is +inf (their scores never win).
@@ -86,6 +98,115 @@ void for_each_member(const TransposedBlocks& blocks, int64_t g, Fn fn) {
   for (int64_t b = blocks.group_block[g]; b < blocks.group_block[g + 1]; ++b) {
     for (int64_t l = 0; l < blocks.width[b]; ++l) fn(blocks.first[b] + l, b * kBlockWidth + l);
   }
+}
+
+// The one BLAS call of this file (the lead may route it through the run-time BLAS choice): a x b^T in float64.
+at::Tensor gram_f64(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b.t()); }
+
+// Lower bounds on the distance from each centroid p (sorted position) to the nearest OTHER member of each
+// block (block_min[p * blocks + b]) and of each group (group_min[p * groups + g]), +inf where there is none.
+// The squared distance ||c_p||^2 + ||c_j||^2 - 2 c_p.c_j comes from a float64 Gram matrix of the float32
+// centroids: the products are exact and each float64 sum of d terms errs by at most gamma_d (d 2^-53 / (1 -
+// d 2^-53)) times the sum of |terms| <= (||c_p||^2 + ||c_j||^2) / 2 (Cauchy-Schwarz), so with the three
+// final roundings the error is below 4 (d + 4) 2^-53 (||c_p||^2 + ||c_j||^2), which is taken off before the
+// square root; the root rounds down and the float32 store rounds towards zero.
+struct CentroidSeparation {
+  bool enabled = false;
+  std::vector<float> block_min;
+  std::vector<float> group_min;
+  // per centroid: the largest finite block_min (0 if none); a point that this cannot skip can skip no
+  // group or block, so most points of unstructured data pay one test instead of one per group and block
+  std::vector<float> largest;
+};
+
+CentroidSeparation centroid_separation(const at::Tensor& centroids, const TransposedBlocks& blocks,
+                                       const std::vector<int64_t>& group_of, int64_t groups) {
+  CentroidSeparation separation;
+  const int64_t k = centroids.size(0), d = centroids.size(1);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.first.size());
+  if (static_cast<double>(k) * static_cast<double>(n_blocks + groups) * sizeof(float) > kMaxSeparationBytes) {
+    return separation;
+  }
+  separation.enabled = true;
+  separation.block_min.assign(k * n_blocks, kKMeansInf);
+  separation.group_min.assign(k * groups, kKMeansInf);
+  separation.largest.assign(k, 0.0f);
+  std::vector<int64_t> block_of(k);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    std::fill(block_of.begin() + blocks.first[b], block_of.begin() + blocks.first[b] + blocks.width[b], b);
+  }
+  const at::Tensor c64 = centroids.to(at::kDouble);
+  const at::Tensor sq_norms = c64.mul(c64).sum(1);  // each entry errs by gamma_d ||c||^2 at most
+  const double* norm = sq_norms.const_data_ptr<double>();
+  const double relative = 4.0 * static_cast<double>(d + 4) * 1.1102230246251565e-16;  // 4 (d + 4) 2^-53
+  for (int64_t p0 = 0; p0 < k; p0 += kGramRows) {
+    const int64_t p1 = std::min(k, p0 + kGramRows);
+    const at::Tensor gram = gram_f64(c64.slice(0, p0, p1), c64).contiguous();
+    const double* dot = gram.const_data_ptr<double>();
+    at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        float* block_row = separation.block_min.data() + p * n_blocks;
+        float* group_row = separation.group_min.data() + p * groups;
+        const double* dot_row = dot + (p - p0) * k;
+        for (int64_t j = 0; j < k; ++j) {
+          if (j == p) continue;
+          const double sq = norm[p] + norm[j] - 2.0 * dot_row[j] - relative * (norm[p] + norm[j]);
+          const double root = sq > 0.0 ? std::sqrt(sq) / kRoundUp : 0.0;  // NaN centroids: 0, never skipped
+          float lower = static_cast<float>(root);
+          if (static_cast<double>(lower) > root) lower = std::nextafter(lower, 0.0f);
+          float& b = block_row[block_of[j]];
+          b = std::min(b, lower);
+          float& g = group_row[group_of[j]];
+          g = std::min(g, lower);
+        }
+        float largest = 0.0f;
+        for (int64_t b = 0; b < n_blocks; ++b) {
+          largest = std::isfinite(block_row[b]) ? std::max(largest, block_row[b]) : largest;
+        }
+        separation.largest[p] = largest;
+      }
+    });
+  }
+  return separation;
+}
+
+// A lower bound on d(x, j) for every centroid j at least `separation` from the own centroid, u >= d(x, own).
+inline double separated_lower_bound(double separation, double upper) { return separation - upper; }
+
+// True when centroids at least `separation` from the own centroid are provably farther from the point than
+// the own centroid, with the margin of the group test (lower^2 - u^2 > margin).
+inline bool separation_skips(double separation, double upper, double margin) {
+  const double lower = separated_lower_bound(separation, upper);
+  return lower > 0.0 && lower * lower - upper * upper > margin;
+}
+
+// kmeans_settle_row restricted to the scored centroids whose float32 score is within `margin` (twice
+// kmeans_score_error_bound) of the best one: the same fixed-order float64 score per centroid and the same
+// tie rule, so the same winner. Every other centroid is provably farther: an unscored one by the filters'
+// margin, a scored one because its exact score exceeds the best's by more than 2% of the error bound (the
+// bound's 1% slack), far above float64 rounding. Near-ties are few (the float64 scores cost d each), so this
+// avoids the k float64 dot products of a full settle, which the points halfway between clusters need often.
+int64_t settle_among_scored(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
+                            int64_t d, const TransposedBlocks& blocks, const float* row_scores, const uint8_t* need,
+                            int64_t groups, float best_score, double margin, double* score) {
+  const CpuKernels& kernels = cpu_kernels();
+  double best = kKMeansInf;  // the start of kmeans_settle_row's scan, whose first centroid is position 0
+  int64_t best_position = 0, best_id = ids[0];
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!need[g]) continue;
+    for_each_member(blocks, g, [&](int64_t j, int64_t column) {
+      // NaN scores are candidates, as in a full settle (their float64 score never wins)
+      if (static_cast<double>(row_scores[column]) - static_cast<double>(best_score) > margin) return;
+      const double s = sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, centroids + j * d, d);
+      if (s < best || (s == best && ids[j] < best_id)) {
+        best = s;
+        best_position = j;
+        best_id = ids[j];
+      }
+    });
+  }
+  *score = best;
+  return best_position;
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
@@ -134,7 +255,31 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
   const double norm_rounding = kmeans_norm_rounding(d);
   const TransposedBlocks blocks =
       transpose_blocks(cs, info.sq_norms.const_data_ptr<float>(), offsets, groups, d);
-  const int64_t padded_k = static_cast<int64_t>(blocks.first.size()) * kBlockWidth;
+  const int64_t n_blocks = static_cast<int64_t>(blocks.first.size());
+  const int64_t padded_k = n_blocks * kBlockWidth;
+  // Every point's exact distance to its own centroid first: when no point's own centroid is far enough
+  // from any centroid to pass the separation test (||c|| + max ||c_j|| bounds every separation; unstructured
+  // data), the Gram matrix is not computed at all.
+  std::vector<double> own_sq_all(n);
+  std::atomic<int64_t> may_separate{0};
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    int64_t count = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t own = position_of[label[i]];
+      own_sq_all[i] = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
+      const double farthest = std::sqrt(info.sq_norms_f64[own]) + info.max_norm;
+      count += separation_skips(farthest * kRoundUp, std::sqrt(own_sq_all[i]) * kRoundUp,
+                                2.0 * kmeans_score_error_bound(pn[i], info.max_norm, d));
+    }
+    may_separate += count;
+  });
+  const CentroidSeparation separation = may_separate.load() > 0
+                                            ? centroid_separation(centroids, blocks, group_of, groups)
+                                            : CentroidSeparation{};
+  std::vector<int64_t> block_of(k);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    std::fill(block_of.begin() + blocks.first[b], block_of.begin() + blocks.first[b] + blocks.width[b], b);
+  }
   std::atomic<int64_t> rows_computed{0}, scores_computed{0};
 
   at::parallel_for(0, n, kChunkRows, [&](int64_t begin, int64_t end) {
@@ -144,7 +289,10 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
     std::vector<int64_t> members;                // active rows that need the group being scored
     std::vector<const float*> row_pointers;
     std::vector<float*> score_pointers;
-    std::vector<double> error(kChunkRows);
+    std::vector<double> error(kChunkRows), upper_of(kChunkRows);
+    std::vector<int64_t> own_of(kChunkRows);
+    std::vector<uint8_t> separable(kChunkRows);  // whether the separation filter can skip anything for the row
+    std::vector<double> skipped_min(kChunkRows * groups);  // per row and group: separation of skipped blocks
     std::vector<float> group_min(groups);
     int64_t chunk_rows = 0, chunk_scores = 0;
     for (int64_t c0 = begin; c0 < end; c0 += kChunkRows) {
@@ -152,16 +300,33 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
       active.clear();
       for (int64_t i = c0; i < c1; ++i) {
         const int64_t r = i - c0, own = position_of[label[i]];
-        const double own_sq = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
+        const double own_sq = own_sq_all[i];
         const double upper = std::sqrt(own_sq) * kRoundUp;
         error[r] = kmeans_score_error_bound(pn[i], info.max_norm, d);
         uint8_t* need = needed.data() + r * groups;
         distance_out[i] = own_sq;
         // NaN bounds (never stored: kmeans_group_lower_bound gives 0) would decay to 0
-        if (!kernels.decay_group_bounds(lower_all + i * groups, drift, groups, upper * upper, 2.0 * error[r], need)) {
+        double* lower_row = lower_all + i * groups;
+        if (!kernels.decay_group_bounds(lower_row, drift, groups, upper * upper, 2.0 * error[r], need)) {
           continue;  // the global filter: the label stays
         }
+        bool any = false;
+        separable[r] = separation.enabled && separation_skips(separation.largest[own], upper, 2.0 * error[r]);
+        if (separable[r]) {
+          const float* separation_row = separation.group_min.data() + own * groups;
+          for (int64_t g = 0; g < groups; ++g) {
+            if (need[g] && separation_skips(separation_row[g], upper, 2.0 * error[r])) {
+              need[g] = 0;
+              lower_row[g] = std::max(lower_row[g], separated_lower_bound(separation_row[g], upper));
+            }
+            any |= need[g] != 0;
+          }
+          if (!any) continue;  // the global filter with the separation bounds
+        }
         need[group_of[own]] = 1;
+        own_of[r] = own;
+        upper_of[r] = upper;
+        std::fill(skipped_min.begin() + r * groups, skipped_min.begin() + (r + 1) * groups, kKMeansInf);
         active.push_back(r);
       }
       // Score the needed groups, a group's blocks at a time for all active rows that need it.
@@ -171,16 +336,31 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
           if (needed[r * groups + g]) members.push_back(r);
         }
         if (members.empty()) continue;
-        row_pointers.clear();
-        for (const int64_t r : members) row_pointers.push_back(xs + (c0 + r) * d);
         for (int64_t b = blocks.group_block[g]; b < blocks.group_block[g + 1]; b += 2) {
           const int64_t pair = std::min<int64_t>(2, blocks.group_block[g + 1] - b);
+          row_pointers.clear();
           score_pointers.clear();
-          for (const int64_t r : members) score_pointers.push_back(scores.data() + r * padded_k + b * kBlockWidth);
-          kernels.block_scores8(row_pointers.data(), static_cast<int64_t>(members.size()),
-                                blocks.values.data() + b * d * kBlockWidth, pair,
+          for (const int64_t r : members) {
+            float* row_scores = scores.data() + r * padded_k + b * kBlockWidth;
+            const int64_t own_block = block_of[own_of[r]];
+            if (separable[r] && own_block != b && own_block != b + pair - 1) {
+              const float* separation_row = separation.block_min.data() + own_of[r] * n_blocks + b;
+              const float nearest = pair == 2 ? std::min(separation_row[0], separation_row[1]) : separation_row[0];
+              if (separation_skips(nearest, upper_of[r], 2.0 * error[r])) {  // provably farther: +inf scores
+                std::fill(row_scores, row_scores + pair * kBlockWidth, kKMeansInf);
+                double& skipped = skipped_min[r * groups + g];
+                skipped = std::min(skipped, static_cast<double>(nearest));
+                continue;
+              }
+            }
+            row_pointers.push_back(xs + (c0 + r) * d);
+            score_pointers.push_back(row_scores);
+          }
+          if (row_pointers.empty()) continue;
+          const int64_t scored_rows = static_cast<int64_t>(row_pointers.size());
+          kernels.block_scores8(row_pointers.data(), scored_rows, blocks.values.data() + b * d * kBlockWidth, pair,
                                 blocks.sq_norms.data() + b * kBlockWidth, d, score_pointers.data());
-          for (int64_t q = b; q < b + pair; ++q) chunk_scores += blocks.width[q] * static_cast<int64_t>(members.size());
+          for (int64_t q = b; q < b + pair; ++q) chunk_scores += blocks.width[q] * scored_rows;
         }
       }
       // Per active row: top-2 over the scored centroids (the best group's minimum and the runner-up among
@@ -218,7 +398,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
         float score = best;
         if (kmeans_needs_settle(best, second, pn[i], info.max_norm, d)) {
           double exact;
-          position = kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), ids, k, d, &exact);
+          position = settle_among_scored(xs + i * d, cs, info.sq_norms_f64.data(), ids, d, blocks, row_scores, need,
+                                         groups, best, 2.0 * error[r], &exact);
           score = static_cast<float>(exact);
         }
         // no finite score at all (a NaN point): label 0, as kmeans_assign gives
@@ -237,7 +418,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
               others_min = (s < others_min && j != position) ? s : others_min;
             });
           }
-          lower_row[g] = kmeans_group_lower_bound(point_sq, norm_rounding, others_min, error[r]);
+          lower_row[g] = std::min(kmeans_group_lower_bound(point_sq, norm_rounding, others_min, error[r]),
+                                  separated_lower_bound(skipped_min[r * groups + g], upper_of[r]));
         }
       }
       chunk_rows += static_cast<int64_t>(active.size());
