@@ -3,9 +3,8 @@
 // kmeans_assign never forms the N x k distance matrix. It works as faiss's exhaustive L2 search does: points
 // are taken in blocks, each block is multiplied by a block of centroids with BLAS (cpu_gemm_abt: torch's or
 // scipy's, as blas_gemm.h selected, into a bounded buffer) and the scores ||c||^2 - 2 x.c of that buffer are
-// folded into a running best and second best. The
-// BLAS call uses its own threads; the fold runs over rows with at::parallel_for (calling BLAS from inside
-// at::parallel_for instead nests OpenMP regions). The fold is one of the per-ISA loops (cpu_kernels.h). A
+// folded into a running best and second best. The BLAS call uses its own threads; the fold runs over rows
+// with at::parallel_for (calling BLAS from inside at::parallel_for instead nests OpenMP regions). The fold is one of the per-ISA loops (cpu_kernels.h). A
 // row whose best and second best are too close for float32 to order them is settled in float64
 // (kmeans_cpu.h): the labels are the exact arg-min whatever the BLAS.
 //
