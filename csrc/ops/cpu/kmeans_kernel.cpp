@@ -4,9 +4,9 @@
 // are taken in blocks, each block is multiplied by a block of centroids with BLAS (cpu_gemm_abt: torch's or
 // scipy's, as blas_gemm.h selected, into a bounded buffer) and the scores ||c||^2 - 2 x.c of that buffer are
 // folded into a running best and second best. The BLAS call uses its own threads; the fold runs over rows
-// with at::parallel_for (calling BLAS from inside at::parallel_for instead nests OpenMP regions). The fold is one of the per-ISA loops (cpu_kernels.h). A
-// row whose best and second best are too close for float32 to order them is settled in float64
-// (kmeans_cpu.h): the labels are the exact arg-min whatever the BLAS.
+// with at::parallel_for (calling BLAS from inside at::parallel_for instead nests OpenMP regions). The fold is
+// one of the per-ISA loops (cpu_kernels.h). A row whose best and second best are too close for float32 to
+// order them is settled in float64 (kmeans_cpu.h): the labels are the exact arg-min whatever the BLAS.
 //
 // kmeans_update sorts points by label with a counting sort and sums every cluster's rows in increasing
 // point order in float64: the result does not depend on the number of threads (always deterministic).
