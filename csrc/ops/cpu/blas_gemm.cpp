@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
@@ -133,11 +134,15 @@ CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t r
   TORCH_CHECK(rows > 0 && cols > 0 && depth > 0 && rounds > 0,
               "pydc: time_cpu_gemms expects positive rows, cols, depth and rounds, got ", rows, ", ", cols, ", ",
               depth, ", ", rounds);
-  // Fixed values (no draw from torch's generator, whose state belongs to the caller), away from denormals.
+  // Fixed values (no draw from torch's generator, whose state belongs to the caller), away from denormals, in
+  // buffers of our own: ~21 MB that the caller's torch memory profile (first k-means call) should not count.
+  std::vector<float> a_data(rows * depth), b_data(cols * depth), out_data(rows * cols);
+  for (size_t i = 0; i < a_data.size(); ++i) a_data[i] = static_cast<float>(i % 7 + 1) * 0.125f;
+  for (size_t i = 0; i < b_data.size(); ++i) b_data[i] = (static_cast<float>(i % 5) - 2.0f) * 0.25f;
   const auto options = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor a = at::arange(rows * depth, options).remainder_(7.0).add_(1.0).mul_(0.125).view({rows, depth});
-  const at::Tensor b = at::arange(cols * depth, options).remainder_(5.0).sub_(2.0).mul_(0.25).view({cols, depth});
-  const at::Tensor out = at::empty({rows, cols}, options);
+  const at::Tensor a = at::from_blob(a_data.data(), {rows, depth}, options);
+  const at::Tensor b = at::from_blob(b_data.data(), {cols, depth}, options);
+  const at::Tensor out = at::from_blob(out_data.data(), {rows, cols}, options);
   const auto seconds = [&](CpuGemm which) {
     const auto start = std::chrono::steady_clock::now();
     gemm_abt_with(which, out, a, b);
