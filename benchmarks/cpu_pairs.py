@@ -7,8 +7,10 @@ line per pair as it finishes (for a busy machine, where the pytest-benchmark sui
 
 Sobel (median of 5 rounds x 10 calls) and assign (median of 5) alternate sides; k-means (clustered and unstructured data, same
 start) and PCA run once per side. OUT.json also records where it ran (CPU model, level, BLAS caps, threads)
-and the 1-minute load average after each pair (the machine may be shared). Names after OUT.json pick pairs
-(sobel, assign, kmeans, pca), e.g. `python -m benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
+and the 1-minute load average after each pair (the machine may be shared), and the BLAS of the CPU k-means
+GEMMs (pydc.ops.cpu_gemm: PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its measured block times.
+Names after OUT.json pick pairs (sobel, assign, kmeans, pca), e.g. `python -m benchmarks.cpu_pairs OUT.json
+kmeans`; the default runs all.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from benchmarks.test_bench_pca import assert_same_whitening, faiss_whitening, py
 from benchmarks.test_bench_sobel import torch_chain
 from pydc.cluster import kmeans
 from pydc.cluster.kmeans import initial_centroids
+from pydc.ops import cpu_gemm
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS, sobel_normalize_reference
 
 N, D, K = 100_000, 256, 1000
@@ -86,7 +89,7 @@ def kmeans_pair(dataset):
     ours, ours_s = timed(lambda: kmeans(x, K, niter=20, backend="torch", init_centroids=init))
     theirs, theirs_s = timed(lambda: kmeans(x, K, niter=20, backend="faiss", init_centroids=init))
     assert ours.objective[-1] <= theirs.objective[-1] * 1.01, "objective not within 1% of faiss's"
-    extra = dict(pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
+    extra = dict(pydc_cpu_gemm=ours.cpu_gemm, pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
                  pydc_objective=ours.objective[-1], faiss_objective=theirs.objective[-1],
                  fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)),
                  fraction_scores_computed=sum(ours.scores_computed) / (N * K * len(ours.scores_computed)))
@@ -112,7 +115,9 @@ def main(path, names=tuple(PAIRS)):
     unknown = sorted(set(names) - set(PAIRS))
     if unknown:
         raise SystemExit(f"cpu_pairs: unknown pairs {unknown}; expected some of {list(PAIRS)}")
-    out = {"where": where_it_ran(), "pairs": []}
+    # torch.ops.pydc.kmeans_assign below is called directly: choose the BLAS of its GEMMs (PYDC_CPU_GEMM) first
+    cpu_gemm.use_cpu_gemm()
+    out = {"where": where_it_ran(), "cpu_gemm": cpu_gemm.cpu_gemm_report(), "pairs": []}
     print(out["where"], flush=True)
     for pair in [pair for name in PAIRS if name in names for pair in PAIRS[name]]:
         name, ours_s, reference_s, reference, extra = pair()

@@ -4,7 +4,9 @@
 
 #include <cstring>
 #include <string>
+#include <utility>
 
+#include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/blas_syrk.h"
 
 #ifndef PYDC_VERSION
@@ -40,35 +42,42 @@ pybind11::dict build_info() {
   return info;
 }
 
-// True when a cython_blas capsule signature is that of ?syrk for `scalar` ("s" or "d"):
-// "void (char *, char *, int *, int *, S *, S *, int *, S *, S *, int *)" with S the scalar's typedef
-// (scipy names it "__pyx_t_5scipy_6linalg_11cython_blas_s") or the plain C type.
-bool is_syrk_signature(const char* name, const std::string& scalar) {
-  static const std::string prefix = "void (char *, char *, int *, int *, ";
-  if (name == nullptr) return false;
-  const std::string signature(name);
-  if (signature.compare(0, prefix.size(), prefix) != 0) return false;
-  const std::string first_scalar = signature.substr(prefix.size(), signature.find(',', prefix.size()) - prefix.size());
-  const std::string plain = scalar == "s" ? "float *" : "double *";
-  const std::string typedef_suffix = "cython_blas_" + scalar + " *";
-  return first_scalar == plain ||
-         (first_scalar.size() >= typedef_suffix.size() &&
-          first_scalar.compare(first_scalar.size() - typedef_suffix.size(), typedef_suffix.size(), typedef_suffix) == 0);
+// A cython_blas capsule's signature string with scipy's scalar typedefs ("__pyx_t_5scipy_6linalg_11cython_blas_s")
+// written as the plain C types they stand for, e.g. "void (char *, char *, int *, int *, float *, ...)".
+std::string plain_blas_signature(const char* name) {
+  std::string signature(name == nullptr ? "" : name);
+  const std::pair<const char*, const char*> typedefs[] = {{"cython_blas_s", "float"}, {"cython_blas_d", "double"}};
+  for (const auto& [tail, plain] : typedefs) {
+    for (size_t end = signature.find(tail); end != std::string::npos; end = signature.find(tail)) {
+      const size_t begin = signature.find_last_of("(, ", end) + 1;  // start of the typedef's identifier
+      signature.replace(begin, end + std::strlen(tail) - begin, plain);
+    }
+  }
+  return signature;
 }
 
+std::string syrk_signature(const std::string& type) {
+  const std::string p = type + " *";
+  return "void (char *, char *, int *, int *, " + p + ", " + p + ", int *, " + p + ", " + p + ", int *)";
+}
+
+const std::string kSgemmSignature =
+    "void (char *, char *, int *, int *, int *, float *, float *, int *, float *, int *, float *, float *, int *)";
+
 // The function pointer in a scipy.linalg.cython_blas capsule, after checking from the capsule's signature
-// string that it is ?syrk for `scalar`; None gives nullptr.
-void* blas_capsule_pointer(const pybind11::object& capsule, const char* scalar, const char* what) {
+// string that it is `what` (e.g. "ssyrk"), whose signature is `expected`; None gives nullptr.
+void* blas_capsule_pointer(const pybind11::object& capsule, const std::string& expected, const char* what,
+                           const char* setter) {
   if (capsule.is_none()) return nullptr;
   if (!PyCapsule_CheckExact(capsule.ptr())) {
-    throw pybind11::type_error(std::string("pydc._C.set_cpu_syrk: expected ") + what +
+    throw pybind11::type_error(std::string("pydc._C.") + setter + ": expected " + what +
                                " to be a scipy.linalg.cython_blas capsule or None");
   }
   const char* name = PyCapsule_GetName(capsule.ptr());
-  if (!is_syrk_signature(name, scalar)) {
-    throw pybind11::value_error(std::string("pydc._C.set_cpu_syrk: ") + what + " has signature '" +
-                                (name ? name : "") + "', expected scipy.linalg.cython_blas.__pyx_capi__['" +
-                                scalar + "syrk']");
+  if (plain_blas_signature(name) != expected) {
+    throw pybind11::value_error(std::string("pydc._C.") + setter + ": " + what + " has signature '" +
+                                (name ? name : "") + "', expected scipy.linalg.cython_blas.__pyx_capi__['" + what +
+                                "'], '" + expected + "'");
   }
   void* pointer = PyCapsule_GetPointer(capsule.ptr(), name);
   if (pointer == nullptr) throw pybind11::error_already_set();
@@ -76,8 +85,26 @@ void* blas_capsule_pointer(const pybind11::object& capsule, const char* scalar, 
 }
 
 void set_cpu_syrk(const pybind11::object& ssyrk, const pybind11::object& dsyrk) {
-  pydc::set_cpu_syrk(reinterpret_cast<pydc::SyrkFloatFn>(blas_capsule_pointer(ssyrk, "s", "ssyrk")),
-                     reinterpret_cast<pydc::SyrkDoubleFn>(blas_capsule_pointer(dsyrk, "d", "dsyrk")));
+  void* float_syrk = blas_capsule_pointer(ssyrk, syrk_signature("float"), "ssyrk", "set_cpu_syrk");
+  void* double_syrk = blas_capsule_pointer(dsyrk, syrk_signature("double"), "dsyrk", "set_cpu_syrk");
+  pydc::set_cpu_syrk(reinterpret_cast<pydc::SyrkFloatFn>(float_syrk), reinterpret_cast<pydc::SyrkDoubleFn>(double_syrk));
+}
+
+void set_cpu_sgemm(const pybind11::object& sgemm) {
+  pydc::set_cpu_sgemm(reinterpret_cast<pydc::SgemmFn>(blas_capsule_pointer(sgemm, kSgemmSignature, "sgemm",
+                                                                           "set_cpu_sgemm")));
+}
+
+const char* const kCpuGemmNames[] = {"torch", "scipy"};
+
+void set_cpu_gemm(const std::string& name) {
+  for (int i = 0; i < 2; ++i) {
+    if (name == kCpuGemmNames[i]) {
+      pydc::set_cpu_gemm(static_cast<pydc::CpuGemm>(i));
+      return;
+    }
+  }
+  throw pybind11::value_error("pydc._C.set_cpu_gemm: expected 'torch' or 'scipy', got '" + name + "'");
 }
 
 }  // namespace
@@ -90,4 +117,20 @@ PYBIND11_MODULE(_C, m) {
         "pca_accumulate uses for its Gram; see pydc.ops.pca.use_cpu_syrk");
   m.def("has_cpu_syrk", [] { return pydc::has_cpu_syrk(at::kFloat); },
         "Whether a float32 BLAS syrk is set for the CPU pca_accumulate");
+  m.def("set_cpu_sgemm", &set_cpu_sgemm, pybind11::arg("sgemm"),
+        "Sets the BLAS sgemm (a scipy.linalg.cython_blas capsule, or None to clear) that the CPU k-means GEMMs "
+        "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");
+  m.def("has_cpu_sgemm", &pydc::has_cpu_sgemm, "Whether a run-time sgemm is set");
+  m.def("cpu_sgemm_threads_follow_torch", &pydc::cpu_sgemm_threads_follow_torch,
+        "Whether the run-time sgemm's OpenBLAS thread count is set to torch's before each call");
+  m.def("set_cpu_gemm", &set_cpu_gemm, pybind11::arg("name"),
+        "Selects the BLAS of the CPU k-means GEMMs: 'torch' (ATen's) or 'scipy' (the run-time sgemm)");
+  m.def("cpu_gemm", [] { return std::string(kCpuGemmNames[static_cast<int>(pydc::cpu_gemm())]); },
+        "The BLAS of the CPU k-means GEMMs: 'torch' or 'scipy'");
+  m.def("time_cpu_gemms", [](int64_t rows, int64_t cols, int64_t depth, int64_t rounds) {
+          const pydc::CpuGemmTimes times = pydc::time_cpu_gemms(rows, cols, depth, rounds);
+          return std::make_pair(times.torch_s, times.scipy_s);
+        }, pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("depth"), pybind11::arg("rounds"),
+        "(torch's, the run-time sgemm's) fastest seconds for one (rows, depth) x (cols, depth)^T block GEMM, "
+        "timed alternately");
 }

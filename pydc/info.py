@@ -12,7 +12,8 @@ The dict's keys:
 - `cpu_isa`: which instruction set the CPU kernels run with. `kernels` is pydc's own answer when the library
   dispatches its CPU kernels by ISA level at run time; a library without that dispatch is compiled for the
   x86-64 baseline (setup.py passes no -march), which it reports as such. `cpu` is what this CPU supports (from
-  its flags), `torch` the level ATen's own kernels chose.
+  its flags), `torch` the level ATen's own kernels chose, `gemm` the BLAS of the CPU k-means GEMMs
+  (pydc.ops.cpu_gemm.cpu_gemm_report(): chosen now if not yet, which with PYDC_CPU_GEMM=auto times both).
 - `ops`: every `torch.ops.pydc.*` operator by family, with whether the dispatcher holds a CPU and a CUDA
   kernel for it (a CUDA build registers CUDA kernels even where no GPU is visible).
 - `backends`: the optional packages pydc can use (DALI, faiss-cpu, faiss with GPU support, TorchCodec),
@@ -115,7 +116,29 @@ def _cpu_isa(loaded: bool) -> dict:
     elif kernels is None:
         kernels = f"{_BASELINE}, not dispatched by ISA"
     return {"kernels": kernels, "cpu": cpu_isa_level(_cpu_flags()),
-            "torch": torch.backends.cpu.get_cpu_capability()}
+            "torch": torch.backends.cpu.get_cpu_capability(), "gemm": _cpu_gemm(loaded)}
+
+
+def _cpu_gemm(loaded: bool) -> dict:
+    """The BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm), choosing it now if nothing has: with
+    PYDC_CPU_GEMM=auto that times both BLAS once (a fraction of a second)."""
+    if not loaded:
+        return {"gemm": None, "error": "library not loaded"}
+    from pydc.ops import cpu_gemm
+
+    try:
+        cpu_gemm.ensure_cpu_gemm()
+    except (ValueError, RuntimeError) as error:
+        return {"gemm": None, "error": str(error)}
+    return cpu_gemm.cpu_gemm_report()
+
+
+def _describe_gemm(gemm: dict) -> str:
+    if gemm["gemm"] is None:
+        return f"none ({gemm.get('error', 'not chosen')})"
+    how = gemm.get("reason") or (f"measured: torch {gemm['torch_s'] * 1e3:.1f} ms, scipy {gemm['scipy_s'] * 1e3:.1f} ms"
+                                 f" per {'x'.join(map(str, gemm['shape']))} block")
+    return f"{gemm['gemm']}'s BLAS (PYDC_CPU_GEMM={gemm['requested']}; {how})"
 
 
 def _ops() -> dict:
@@ -211,6 +234,7 @@ def format_report(report: dict) -> str:
     isa = report["cpu_isa"]
     row("CPU kernels ISA", isa["kernels"])
     row("CPU supports", f"{isa['cpu']} (ATen's kernels use {isa['torch']})")
+    row("CPU k-means GEMM", _describe_gemm(isa["gemm"]))
     lines.append("ops (kernels)")
     for name, op in report["ops"].items():
         kernels = "any device" if op["any_device"] else f"CPU {_yes(op['cpu']):<4}CUDA {_yes(op['cuda'])}"

@@ -32,6 +32,12 @@ def pytest_sessionstart(session):
     # while testing nothing of the C++/CUDA code. PYDC_ALLOW_NO_OPS=1 opts out (pure-Python checks only).
     if not pydc.extension.has_ops() and os.environ.get("PYDC_ALLOW_NO_OPS") != "1":
         raise pytest.UsageError(f"pydc's compiled ops are not loaded: {pydc.extension.load_error()}")
+    # PYDC_CPU_GEMM=torch|scipy runs the whole suite with that BLAS behind the CPU k-means GEMMs, including the
+    # tests that call torch.ops.pydc.* directly (pydc's wrappers would choose only on their first call).
+    if pydc.extension.has_ops() and os.environ.get("PYDC_CPU_GEMM"):
+        from pydc.ops.cpu_gemm import use_cpu_gemm
+
+        use_cpu_gemm()
 
 
 @pytest.fixture(autouse=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
-from pydc.ops import kmeans_assign, kmeans_assign_reference, kmeans_update, kmeans_update_reference
+from pydc import _C
+from pydc.ops import cpu_gemm, kmeans_assign, kmeans_assign_reference, kmeans_update, kmeans_update_reference
 from tests.conftest import cpu_and_cuda
 
 ASSIGN = torch.ops.pydc.kmeans_assign
@@ -19,28 +18,17 @@ ASSIGN_SIZES = [(1, 1, 1), (5, 1, 3), (7, 3, 2), (33, 17, 5), (97, 33, 7), (300,
                 (9000, 40, 8)]
 
 
-def cpu_has_avx512f() -> bool:
-    """Whether this CPU runs AVX-512F code: the fused kernel's condition (__builtin_cpu_supports)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " avx512f" in line for line in cpuinfo)
-    except OSError:  # not Linux: ATen's own detection (it needs a few AVX-512 extensions besides F)
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-@pytest.fixture(params=["default", "fused"])
-def cpu_kernel(request, monkeypatch):
-    """Runs a test with the default CPU assignment (BLAS blocks) and with the fused AVX-512 kernel. Without
-    AVX-512 the switch would silently run the BLAS path a second time: the fused case is skipped instead."""
-    if request.param == "fused":
-        if request.node.callspec.params.get("device") == "cuda":
-            pytest.skip("the fused switch is a CPU path")
-        if not cpu_has_avx512f():
-            pytest.skip("this CPU has no AVX-512F: PYDC_KMEANS_FUSED=1 would run the BLAS path again")
-        monkeypatch.setenv("PYDC_KMEANS_FUSED", "1")
-    return request.param
+@pytest.fixture(params=["torch-blas", "scipy-blas"])
+def cpu_kernel(request):
+    """Runs a test with each BLAS the CPU assignment can use for its GEMM blocks (pydc.ops.cpu_gemm), forced,
+    and restores the process's choice afterwards."""
+    blas = request.param.removesuffix("-blas")
+    if blas == "scipy" and request.node.callspec.params.get("device") == "cuda":
+        pytest.skip("the BLAS choice is a CPU path")
+    previous = _C.cpu_gemm()
+    cpu_gemm.use_cpu_gemm(blas)
+    yield request.param
+    cpu_gemm.use_cpu_gemm(previous)
 
 
 def random_points(n: int, d: int, device, generator=None) -> torch.Tensor:

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from pydc.cluster.kmeans_bounded import YinyangAssigner, bounded_assignment_available
+from pydc.ops._registry import HAS_OPS
+from pydc.ops.cpu_gemm import ensure_cpu_gemm
 from pydc.ops.kmeans import kmeans_assign, kmeans_update
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -59,6 +61,8 @@ class KMeansResult:
     # distances were computed (all N without bounds; fewer when the bounds settle points)
     scores_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: point-centroid
     # scores computed (N * k without bounds; fewer when the bounds settle points or groups of centroids)
+    cpu_gemm: str | None = None  # the BLAS of the CPU score GEMMs, "torch" or "scipy" (pydc.ops.cpu_gemm);
+    # None off the CPU, without the compiled ops, or for faiss
 
 
 def _faiss_module():
@@ -144,6 +148,7 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
         centroids = _normalize_rows(centroids)
     point_sq_norms = (x32 * x32).sum(1)
     bounded = bounded and bounded_assignment_available(x32)
+    cpu_gemm = ensure_cpu_gemm() if HAS_OPS and x32.device.type == "cpu" else None
     assign = (YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2) if bounded
               else _PlainAssigner(x32, point_sq_norms))
     split_generator = torch.Generator().manual_seed(int(seed) + 1)
@@ -174,7 +179,7 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     scores_computed = assign.scores_computed if bounded else [x32.shape[0] * k] * passes
     return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits,
                         iterations=len(objective), bounded=bounded, rows_computed=rows_computed,
-                        scores_computed=scores_computed)
+                        scores_computed=scores_computed, cpu_gemm=cpu_gemm)
 
 
 def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeansResult:

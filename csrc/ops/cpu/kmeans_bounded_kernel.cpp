@@ -23,6 +23,7 @@
 
 #include "common/checks.h"
 #include "common/kmeans_math.h"
+#include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/kmeans_cpu.h"
 
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
   for (int64_t i0 = 0; i0 < n; i0 += block) {
     const int64_t rows = std::min(block, n - i0);
     at::Tensor dots = buffer.narrow(0, 0, rows);
-    at::mm_out(dots, x.narrow(0, i0, rows), centroids.t());  // BLAS, multithreaded
+    cpu_gemm_abt(dots, x.narrow(0, i0, rows), centroids);  // BLAS (blas_gemm.h), multithreaded
     const float* dot_rows = dots.const_data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
       std::vector<float> group_min(groups);

@@ -1,12 +1,12 @@
 // CPU kernels of the k-means ops.
 //
 // kmeans_assign never forms the N x k distance matrix. It works as faiss's exhaustive L2 search does: points
-// are taken in blocks, each block is multiplied by a block of centroids with BLAS (at::mm into a bounded
-// buffer) and the scores ||c||^2 - 2 x.c of that buffer are folded into a running best and second best. The
-// BLAS call uses its own threads; the fold runs over rows with at::parallel_for (calling BLAS from inside
-// at::parallel_for instead nests OpenMP regions). The fold is one of the per-ISA loops (cpu_kernels.h). A
-// row whose best and second best are too close for float32 to order them is settled in float64
-// (kmeans_cpu.h): the labels are the exact arg-min whatever the BLAS.
+// are taken in blocks, each block is multiplied by a block of centroids with BLAS (cpu_gemm_abt: torch's or
+// scipy's, as blas_gemm.h selected, into a bounded buffer) and the scores ||c||^2 - 2 x.c of that buffer are
+// folded into a running best and second best. The BLAS call uses its own threads; the fold runs over rows
+// with at::parallel_for (calling BLAS from inside at::parallel_for instead nests OpenMP regions). The fold is
+// one of the per-ISA loops (cpu_kernels.h). A row whose best and second best are too close for float32 to
+// order them is settled in float64 (kmeans_cpu.h): the labels are the exact arg-min whatever the BLAS.
 //
 // kmeans_update sorts points by label with a counting sort and sums every cluster's rows in increasing
 // point order in float64: the result does not depend on the number of threads (always deterministic).
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/kmeans_math.h"
+#include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/kmeans_cpu.h"
 #include "ops/kmeans.h"
@@ -119,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
     for (int64_t j0 = 0; j0 < k; j0 += kCentroidBlock) {
       const int64_t cols = std::min(kCentroidBlock, k - j0);
       at::Tensor dots = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-      at::mm_out(dots, points, plan.centroids.narrow(0, j0, cols).t());  // BLAS, multithreaded
+      cpu_gemm_abt(dots, points, plan.centroids.narrow(0, j0, cols));  // BLAS (blas_gemm.h), multithreaded
       const float* dot_rows = dots.const_data_ptr<float>();
       const int64_t stride = dots.stride(0);
       at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {

@@ -1,0 +1,161 @@
+// The run-time BLAS of the CPU k-means GEMMs (see blas_gemm.h).
+#include "ops/cpu/blas_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define PYDC_HAVE_DLADDR 1
+#endif
+
+namespace pydc {
+namespace {
+using SetThreadsFn = void (*)(int);
+using GetThreadsFn = int (*)();
+
+std::atomic<SgemmFn> g_sgemm{nullptr};
+std::atomic<SetThreadsFn> g_set_threads{nullptr};
+std::atomic<GetThreadsFn> g_get_threads{nullptr};
+std::atomic<int> g_choice{static_cast<int>(CpuGemm::kTorch)};
+
+bool fits_blas_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
+
+// scipy's cython_blas functions live in cython_blas.so, which links the OpenBLAS that does the work. dlsym on
+// a handle searches the object and its dependencies, so the thread-count functions are found from the sgemm's
+// own library, whatever its path. scipy-openblas wheels prefix OpenBLAS's symbols with "scipy_"; older scipy
+// wheels did not.
+template <typename Fn>
+Fn find_next_to(void* address, const char* const* names) {
+#ifdef PYDC_HAVE_DLADDR
+  Dl_info where;
+  if (address == nullptr || dladdr(address, &where) == 0 || where.dli_fname == nullptr) return nullptr;
+  void* handle = dlopen(where.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) return nullptr;
+  Fn found = nullptr;
+  for (const char* const* name = names; *name != nullptr && found == nullptr; ++name) {
+    found = reinterpret_cast<Fn>(dlsym(handle, *name));
+  }
+  dlclose(handle);  // only drops the reference taken above: the library stays loaded while scipy is
+  return found;
+#else
+  (void)address;
+  (void)names;
+  return nullptr;
+#endif
+}
+
+// OpenBLAS keeps one global thread count; torch's may change at any time (torch.set_num_threads), so it is
+// matched before every call. Two pools of busy threads on the same cores would each run at half speed.
+void follow_torch_threads() {
+  const SetThreadsFn set = g_set_threads.load();
+  const GetThreadsFn get = g_get_threads.load();
+  if (set == nullptr || get == nullptr) return;
+  const int wanted = at::get_num_threads();
+  if (get() != wanted) set(wanted);
+}
+
+// A float32 matrix BLAS can read as column-major with a leading dimension: rows of unit column stride, each at
+// least a row's length from the next (BLAS needs ld >= the row length), every number an int.
+bool blas_matrix(const at::Tensor& t) {
+  const int64_t rows = t.size(0), row_length = t.size(1);
+  return t.scalar_type() == at::kFloat && (row_length <= 1 || t.stride(1) == 1) &&
+         (rows <= 1 || t.stride(0) >= row_length) && fits_blas_int(rows) && fits_blas_int(row_length) &&
+         fits_blas_int(t.stride(0));
+}
+
+// Row-major a (m, d) is the column-major d x m matrix A with lda = stride(0); likewise b (n, d) and out (m, n)
+// (column-major n x m). out^T = b a^T is then sgemm(transa = "T", transb = "N") of B (d x n) and A (d x m).
+void sgemm_abt(SgemmFn sgemm, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  char transa = 'T', transb = 'N';
+  int m = static_cast<int>(b.size(0)), n = static_cast<int>(a.size(0)), k = static_cast<int>(a.size(1));
+  // BLAS requires lda >= k, ldb >= k, ldc >= m even where a dimension is 1 or 0 (stride then arbitrary)
+  int lda = static_cast<int>(std::max<int64_t>(b.size(0) > 1 ? b.stride(0) : k, std::max(k, 1)));
+  int ldb = static_cast<int>(std::max<int64_t>(a.size(0) > 1 ? a.stride(0) : k, std::max(k, 1)));
+  int ldc = static_cast<int>(std::max<int64_t>(out.size(0) > 1 ? out.stride(0) : m, std::max(m, 1)));
+  float alpha = 1.0f, beta = 0.0f;
+  follow_torch_threads();
+  sgemm(&transa, &transb, &m, &n, &k, &alpha, const_cast<float*>(b.const_data_ptr<float>()), &lda,
+        const_cast<float*>(a.const_data_ptr<float>()), &ldb, &beta, out.mutable_data_ptr<float>(), &ldc);
+}
+
+void gemm_abt_with(CpuGemm which, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.numel() == 0) return;
+  const SgemmFn sgemm = g_sgemm.load();
+  if (which == CpuGemm::kScipy && sgemm != nullptr && a.size(1) > 0 && blas_matrix(out) && blas_matrix(a) &&
+      blas_matrix(b)) {
+    sgemm_abt(sgemm, out, a, b);
+  } else {
+    at::mm_out(const_cast<at::Tensor&>(out), a, b.t());
+  }
+}
+}  // namespace
+
+void set_cpu_sgemm(SgemmFn sgemm) {
+  static const char* const kSetNames[] = {"scipy_openblas_set_num_threads", "openblas_set_num_threads",
+                                          "scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                                          nullptr};
+  static const char* const kGetNames[] = {"scipy_openblas_get_num_threads", "openblas_get_num_threads",
+                                          "scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                          nullptr};
+  void* address = reinterpret_cast<void*>(sgemm);
+  g_set_threads.store(sgemm != nullptr ? find_next_to<SetThreadsFn>(address, kSetNames) : nullptr);
+  g_get_threads.store(sgemm != nullptr ? find_next_to<GetThreadsFn>(address, kGetNames) : nullptr);
+  g_sgemm.store(sgemm);
+  if (sgemm == nullptr) g_choice.store(static_cast<int>(CpuGemm::kTorch));
+}
+
+bool has_cpu_sgemm() { return g_sgemm.load() != nullptr; }
+
+bool cpu_sgemm_threads_follow_torch() { return g_set_threads.load() != nullptr && g_get_threads.load() != nullptr; }
+
+void set_cpu_gemm(CpuGemm which) {
+  TORCH_CHECK(which == CpuGemm::kTorch || has_cpu_sgemm(),
+              "pydc: the CPU GEMM cannot be scipy's BLAS: no run-time sgemm is set (pydc.ops.cpu_gemm.use_cpu_gemm "
+              "sets scipy.linalg.cython_blas's; is scipy installed?)");
+  g_choice.store(static_cast<int>(which));
+}
+
+CpuGemm cpu_gemm() { return static_cast<CpuGemm>(g_choice.load()); }
+
+void cpu_gemm_abt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  gemm_abt_with(cpu_gemm(), out, a, b);
+}
+
+CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds) {
+  TORCH_CHECK(has_cpu_sgemm(), "pydc: time_cpu_gemms needs a run-time sgemm (pydc.ops.cpu_gemm.use_cpu_gemm)");
+  TORCH_CHECK(rows > 0 && cols > 0 && depth > 0 && rounds > 0,
+              "pydc: time_cpu_gemms expects positive rows, cols, depth and rounds, got ", rows, ", ", cols, ", ",
+              depth, ", ", rounds);
+  // Fixed values (no draw from torch's generator, whose state belongs to the caller), away from denormals, in
+  // buffers of our own: ~21 MB that the caller's torch memory profile (first k-means call) should not count.
+  std::vector<float> a_data(rows * depth), b_data(cols * depth), out_data(rows * cols);
+  for (size_t i = 0; i < a_data.size(); ++i) a_data[i] = static_cast<float>(i % 7 + 1) * 0.125f;
+  for (size_t i = 0; i < b_data.size(); ++i) b_data[i] = (static_cast<float>(i % 5) - 2.0f) * 0.25f;
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor a = at::from_blob(a_data.data(), {rows, depth}, options);
+  const at::Tensor b = at::from_blob(b_data.data(), {cols, depth}, options);
+  const at::Tensor out = at::from_blob(out_data.data(), {rows, cols}, options);
+  const auto seconds = [&](CpuGemm which) {
+    const auto start = std::chrono::steady_clock::now();
+    gemm_abt_with(which, out, a, b);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  seconds(CpuGemm::kTorch);  // untimed: first touch of the buffers, BLAS thread pools starting
+  seconds(CpuGemm::kScipy);
+  CpuGemmTimes best{std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  for (int64_t round = 0; round < rounds; ++round) {
+    best.torch_s = std::min(best.torch_s, seconds(CpuGemm::kTorch));
+    best.scipy_s = std::min(best.scipy_s, seconds(CpuGemm::kScipy));
+  }
+  return best;
+}
+
+}  // namespace pydc

@@ -1,0 +1,48 @@
+// The BLAS that computes the CPU k-means score GEMMs, chosen at run time.
+//
+// torch's CPU BLAS (MKL, statically linked) is not the fastest sgemm on every CPU: capped at AVX2 on an AMD
+// EPYC, MKL's AVX2 path runs the k-means blocks at about half the rate of OpenBLAS's Haswell kernel (the one
+// faiss-cpu and scipy bundle). scipy exposes its OpenBLAS to compiled code as raw function pointers
+// (scipy.linalg.cython_blas, Fortran calling convention), like the syrk of blas_syrk.h; pydc.ops.cpu_gemm
+// passes sgemm from there through pydc._C.set_cpu_sgemm and selects one BLAS per process: by the environment
+// (PYDC_CPU_GEMM=torch|scipy) or by timing both on one block (time_cpu_gemm). Until then kTorch is used.
+//
+// The k-means labels do not depend on the choice: the GEMM only ranks centroids, and rows whose float32 ranking
+// is not provably exact are settled in float64 (kmeans_cpu.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace pydc {
+
+using SgemmFn = void (*)(char* transa, char* transb, int* m, int* n, int* k, float* alpha, float* a, int* lda,
+                         float* b, int* ldb, float* beta, float* c, int* ldc);
+
+enum class CpuGemm : int { kTorch = 0, kScipy = 1 };
+
+// Sets (or, with nullptr, clears) the run-time sgemm, and looks up the thread-count setter of the OpenBLAS
+// that holds it (so its threads can follow at::get_num_threads()). Clearing it selects kTorch.
+void set_cpu_sgemm(SgemmFn sgemm);
+bool has_cpu_sgemm();
+// Whether the run-time BLAS's thread count can be set (OpenBLAS's setter was found next to the sgemm).
+bool cpu_sgemm_threads_follow_torch();
+
+// Selects the BLAS of cpu_gemm_abt; kScipy needs a run-time sgemm (TORCH_CHECK).
+void set_cpu_gemm(CpuGemm which);
+CpuGemm cpu_gemm();
+
+// out = a @ b^T in float32 with the selected BLAS. a: (m, d), b: (n, d), out: (m, n), all CPU float32 with unit
+// column stride, out not overlapping a or b. Call it outside at::parallel_for: both BLAS run their own threads
+// (OpenBLAS's set to at::get_num_threads() before each call).
+void cpu_gemm_abt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// Seconds of one (rows, depth) x (cols, depth)^T block GEMM of fixed values by torch's BLAS and by the run-time
+// sgemm: the fastest of `rounds` timed runs of each, the two alternating (after one untimed run of each), so
+// that a load on the machine weighs on both alike. TORCH_CHECKs that a run-time sgemm is set.
+struct CpuGemmTimes {
+  double torch_s;
+  double scipy_s;
+};
+CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds);
+
+}  // namespace pydc

@@ -1,0 +1,168 @@
+"""The run-time choice of the BLAS behind the CPU k-means GEMMs (pydc.ops.cpu_gemm, csrc/ops/cpu/blas_gemm.h):
+each BLAS forced gives the exact labels, the environment variable forces it and rejects bad values, auto keeps
+the faster of the two measured, and scipy's OpenBLAS threads follow torch's."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from pydc import _C
+from pydc.cluster import kmeans
+from pydc.ops import cpu_gemm, kmeans_assign, kmeans_assign_reference
+
+ASSIGN = torch.ops.pydc.kmeans_assign
+BLAS = ("torch", "scipy")
+
+
+@pytest.fixture(autouse=True)
+def restore_choice():
+    """Each test may select a BLAS or set PYDC_CPU_GEMM; the process's earlier choice and environment come back
+    afterwards (after the test's own monkeypatch is undone: this fixture is set up before it)."""
+    environment = os.environ.pop(cpu_gemm.ENV_VAR, None)
+    chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
+    yield
+    if environment is not None:
+        os.environ[cpu_gemm.ENV_VAR] = environment
+    cpu_gemm.use_cpu_gemm(chosen or "torch")
+    cpu_gemm._chosen, cpu_gemm._report = chosen, report
+
+
+def clustered(n: int, k: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn((k, d), generator=generator, dtype=torch.float64) * 3
+    members = torch.randint(0, k, (n,), generator=generator)
+    x = centres[members] + torch.randn((n, d), generator=generator, dtype=torch.float64)
+    return x.float(), x[torch.randperm(n, generator=generator)[:k]].float()
+
+
+@pytest.mark.parametrize("blas", BLAS)
+@pytest.mark.parametrize("size", [(37, 5, 3), (4200, 1100, 16)], ids=["small", "across-blocks"])
+def test_each_blas_gives_the_reference_labels(blas, size):
+    # 4200 x 1100: two point blocks and a second centroid block of 76 columns in a 1024-wide buffer (ldc > m)
+    n, k, d = size
+    assert cpu_gemm.use_cpu_gemm(blas) == blas and _C.cpu_gemm() == blas
+    x, centroids = clustered(n, k, d, seed=n)
+    x[3] = centroids[1]  # a point on a centroid, and a duplicated centroid: exact ties, lowest index wins
+    centroids[min(2, k - 1)] = centroids[0]
+    labels, distances = ASSIGN(x, centroids, None, True)
+    ref_labels, ref_distances = kmeans_assign_reference(x, centroids, compute_dtype=torch.float64)
+    assert torch.equal(labels, ref_labels)
+    scale = float((x.double() ** 2).sum(1).max() + (centroids.double() ** 2).sum(1).max())
+    torch.testing.assert_close(distances, ref_distances, rtol=0, atol=1e-5 * scale)
+
+
+def test_bounded_kmeans_equals_plain_lloyd_with_either_blas():
+    x, init = clustered(5000, 40, 8, seed=5)  # two blocks of the bounded kernel's GEMM
+    runs = {}
+    for blas in BLAS:
+        cpu_gemm.use_cpu_gemm(blas)
+        runs[blas] = kmeans(x, 40, niter=8, backend="torch", init_centroids=init)
+        assert runs[blas].bounded and runs[blas].cpu_gemm == blas
+    cpu_gemm.use_cpu_gemm("torch")
+    plain = kmeans(x, 40, niter=8, backend="torch", init_centroids=init, bounded=False)
+    for run in runs.values():
+        assert torch.equal(run.labels, plain.labels) and torch.equal(run.centroids, plain.centroids)
+        torch.testing.assert_close(torch.tensor(run.objective), torch.tensor(plain.objective), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("blas", BLAS)
+def test_bounded_assignment_op_gives_the_reference_labels(blas):
+    # Bounded k-means runs this op's GEMM only in its dense passes, and Lloyd recovers from a wrong pass on
+    # separated data: the op itself is checked. 5000 points: two blocks of its GEMM.
+    x, centroids = clustered(5000, 40, 8, seed=6)
+    cpu_gemm.use_cpu_gemm(blas)
+    ids, offsets = torch.arange(40), torch.tensor([0, 15, 40])
+    labels = torch.ops.pydc.kmeans_assign_bounds(x, centroids, ids, offsets, (x * x).sum(1))[0]
+    assert torch.equal(labels, kmeans_assign_reference(x, centroids, compute_dtype=torch.float64)[0])
+
+
+def test_environment_variable_forces_the_blas(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "measure", lambda: pytest.fail("a forced BLAS must not be measured"))
+    for blas in BLAS:
+        monkeypatch.setenv(cpu_gemm.ENV_VAR, f" {blas.upper()} ")
+        cpu_gemm._chosen = None  # as in a fresh process
+        x, centroids = clustered(50, 4, 3, seed=0)
+        kmeans_assign(x, centroids)  # the first CPU call through pydc chooses
+        assert _C.cpu_gemm() == blas
+        report = cpu_gemm.cpu_gemm_report()
+        assert (report["gemm"], report["requested"], report["reason"]) == (blas, blas, "forced")
+
+
+@pytest.mark.parametrize("value", ["openblas", "", "mkl", "auto,torch"])
+def test_bad_environment_value_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, value)
+    cpu_gemm._chosen = None
+    x, centroids = clustered(20, 3, 2, seed=0)
+    with pytest.raises(ValueError, match=r"PYDC_CPU_GEMM: expected one of auto, torch, scipy .*got " + repr(value)):
+        kmeans_assign(x, centroids)
+    with pytest.raises(ValueError, match="use_cpu_gemm: expected one of auto, torch, scipy"):
+        cpu_gemm.use_cpu_gemm("blas")
+
+
+@pytest.mark.parametrize("times, expected", [((1.0, 2.0), "torch"), ((2.0, 1.0), "scipy"),
+                                             ((1.0, 0.97), "torch")], ids=["torch-faster", "scipy-faster", "close"])
+def test_auto_keeps_the_faster_blas(monkeypatch, times, expected):
+    monkeypatch.setattr(cpu_gemm, "measure", lambda: times)
+    assert cpu_gemm.use_cpu_gemm("auto") == expected and _C.cpu_gemm() == expected
+    report = cpu_gemm.cpu_gemm_report()
+    assert (report["gemm"], report["torch_s"], report["scipy_s"]) == (expected, *times)
+
+
+def test_auto_measures_both_blas():
+    cpu_gemm.use_cpu_gemm("scipy")  # sets scipy's sgemm
+    torch_s, scipy_s = cpu_gemm.measure()
+    assert all(math.isfinite(t) and t > 0 for t in (torch_s, scipy_s))
+    chosen = cpu_gemm.use_cpu_gemm("auto")
+    report = cpu_gemm.cpu_gemm_report()
+    assert chosen == cpu_gemm.pick(report["torch_s"], report["scipy_s"]) == _C.cpu_gemm()
+    with pytest.raises(RuntimeError, match="expects positive rows"):
+        _C.time_cpu_gemms(0, 4, 4, 1)
+
+
+def test_scipy_forced_without_scipy_is_an_error(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_scipy_sgemm", lambda: None)
+    with pytest.raises(RuntimeError, match="PYDC_CPU_GEMM=scipy: scipy.linalg.cython_blas is not importable"):
+        cpu_gemm.use_cpu_gemm("scipy")
+    assert cpu_gemm.use_cpu_gemm("auto") == "torch" and cpu_gemm.cpu_gemm_report()["reason"] == "scipy not installed"
+    with pytest.raises(RuntimeError, match="no run-time sgemm is set"):
+        _C.set_cpu_gemm("scipy")
+
+
+def test_setter_checks_the_capsule():
+    from scipy.linalg.cython_blas import __pyx_capi__ as blas
+
+    with pytest.raises(ValueError, match=r"sgemm has signature .*expected .*__pyx_capi__\['sgemm'\]"):
+        _C.set_cpu_sgemm(blas["ssyrk"])
+    with pytest.raises(ValueError, match="sgemm has signature"):
+        _C.set_cpu_sgemm(blas["dgemm"])
+    with pytest.raises(TypeError, match="capsule or None"):
+        _C.set_cpu_sgemm(3)
+    with pytest.raises(ValueError, match="expected 'torch' or 'scipy'"):
+        _C.set_cpu_gemm("mkl")
+
+
+def test_scipy_threads_follow_torch():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from scipy.linalg.cython_blas import __pyx_capi__  # noqa: F401  (loads scipy's OpenBLAS)
+
+    def scipy_openblas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                if lib["internal_api"] == "openblas" and "scipy.libs" in lib["filepath"]}
+
+    if not scipy_openblas_threads():
+        pytest.skip("scipy's BLAS is not a scipy-openblas wheel's OpenBLAS")
+    cpu_gemm.use_cpu_gemm("scipy")
+    assert _C.cpu_sgemm_threads_follow_torch()
+    threads = torch.get_num_threads()
+    x, centroids = clustered(300, 20, 8, seed=0)
+    try:
+        with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+            torch.set_num_threads(1)
+            ASSIGN(x, centroids, None, True)
+            assert scipy_openblas_threads() == {1}
+    finally:
+        torch.set_num_threads(threads)
