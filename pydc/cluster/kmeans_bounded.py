@@ -16,8 +16,8 @@ points of a true cluster while the centroids still move too much for the drift-d
 data). Near-ties are settled in float64 among the scored centroids within the error margin of the best,
 not against all k (the points halfway between clusters have many). The first pass scores everything with
 kmeans_assign_bounds (BLAS GEMM + group-min fold: 0.77 s against 0.90 s for the local filter from zero
-bounds, 100k x 256, k = 1000, 2 threads, Zen 4), which sets the bounds. When a pass scores more than DENSE_FRACTION of all point-centroid pairs
-(early iterations, unstructured data), the next 1, 2, 4 or 8 passes (after successive such passes) run plain
+bounds, 100k x 256, k = 1000, 2 threads, Zen 4), which sets the bounds. When a pass scores more than
+DENSE_FRACTION of all point-centroid pairs (early iterations, unstructured data), the next 1, 2, 4 or 8 passes (after successive such passes) run plain
 kmeans_assign (BLAS GEMM: faster than the block scoring when nearly everything is scored); the last of them
 refreshes the bounds the same way.
 
