@@ -94,6 +94,33 @@ def test_centroid_separation_skips_only_farther_centroids(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_partly_skipped_group_keeps_the_bound_of_its_skipped_blocks(level):
+    """A group whose nearest members to the point sit in blocks the separation filter skips, while a farther
+    block of the same group is scored: its refreshed bound must be the skipped blocks' s - u, not the scored
+    block's minimum. Along e1: own centroid 0, points at ~1 (u ~ 1), group 1 = two blocks at ~2.1 (2u + 0.1
+    from the own centroid: skipped as a pair, 1.1 from the points) and one block at ~-1.9 (scored, 2.9 away)."""
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    generator = torch.Generator().manual_seed(5)
+    d = 6
+    e1 = torch.zeros(d)
+    e1[0] = 1.0
+    centroids = torch.cat([torch.zeros(1, d), 2.1 * e1 + 0.01 * torch.randn(16, d, generator=generator),
+                           -1.9 * e1 + 0.01 * torch.randn(8, d, generator=generator)])
+    x = e1 + 0.005 * torch.randn(40, d, generator=generator)
+    offsets, order = torch.tensor([0, 1, 25]), torch.arange(25)
+    norms = (x * x).sum(1)
+    with cpu_capability_level(level):
+        labels = torch.zeros(x.shape[0], dtype=torch.int64)
+        lower = torch.zeros(x.shape[0], 2, dtype=torch.float64)
+        _, counts = torch.ops.pydc.kmeans_assign_yinyang(x, centroids, order, offsets, norms,
+                                                         torch.zeros(2, dtype=torch.float64), labels, lower)
+    assert bool((labels == 0).all())
+    assert counts[1] < x.shape[0] * 25  # the blocks at ~2.1 were skipped, not scored
+    assert_bounds_hold(x, centroids, order, offsets, labels, lower)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_step_settles_near_ties_exactly(level):
     """Centroids within float32 noise of each other (pairs 8 apart share a block lane): every label is the
     float64 arg-min, lowest index on ties, from zero bounds (every group scored) and from fresh bounds."""
