@@ -78,17 +78,47 @@ void fold_row_top2(const float* dot, const float* centroid_sq_norms, int64_t n, 
   }
 }
 
+// The smallest score over centroids [begin, end) (+inf when empty): kFoldWidth running minima, then the
+// same strict `<` across them and over the tail, so NaN scores never win and the minimum is the scalar one.
+inline float min_score_run(const float* dot, const float* centroid_sq_norms, int64_t begin, int64_t end) {
+  float best = kKMeansInf;
+  int64_t j = begin;
+  if (end - begin >= kFoldWidth) {
+    fold_floats lane_best, two;
+    for (int m = 0; m < kFoldWidth; ++m) {
+      lane_best[m] = kKMeansInf;
+      two[m] = 2.f;
+    }
+    for (; j + kFoldWidth <= end; j += kFoldWidth) {
+      fold_floats d, c;
+      std::memcpy(&d, dot + j, sizeof(d));
+      std::memcpy(&c, centroid_sq_norms + j, sizeof(c));
+      const fold_floats score = c - two * d;
+      lane_best = score < lane_best ? score : lane_best;
+    }
+    for (int m = 0; m < kFoldWidth; ++m) best = lane_best[m] < best ? lane_best[m] : best;
+  }
+  for (; j < end; ++j) {
+    const float score = kmeans_score(centroid_sq_norms[j], dot[j]);
+    best = score < best ? score : best;
+  }
+  return best;
+}
+
 void group_min_scores(const float* dot, const float* centroid_sq_norms, const int64_t* offsets, int64_t groups,
                       int64_t excluded, float* group_min) {
-  // Groups hold ~16 centroids, too few for lanes per group: min over each group's scalar scores, branch-free
-  // (NaN scores never win: `score < best` is false).
+  // Each group's run of scores in vectors of the register width (~16 centroids a group: one or two vectors
+  // at AVX-512; scalar code here cost half the GEMM's time in kmeans_assign_bounds); the excluded centroid
+  // splits its group's run in two.
   for (int64_t g = 0; g < groups; ++g) {
-    float best = kKMeansInf;
-    for (int64_t j = offsets[g]; j < offsets[g + 1]; ++j) {
-      const float score = kmeans_score(centroid_sq_norms[j], dot[j]);
-      best = (score < best && j != excluded) ? score : best;
+    const int64_t begin = offsets[g], end = offsets[g + 1];
+    if (excluded >= begin && excluded < end) {
+      const float left = min_score_run(dot, centroid_sq_norms, begin, excluded);
+      const float right = min_score_run(dot, centroid_sq_norms, excluded + 1, end);
+      group_min[g] = right < left ? right : left;
+    } else {
+      group_min[g] = min_score_run(dot, centroid_sq_norms, begin, end);
     }
-    group_min[g] = best;
   }
 }
 
