@@ -5,12 +5,12 @@ line per pair as it finishes (for a busy machine, where the pytest-benchmark sui
     PYDC_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2 \\
         python -m benchmarks.cpu_pairs OUT.json                   # capped at AVX2
 
-Sobel (median of 5 rounds x 10 calls) and assign (median of 5) alternate sides; k-means (clustered and unstructured data, same
-start) and PCA run once per side. OUT.json also records where it ran (CPU model, level, BLAS caps, threads)
-and the 1-minute load average after each pair (the machine may be shared), and the BLAS of the CPU k-means
-GEMMs (pydc.ops.cpu_gemm: PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its measured block times.
-Names after OUT.json pick pairs (sobel, assign, kmeans, pca), e.g. `python -m benchmarks.cpu_pairs OUT.json
-kmeans`; the default runs all.
+Sobel (median of 5 rounds x 10 calls) and assign (median of 5) alternate sides; k-means (clustered and
+unstructured data, same start) and PCA run once per side. OUT.json also records where it ran (CPU model,
+level, BLAS caps, threads) and the 1-minute load average after each pair (the machine may be shared), and the
+BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm: PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its
+measured block times. Names after OUT.json pick pairs (sobel, assign, kmeans, pca), e.g. `python -m
+benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
 """
 
 from __future__ import annotations

@@ -17,29 +17,29 @@ data). Near-ties are settled in float64 among the scored centroids within the er
 not against all k (the points halfway between clusters have many). The first pass scores everything with
 kmeans_assign_bounds (BLAS GEMM + group-min fold: 0.77 s against 0.90 s for the local filter from zero
 bounds, 100k x 256, k = 1000, 2 threads, Zen 4), which sets the bounds. When a pass scores more than
-DENSE_FRACTION of all point-centroid pairs (early iterations, unstructured data), the next 1, 2, 4 or 8 passes (after successive such passes) run plain
-kmeans_assign (BLAS GEMM: faster than the block scoring when nearly everything is scored); the last of them
-refreshes the bounds the same way.
+DENSE_FRACTION of all point-centroid pairs (early iterations, unstructured data), the next 1, 2, 4 or 8
+passes (after successive such passes) run plain kmeans_assign (BLAS GEMM: faster than the block scoring when
+nearly everything is scored); the last of them refreshes the bounds the same way.
 
 Exactness. pydc's labels are the exact arg-min of the squared distance (kmeans_cpu.h: float32 candidates,
 float64 settle of near-ties, ties to the lowest index), so they do not depend on which scores are computed
 together. A group is skipped only when l_g^2 - u^2 > 2 * kmeans_score_error_bound (the same margin that
 decides a float64 settle), so every skipped centroid is farther than the own one and the exact arg-min is
-among the scored ones; u is recomputed exactly every pass (fixed-order float64 distance to the own
-centroid, rounded up), the drifts are float64 norms of float32 differences rounded up, and the group lower
-bounds that the kernel stores already subtract the float32 error of the scores they come from. The
-separation filter skips a group or block only when (s - u)^2 - u^2 > 2 * kmeans_score_error_bound, where s
-is a lower bound on the distance from c to the group's or block's nearest other member (the float64 Gram matrix's error, 4 (d + 4)
+among the scored ones; u is recomputed exactly every pass (fixed-order float64 distance to the own centroid,
+rounded up), the drifts are float64 norms of float32 differences rounded up, and the group lower bounds that
+the kernel stores already subtract the float32 error of the scores they come from. The separation filter skips
+a group or block only when (s - u)^2 - u^2 > 2 * kmeans_score_error_bound, where s is a lower bound on the
+distance from c to the group's or block's nearest other member (the float64 Gram matrix's error, 4 (d + 4)
 2^-53 (||c||^2 + ||c_j||^2), taken off before a downward-rounded root), so again every skipped centroid is
-farther than the own one; a group it drops keeps max(decayed bound, s - u), a partly skipped group's
-refreshed bound is min(scored members' bound, s - u), both valid for every member. A near-tie settle needs
-only the scored centroids whose float32 score is within 2 * bound of the best: any other one is provably
-farther (by at least 2% of the bound, the bound's 1% slack, far above float64 rounding), so the fixed-order
-float64 arg-min (ties to the lowest index) over those is kmeans_assign's. So the labels are the ones
-kmeans_assign would return, and the iteration's centroids are bitwise those of plain
-Lloyd: an empty-cluster split or a spherical renormalisation moves centroids like any update, and the
-drift is measured after it. The objective of a skipped point is its float64 distance, of a scored one the
-kernel's float32 distance: the sum agrees with plain Lloyd's up to float rounding (~1e-7 relative).
+farther than the own one; a group it drops keeps max(decayed bound, s - u), a partly skipped group's refreshed
+bound is min(scored members' bound, s - u), both valid for every member. A near-tie settle needs only the
+scored centroids whose float32 score is within 2 * bound of the best: any other one is provably farther (by at
+least 2% of the bound, the bound's 1% slack, far above float64 rounding), so the fixed-order float64 arg-min
+(ties to the lowest index) over those is kmeans_assign's. So the labels are the ones kmeans_assign would
+return, and the iteration's centroids are bitwise those of plain Lloyd: an empty-cluster split or a spherical
+renormalisation moves centroids like any update, and the drift is measured after it. The objective of a
+skipped point is its float64 distance, of a scored one the kernel's float32 distance: the sum agrees with
+plain Lloyd's up to float rounding (~1e-7 relative).
 
 CUDA design (not built yet): the same state on the device: labels (N) int64, upper (N) float32 rounded up
 (or float64), lower (N, t) float32 rounded down. Per iteration: (1) drift kernel: one warp per centroid,
