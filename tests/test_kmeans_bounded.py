@@ -1,4 +1,5 @@
-"""Bounded (Yinyang) k-means equals plain Lloyd, and the fixed-point stop equals running every iteration.
+"""Bounded k-means (Yinyang's group bounds and Elkan's per-pair bounds, PYDC_KMEANS_BOUNDS) equals plain
+Lloyd, and the fixed-point stop equals running every iteration.
 
 Bounded and plain runs start from the same centroids; the labels, centroids and splits must be identical
 and the objective equal up to float rounding (1e-6 relative), on clustered, unstructured, duplicate-point and
@@ -49,6 +50,13 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["yinyang", "elkan"])
+def bounds(request, monkeypatch):
+    """Runs a test with each kind of bounds."""
+    monkeypatch.setenv("PYDC_KMEANS_BOUNDS", request.param)
+    return request.param
+
+
 def assert_same_run(bounded, plain):
     assert bounded.bounded and not plain.bounded
     assert torch.equal(bounded.labels, plain.labels)
@@ -59,7 +67,7 @@ def assert_same_run(bounded, plain):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bounded_equals_plain_lloyd(case, level):
+def test_bounded_equals_plain_lloyd(case, level, bounds):
     if level not in supported_levels():
         pytest.skip(f"CPU lacks {level}")
     x, k, start = CASES[case]()
@@ -71,6 +79,7 @@ def test_bounded_equals_plain_lloyd(case, level):
             bounded = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=True,
                              stop_at_fixed_point=stop)
             assert_same_run(bounded, plain)
+            assert bounded.bounds == bounds
             assert len(bounded.rows_computed) == bounded.iterations + (0 if bounded.iterations < 12 else 1)
             # the bounds skipped work (the first pass computes every row)
             assert sum(bounded.rows_computed[1:]) < x.shape[0] * (len(bounded.rows_computed) - 1)
@@ -78,7 +87,7 @@ def test_bounded_equals_plain_lloyd(case, level):
         assert plain.splits >= k // 4
 
 
-def test_bounded_stays_exact_on_near_ties():
+def test_bounded_stays_exact_on_near_ties(bounds):
     """Points exactly between two centroids, and a centroid equal to another: ties go to the lowest index."""
     generator = torch.Generator().manual_seed(8)
     centroids = torch.randn(20, 8, generator=generator).round()  # small integers: midpoints are exact
@@ -126,7 +135,7 @@ def separable(n_per=300, d=6, blobs=8, seed=11):
 
 
 @pytest.mark.parametrize("bounded", [False, True])
-def test_fixed_point_stop_equals_running_every_iteration(bounded):
+def test_fixed_point_stop_equals_running_every_iteration(bounded, bounds):
     x, means = separable()
     init = initial_centroids(x, 8, seed=0)
     stopped = kmeans(x, 8, niter=30, backend="torch", init_centroids=init, bounded=bounded)

@@ -84,6 +84,30 @@ PYDC_HD double kmeans_score_error_bound(double point_sq_norm, double max_centroi
   return 1.01 * gamma * radius * radius;
 }
 
+// --- bounded k-means with one lower bound per (point, centroid) (Elkan; pydc/cluster/kmeans_elkan.py) ---
+// A lower bound l on the distance from x to c_j, stored as an "anchor" a = l + D_j where D_j is the
+// centroid's cumulative drift (the sum of its moves since the start, rounded up), stays valid while c_j
+// moves: a - D_j(now) <= l - (D_j(now) - D_j(then)) <= d(x, c_j(now)). Each helper rounds so that the value
+// it returns is below the exact one (float32, round to nearest: every operation errs by at most 2^-24
+// relative; the factor 1 - 2^-22 takes off more than two such errors), so the bounds hold in exact
+// arithmetic, not only for the float32 distances.
+constexpr float kElkanShrink = 1.0f - 0x1p-22f;
+
+// A lower bound on the exact distance ||x - c|| from the float32 score ||c||^2 - 2 x.c of the pair, where
+// base <= ||x||^2 - (the score's error bound) holds exactly: sqrt(base + score) with the rounding of the sum
+// taken off (2^-22 (|base| + |score|) exceeds the two roundings of sum and difference). 0 for NaN.
+PYDC_HD float elkan_lower_bound(float base, float score) {
+  const float sq = (base + score) - 0x1p-22f * (fabsf(base) + fabsf(score));
+  return (sq > 0.0f ? sqrtf(sq) : 0.0f) * kElkanShrink;
+}
+
+// The anchor of a lower bound `lower` >= 0 taken when the cumulative drift was >= offset_down >= 0.
+PYDC_HD float elkan_anchor(float lower, float offset_down) { return (lower + offset_down) * kElkanShrink; }
+
+// The lower bound an anchor gives now that the cumulative drift is <= offset_up (at most 0 once the drift has
+// used it up: such a pair is always scored).
+PYDC_HD float elkan_bound(float anchor, float offset_up) { return (anchor - offset_up) * kElkanShrink; }
+
 // Squared L2 norm of a row, accumulated in float in index order.
 PYDC_HD float kmeans_squared_norm(const float* row, int64_t d) {
   float sum = 0.0f;

@@ -3,6 +3,7 @@
 //   pydc::cpu_supported_capability() -> str  the highest level this CPU supports
 //   pydc::set_cpu_capability(str level) -> () uses `level` from now on (for tests and benchmarks; an error
 //                                            when the CPU lacks it)
+//   pydc::cpu_vector_width() -> int          floats per vector register in the loops of the level in use
 // The level in use is the highest one the CPU supports, capped by the environment variable
 // PYDC_CPU_CAPABILITY (default / avx2 / avx512), read once when the library loads, as ATen reads
 // ATEN_CPU_CAPABILITY. An unknown value is reported (TORCH_WARN) and ignored.
@@ -63,6 +64,7 @@ std::atomic<int>& level_in_use() {
 
 std::string capability_op() { return cpu_capability_name(cpu_capability()); }
 std::string supported_capability_op() { return cpu_capability_name(cpu_supported_capability()); }
+int64_t vector_width_op() { return cpu_kernels().vector_floats; }
 
 void set_capability_op(const std::string& name) {
   CpuCapability level;
@@ -107,4 +109,5 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("cpu_capability() -> str", &pydc::capability_op);
   m.def("cpu_supported_capability() -> str", &pydc::supported_capability_op);
   m.def("set_cpu_capability(str level) -> ()", &pydc::set_capability_op);
+  m.def("cpu_vector_width() -> int", &pydc::vector_width_op);
 }

@@ -1,7 +1,8 @@
 // Schemas of the k-means ops and the checks both kernels share.
 //
 // kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
-// kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang: the steps of bounded k-means (CPU only).
+// kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang, kmeans_assign_elkan: the steps of bounded
+// k-means (CPU only).
 // kmeans_update: per-cluster sums of the points and per-cluster counts (the centroid update is sums/counts).
 #include "ops/kmeans.h"
 
@@ -82,5 +83,9 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("kmeans_label_distances(Tensor x, Tensor centroids, Tensor labels) -> Tensor");
   m.def("kmeans_assign_yinyang(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
         "Tensor x_sq_norms, Tensor group_drift, Tensor(a!) labels, Tensor(b!) group_lower) -> "
+        "(Tensor distances, Tensor counts)");
+  // Bounded k-means with one lower bound per (point, centroid) (Elkan) on the CPU: ops/cpu/kmeans_elkan_kernel.cpp.
+  m.def("kmeans_assign_elkan(Tensor x, Tensor centroids, Tensor x_sq_norms, Tensor drift_offsets, float max_drift, "
+        "float dense_fraction, Tensor(a!) labels, Tensor(b!) anchors, Tensor(c!) second) -> "
         "(Tensor distances, Tensor counts)");
 }

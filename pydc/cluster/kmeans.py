@@ -22,7 +22,8 @@
    stopped at a fixed point, whose labels are already those).
 
 Bounded k-means (bounded=True, the default; CPU with the compiled ops): the assignments skip the points
-whose Yinyang bounds prove that their label cannot change (pydc/cluster/kmeans_bounded.py). The labels,
+whose Yinyang bounds prove that their label cannot change (pydc/cluster/kmeans_bounded.py), or with
+PYDC_KMEANS_BOUNDS=elkan the point-centroid pairs whose own bound does (pydc/cluster/kmeans_elkan.py). The labels,
 centroids and splits are exactly those of plain Lloyd (bounded=False); the objective agrees up to float
 rounding. On CUDA, and without the compiled ops, bounded=True runs plain Lloyd.
 
@@ -39,7 +40,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from pydc.cluster.kmeans_bounded import YinyangAssigner, bounded_assignment_available
+from pydc.cluster.kmeans_bounded import YinyangAssigner, bounded_assignment_available, choose_bounds
+from pydc.cluster.kmeans_elkan import ElkanAssigner
 from pydc.ops._registry import HAS_OPS
 from pydc.ops.cpu_gemm import ensure_cpu_gemm
 from pydc.ops.kmeans import kmeans_assign, kmeans_update
@@ -56,7 +58,8 @@ class KMeansResult:
     backend: str = "torch"    # the backend that ran: "torch", "faiss-cpu" or "faiss-gpu"
     splits: int = 0           # empty clusters refilled over all iterations (torch backend)
     iterations: int = 0       # Lloyd iterations run (< niter when the run stopped at a fixed point)
-    bounded: bool = False     # whether the assignments used Yinyang bounds (torch backend on the CPU)
+    bounded: bool = False     # whether the assignments used bounds (torch backend on the CPU) ...
+    bounds: str | None = None  # ... which: "yinyang" (per group of centroids) or "elkan" (per pair)
     rows_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: points whose
     # distances were computed (all N without bounds; fewer when the bounds settle points)
     scores_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: point-centroid
@@ -149,8 +152,13 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     point_sq_norms = (x32 * x32).sum(1)
     bounded = bounded and bounded_assignment_available(x32)
     cpu_gemm = ensure_cpu_gemm() if HAS_OPS and x32.device.type == "cpu" else None
-    assign = (YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2) if bounded
-              else _PlainAssigner(x32, point_sq_norms))
+    bounds = choose_bounds(x32.shape[0], k) if bounded else None
+    if bounds == "elkan":
+        assign = ElkanAssigner(x32, point_sq_norms, k)
+    elif bounds == "yinyang":
+        assign = YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2)
+    else:
+        assign = _PlainAssigner(x32, point_sq_norms)
     split_generator = torch.Generator().manual_seed(int(seed) + 1)
     objective, splits = [], 0
     previous_labels, previous_split = None, True
@@ -178,7 +186,7 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * passes
     scores_computed = assign.scores_computed if bounded else [x32.shape[0] * k] * passes
     return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits,
-                        iterations=len(objective), bounded=bounded, rows_computed=rows_computed,
+                        iterations=len(objective), bounded=bounded, bounds=bounds, rows_computed=rows_computed,
                         scores_computed=scores_computed, cpu_gemm=cpu_gemm)
 
 

@@ -32,7 +32,9 @@ kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
 kmeans_assign_yinyang (one pass of bounded k-means: global and local Yinyang filter, updating labels and
 group bounds in place), kmeans_assign_bounds (a full pass that also returns the bounds) and
 kmeans_label_distances (float64 distance to the own centroid) are CPU only; see
-csrc/ops/cpu/kmeans_yinyang_kernel.cpp, kmeans_bounded_kernel.cpp and pydc/cluster/kmeans_bounded.py.
+csrc/ops/cpu/kmeans_yinyang_kernel.cpp, kmeans_bounded_kernel.cpp and pydc/cluster/kmeans_bounded.py. So is
+kmeans_assign_elkan (one pass with a lower bound per point and centroid, labels and bounds updated in place;
+csrc/ops/cpu/kmeans_elkan_kernel.cpp, pydc/cluster/kmeans_elkan.py).
 
 Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
 `kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the
@@ -181,6 +183,14 @@ if HAS_OPS:
                      lambda: "kmeans_assign_yinyang: expected 2-D x and one label per row")
         # labels and group_lower are updated in place (schema a!/b!); the outputs are new tensors.
         return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
+
+    @torch.library.register_fake("pydc::kmeans_assign_elkan")
+    def _kmeans_assign_elkan_fake(x, centroids, x_sq_norms, drift_offsets, max_drift, dense_fraction, labels,
+                                  anchors, second):
+        torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
+                     lambda: "kmeans_assign_elkan: expected 2-D x and one label per row")
+        # labels, anchors and second are updated in place (schema a!/b!/c!); the outputs are new tensors.
+        return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((3,), dtype=torch.int64)
 
     @torch.library.register_fake("pydc::kmeans_update")
     def _kmeans_update_fake(x, labels, k, deterministic=True):

@@ -22,6 +22,8 @@ enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 struct CpuKernels {
   const char* name;
+  // floats per vector register in the loops of this level (4, 8, 16): what the level's unit was compiled for
+  int vector_floats;
 
   // --- k-means (kmeans_kernel.cpp, kmeans_bounded_kernel.cpp) ---
   // Folds the scores ||c_j||^2 - 2 dot[j] of centroids j0 .. j0 + n - 1 into a running (best score, its
@@ -50,6 +52,24 @@ struct CpuKernels {
   // > margin fails), 0 elsewhere; returns whether any group is needed.
   bool (*decay_group_bounds)(double* lower, const double* drift, int64_t groups, double upper_sq, double margin,
                              uint8_t* need);
+  // --- bounded k-means with per-pair bounds (kmeans_elkan_kernel.cpp; anchors: kmeans_math.h) ---
+  // dots[r] = rows[r] . centroid for r < n_rows, in float32 (fused multiply-adds where the level has FMA, so
+  // the dots differ by float32 rounding between levels, like block_scores8's): the pairs a bounded pass
+  // scores, one centroid at a time for the points of a batch that need it.
+  void (*centroid_dots)(const float* centroid, const float* const* rows, int64_t n_rows, int64_t d, float* dots);
+  // The centroids j whose bound elkan_bound(anchors[j], offset_up[j]) is not above `threshold` and, when
+  // `separation` is not null, whose separation[j] (a lower bound on d(c_own, c_j)) is not above
+  // `separation_threshold`: their indices into candidates (ascending; the buffer must hold k + 16 entries, the
+  // loop writes up to 16 past the count), their count returned. *unscored_min
+  // gets the smallest lower bound of the others: the bound, or (separation[j] - upper) rounded down where
+  // that is larger (+inf when every centroid is a candidate).
+  int64_t (*elkan_candidates)(const float* anchors, const float* offset_up, const float* separation, int64_t k,
+                              float threshold, float separation_threshold, float upper, int32_t* candidates,
+                              float* unscored_min);
+  // anchors[j] = elkan_anchor(elkan_lower_bound(base, kmeans_score(centroid_sq_norms[j], dot[j])),
+  // offset_down[j]) for j in [begin, end); returns the smallest of those lower bounds (+inf when empty).
+  float (*elkan_anchor_row)(const float* dot, const float* centroid_sq_norms, const float* offset_down, float base,
+                            int64_t begin, int64_t end, float* anchors);
   // Fixed-order float64 dot product of two float32 rows (8 lanes, then a fixed pairwise sum).
   double (*dot_f64)(const float* a, const float* b, int64_t d);
   // Fixed-order float64 squared distance ||a - b||^2 of two float32 rows.

@@ -14,8 +14,10 @@
 namespace pydc {
 namespace cpu_avx2 {
 #define PYDC_CPU_NAME "avx2"
+#define PYDC_CPU_LEVEL 1
 #include "ops/cpu/cpu_kernels_impl.h"
 #undef PYDC_CPU_NAME
+#undef PYDC_CPU_LEVEL
 }  // namespace cpu_avx2
 }  // namespace pydc
 

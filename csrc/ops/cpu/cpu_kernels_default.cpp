@@ -14,8 +14,10 @@
 namespace pydc {
 namespace cpu_default {
 #define PYDC_CPU_NAME "default"
+#define PYDC_CPU_LEVEL 0
 #include "ops/cpu/cpu_kernels_impl.h"
 #undef PYDC_CPU_NAME
+#undef PYDC_CPU_LEVEL
 }  // namespace cpu_default
 }  // namespace pydc
 

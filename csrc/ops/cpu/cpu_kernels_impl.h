@@ -5,6 +5,14 @@
 //
 // Loops are written so that GCC vectorizes them at every width and each result is computed the same way
 // at every level: reductions run in kLanes independent lanes merged in a fixed order.
+//
+// PYDC_CPU_LEVEL (0 default, 1 AVX2 + FMA, 2 AVX-512), defined by the including unit, picks register widths
+// and intrinsics: g++ (12) does not define __AVX2__, __FMA__ or __AVX512F__ under `#pragma GCC target`, so
+// those macros cannot tell the levels apart here.
+#if !defined(PYDC_CPU_LEVEL) || !defined(__x86_64__)
+#undef PYDC_CPU_LEVEL
+#define PYDC_CPU_LEVEL 0
+#endif
 
 constexpr int kLanes = 16;
 typedef float float_lanes __attribute__((vector_size(kLanes * sizeof(float))));
@@ -27,9 +35,9 @@ inline void fold_candidate(float score, int64_t index, float* best_score, int64_
 // comparisons of a vector wider than the registers were compiled to one scalar compare and branch per lane at
 // AVX2 and below (~4 ns per score at AVX2, against ~0.4 at AVX-512, where 16 lanes are one register). The
 // lanes, and so the result, are the same at every level.
-#if defined(__AVX512F__)
+#if PYDC_CPU_LEVEL >= 2
 constexpr int kFoldWidth = 16;
-#elif defined(__AVX__)
+#elif PYDC_CPU_LEVEL >= 1
 constexpr int kFoldWidth = 8;
 #else
 constexpr int kFoldWidth = 4;
@@ -129,7 +137,7 @@ typedef float float_block __attribute__((vector_size(8 * sizeof(float))));
 // them, the exact labels of bounded k-means, does not). Unfused, it runs at ~0.7x the speed of the BLAS
 // GEMM; fused, like it.
 inline void multiply_add(float_block& acc, const float_block& x, const float_block& c) {
-#if defined(__FMA__)
+#if PYDC_CPU_LEVEL >= 1
   acc = reinterpret_cast<float_block>(
       _mm256_fmadd_ps(reinterpret_cast<__m256>(x), reinterpret_cast<__m256>(c), reinterpret_cast<__m256>(acc)));
 #else
@@ -167,11 +175,24 @@ inline void block_scores_tile(const float* const* rows, const float* block, cons
   }
 }
 
+// Rows per tile: kTileRows x kBlocks accumulators of 8 floats, the blocks and a broadcast value must fit the
+// level's vector registers (32 zmm-capable at AVX-512, 16 ymm at AVX2, 16 xmm at the baseline, where a block
+// takes two); spilled accumulators made the baseline tile ~20x slower and cost AVX2 too.
+#if PYDC_CPU_LEVEL >= 2
+constexpr int kTileRows = 8;
+#elif PYDC_CPU_LEVEL >= 1
+constexpr int kTileRows = 6;
+#else
+constexpr int kTileRows = 2;
+#endif
+
 template <int kBlocks>
 void block_scores_rows(const float* const* rows, int64_t n_rows, const float* block, const float* block_sq_norms,
                        int64_t d, float* const* scores) {
   int64_t r = 0;
-  for (; r + 8 <= n_rows; r += 8) block_scores_tile<8, kBlocks>(rows + r, block, block_sq_norms, d, scores + r);
+  for (; r + kTileRows <= n_rows; r += kTileRows) {
+    block_scores_tile<kTileRows, kBlocks>(rows + r, block, block_sq_norms, d, scores + r);
+  }
   switch (n_rows - r) {  // the rest in one call: a single-row chain waits on every add
     case 7: block_scores_tile<7, kBlocks>(rows + r, block, block_sq_norms, d, scores + r); break;
     case 6: block_scores_tile<6, kBlocks>(rows + r, block, block_sq_norms, d, scores + r); break;
@@ -208,6 +229,216 @@ void group_block_minima(const float* scores, const int64_t* group_block, const u
     for (int l = 1; l < 8; ++l) best = lane_min[l] < best ? lane_min[l] : best;
     group_min[g] = best;
   }
+}
+
+// acc + a * b on vectors of the level's register width, fused where the level has FMA.
+inline fold_floats fused_multiply_add(const fold_floats& acc, const fold_floats& a, const fold_floats& b) {
+#if PYDC_CPU_LEVEL >= 2
+  return reinterpret_cast<fold_floats>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                                       reinterpret_cast<__m512>(acc)));
+#elif PYDC_CPU_LEVEL >= 1
+  return reinterpret_cast<fold_floats>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                                       reinterpret_cast<__m256>(acc)));
+#else
+  return acc + a * b;
+#endif
+}
+
+inline bool vector_any(const fold_ints& v) {
+  int32_t any = 0;
+  for (int m = 0; m < kFoldWidth; ++m) any |= v[m];
+  return any != 0;
+}
+
+// The sum of a vector's lanes by pairwise halving (a fixed tree: a serial chain of scalar adds cost as much as
+// the dot product itself).
+inline float sum_fold_lanes(const fold_floats& v) {
+  typedef float four_floats __attribute__((vector_size(4 * sizeof(float))));
+#if PYDC_CPU_LEVEL >= 2
+  typedef float eight_floats __attribute__((vector_size(8 * sizeof(float))));
+  const eight_floats half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const four_floats quarter = __builtin_shufflevector(half, half, 0, 1, 2, 3) +
+                              __builtin_shufflevector(half, half, 4, 5, 6, 7);
+#elif PYDC_CPU_LEVEL >= 1
+  const four_floats quarter = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  const four_floats quarter = v;
+#endif
+  return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+}
+
+// kRows dot products with one centroid at once: each step of the centroid is loaded once for all of them,
+// and their independent chains hide the multiply-add latency. The tail of d (d % kFoldWidth) is scalar.
+template <int kRows>
+inline void rows_dot_centroid(const float* centroid, const float* const* rows, int64_t d, float* dots) {
+  fold_floats acc[kRows];
+  for (int q = 0; q < kRows; ++q) {
+    for (int m = 0; m < kFoldWidth; ++m) acc[q][m] = 0.0f;
+  }
+  int64_t t = 0;
+  for (; t + kFoldWidth <= d; t += kFoldWidth) {
+    fold_floats cv;
+    std::memcpy(&cv, centroid + t, sizeof(cv));
+    for (int q = 0; q < kRows; ++q) {
+      fold_floats xv;
+      std::memcpy(&xv, rows[q] + t, sizeof(xv));
+      acc[q] = fused_multiply_add(acc[q], xv, cv);
+    }
+  }
+  for (int q = 0; q < kRows; ++q) {
+    float sum = sum_fold_lanes(acc[q]);
+    for (int64_t u = t; u < d; ++u) sum += rows[q][u] * centroid[u];
+    dots[q] = sum;
+  }
+}
+
+void centroid_dots(const float* centroid, const float* const* rows, int64_t n_rows, int64_t d, float* dots) {
+  int64_t q = 0;
+  for (; q + 4 <= n_rows; q += 4) rows_dot_centroid<4>(centroid, rows + q, d, dots + q);
+  switch (n_rows - q) {
+    case 3: rows_dot_centroid<3>(centroid, rows + q, d, dots + q); break;
+    case 2: rows_dot_centroid<2>(centroid, rows + q, d, dots + q); break;
+    case 1: rows_dot_centroid<1>(centroid, rows + q, d, dots + q); break;
+    default: break;
+  }
+}
+
+// Appends j0 + m for every lane m whose mask is set to out[count..], returns the new count. Writes up to
+// kFoldWidth entries past the count (the buffer holds k + kFoldWidth).
+inline int64_t compress_indices(const fold_ints& mask, int32_t j0, int32_t* out, int64_t count) {
+#if PYDC_CPU_LEVEL >= 2
+  const __mmask16 bits = _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask));
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(j0),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi32(bits, index));
+  return count + __builtin_popcount(bits);
+#else
+  for (int m = 0; m < kFoldWidth; ++m) {
+    out[count] = j0 + m;
+    count += mask[m] & 1;
+  }
+  return count;
+#endif
+}
+
+template <bool kSeparation>
+inline int64_t elkan_scan(const float* anchors, const float* offset_up, const float* separation, int64_t k,
+                          float threshold, float separation_threshold, float upper, int32_t* candidates,
+                          float* unscored_min) {
+  int64_t count = 0, j = 0;
+  float smallest = kKMeansInf;
+  if (k >= kFoldWidth) {
+    fold_floats lane_min, shrink, limit, separation_limit, up, inf;
+    for (int m = 0; m < kFoldWidth; ++m) {
+      lane_min[m] = kKMeansInf;
+      inf[m] = kKMeansInf;
+      shrink[m] = kElkanShrink;
+      limit[m] = threshold;
+      separation_limit[m] = separation_threshold;
+      up[m] = upper;
+    }
+    for (; j + kFoldWidth <= k; j += kFoldWidth) {
+      fold_floats a, o;
+      std::memcpy(&a, anchors + j, sizeof(a));
+      std::memcpy(&o, offset_up + j, sizeof(o));
+      fold_floats bound = (a - o) * shrink;  // elkan_bound per lane
+      fold_ints need = !(bound > limit);
+      if (kSeparation) {
+        fold_floats sv;
+        std::memcpy(&sv, separation + j, sizeof(sv));
+        const fold_ints separated = sv > separation_limit;
+        const fold_floats beyond = (sv - up) * shrink;
+        bound = (separated & (beyond > bound)) ? beyond : bound;
+        need = need & ~separated;
+      }
+      const fold_floats value = need ? inf : bound;
+      lane_min = value < lane_min ? value : lane_min;
+      count = compress_indices(need, static_cast<int32_t>(j), candidates, count);
+    }
+    for (int m = 0; m < kFoldWidth; ++m) smallest = lane_min[m] < smallest ? lane_min[m] : smallest;
+  }
+  for (; j < k; ++j) {
+    float bound = elkan_bound(anchors[j], offset_up[j]);
+    bool need = !(bound > threshold);
+    if (kSeparation && separation[j] > separation_threshold) {
+      need = false;
+      const float beyond = (separation[j] - upper) * kElkanShrink;
+      bound = beyond > bound ? beyond : bound;
+    }
+    if (need) {
+      candidates[count++] = static_cast<int32_t>(j);
+    } else {
+      smallest = bound < smallest ? bound : smallest;
+    }
+  }
+  *unscored_min = smallest;
+  return count;
+}
+
+int64_t elkan_candidates(const float* anchors, const float* offset_up, const float* separation, int64_t k,
+                         float threshold, float separation_threshold, float upper, int32_t* candidates,
+                         float* unscored_min) {
+  return separation != nullptr
+             ? elkan_scan<true>(anchors, offset_up, separation, k, threshold, separation_threshold, upper, candidates,
+                                unscored_min)
+             : elkan_scan<false>(anchors, offset_up, nullptr, k, threshold, separation_threshold, upper, candidates,
+                                 unscored_min);
+}
+
+// Lane-wise square root (correctly rounded, so each lane equals sqrtf of it).
+inline fold_floats vector_sqrt(const fold_floats& v) {
+#if PYDC_CPU_LEVEL >= 2
+  const __m512 x = reinterpret_cast<__m512>(v);  // the masked form: the plain one trips -Wmaybe-uninitialized
+  return reinterpret_cast<fold_floats>(_mm512_mask_sqrt_ps(x, static_cast<__mmask16>(0xFFFF), x));
+#elif PYDC_CPU_LEVEL >= 1
+  return reinterpret_cast<fold_floats>(_mm256_sqrt_ps(reinterpret_cast<__m256>(v)));
+#elif defined(__x86_64__)
+  return reinterpret_cast<fold_floats>(_mm_sqrt_ps(reinterpret_cast<__m128>(v)));
+#else
+  fold_floats r;
+  for (int m = 0; m < kFoldWidth; ++m) r[m] = std::sqrt(v[m]);
+  return r;
+#endif
+}
+
+inline fold_floats splat(float value) {
+  fold_floats v;
+  for (int m = 0; m < kFoldWidth; ++m) v[m] = value;
+  return v;
+}
+
+float elkan_anchor_row(const float* dot, const float* centroid_sq_norms, const float* offset_down, float base,
+                       int64_t begin, int64_t end, float* anchors) {
+  // elkan_lower_bound and elkan_anchor (kmeans_math.h) lane by lane: the same operations, so the same values.
+  float smallest = kKMeansInf;
+  int64_t j = begin;
+  if (end - begin >= kFoldWidth) {
+    const fold_floats base_v = splat(base), two = splat(2.0f), slack = splat(0x1p-22f), shrink = splat(kElkanShrink);
+    const fold_floats zero = splat(0.0f);
+    fold_floats lane_min = splat(kKMeansInf);
+    for (; j + kFoldWidth <= end; j += kFoldWidth) {
+      fold_floats dv, cv, ov;
+      std::memcpy(&dv, dot + j, sizeof(dv));
+      std::memcpy(&cv, centroid_sq_norms + j, sizeof(cv));
+      std::memcpy(&ov, offset_down + j, sizeof(ov));
+      const fold_floats score = cv - two * dv;
+      const fold_floats abs_base = base_v < zero ? -base_v : base_v;
+      const fold_floats abs_score = score < zero ? -score : score;
+      const fold_floats sq = (base_v + score) - slack * (abs_base + abs_score);
+      const fold_floats lower = vector_sqrt(sq > zero ? sq : zero) * shrink;
+      lane_min = lower < lane_min ? lower : lane_min;
+      const fold_floats anchor = (lower + ov) * shrink;
+      std::memcpy(anchors + j, &anchor, sizeof(anchor));
+    }
+    for (int m = 0; m < kFoldWidth; ++m) smallest = lane_min[m] < smallest ? lane_min[m] : smallest;
+  }
+  for (; j < end; ++j) {
+    const float lower = elkan_lower_bound(base, kmeans_score(centroid_sq_norms[j], dot[j]));
+    anchors[j] = elkan_anchor(lower, offset_down[j]);
+    smallest = lower < smallest ? lower : smallest;
+  }
+  return smallest;
 }
 
 bool decay_group_bounds(double* lower, const double* drift, int64_t groups, double upper_sq, double margin,
@@ -399,7 +630,8 @@ void add_quantized_double(int64_t* sum, const double* row, int64_t n, double sca
 
 extern const CpuKernels kKernels;
 const CpuKernels kKernels{
-    PYDC_CPU_NAME,       &fold_row_top2,       &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds, &dot_f64,
+    PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
+    &centroid_dots,      &elkan_candidates,    &elkan_anchor_row,     &dot_f64,
     &squared_distance_f64, &accumulate_row,    &center_row_float,     &add_row_float,
     &normalize_row_float, &normalize_row_double, &sobel_band_u8,      &row_max_float,
     &row_max_double,     &add_quantized_float, &add_quantized_double,

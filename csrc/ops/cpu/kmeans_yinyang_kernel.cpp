@@ -106,10 +106,7 @@ at::Tensor gram_f64(const at::Tensor& a, const at::Tensor& b) { return at::mm(a,
 // Lower bounds on the distance from each centroid p (sorted position) to the nearest OTHER member of each
 // block (block_min[p * blocks + b]) and of each group (group_min[p * groups + g]), +inf where there is none.
 // The squared distance ||c_p||^2 + ||c_j||^2 - 2 c_p.c_j comes from a float64 Gram matrix of the float32
-// centroids: the products are exact and each float64 sum of d terms errs by at most gamma_d (d 2^-53 / (1 -
-// d 2^-53)) times the sum of |terms| <= (||c_p||^2 + ||c_j||^2) / 2 (Cauchy-Schwarz), so with the three
-// final roundings the error is below 4 (d + 4) 2^-53 (||c_p||^2 + ||c_j||^2), which is taken off before the
-// square root; the root rounds down and the float32 store rounds towards zero.
+// centroids, bounded from below by centroid_separation_bound (kmeans_cpu.h).
 struct CentroidSeparation {
   bool enabled = false;
   std::vector<float> block_min;
@@ -138,7 +135,6 @@ CentroidSeparation centroid_separation(const at::Tensor& centroids, const Transp
   const at::Tensor c64 = centroids.to(at::kDouble);
   const at::Tensor sq_norms = c64.mul(c64).sum(1);  // each entry errs by gamma_d ||c||^2 at most
   const double* norm = sq_norms.const_data_ptr<double>();
-  const double relative = 4.0 * static_cast<double>(d + 4) * 1.1102230246251565e-16;  // 4 (d + 4) 2^-53
   for (int64_t p0 = 0; p0 < k; p0 += kGramRows) {
     const int64_t p1 = std::min(k, p0 + kGramRows);
     const at::Tensor gram = gram_f64(c64.slice(0, p0, p1), c64).contiguous();
@@ -150,10 +146,7 @@ CentroidSeparation centroid_separation(const at::Tensor& centroids, const Transp
         const double* dot_row = dot + (p - p0) * k;
         for (int64_t j = 0; j < k; ++j) {
           if (j == p) continue;
-          const double sq = norm[p] + norm[j] - 2.0 * dot_row[j] - relative * (norm[p] + norm[j]);
-          const double root = sq > 0.0 ? std::sqrt(sq) / kRoundUp : 0.0;  // NaN centroids: 0, never skipped
-          float lower = static_cast<float>(root);
-          if (static_cast<double>(lower) > root) lower = std::nextafter(lower, 0.0f);
+          const float lower = centroid_separation_bound(norm[p], norm[j], dot_row[j], d);  // NaN: 0, never skips
           float& b = block_row[block_of[j]];
           b = std::min(b, lower);
           float& g = group_row[group_of[j]];
