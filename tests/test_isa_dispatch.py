@@ -14,7 +14,7 @@ import torch
 from pydc.ops import kmeans_assign_reference, kmeans_update_reference, pca_transform_reference
 from pydc.ops import sobel_normalize_reference
 from pydc.ops.cpu_capability import (LEVELS, cpu_capability, cpu_capability_level, cpu_supported_capability,
-                                     set_cpu_capability, supported_levels)
+                                     cpu_vector_width, set_cpu_capability, supported_levels)
 from pydc.ops.odc import odc_class_sums_reference, odc_update_samples_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,16 @@ def test_environment_variable_caps_the_level():
     bogus = capability_in_fresh_process("sse9")
     assert bogus.stdout.split() == [supported, supported]
     assert "PYDC_CPU_CAPABILITY=sse9" in bogus.stderr
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64: the other machines build the baseline only")
+def test_each_level_runs_loops_of_its_register_width():
+    """Each level's unit is compiled for its registers (g++ defines no __AVX2__ / __AVX512F__ under `#pragma GCC
+    target`: keyed on those, every level ran the baseline's 4-float vectors and no FMA)."""
+    widths = {"default": 4, "avx2": 8, "avx512": 16}
+    for level in supported_levels():
+        with cpu_capability_level(level):
+            assert cpu_vector_width() == widths[level]
 
 
 def test_setter_changes_level_and_rejects_unsupported():

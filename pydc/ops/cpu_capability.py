@@ -31,6 +31,12 @@ def cpu_supported_capability() -> str:
     return str(torch.ops.pydc.cpu_supported_capability()) if HAS_OPS else "none"
 
 
+def cpu_vector_width() -> int:
+    """Floats per vector register in the CPU loops of the level in use: 4 (baseline SSE), 8 (AVX2), 16 (AVX-512);
+    0 without compiled ops. Each level's unit picks it at compile time (cpu_kernels_impl.h, PYDC_CPU_LEVEL)."""
+    return int(torch.ops.pydc.cpu_vector_width()) if HAS_OPS else 0
+
+
 def set_cpu_capability(level: str) -> None:
     """Runs the CPU kernels at `level` from now on (tests, benchmarks). Raises ValueError for an unknown
     level and RuntimeError for one the CPU does not support."""
