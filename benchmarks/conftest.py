@@ -95,7 +95,7 @@ def cpu_model() -> str:
     return model
 
 
-BLAS_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL")
+BLAS_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL", "PYDC_KMEANS_BOUNDS")  # and the bounds
 
 
 def where_it_ran() -> dict:

@@ -89,7 +89,7 @@ def kmeans_pair(dataset):
     ours, ours_s = timed(lambda: kmeans(x, K, niter=20, backend="torch", init_centroids=init))
     theirs, theirs_s = timed(lambda: kmeans(x, K, niter=20, backend="faiss", init_centroids=init))
     assert ours.objective[-1] <= theirs.objective[-1] * 1.01, "objective not within 1% of faiss's"
-    extra = dict(pydc_cpu_gemm=ours.cpu_gemm, pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
+    extra = dict(pydc_cpu_gemm=ours.cpu_gemm, pydc_bounds=ours.bounds, pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
                  pydc_objective=ours.objective[-1], faiss_objective=theirs.objective[-1],
                  fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)),
                  fraction_scores_computed=sum(ours.scores_computed) / (N * K * len(ours.scores_computed)))
