@@ -129,3 +129,21 @@ def test_bad_arguments_are_refused():
     bad[4] = 3
     with pytest.raises(RuntimeError, match="labels in"):
         op(x, centroids, state.norms, state.offsets, 0.0, 0.5, bad, state.anchors, state.second)
+
+
+@pytest.mark.parametrize("n,d,k", [(5, 3, 1), (37, 17, 5), (300, 1, 9), (64, 33, 64)])
+def test_odd_shapes_match_plain_lloyd(n, d, k, monkeypatch):
+    """Tails of every vector loop (d, k not multiples of 16), one centroid, k = N, one feature."""
+    from pydc.cluster import kmeans
+
+    monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "elkan")
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d + k))
+    init = initial_centroids(x, k, seed=0)
+    for level in supported_levels():
+        with cpu_capability_level(level):
+            bounded = kmeans(x, k, niter=8, backend="torch", init_centroids=init, bounded=True,
+                             stop_at_fixed_point=False)
+            plain = kmeans(x, k, niter=8, backend="torch", init_centroids=init, bounded=False,
+                           stop_at_fixed_point=False)
+        assert bounded.bounds == "elkan"
+        assert torch.equal(bounded.labels, plain.labels) and torch.equal(bounded.centroids, plain.centroids)
