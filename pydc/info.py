@@ -151,7 +151,8 @@ def _ops() -> dict:
     ops = {}
     for name in names:
         short = name.removeprefix("pydc::")
-        family = "cpu_capability" if short.endswith("capability") else short.split("_")[0]
+        # the ISA-level ops (cpu_capability, set_cpu_capability, cpu_vector_width, ...): one kernel for every device
+        family = "cpu_capability" if short.endswith("capability") or short.startswith("cpu_") else short.split("_")[0]
         cpu, cuda = has_kernel(name, "CPU"), has_kernel(name, "CUDA")
         ops[short] = {"family": family, "cpu": cpu, "cuda": cuda,
                       "any_device": not (cpu or cuda) and torch._C._dispatch_has_kernel(name)}
