@@ -32,7 +32,6 @@ namespace {
 
 constexpr const char* kBounds = "pydc::kmeans_assign_bounds";
 constexpr const char* kLabelDistances = "pydc::kmeans_label_distances";
-constexpr int64_t kBufferFloats = int64_t(1) << 22;  // 16 MiB of scores per block
 
 void check_points_and_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids) {
   PYDC_CHECK_DIM(op, "x", x, 2);
@@ -77,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
     const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids_in, const at::Tensor& offsets_in,
     const at::Tensor& norms_in) {
   const int64_t groups = check_grouped_centroids(kBounds, x_in, centroids_in, ids_in, offsets_in, norms_in);
-  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  const int64_t n = x_in.size(0), d = x_in.size(1);
   const at::Tensor offsets_t = offsets_in.contiguous();
   const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
   const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous();
@@ -90,8 +89,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
 
   const KMeansCentroidInfo info = kmeans_centroid_info(centroids);
   const float* cn = info.sq_norms.const_data_ptr<float>();
-  const float* xs = x.const_data_ptr<float>();
-  const float* cs = centroids.const_data_ptr<float>();
   const int64_t* ids = ids_t.const_data_ptr<int64_t>();
   const float* pn = norms.const_data_ptr<float>();
   int64_t* label_out = labels.mutable_data_ptr<int64_t>();
@@ -101,45 +98,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
   const CpuKernels& kernels = cpu_kernels();
   const double norm_rounding = kmeans_norm_rounding(d);
 
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(4096, kBufferFloats / k));
-  at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
-  for (int64_t i0 = 0; i0 < n; i0 += block) {
-    const int64_t rows = std::min(block, n - i0);
-    at::Tensor dots = buffer.narrow(0, 0, rows);
-    cpu_gemm_abt(dots, x.narrow(0, i0, rows), centroids);  // BLAS (blas_gemm.h), multithreaded
-    const float* dot_rows = dots.const_data_ptr<float>();
-    at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
-      std::vector<float> group_min(groups);
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        const int64_t i = i0 + r;
-        const float* dot = dot_rows + r * k;
-        float best = kKMeansInf, second = kKMeansInf;
-        int64_t position = 0;
-        kernels.fold_row_top2(dot, cn, k, 0, &best, &position, &second);
-        float score = best;
-        if (kmeans_needs_settle(best, second, pn[i], info.max_norm, d)) {
-          double exact;
-          position = kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), ids, k, d, &exact);
-          score = static_cast<float>(exact);
-        }
-        label_out[i] = ids[position];
-        distance_out[i] = kmeans_distance(pn[i], score);
-        const double error = kmeans_score_error_bound(pn[i], info.max_norm, d);
-        const double point_sq = static_cast<double>(pn[i]);
-        // The chosen centroid's exact score is at most the float32 best + error (or, settled, within float64
-        // rounding of a score at most that): 2 * error covers both.
-        const double upper_sq = point_sq * (1.0 + norm_rounding) + static_cast<double>(best) + 2.0 * error;
-        upper_out[i] = std::sqrt(std::max(0.0, upper_sq));
-        kernels.group_min_scores(dot, cn, offsets, groups, position, group_min.data());
-        double* lower_row = lower_out + i * groups;
-        // NaN (a NaN row) gives 0: such a row is recomputed every iteration, like in plain Lloyd.
-        for (int64_t g = 0; g < groups; ++g) {
-          lower_row[g] = kmeans_group_lower_bound(point_sq, norm_rounding, group_min[g], error);
-        }
-        if (!std::isfinite(upper_out[i])) upper_out[i] = kKMeansInf;
-      }
-    });
-  }
+  kmeans_full_rows(x, centroids, info, pn, ids, [&](int64_t i, const float* dot, int64_t position, float best,
+                                                     float score) {
+    thread_local std::vector<float> group_min;
+    group_min.resize(groups);
+    label_out[i] = ids[position];
+    distance_out[i] = kmeans_distance(pn[i], score);
+    const double error = kmeans_score_error_bound(pn[i], info.max_norm, d);
+    const double point_sq = static_cast<double>(pn[i]);
+    // The chosen centroid's exact score is at most the float32 best + error (or, settled, within float64
+    // rounding of a score at most that): 2 * error covers both.
+    const double upper_sq = point_sq * (1.0 + norm_rounding) + static_cast<double>(best) + 2.0 * error;
+    upper_out[i] = std::sqrt(std::max(0.0, upper_sq));
+    kernels.group_min_scores(dot, cn, offsets, groups, position, group_min.data());
+    double* lower_row = lower_out + i * groups;
+    // NaN (a NaN row) gives 0: such a row is recomputed every iteration, like in plain Lloyd.
+    for (int64_t g = 0; g < groups; ++g) {
+      lower_row[g] = kmeans_group_lower_bound(point_sq, norm_rounding, group_min[g], error);
+    }
+    if (!std::isfinite(upper_out[i])) upper_out[i] = kKMeansInf;
+  });
   return {labels, distances, upper, group_lower};
 }
 

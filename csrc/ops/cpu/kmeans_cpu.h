@@ -10,11 +10,16 @@
 // what lets bounded k-means skip rows and still return Lloyd's labels exactly.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "common/kmeans_math.h"
+#include "ops/cpu/blas_gemm.h"
+#include "ops/cpu/cpu_kernels.h"
 
 namespace pydc {
 
@@ -35,6 +40,47 @@ int64_t kmeans_settle_row(const float* x, const float* centroids, const double* 
 // True when the float32 best and second-best scores of a point do not prove the float32 winner exact.
 bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
                          int64_t d);
+
+// kmeans_assign's winner of every point from full rows of scores, for the passes that also need the whole row
+// (the bounds of bounded k-means): x in blocks of rows, each multiplied by all centroids in one BLAS GEMM
+// (cpu_gemm_abt, into a buffer of at most 2^22 floats), each row folded to its top-2 and settled in float64
+// where float32 cannot decide. Calls row_fn(i, dot_row, position, best, score) for every point, in parallel
+// (at::parallel_for, outside which the GEMM runs): its dot products x_i . c_j, the winner's position (ties by
+// ids[j], or by position for nullptr), the float32 best score and the winner's score (settled or float32).
+template <typename RowFn>
+void kmeans_full_rows(const at::Tensor& x, const at::Tensor& centroids, const KMeansCentroidInfo& info,
+                      const float* point_sq_norms, const int64_t* ids, RowFn row_fn) {
+  constexpr int64_t kBufferFloats = int64_t(1) << 22;  // 16 MiB of scores per block
+  const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
+  const float* xs = x.const_data_ptr<float>();
+  const float* cs = centroids.const_data_ptr<float>();
+  const float* cn = info.sq_norms.const_data_ptr<float>();
+  const CpuKernels& kernels = cpu_kernels();
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(4096, kBufferFloats / k));
+  at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t rows = std::min(block, n - i0);
+    at::Tensor dots = buffer.narrow(0, 0, rows);
+    cpu_gemm_abt(dots, x.narrow(0, i0, rows), centroids);  // BLAS (blas_gemm.h), multithreaded
+    const float* dot_rows = dots.const_data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t i = i0 + r;
+        const float* dot = dot_rows + r * k;
+        float best = kKMeansInf, second = kKMeansInf;
+        int64_t position = 0;
+        kernels.fold_row_top2(dot, cn, k, 0, &best, &position, &second);
+        float score = best;
+        if (kmeans_needs_settle(best, second, point_sq_norms[i], info.max_norm, d)) {
+          double exact;
+          position = kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), ids, k, d, &exact);
+          score = static_cast<float>(exact);
+        }
+        row_fn(i, dot, position, best, score);
+      }
+    });
+  }
+}
 
 // --- bounded (Yinyang) k-means: kmeans_bounded_kernel.cpp, kmeans_yinyang_kernel.cpp ---
 

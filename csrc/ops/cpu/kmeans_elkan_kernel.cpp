@@ -47,7 +47,6 @@ namespace {
 
 constexpr const char* kElkan = "pydc::kmeans_assign_elkan";
 constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 sum: error far below 1e-12
-constexpr int64_t kBufferFloats = int64_t(1) << 22;              // 16 MiB of GEMM scores per dense block
 constexpr int64_t kMaxSeparationBytes = int64_t{64} << 20;       // k x k float32: the filter is off above k = 4096
 constexpr int64_t kSampleRows = 2048;                            // points scanned to choose a dense pass
 constexpr int64_t kGramRows = 256;                               // centroids per Gram-matrix slice
@@ -218,44 +217,22 @@ double sampled_fraction(const at::Tensor& x, const float* pn, const Centroids& c
 }
 
 // Every pair scored by BLAS GEMM, as kmeans_assign does, and every bound set from the scores.
-void dense_pass(const at::Tensor& x, const float* pn, const Centroids& c, int64_t* label, float* anchors,
-                double* second, double* distance_out) {
-  const int64_t n = x.size(0), k = c.k, d = c.d;
-  const float* xs = x.const_data_ptr<float>();
+void dense_pass(const at::Tensor& x, const at::Tensor& centroids, const float* pn, const Centroids& c,
+                int64_t* label, float* anchors, double* second, double* distance_out) {
+  const int64_t k = c.k, d = c.d;
   const CpuKernels& kernels = cpu_kernels();
-  const at::Tensor centroids = at::from_blob(const_cast<float*>(c.values), {k, d}, x.options());
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(4096, kBufferFloats / k));
-  at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
-  for (int64_t i0 = 0; i0 < n; i0 += block) {
-    const int64_t rows = std::min(block, n - i0);
-    at::Tensor dots = buffer.narrow(0, 0, rows);
-    cpu_gemm_abt(dots, x.narrow(0, i0, rows), centroids);  // BLAS (blas_gemm.h), multithreaded
-    const float* dot_rows = dots.const_data_ptr<float>();
-    at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        const int64_t i = i0 + r;
-        const float* dot = dot_rows + r * k;
-        float best = kKMeansInf, second_score = kKMeansInf;
-        int64_t position = 0;
-        kernels.fold_row_top2(dot, c.sq_norms, k, 0, &best, &position, &second_score);
-        float score = best;
-        if (kmeans_needs_settle(best, second_score, pn[i], c.info->max_norm, d)) {
-          double exact;
-          position = kmeans_settle_row(xs + i * d, c.values, c.info->sq_norms_f64.data(), nullptr, k, d, &exact);
-          score = static_cast<float>(exact);
-        }
-        label[i] = std::isfinite(best) ? position : 0;
-        distance_out[i] = kmeans_distance(pn[i], score);
-        const float base = lower_bound_base(pn[i], kmeans_score_error_bound(pn[i], c.info->max_norm, d), d);
-        float* row = anchors + i * k;
-        const int64_t w = label[i];
-        const float left = kernels.elkan_anchor_row(dot, c.sq_norms, c.offset_down, base, 0, w, row);
-        const float right = kernels.elkan_anchor_row(dot, c.sq_norms, c.offset_down, base, w + 1, k, row);
-        kernels.elkan_anchor_row(dot, c.sq_norms, c.offset_down, base, w, w + 1, row);  // valid, not in second
-        second[i] = std::min(left, right);
-      }
-    });
-  }
+  kmeans_full_rows(x, centroids, *c.info, pn, nullptr, [&](int64_t i, const float* dot, int64_t position, float best,
+                                                          float score) {
+    label[i] = std::isfinite(best) ? position : 0;
+    distance_out[i] = kmeans_distance(pn[i], score);
+    const float base = lower_bound_base(pn[i], kmeans_score_error_bound(pn[i], c.info->max_norm, d), d);
+    float* row = anchors + i * k;
+    const int64_t w = label[i];
+    const float left = kernels.elkan_anchor_row(dot, c.sq_norms, c.offset_down, base, 0, w, row);
+    const float right = kernels.elkan_anchor_row(dot, c.sq_norms, c.offset_down, base, w + 1, k, row);
+    kernels.elkan_anchor_row(dot, c.sq_norms, c.offset_down, base, w, w + 1, row);  // valid, not in second
+    second[i] = std::min(left, right);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
@@ -345,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
   }
   if (dense_fraction <= 0.0 ||
       sampled_fraction(x, pn, c, label, anchor, second_of, own_sq.data(), max_drift) > dense_fraction) {
-    dense_pass(x, pn, c, label, anchor, second_of, distance_out);
+    dense_pass(x, centroids, pn, c, label, anchor, second_of, distance_out);
     count[0] = n;
     count[1] = n * k;
     count[2] = 1;
