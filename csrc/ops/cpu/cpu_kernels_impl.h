@@ -132,13 +132,30 @@ void group_min_scores(const float* dot, const float* centroid_sq_norms, const in
 
 typedef float float_block __attribute__((vector_size(8 * sizeof(float))));
 
+// A block of 8 centroid lanes as kParts vectors of the level's width: one 8-float register at AVX2 and AVX-512,
+// two 4-float ones at the baseline, whose 16 SSE registers cannot hold 8-float generic vectors (g++ lowered
+// them through the stack: the tile ran ~20x slower there).
+#if PYDC_CPU_LEVEL >= 1
+constexpr int kPartWidth = 8;
+#else
+constexpr int kPartWidth = 4;
+#endif
+constexpr int kParts = 8 / kPartWidth;
+typedef float block_part __attribute__((vector_size(kPartWidth * sizeof(float))));
+
+inline block_part splat_part(float v) {
+  block_part x;
+  for (int m = 0; m < kPartWidth; ++m) x[m] = v;
+  return x;
+}
+
 // acc + x * c, fused where the level has FMA: the one loop here that is not bitwise equal across levels
 // (block_scores8's scores differ by float32 rounding between the default level and AVX2/AVX-512; what uses
 // them, the exact labels of bounded k-means, does not). Unfused, it runs at ~0.7x the speed of the BLAS
 // GEMM; fused, like it.
-inline void multiply_add(float_block& acc, const float_block& x, const float_block& c) {
+inline void multiply_add(block_part& acc, const block_part& x, const block_part& c) {
 #if PYDC_CPU_LEVEL >= 1
-  acc = reinterpret_cast<float_block>(
+  acc = reinterpret_cast<block_part>(
       _mm256_fmadd_ps(reinterpret_cast<__m256>(x), reinterpret_cast<__m256>(c), reinterpret_cast<__m256>(acc)));
 #else
   acc += x * c;
@@ -151,33 +168,42 @@ inline void multiply_add(float_block& acc, const float_block& x, const float_blo
 template <int kRows, int kBlocks>
 inline void block_scores_tile(const float* const* rows, const float* block, const float* block_sq_norms, int64_t d,
                               float* const* scores) {
-  float_block acc[kRows][kBlocks];
+  block_part acc[kRows][kBlocks][kParts];
   for (int r = 0; r < kRows; ++r) {
-    for (int b = 0; b < kBlocks; ++b) acc[r][b] = float_block{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  }
-  for (int64_t t = 0; t < d; ++t) {
-    float_block c[kBlocks];
-    for (int b = 0; b < kBlocks; ++b) std::memcpy(&c[b], block + (b * d + t) * 8, sizeof(float_block));
-    for (int r = 0; r < kRows; ++r) {
-      const float v = rows[r][t];
-      const float_block x = {v, v, v, v, v, v, v, v};
-      for (int b = 0; b < kBlocks; ++b) multiply_add(acc[r][b], x, c[b]);
+    for (int b = 0; b < kBlocks; ++b) {
+      for (int p = 0; p < kParts; ++p) acc[r][b][p] = splat_part(0.0f);
     }
   }
-  const float_block two = {2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f, 2.f};
-  for (int b = 0; b < kBlocks; ++b) {
-    float_block norms;
-    std::memcpy(&norms, block_sq_norms + 8 * b, sizeof(norms));
+  for (int64_t t = 0; t < d; ++t) {
+    block_part c[kBlocks][kParts];
+    for (int b = 0; b < kBlocks; ++b) {
+      for (int p = 0; p < kParts; ++p) {
+        std::memcpy(&c[b][p], block + (b * d + t) * 8 + p * kPartWidth, sizeof(block_part));
+      }
+    }
     for (int r = 0; r < kRows; ++r) {
-      const float_block score = norms - two * acc[r][b];  // kmeans_score per lane
-      std::memcpy(scores[r] + 8 * b, &score, sizeof(score));
+      const block_part x = splat_part(rows[r][t]);
+      for (int b = 0; b < kBlocks; ++b) {
+        for (int p = 0; p < kParts; ++p) multiply_add(acc[r][b][p], x, c[b][p]);
+      }
+    }
+  }
+  const block_part two = splat_part(2.0f);
+  for (int b = 0; b < kBlocks; ++b) {
+    for (int p = 0; p < kParts; ++p) {
+      block_part norms;
+      std::memcpy(&norms, block_sq_norms + 8 * b + p * kPartWidth, sizeof(norms));
+      for (int r = 0; r < kRows; ++r) {
+        const block_part score = norms - two * acc[r][b][p];  // kmeans_score per lane
+        std::memcpy(scores[r] + 8 * b + p * kPartWidth, &score, sizeof(score));
+      }
     }
   }
 }
 
 // Rows per tile: kTileRows x kBlocks accumulators of 8 floats, the blocks and a broadcast value must fit the
 // level's vector registers (32 zmm-capable at AVX-512, 16 ymm at AVX2, 16 xmm at the baseline, where a block
-// takes two); spilled accumulators made the baseline tile ~20x slower and cost AVX2 too.
+// takes two).
 #if PYDC_CPU_LEVEL >= 2
 constexpr int kTileRows = 8;
 #elif PYDC_CPU_LEVEL >= 1
