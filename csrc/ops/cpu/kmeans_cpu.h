@@ -100,6 +100,54 @@ inline double kmeans_group_lower_bound(double point_sq, double norm_rounding, fl
   return lower_sq > 0.0 ? std::sqrt(lower_sq) : 0.0;
 }
 
+// The fixed-order float64 winner (kmeans_settle_row's score and tie rule: lowest ids[j], or position for
+// nullptr) among the scored centroids whose float32 score is within `margin` (twice kmeans_score_error_bound)
+// of the best one; visit(fn) calls fn(position, float32 score) for every scored centroid. Every other centroid
+// is provably farther: an unscored one by the bound filters' margin, a scored one because its exact score
+// exceeds the best's by more than 2% of the error bound (the bound's 1% slack), far above float64 rounding. So
+// the winner is kmeans_settle_row's, without its k float64 dot products (the points halfway between clusters
+// need a settle often). Returns the winner's position and its float64 score in *score.
+template <typename Visit>
+int64_t kmeans_settle_near_best(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
+                                int64_t d, float best_score, double margin, double* score, Visit visit) {
+  const CpuKernels& kernels = cpu_kernels();
+  double best = kKMeansInf;  // the start of kmeans_settle_row's scan, whose first centroid is position 0
+  int64_t best_position = 0, best_id = ids != nullptr ? ids[0] : 0;
+  visit([&](int64_t j, float float_score) {
+    // NaN scores are candidates, as in a full settle (their float64 score never wins)
+    if (static_cast<double>(float_score) - static_cast<double>(best_score) > margin) return;
+    const double s = sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, centroids + j * d, d);
+    const int64_t id = ids != nullptr ? ids[j] : j;
+    if (s < best || (s == best && id < best_id)) {
+      best = s;
+      best_position = j;
+      best_id = id;
+    }
+  });
+  *score = best;
+  return best_position;
+}
+
+// Calls row_fn(p, sq_norms, dot_row) for every centroid p, in parallel: the fixed float64 squared norms of all
+// centroids (each within gamma_d ||c||^2) and row p of their float64 Gram matrix (exact products, float64 sums),
+// computed 256 rows at a time (256 x k float64), for the separation bounds of bounded k-means.
+template <typename RowFn>
+void kmeans_centroid_gram_rows(const at::Tensor& centroids, RowFn row_fn) {
+  constexpr int64_t kGramRows = 256;
+  const int64_t k = centroids.size(0);
+  const at::Tensor c64 = centroids.to(at::kDouble);
+  const at::Tensor sq_norms = c64.mul(c64).sum(1);
+  const double* norm = sq_norms.const_data_ptr<double>();
+  for (int64_t p0 = 0; p0 < k; p0 += kGramRows) {
+    const int64_t p1 = std::min(k, p0 + kGramRows);
+    const at::Tensor gram = at::mm(c64.slice(0, p0, p1), c64.t()).contiguous();
+    const double* dot = gram.const_data_ptr<double>();
+    at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) row_fn(p, norm, dot + (p - p0) * k);
+    });
+  }
+}
+
 // A lower bound, rounded down to float32, on the distance between two float32 centroids from their float64
 // squared norms and float64 dot product (a Gram matrix entry): each float64 sum of d terms errs by at most
 // gamma_d (d 2^-53 / (1 - d 2^-53)) times the sum of |terms| <= (||c_p||^2 + ||c_j||^2) / 2 (Cauchy-Schwarz), so

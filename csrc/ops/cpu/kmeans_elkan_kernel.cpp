@@ -49,7 +49,6 @@ constexpr const char* kElkan = "pydc::kmeans_assign_elkan";
 constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 sum: error far below 1e-12
 constexpr int64_t kMaxSeparationBytes = int64_t{64} << 20;       // k x k float32: the filter is off above k = 4096
 constexpr int64_t kSampleRows = 2048;                            // points scanned to choose a dense pass
-constexpr int64_t kGramRows = 256;                               // centroids per Gram-matrix slice
 constexpr int64_t kCandidatePadding = 16;  // elkan_candidates writes up to 16 entries past its count
 constexpr int kBatch = 32;                 // points scored together (a bit each in a uint32_t)
 
@@ -69,23 +68,10 @@ float round_down_to_float(double v) {
 std::vector<float> pair_separation(const at::Tensor& centroids) {
   const int64_t k = centroids.size(0), d = centroids.size(1);
   std::vector<float> separation(k * k);
-  const at::Tensor c64 = centroids.to(at::kDouble);
-  const at::Tensor sq_norms = c64.mul(c64).sum(1);
-  const double* norm = sq_norms.const_data_ptr<double>();
-  for (int64_t p0 = 0; p0 < k; p0 += kGramRows) {
-    const int64_t p1 = std::min(k, p0 + kGramRows);
-    const at::Tensor gram = at::mm(c64.slice(0, p0, p1), c64.t()).contiguous();
-    const double* dot = gram.const_data_ptr<double>();
-    at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        float* row = separation.data() + p * k;
-        const double* dot_row = dot + (p - p0) * k;
-        for (int64_t j = 0; j < k; ++j) {
-          row[j] = j == p ? 0.0f : centroid_separation_bound(norm[p], norm[j], dot_row[j], d);
-        }
-      }
-    });
-  }
+  kmeans_centroid_gram_rows(centroids, [&](int64_t p, const double* norm, const double* dot_row) {
+    float* row = separation.data() + p * k;
+    for (int64_t j = 0; j < k; ++j) row[j] = j == p ? 0.0f : centroid_separation_bound(norm[p], norm[j], dot_row[j], d);
+  });
   return separation;
 }
 
@@ -122,28 +108,6 @@ struct Centroids {
   int64_t d;
 };
 
-// The exact winner among the scored candidates whose float32 score is within `margin` of the best: the
-// fixed-order float64 score of kmeans_settle_row and its tie rule (lowest index), so its winner. Every
-// other centroid is provably farther (see settle_among_scored in kmeans_yinyang_kernel.cpp).
-int64_t settle_among_candidates(const float* x, const Centroids& c, const int32_t* candidates, const float* scores,
-                                int64_t n, float best_score, double margin, double* score) {
-  const CpuKernels& kernels = cpu_kernels();
-  double best = kKMeansInf;
-  int64_t best_index = 0;
-  for (int64_t q = 0; q < n; ++q) {
-    // NaN scores are candidates, as in a full settle (their float64 score never wins)
-    if (static_cast<double>(scores[q]) - static_cast<double>(best_score) > margin) continue;
-    const int64_t j = candidates[q];
-    const double s = c.info->sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, c.values + j * c.d, c.d);
-    if (s < best || (s == best && j < best_index)) {
-      best = s;
-      best_index = j;
-    }
-  }
-  *score = best;
-  return best_index;
-}
-
 // The candidates of one point of a sparse pass (the centroids its bounds do not prove farther than its own,
 // ascending; the own one always among them) and the smallest bound of the others.
 int64_t point_candidates(const PointBounds& b, const Centroids& c, int64_t own, const float* anchors_row,
@@ -175,7 +139,10 @@ double finish_point(const float* x, float point_sq, const PointBounds& b, const 
   float score = best;
   if (kmeans_needs_settle(best, second, point_sq, c.info->max_norm, c.d)) {
     double exact;
-    position = settle_among_candidates(x, c, candidates, scores, n, best, 2.0 * b.error, &exact);
+    position = kmeans_settle_near_best(x, c.values, c.info->sq_norms_f64.data(), nullptr, c.d, best, 2.0 * b.error,
+                                       &exact, [&](auto fn) {
+                                         for (int64_t q = 0; q < n; ++q) fn(candidates[q], scores[q]);
+                                       });
     score = static_cast<float>(exact);
   }
   // no finite score at all (a NaN point): label 0, as kmeans_assign gives

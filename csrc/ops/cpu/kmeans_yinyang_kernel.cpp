@@ -52,7 +52,6 @@ constexpr const char* kYinyang = "pydc::kmeans_assign_yinyang";
 constexpr int64_t kBlockWidth = 8;   // centroids per transposed block (block_scores8)
 constexpr int64_t kChunkRows = 128;  // points scored together: chunk x padded k floats of scores (~600 KB)
 constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 sum: error far below 1e-12
-constexpr int64_t kGramRows = 256;   // centroids per Gram-matrix slice (kGramRows x k float64)
 constexpr int64_t kMaxSeparationBytes = int64_t{256} << 20;  // above, the separation filter is off (k > ~22k)
 
 // The centroids of every group in blocks of kBlockWidth, transposed (feature-major), padded with zero
@@ -100,9 +99,6 @@ void for_each_member(const TransposedBlocks& blocks, int64_t g, Fn fn) {
   }
 }
 
-// The one BLAS call of this file (the lead may route it through the run-time BLAS choice): a x b^T in float64.
-at::Tensor gram_f64(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b.t()); }
-
 // Lower bounds on the distance from each centroid p (sorted position) to the nearest OTHER member of each
 // block (block_min[p * blocks + b]) and of each group (group_min[p * groups + g]), +inf where there is none.
 // The squared distance ||c_p||^2 + ||c_j||^2 - 2 c_p.c_j comes from a float64 Gram matrix of the float32
@@ -132,34 +128,23 @@ CentroidSeparation centroid_separation(const at::Tensor& centroids, const Transp
   for (int64_t b = 0; b < n_blocks; ++b) {
     std::fill(block_of.begin() + blocks.first[b], block_of.begin() + blocks.first[b] + blocks.width[b], b);
   }
-  const at::Tensor c64 = centroids.to(at::kDouble);
-  const at::Tensor sq_norms = c64.mul(c64).sum(1);  // each entry errs by gamma_d ||c||^2 at most
-  const double* norm = sq_norms.const_data_ptr<double>();
-  for (int64_t p0 = 0; p0 < k; p0 += kGramRows) {
-    const int64_t p1 = std::min(k, p0 + kGramRows);
-    const at::Tensor gram = gram_f64(c64.slice(0, p0, p1), c64).contiguous();
-    const double* dot = gram.const_data_ptr<double>();
-    at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        float* block_row = separation.block_min.data() + p * n_blocks;
-        float* group_row = separation.group_min.data() + p * groups;
-        const double* dot_row = dot + (p - p0) * k;
-        for (int64_t j = 0; j < k; ++j) {
-          if (j == p) continue;
-          const float lower = centroid_separation_bound(norm[p], norm[j], dot_row[j], d);  // NaN: 0, never skips
-          float& b = block_row[block_of[j]];
-          b = std::min(b, lower);
-          float& g = group_row[group_of[j]];
-          g = std::min(g, lower);
-        }
-        float largest = 0.0f;
-        for (int64_t b = 0; b < n_blocks; ++b) {
-          largest = std::isfinite(block_row[b]) ? std::max(largest, block_row[b]) : largest;
-        }
-        separation.largest[p] = largest;
-      }
-    });
-  }
+  kmeans_centroid_gram_rows(centroids, [&](int64_t p, const double* norm, const double* dot_row) {
+    float* block_row = separation.block_min.data() + p * n_blocks;
+    float* group_row = separation.group_min.data() + p * groups;
+    for (int64_t j = 0; j < k; ++j) {
+      if (j == p) continue;
+      const float lower = centroid_separation_bound(norm[p], norm[j], dot_row[j], d);  // NaN: 0, never skips
+      float& b = block_row[block_of[j]];
+      b = std::min(b, lower);
+      float& g = group_row[group_of[j]];
+      g = std::min(g, lower);
+    }
+    float largest = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      largest = std::isfinite(block_row[b]) ? std::max(largest, block_row[b]) : largest;
+    }
+    separation.largest[p] = largest;
+  });
   return separation;
 }
 
@@ -173,33 +158,16 @@ inline bool separation_skips(double separation, double upper, double margin) {
   return lower > 0.0 && lower * lower - upper * upper > margin;
 }
 
-// kmeans_settle_row restricted to the scored centroids whose float32 score is within `margin` (twice
-// kmeans_score_error_bound) of the best one: the same fixed-order float64 score per centroid and the same
-// tie rule, so the same winner. Every other centroid is provably farther: an unscored one by the filters'
-// margin, a scored one because its exact score exceeds the best's by more than 2% of the error bound (the
-// bound's 1% slack), far above float64 rounding. Near-ties are few (the float64 scores cost d each), so this
-// avoids the k float64 dot products of a full settle, which the points halfway between clusters need often.
+// kmeans_settle_near_best (kmeans_cpu.h) over the needed groups' scored centroids of a row of block scores.
 int64_t settle_among_scored(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
                             int64_t d, const TransposedBlocks& blocks, const float* row_scores, const uint8_t* need,
                             int64_t groups, float best_score, double margin, double* score) {
-  const CpuKernels& kernels = cpu_kernels();
-  double best = kKMeansInf;  // the start of kmeans_settle_row's scan, whose first centroid is position 0
-  int64_t best_position = 0, best_id = ids[0];
-  for (int64_t g = 0; g < groups; ++g) {
-    if (!need[g]) continue;
-    for_each_member(blocks, g, [&](int64_t j, int64_t column) {
-      // NaN scores are candidates, as in a full settle (their float64 score never wins)
-      if (static_cast<double>(row_scores[column]) - static_cast<double>(best_score) > margin) return;
-      const double s = sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, centroids + j * d, d);
-      if (s < best || (s == best && ids[j] < best_id)) {
-        best = s;
-        best_position = j;
-        best_id = ids[j];
-      }
-    });
-  }
-  *score = best;
-  return best_position;
+  return kmeans_settle_near_best(x, centroids, sq_norms_f64, ids, d, best_score, margin, score, [&](auto fn) {
+    for (int64_t g = 0; g < groups; ++g) {
+      if (!need[g]) continue;
+      for_each_member(blocks, g, [&](int64_t j, int64_t column) { fn(j, row_scores[column]); });
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
