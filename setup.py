@@ -107,7 +107,12 @@ def _extension():
         ("PYDC_CUDA_ARCHS", f'"{info["cuda_archs"]}"'),
         ("PYDC_PYTHON_VERSION", f'"{info["python"]}"'),
     ]
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this
+    # library; without the flag every pydc CPU kernel ran on one thread whatever torch.set_num_threads said.
+    # Linking with it records libgomp.so.1, which resolves to the copy torch has already loaded (one runtime,
+    # one thread pool, so torch.set_num_threads applies to pydc's loops too).
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc")]
     if WITH_CUDA:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _cuda_archs())
@@ -122,11 +127,12 @@ def _extension():
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr",
                                                            "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     reason = "PYDC_CPU_ONLY=1" if CPU_ONLY else "no CUDA toolkit found (set CUDA_HOME or FORCE_CUDA=1)"
     print(f"pydc: building CPU kernels only ({reason}): {len(cpp_sources)} C++ sources")
     return CppExtension("pydc._C", cpp_sources, include_dirs=include_dirs, define_macros=macros,
-                        extra_compile_args={"cxx": cxx_flags})
+                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 def _read_version() -> str:

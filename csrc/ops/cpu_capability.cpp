@@ -4,6 +4,9 @@
 //   pydc::set_cpu_capability(str level) -> () uses `level` from now on (for tests and benchmarks; an error
 //                                            when the CPU lacks it)
 //   pydc::cpu_vector_width() -> int          floats per vector register in the loops of the level in use
+//   pydc::cpu_parallel_threads() -> int      how many threads one at::parallel_for of this library runs on
+//                                            (torch.get_num_threads() when the library was built with OpenMP,
+//                                            1 when it was not: then every pydc CPU loop is serial)
 // The level in use is the highest one the CPU supports, capped by the environment variable
 // PYDC_CPU_CAPABILITY (default / avx2 / avx512), read once when the library loads, as ATen reads
 // ATEN_CPU_CAPABILITY. An unknown value is reported (TORCH_WARN) and ignored.
@@ -11,9 +14,15 @@
 #include <c10/util/Logging.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "ops/cpu/cpu_kernels.h"
 
@@ -66,6 +75,18 @@ std::string capability_op() { return cpu_capability_name(cpu_capability()); }
 std::string supported_capability_op() { return cpu_capability_name(cpu_supported_capability()); }
 int64_t vector_width_op() { return cpu_kernels().vector_floats; }
 
+int64_t parallel_threads_op() {
+  // One chunk per thread at most: at::parallel_for splits [0, n) into at most get_num_threads() ranges.
+  const int64_t n = 4 * std::max(1, at::get_num_threads());
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 void set_capability_op(const std::string& name) {
   CpuCapability level;
   TORCH_CHECK(parse_level(name, &level), "pydc::set_cpu_capability: expected one of 'default', 'avx2', "
@@ -110,4 +131,5 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("cpu_supported_capability() -> str", &pydc::supported_capability_op);
   m.def("set_cpu_capability(str level) -> ()", &pydc::set_capability_op);
   m.def("cpu_vector_width() -> int", &pydc::vector_width_op);
+  m.def("cpu_parallel_threads() -> int", &pydc::parallel_threads_op);
 }

@@ -37,6 +37,13 @@ def cpu_vector_width() -> int:
     return int(torch.ops.pydc.cpu_vector_width()) if HAS_OPS else 0
 
 
+def cpu_parallel_threads() -> int:
+    """Threads one of pydc's parallel CPU loops (at::parallel_for) runs on now: torch.get_num_threads() when
+    the library was built with OpenMP as setup.py builds it, 1 when it was not (every pydc loop serial); 0
+    without compiled ops."""
+    return int(torch.ops.pydc.cpu_parallel_threads()) if HAS_OPS else 0
+
+
 def set_cpu_capability(level: str) -> None:
     """Runs the CPU kernels at `level` from now on (tests, benchmarks). Raises ValueError for an unknown
     level and RuntimeError for one the CPU does not support."""
