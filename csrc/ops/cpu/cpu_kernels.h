@@ -20,6 +20,10 @@ namespace pydc {
 
 enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// Rows of W + 2 floats sobel_band_u8 needs as scratch: 3 grey rows, their 3 horizontal sums, one row of
+// column sums, and gx / gy of one row before a channels-last output interleaves them.
+constexpr int64_t kSobelScratchRows = 9;
+
 struct CpuKernels {
   const char* name;
   // floats per vector register in the loops of this level (4, 8, 16): what the level's unit was compiled for
@@ -89,8 +93,8 @@ struct CpuKernels {
 
   // --- Sobel stem (sobel_normalize_kernel.cpp), uint8 -> float32, the hot case ---
   // Output rows y0 .. y1 - 1 of one image (3 x H x W planes, or H x W x 3 when channels_last) into
-  // `result` (2 x H x W, or H x W x 2). coefs = {a0, a1, a2, bias} of grey_value; scratch holds 5 (W + 2)
-  // floats.
+  // `result` (2 x H x W, or H x W x 2). coefs = {a0, a1, a2, bias} of grey_value; scratch holds
+  // kSobelScratchRows (W + 2) floats. The NCHW planes are written with streaming stores, fenced before return.
   void (*sobel_band_u8)(const uint8_t* image, int64_t H, int64_t W, int64_t y0, int64_t y1,
                         const float* coefs, bool channels_last, float* result, float* scratch);
 

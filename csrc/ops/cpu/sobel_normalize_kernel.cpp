@@ -1,7 +1,9 @@
 // CPU kernel of the fused Sobel stem: one pass per image band, three grey rows kept in a small ring, so
 // the input is read once and only the output is written. Rows run in parallel (at::parallel_for); the
 // inner loops are plain unit-stride loops that the compiler vectorizes; for uint8 -> float32 (training)
-// they are compiled per ISA level and picked at run time (cpu_kernels.h).
+// they are explicit vectors compiled per ISA level and picked at run time (cpu_kernels.h): bytes widened
+// by intrinsics, the filters split into their separable halves with sobel_3x3's exact operations, the
+// NCHW planes written with streaming stores. Bands of 32 rows: each recomputes two halo grey rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -55,7 +57,7 @@ void sobel_cpu_impl(const SobelPlan& plan) {
   const int64_t image_stride = 3 * H * W, out_image_stride = 2 * H * W;
 
   // Work items are bands of rows, so that each band recomputes only two halo grey rows.
-  const int64_t band = 16;
+  const int64_t band = 32;
   const int64_t bands_per_image = (H + band - 1) / band;
   at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ring(3 * (W + 2));
@@ -110,10 +112,10 @@ void sobel_cpu_u8_float(const SobelPlan& plan) {
   const uint8_t* in = plan.input.const_data_ptr<uint8_t>();
   float* out = plan.output.mutable_data_ptr<float>();
   const CpuKernels& kernels = cpu_kernels();
-  const int64_t band = 16;
+  const int64_t band = 32;
   const int64_t bands_per_image = (H + band - 1) / band;
   at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(5 * (W + 2));
+    std::vector<float> scratch(kSobelScratchRows * (W + 2));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / bands_per_image;
       const int64_t y0 = (item % bands_per_image) * band;
