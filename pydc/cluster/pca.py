@@ -93,10 +93,11 @@ def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 
 def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
     """Eigenvectors (columns, any order) of the m largest eigenvalues of a symmetric float32 matrix; `matrix` may
-    be overwritten. On the CPU, LAPACK's ssyevr through scipy computes only those m vectors: D = 2048, m = 384 on
-    2 threads of an AMD EPYC (family 23, Zen 1, AVX2) took 0.57-0.84 s (a noisy VM) against 0.96 s for all 2048 vectors with
-    torch.linalg.eigh (the tridiagonal reduction is the same; the back-transformation is m / D of it). scipy's
-    BLAS threads are held to torch's count (the caller's eigh_threads), its own pool otherwise taking every core."""
+    be overwritten. On the CPU, LAPACK's ssyevr through scipy computes only those m vectors: D = 2048, m = 384
+    on 2 threads of an AMD EPYC (family 23, Zen 1, AVX2) took 0.57-0.84 s (a noisy VM) against 0.96 s for all
+    2048 vectors with torch.linalg.eigh (the tridiagonal reduction is the same; the back-transformation is
+    m / D of it). scipy's BLAS threads are held to torch's count (the caller's eigh_threads), its own pool
+    otherwise taking every core."""
     d = matrix.shape[0]
     if matrix.device.type == "cpu" and m < d:
         try:
