@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -196,12 +198,29 @@ def test_faiss_and_auto_backends_on_cpu():
     assert result.backend == "faiss-cpu" and len(result.objective) == 10
     assert result.labels.dtype == torch.int64 and result.centroids.dtype == torch.float32
     assert_labels_are_nearest(result, x)
-    assert kmeans(x, 20, niter=2, backend="auto").backend == "faiss-cpu"
+    assert kmeans(x, 20, niter=2, backend="auto").backend == "faiss-cpu"  # 3000 x 20 x 16: below the rule
     smooth = blobs(3000, 16, centres=80, seed=1, spread=2.0)
     init = initial_centroids(smooth, 20, seed=0)
     through_faiss = kmeans(smooth, 20, niter=10, backend="faiss", init_centroids=init)
     ours = kmeans(smooth, 20, niter=10, backend="torch", init_centroids=init)
     assert ours.objective[-1] == pytest.approx(through_faiss.objective[-1], rel=0.01)
+
+
+def test_auto_picks_pydc_on_the_cpu_from_the_documented_size(monkeypatch):
+    """backend="auto": faiss-cpu below AUTO_PYDC_MIN_WORK multiply-adds per assignment, pydc's bounded k-means
+    from there up (and faiss at any size without the compiled ops)."""
+    pytest.importorskip("faiss")
+    kmeans_module = importlib.import_module("pydc.cluster.kmeans")  # pydc.cluster.kmeans is also the function
+
+    x = blobs(3000, 16, centres=20, seed=1)
+    assert kmeans_module.auto_uses_faiss(x, 20)
+    monkeypatch.setattr(kmeans_module, "AUTO_PYDC_MIN_WORK", 3000 * 20 * 16)
+    assert kmeans_module.auto_uses_faiss(x, 20) == (not kmeans_module.bounded_assignment_available(x))
+    if kmeans_module.bounded_assignment_available(x):
+        assert kmeans(x, 20, niter=2, backend="auto").backend == "torch"
+    assert kmeans_module.auto_uses_faiss(x, 19)  # one multiply-add row fewer: below again
+    monkeypatch.setattr(kmeans_module, "bounded_assignment_available", lambda x: False)
+    assert kmeans(x, 20, niter=2, backend="auto").backend == "faiss-cpu"
 
 
 def test_faiss_takes_seeds_beyond_a_c_int():

@@ -224,18 +224,33 @@ def _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids) -> KMeans
                         iterations=len(objective))
 
 
+# backend="auto" on the CPU: pydc's bounded k-means from this many multiply-adds per assignment (N x k x d) up,
+# faiss-cpu (when installed) below. Measured, 20 iterations, both with their fixed-point stops, pydc / faiss
+# time on AMD EPYC (family 23, Zen 1, AVX2, 2 threads): 100k x 256, k = 1000: 0.35 (clustered), 0.76
+# (unstructured); 50k x 256, k = 1000, clustered: 0.35; 10k x 256, k = 300, unstructured: 0.91; 10k x 64,
+# k = 300, clustered: 0.64. Below, pydc's per-iteration Python costs lead: 1797 x 64, k = 56 (the digits'
+# trainer): 10.0 vs 8.5 ms; 1797 x 32, k = 10: 10.5 vs 3.4 ms. 2^25 lies between the two groups.
+AUTO_PYDC_MIN_WORK = 1 << 25
+
+
+def auto_uses_faiss(x: torch.Tensor, k: int) -> bool:
+    """Whether backend="auto" hands x to faiss (when faiss is importable): on the CPU, without pydc's compiled
+    bounded k-means or below AUTO_PYDC_MIN_WORK multiply-adds per assignment."""
+    if x.is_cuda:
+        return False
+    return not bounded_assignment_available(x) or x.shape[0] * k * x.shape[1] < AUTO_PYDC_MIN_WORK
+
+
 def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str = "auto", spherical: bool = False,
            *, init_centroids: torch.Tensor | None = None, deterministic: bool = True, bounded: bool = True,
            stop_at_fixed_point: bool = True) -> KMeansResult:
     """Cluster the rows of x into k clusters; see the module docstring for the exact semantics.
 
     backend: "torch" runs pydc's ops on x's device; "faiss" runs faiss (faiss-gpu for CUDA tensors when it
-    is installed, faiss-cpu otherwise); "auto" runs pydc's ops on CUDA and faiss-cpu on the CPU when faiss
-    is importable, pydc's ops otherwise: measured on the CPU (README, "Measured", issue 12), pydc's bounded
-    k-means (fixed-point stop, Yinyang global and local filters) is faster than faiss-cpu on clustered data
-    at AVX-512 (0.72x its time) but not on unstructured data (0.98x) nor capped at AVX2 (1.04x, 1.19x), so
-    "auto" keeps faiss there. deterministic selects the bitwise reproducible centroid update on
-    CUDA (the CPU update always is).
+    is installed, faiss-cpu otherwise); "auto" runs pydc's ops on CUDA, and on the CPU too when the compiled
+    ops are loaded and one assignment is at least AUTO_PYDC_MIN_WORK multiply-adds (N x k x d); below that, or
+    without the compiled ops, faiss-cpu when it is importable (see auto_uses_faiss). deterministic selects
+    the bitwise reproducible centroid update on CUDA (the CPU update always is).
     """
     _check_arguments(x, k, niter, backend, init_centroids)
     k = int(k)
@@ -243,6 +258,6 @@ def kmeans(x: torch.Tensor, k: int, niter: int = 20, seed: int = 0, backend: str
     if backend == "faiss" and faiss is None:
         raise ValueError("kmeans: backend='faiss' needs the faiss package (pip install faiss-cpu), which is not "
                          "importable; use backend='torch' for pydc's own k-means")
-    if backend == "faiss" or (backend == "auto" and faiss is not None and not x.is_cuda):
+    if backend == "faiss" or (backend == "auto" and faiss is not None and auto_uses_faiss(x, k)):
         return _kmeans_faiss(faiss, x, k, niter, seed, spherical, init_centroids)
     return _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, bounded, stop_at_fixed_point)
