@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from pydc import extension
+from pydc.ops.cpu_capability import cpu_parallel_threads
 from pydc._version import __version__
 
 # x86-64 levels from the CPU's flags, highest first (the names ATen's CPU_CAPABILITY uses).
@@ -207,7 +208,9 @@ def _devices() -> dict:
         capability = f"{major}.{minor}"
         cuda.append({"index": index, "name": torch.cuda.get_device_name(index), "capability": capability,
                      "compiled_for": capability in {arch.removesuffix("+PTX") for arch in archs}})
-    cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           # threads one pydc CPU loop runs on (1 with more torch threads: a build without OpenMP)
+           "pydc_threads": cpu_parallel_threads() if extension.has_ops() else 0}
     return {"cpu": cpu, "cuda": cuda}
 
 
@@ -254,7 +257,7 @@ def format_report(report: dict) -> str:
     cpu = devices["cpu"]
     lines.append("devices")
     row("  cpu", f"{cpu['model']}, {cpu['logical_cores']} logical cores, "
-                 f"torch threads {cpu['torch_threads']}")
+                 f"torch threads {cpu['torch_threads']}, pydc loops on {cpu['pydc_threads']}")
     for device in devices["cuda"]:
         row(f"  cuda:{device['index']}", f"{device['name']}, sm {device['capability']}, "
                                         f"pydc kernels compiled for it: {_yes(device['compiled_for'])}")
