@@ -91,6 +91,8 @@ def test_cmake_cpu_build_loads_with_load_library(tmp_path):
         kernels = torch.tensor([[[1, 0, -1], [2, 0, -2], [1, 0, -1]], [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]])
         expected = torch.nn.functional.conv2d(x.mean(1, keepdim=True), kernels.double().unsqueeze(1), padding=1)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+        torch.set_num_threads(2)
+        assert torch.ops.pydc.cpu_parallel_threads() == 2, "built without OpenMP: pydc's loops run serially"
         print("ok", tuple(out.shape))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

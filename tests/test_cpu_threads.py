@@ -5,6 +5,9 @@ thread count."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +16,9 @@ import torch
 
 from pydc.cluster import kmeans
 from pydc.ops.cpu_capability import cpu_parallel_threads
+from pydc.ops.cpu_gemm import ensure_cpu_gemm
 
+ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -33,13 +38,23 @@ def test_pydc_loops_run_on_as_many_threads_as_torch_is_set_to(count):
         assert cpu_parallel_threads() == count
 
 
-def test_one_openmp_runtime_in_the_process():
+def test_pydc_uses_the_openmp_runtime_torch_loaded():
     """pydc._C records libgomp.so.1 and must get torch's copy: a second runtime would keep its own thread pool,
-    deaf to torch.set_num_threads."""
-    torch.ops.pydc.cpu_parallel_threads()
-    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-              if "libgomp" in line or "libiomp" in line}
-    assert len(mapped) == 1, mapped
+    deaf to torch.set_num_threads. In a fresh process (other packages, scikit-learn's wheel among them, bring
+    their own renamed copies)."""
+    script = textwrap.dedent("""
+        import torch
+        import pydc
+        torch.set_num_threads(2)
+        assert torch.ops.pydc.cpu_parallel_threads() == 2
+        print("\\n".join(sorted({line.split()[-1] for line in open("/proc/self/maps")
+                                  if "libgomp" in line or "libiomp" in line})))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    mapped = result.stdout.split()
+    torch_lib = Path(torch.__file__).parent / "lib"
+    assert len(mapped) == 1 and Path(mapped[0]).parent == torch_lib, mapped
 
 
 def every_parallel_kernel() -> dict[str, torch.Tensor]:
@@ -69,14 +84,16 @@ def every_parallel_kernel() -> dict[str, torch.Tensor]:
 
 
 def test_every_parallel_kernel_computes_the_same_on_one_and_two_threads():
+    ensure_cpu_gemm()  # the k-means GEMM's BLAS, chosen once per process: the same for both runs
     with torch_threads(1):
         serial = every_parallel_kernel()
     with torch_threads(2):
         assert cpu_parallel_threads() == 2
         parallel = every_parallel_kernel()
     for name, value in serial.items():
-        if value.dtype.is_floating_point and name.startswith(("pca_total", "pca_gram", "update_sums")):
-            # reductions: the summation order may follow the split
-            torch.testing.assert_close(parallel[name], value, rtol=1e-6, atol=1e-4, msg=name)
+        if name.startswith(("pca_total", "pca_gram", "update_sums", "assign_distances")):
+            # reductions whose order may follow the split, and float32 distances from the BLAS GEMM (whose
+            # blocking may follow its thread count); the labels, settled in float64, may not move
+            torch.testing.assert_close(parallel[name], value, rtol=1e-5, atol=1e-3, msg=name)
         else:
             assert torch.equal(parallel[name], value), f"{name} differs between 1 and 2 threads"
