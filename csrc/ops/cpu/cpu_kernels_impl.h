@@ -570,8 +570,6 @@ void normalize_row_double(const double* row, float* dst, int64_t k, double norm_
   normalize_row<double>(row, dst, k, norm_eps);
 }
 
-// Grey values of input row y (0 outside the image) into grey[1 .. W]; grey[0] and grey[W + 1] are the zero
-// padding columns.
 // The Sobel band works in vectors of the level's register width (fold_floats): the bytes of kFoldWidth pixels
 // widened straight to floats, then grey_value's and sobel_3x3's arithmetic lane by lane, in their order
 // (mul, add; no FMA: fp-contract is off), so every level computes the same bits as the scalar tails.
@@ -606,6 +604,8 @@ inline fold_floats load_floats(const float* p) {
 
 inline void store_floats(float* p, fold_floats v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Grey values of input row y (0 outside the image) into grey[1 .. W]; grey[0] and grey[W + 1] are the zero
+// padding columns.
 void sobel_grey_row_u8(const uint8_t* image, int64_t H, int64_t W, int64_t y, const GreyCoefs<float>& coefs,
                        bool channels_last, float* grey) {
   grey[0] = 0.0f;
@@ -658,23 +658,19 @@ inline void sobel_stores_done() {
 // The Sobel filters are separable, and sobel_3x3's expressions split exactly (same operations, same order) into
 //   gx = v[x] - v[x+2],  v = (t + 2 m) + b  per column of the three grey rows,
 //   gy = h_t[x] - h_b[x], h = (g[x] + 2 g[x+1]) + g[x+2]  per grey row (computed once, used by two output rows),
-// so the band computes 8 float operations per pixel instead of 12, with the same bits.
-inline void sobel_smooth_row(const float* g, int64_t W, float* h) {  // g: a padded grey row (W + 2 values)
-  const fold_floats two = splat(2.0f);
-  int64_t x = 0;
-  for (; x + kFoldWidth <= W; x += kFoldWidth) {
-    store_floats(h + x, load_floats(g + x) + two * load_floats(g + x + 1) + load_floats(g + x + 2));
-  }
-  for (; x < W; ++x) h[x] = g[x] + 2.0f * g[x + 1] + g[x + 2];
-}
-
-inline void sobel_column_sums(const float* t, const float* m, const float* b, int64_t n, float* v) {
+// so the band computes 8 float operations per pixel instead of 12, with the same bits. Both smoothings are
+// out[x] = (a[x] + 2 b[x]) + c[x]: v over three rows, h over one row at three offsets.
+inline void sobel_smooth(const float* a, const float* b, const float* c, int64_t n, float* out) {
   const fold_floats two = splat(2.0f);
   int64_t x = 0;
   for (; x + kFoldWidth <= n; x += kFoldWidth) {
-    store_floats(v + x, load_floats(t + x) + two * load_floats(m + x) + load_floats(b + x));
+    store_floats(out + x, load_floats(a + x) + two * load_floats(b + x) + load_floats(c + x));
   }
-  for (; x < n; ++x) v[x] = t[x] + 2.0f * m[x] + b[x];
+  for (; x < n; ++x) out[x] = a[x] + 2.0f * b[x] + c[x];
+}
+
+inline void sobel_smooth_row(const float* g, int64_t W, float* h) {  // g: a padded grey row (W + 2 values)
+  sobel_smooth(g, g + 1, g + 2, W, h);
 }
 
 // gx[x] = v[x] - v[x + 2] and gy[x] = top[x] - bottom[x] for x in [0, W).
@@ -716,7 +712,7 @@ void sobel_band_u8(const uint8_t* image, int64_t H, int64_t W, int64_t y0, int64
   for (int64_t y = y0; y < y1; ++y) {
     sobel_grey_row_u8(image, H, W, y + 1, coefs, channels_last, grey[2]);
     sobel_smooth_row(grey[2], W, smooth[2]);
-    sobel_column_sums(grey[0], grey[1], grey[2], W + 2, v);
+    sobel_smooth(grey[0], grey[1], grey[2], W + 2, v);
     if (channels_last) {
       sobel_differences<false>(v, smooth[0], smooth[2], W, gx_row, gy_row);
       float* o = result + y * W * 2;

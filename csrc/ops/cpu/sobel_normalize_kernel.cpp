@@ -18,6 +18,8 @@
 namespace pydc {
 namespace {
 
+constexpr int64_t kSobelBandRows = 32;  // rows per work item (each recomputes two halo grey rows)
+
 // Grey values of input row y (0 outside the image), written to grey[1 .. W]; grey[0] and grey[W+1]
 // are the zero padding columns.
 template <typename scalar_t, typename acc_t, bool kChannelsLast>
@@ -57,7 +59,7 @@ void sobel_cpu_impl(const SobelPlan& plan) {
   const int64_t image_stride = 3 * H * W, out_image_stride = 2 * H * W;
 
   // Work items are bands of rows, so that each band recomputes only two halo grey rows.
-  const int64_t band = 32;
+  const int64_t band = kSobelBandRows;
   const int64_t bands_per_image = (H + band - 1) / band;
   at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ring(3 * (W + 2));
@@ -112,7 +114,7 @@ void sobel_cpu_u8_float(const SobelPlan& plan) {
   const uint8_t* in = plan.input.const_data_ptr<uint8_t>();
   float* out = plan.output.mutable_data_ptr<float>();
   const CpuKernels& kernels = cpu_kernels();
-  const int64_t band = 32;
+  const int64_t band = kSobelBandRows;
   const int64_t bands_per_image = (H + band - 1) / band;
   at::parallel_for(0, B * bands_per_image, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(kSobelScratchRows * (W + 2));
