@@ -121,8 +121,9 @@ PYBIND11_MODULE(_C, m) {
         "Sets the BLAS sgemm (a scipy.linalg.cython_blas capsule, or None to clear) that the CPU k-means GEMMs "
         "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");
   m.def("has_cpu_sgemm", &pydc::has_cpu_sgemm, "Whether a run-time sgemm is set");
-  m.def("cpu_sgemm_threads_follow_torch", &pydc::cpu_sgemm_threads_follow_torch,
-        "Whether the run-time sgemm's OpenBLAS thread count is set to torch's before each call");
+  m.def("cpu_sgemm_threads_settable", &pydc::cpu_sgemm_threads_settable,
+        "Whether the run-time sgemm's OpenBLAS thread count can be set (held to 1 while each thread runs its own "
+        "GEMMs, given back after)");
   m.def("set_cpu_gemm", &set_cpu_gemm, pybind11::arg("name"),
         "Selects the BLAS of the CPU k-means GEMMs: 'torch' (ATen's) or 'scipy' (the run-time sgemm)");
   m.def("cpu_gemm", [] { return std::string(kCpuGemmNames[static_cast<int>(pydc::cpu_gemm())]); },

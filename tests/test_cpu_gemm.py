@@ -145,7 +145,9 @@ def test_setter_checks_the_capsule():
         _C.set_cpu_gemm("mkl")
 
 
-def test_scipy_threads_follow_torch():
+def test_scipy_threads_held_to_one_per_thread_and_given_back():
+    """Each thread runs its own single-threaded GEMMs; scipy's OpenBLAS pool must not run beside them, and the
+    syrk of pca_accumulate (the same OpenBLAS, called after k-means every epoch) must get its threads back."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from scipy.linalg.cython_blas import __pyx_capi__  # noqa: F401  (loads scipy's OpenBLAS)
 
@@ -156,13 +158,17 @@ def test_scipy_threads_follow_torch():
     if not scipy_openblas_threads():
         pytest.skip("scipy's BLAS is not a scipy-openblas wheel's OpenBLAS")
     cpu_gemm.use_cpu_gemm("scipy")
-    assert _C.cpu_sgemm_threads_follow_torch()
+    assert _C.cpu_sgemm_threads_settable()
+    x, centroids = clustered(3000, 20, 8, seed=0)
+    expected = kmeans_assign_reference(x, centroids)[0]
     threads = torch.get_num_threads()
-    x, centroids = clustered(300, 20, 8, seed=0)
     try:
-        with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
-            torch.set_num_threads(1)
-            ASSIGN(x, centroids, None, True)
-            assert scipy_openblas_threads() == {1}
+        with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
+            for torch_threads in (1, 2):
+                torch.set_num_threads(torch_threads)
+                assert torch.equal(ASSIGN(x, centroids, None, True)[0], expected)
+                assert torch.equal(kmeans(x, 20, niter=3, seed=0, backend="torch").labels,
+                                   kmeans(x, 20, niter=3, seed=0, backend="torch", bounded=False).labels)
+                assert scipy_openblas_threads() == {3}
     finally:
         torch.set_num_threads(threads)

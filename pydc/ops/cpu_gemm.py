@@ -6,18 +6,19 @@ No one BLAS is fastest everywhere: on an AMD EPYC (Zen 4) capped at AVX2, MKL's 
 at about half the rate of OpenBLAS's Haswell kernel, while at AVX-512 MKL was ahead (issue 12). So the choice
 is measured, not fixed:
 
-    PYDC_CPU_GEMM=auto   (default) time one block GEMM of the kernel's shape, 4096 x 1024 x 256 (DeepCluster's
-                         PCA width), with both BLAS, alternating, fastest of 3 rounds each (~0.1-0.3 s once per
-                         process), and keep scipy's only when it is more than SCIPY_MARGIN faster: torch's
-                         needs no second thread pool
+    PYDC_CPU_GEMM=auto   (default) time one block of the kernels' shape, 4096 x 1024 x 256 (DeepCluster's
+                         PCA width), run as they run it (256 rows per GEMM, one GEMM per thread at a time), with
+                         both BLAS, alternating, fastest of 3 rounds each (~0.1-0.3 s once per process), and keep
+                         scipy's only when it is more than SCIPY_MARGIN faster: torch's needs no second library
     PYDC_CPU_GEMM=torch  torch's BLAS, no measurement and no scipy import
     PYDC_CPU_GEMM=scipy  scipy's BLAS (an error when scipy is not installed)
 
 The choice is made on the first CPU k-means call through pydc (pydc.ops.kmeans.kmeans_assign,
 pydc.cluster.kmeans) or by calling use_cpu_gemm(); code calling torch.ops.pydc.kmeans_assign directly gets
-torch's BLAS until then. scipy's OpenBLAS runs its own thread pool; the kernel sets its thread count to
-torch.get_num_threads() before every call, so the two pools never hold more threads than torch is allowed
-(pydc/__init__.py also shortens OpenBLAS's busy-wait after each call). The labels do not depend on the BLAS:
+torch's BLAS until then. The kernels run one single-threaded GEMM per thread of torch's pool (256 rows each,
+folded while they are in the core's cache): torch's BLAS sees a nested OpenMP region and stays on its thread;
+scipy's OpenBLAS has one global thread count, which the kernel holds to 1 for the pass and gives back after, so
+that its own pool never runs beside torch's (pydc/__init__.py also shortens OpenBLAS's busy-wait). The labels do not depend on the BLAS:
 the float32 GEMM only ranks centroids and near-ties are settled in float64 (csrc/ops/cpu/kmeans_cpu.h).
 """
 
@@ -94,7 +95,7 @@ def use_cpu_gemm(choice: str | None = None) -> str:
         chosen = "scipy" if want == "scipy" else "torch"
         report["reason"] = "forced" if want != "auto" else "scipy not installed"
     _C.set_cpu_gemm(chosen)
-    report["threads_follow_torch"] = bool(_C.cpu_sgemm_threads_follow_torch()) if chosen == "scipy" else None
+    report["threads_settable"] = bool(_C.cpu_sgemm_threads_settable()) if chosen == "scipy" else None
     _chosen, _report = chosen, report
     return chosen
 

@@ -52,16 +52,6 @@ Fn find_next_to(void* address, const char* const* names) {
 #endif
 }
 
-// OpenBLAS keeps one global thread count; torch's may change at any time (torch.set_num_threads), so it is
-// matched before every call. Two pools of busy threads on the same cores would each run at half speed.
-void follow_torch_threads() {
-  const SetThreadsFn set = g_set_threads.load();
-  const GetThreadsFn get = g_get_threads.load();
-  if (set == nullptr || get == nullptr) return;
-  const int wanted = at::get_num_threads();
-  if (get() != wanted) set(wanted);
-}
-
 // A float32 matrix BLAS can read as column-major with a leading dimension: rows of unit column stride, each at
 // least a row's length from the next (BLAS needs ld >= the row length), every number an int.
 bool blas_matrix(const at::Tensor& t) {
@@ -81,7 +71,6 @@ void sgemm_abt(SgemmFn sgemm, const at::Tensor& out, const at::Tensor& a, const 
   int ldb = static_cast<int>(std::max<int64_t>(a.size(0) > 1 ? a.stride(0) : k, std::max(k, 1)));
   int ldc = static_cast<int>(std::max<int64_t>(out.size(0) > 1 ? out.stride(0) : m, std::max(m, 1)));
   float alpha = 1.0f, beta = 0.0f;
-  follow_torch_threads();
   sgemm(&transa, &transb, &m, &n, &k, &alpha, const_cast<float*>(b.const_data_ptr<float>()), &lda,
         const_cast<float*>(a.const_data_ptr<float>()), &ldb, &beta, out.mutable_data_ptr<float>(), &ldc);
 }
@@ -114,7 +103,7 @@ void set_cpu_sgemm(SgemmFn sgemm) {
 
 bool has_cpu_sgemm() { return g_sgemm.load() != nullptr; }
 
-bool cpu_sgemm_threads_follow_torch() { return g_set_threads.load() != nullptr && g_get_threads.load() != nullptr; }
+bool cpu_sgemm_threads_settable() { return g_set_threads.load() != nullptr && g_get_threads.load() != nullptr; }
 
 void set_cpu_gemm(CpuGemm which) {
   TORCH_CHECK(which == CpuGemm::kTorch || has_cpu_sgemm(),
@@ -125,8 +114,23 @@ void set_cpu_gemm(CpuGemm which) {
 
 CpuGemm cpu_gemm() { return static_cast<CpuGemm>(g_choice.load()); }
 
-void cpu_gemm_abt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+void cpu_gemm_abt_per_thread(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   gemm_abt_with(cpu_gemm(), out, a, b);
+}
+
+PerThreadCpuGemm::PerThreadCpuGemm(CpuGemm which) {
+  const SetThreadsFn set = g_set_threads.load();
+  const GetThreadsFn get = g_get_threads.load();
+  if (which != CpuGemm::kScipy || set == nullptr || get == nullptr) return;
+  const int threads = get();
+  if (threads == 1) return;
+  set(1);
+  restore_threads_ = threads;
+}
+
+PerThreadCpuGemm::~PerThreadCpuGemm() {
+  const SetThreadsFn set = g_set_threads.load();
+  if (restore_threads_ > 0 && set != nullptr) set(restore_threads_);
 }
 
 CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds) {
@@ -143,9 +147,17 @@ CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t r
   const at::Tensor a = at::from_blob(a_data.data(), {rows, depth}, options);
   const at::Tensor b = at::from_blob(b_data.data(), {cols, depth}, options);
   const at::Tensor out = at::from_blob(out_data.data(), {rows, cols}, options);
+  // as the kernels run it: kPerThreadGemmRows rows per GEMM, one GEMM per thread at a time
+  const int64_t chunks = (rows + kPerThreadGemmRows - 1) / kPerThreadGemmRows;
   const auto seconds = [&](CpuGemm which) {
+    PerThreadCpuGemm one_thread_each(which);
     const auto start = std::chrono::steady_clock::now();
-    gemm_abt_with(which, out, a, b);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t r0 = c * kPerThreadGemmRows, r = std::min(kPerThreadGemmRows, rows - r0);
+        gemm_abt_with(which, out.narrow(0, r0, r), a.narrow(0, r0, r), b);
+      }
+    });
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   seconds(CpuGemm::kTorch);  // untimed: first touch of the buffers, BLAS thread pools starting

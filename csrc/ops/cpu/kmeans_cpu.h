@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -41,30 +42,41 @@ int64_t kmeans_settle_row(const float* x, const float* centroids, const double* 
 bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
                          int64_t d);
 
+// Points per thread-local GEMM block for n points: kPerThreadGemmRows, or fewer so that every thread of torch's
+// pool gets a block when n is small (at least 16 rows per block).
+inline int64_t kmeans_thread_block_rows(int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::clamp<int64_t>((n + threads - 1) / threads, 16, kPerThreadGemmRows);
+}
+
 // kmeans_assign's winner of every point from full rows of scores, for the passes that also need the whole row
-// (the bounds of bounded k-means): x in blocks of rows, each multiplied by all centroids in one BLAS GEMM
-// (cpu_gemm_abt, into a buffer of at most 2^22 floats), each row folded to its top-2 and settled in float64
-// where float32 cannot decide. Calls row_fn(i, dot_row, position, best, score) for every point, in parallel
-// (at::parallel_for, outside which the GEMM runs): its dot products x_i . c_j, the winner's position (ties by
+// (the bounds of bounded k-means): each thread of at::parallel_for multiplies its own blocks of rows by all
+// centroids in one single-threaded BLAS GEMM (cpu_gemm_abt_per_thread, a buffer of at most 2^18 floats per
+// thread unless that is under 64 rows), folds each row to its top-2 and settles it in float64 where float32
+// cannot decide, while the block is in its core's cache. Calls row_fn(i, dot_row, position, best, score) for
+// every point, on the thread that computed it: its dot products x_i . c_j, the winner's position (ties by
 // ids[j], or by position for nullptr), the float32 best score and the winner's score (settled or float32).
 template <typename RowFn>
 void kmeans_full_rows(const at::Tensor& x, const at::Tensor& centroids, const KMeansCentroidInfo& info,
                       const float* point_sq_norms, const int64_t* ids, RowFn row_fn) {
-  constexpr int64_t kBufferFloats = int64_t(1) << 22;  // 16 MiB of scores per block
+  constexpr int64_t kBufferFloats = int64_t(1) << 18;  // 1 MiB of scores per thread
   const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
   const float* xs = x.const_data_ptr<float>();
   const float* cs = centroids.const_data_ptr<float>();
   const float* cn = info.sq_norms.const_data_ptr<float>();
   const CpuKernels& kernels = cpu_kernels();
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(4096, kBufferFloats / k));
-  at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
-  for (int64_t i0 = 0; i0 < n; i0 += block) {
-    const int64_t rows = std::min(block, n - i0);
-    at::Tensor dots = buffer.narrow(0, 0, rows);
-    cpu_gemm_abt(dots, x.narrow(0, i0, rows), centroids);  // BLAS (blas_gemm.h), multithreaded
-    const float* dot_rows = dots.const_data_ptr<float>();
-    at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
+  const int64_t rows_per_thread = kmeans_thread_block_rows(n);  // at least 64 rows per GEMM where n allows
+  const int64_t block =
+      std::max(std::min(rows_per_thread, kBufferFloats / k), std::min<int64_t>(rows_per_thread, 64));
+  PerThreadCpuGemm one_thread_each;
+  at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
+    at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t i0 = b * block, rows = std::min(block, n - i0);
+      at::Tensor dots = buffer.narrow(0, 0, rows);
+      cpu_gemm_abt_per_thread(dots, x.narrow(0, i0, rows), centroids);
+      const float* dot_rows = dots.const_data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         const float* dot = dot_rows + r * k;
         float best = kKMeansInf, second = kKMeansInf;
@@ -78,8 +90,8 @@ void kmeans_full_rows(const at::Tensor& x, const at::Tensor& centroids, const KM
         }
         row_fn(i, dot, position, best, score);
       }
-    });
-  }
+    }
+  });
 }
 
 // --- bounded (Yinyang) k-means: kmeans_bounded_kernel.cpp, kmeans_yinyang_kernel.cpp ---

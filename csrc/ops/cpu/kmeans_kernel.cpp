@@ -1,10 +1,11 @@
 // CPU kernels of the k-means ops.
 //
 // kmeans_assign never forms the N x k distance matrix. It works as faiss's exhaustive L2 search does: points
-// are taken in blocks, each block is multiplied by a block of centroids with BLAS (cpu_gemm_abt: torch's or
-// scipy's, as blas_gemm.h selected, into a bounded buffer) and the scores ||c||^2 - 2 x.c of that buffer are
-// folded into a running best and second best. The BLAS call uses its own threads; the fold runs over rows
-// with at::parallel_for (calling BLAS from inside at::parallel_for instead nests OpenMP regions). The fold is
+// are taken in blocks, each block is multiplied by a block of centroids with BLAS (torch's or scipy's, as
+// blas_gemm.h selected) and the scores ||c||^2 - 2 x.c are folded into a running best and second best. Each
+// thread of at::parallel_for takes its own blocks of kPerThreadGemmRows points and runs their GEMMs on itself
+// (cpu_gemm_abt_per_thread), so a block's 1 MiB of scores is folded while still in that core's cache: no
+// barrier between BLAS threads and fold threads, no round trip of a shared buffer through memory. The fold is
 // one of the per-ISA loops (cpu_kernels.h). A row whose best and second best are too close for float32 to
 // order them is settled in float64 (kmeans_cpu.h): the labels are the exact arg-min whatever the BLAS.
 //
@@ -29,10 +30,7 @@ namespace pydc {
 
 namespace {
 
-// Rows of x and centroids per BLAS call: the buffer is at most 4096 x 1024 floats (16 MiB), small enough to
-// stay in cache levels the fold reads it from soon after BLAS wrote it, large enough that the switches
-// between BLAS threads and fold threads (barriers) stay rare.
-constexpr int64_t kPointBlock = 4096;
+// Centroids per BLAS call: a thread's buffer is at most kPerThreadGemmRows x 1024 floats (1 MiB).
 constexpr int64_t kCentroidBlock = 1024;
 
 at::Tensor squared_norms(const at::Tensor& rows) {
@@ -108,30 +106,29 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   const CpuKernels& kernels = cpu_kernels();
 
   const int64_t buffer_cols = std::min(k, kCentroidBlock);
-  at::Tensor buffer = at::empty({std::min(n, kPointBlock), buffer_cols}, plan.x.options());
-  std::vector<float> best_score(kPointBlock), second_score(kPointBlock);
-
-  for (int64_t i0 = 0; i0 < n; i0 += kPointBlock) {
-    const int64_t rows = std::min(kPointBlock, n - i0);
-    const at::Tensor points = plan.x.narrow(0, i0, rows);
-    std::fill(best_score.begin(), best_score.end(), kKMeansInf);
-    std::fill(second_score.begin(), second_score.end(), kKMeansInf);
-    std::fill(labels + i0, labels + i0 + rows, int64_t(0));
-    for (int64_t j0 = 0; j0 < k; j0 += kCentroidBlock) {
-      const int64_t cols = std::min(kCentroidBlock, k - j0);
-      at::Tensor dots = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-      cpu_gemm_abt(dots, points, plan.centroids.narrow(0, j0, cols));  // BLAS (blas_gemm.h), multithreaded
-      const float* dot_rows = dots.const_data_ptr<float>();
-      const int64_t stride = dots.stride(0);
-      at::parallel_for(0, rows, 16, [&](int64_t r_begin, int64_t r_end) {
-        for (int64_t r = r_begin; r < r_end; ++r) {
+  const int64_t block = kmeans_thread_block_rows(n);
+  PerThreadCpuGemm one_thread_each;
+  at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
+    at::Tensor buffer = at::empty({block, buffer_cols}, plan.x.options());
+    std::vector<float> best_score(block), second_score(block);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t i0 = b * block, rows = std::min(block, n - i0);
+      const at::Tensor points = plan.x.narrow(0, i0, rows);
+      std::fill(best_score.begin(), best_score.end(), kKMeansInf);
+      std::fill(second_score.begin(), second_score.end(), kKMeansInf);
+      std::fill(labels + i0, labels + i0 + rows, int64_t(0));
+      for (int64_t j0 = 0; j0 < k; j0 += kCentroidBlock) {
+        const int64_t cols = std::min(kCentroidBlock, k - j0);
+        at::Tensor dots = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
+        cpu_gemm_abt_per_thread(dots, points, plan.centroids.narrow(0, j0, cols));
+        const float* dot_rows = dots.const_data_ptr<float>();
+        const int64_t stride = dots.stride(0);
+        for (int64_t r = 0; r < rows; ++r) {
           kernels.fold_row_top2(dot_rows + r * stride, cn + j0, cols, j0, &best_score[r], &labels[i0 + r],
                                 &second_score[r]);
         }
-      });
-    }
-    at::parallel_for(0, rows, 64, [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
+      }
+      for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         float score = best_score[r];
         if (kmeans_needs_settle(best_score[r], second_score[r], pn[i], info.max_norm, d)) {
@@ -141,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
         }
         distances[i] = kmeans_distance(pn[i], score);
       }
-    });
-  }
+    }
+  });
   return {plan.labels, plan.distances};
 }
 
