@@ -209,7 +209,9 @@ def test_heads_run_killed_mid_epoch_resumes_exactly(tiny_data, tmp_path):  # noq
              *HEAD_FLAGS]
     run_cli("pydc.train", "--output", uninterrupted, *flags)
     records = [record for record in read_log(uninterrupted) if "event" not in record]
-    assert all(0 <= record["head_init_accuracy"] <= 1 and record["head_init_scale"] > 0 for record in records)
+    assert "head_init_accuracy" not in records[0]  # epoch 0 keeps the random layer
+    assert all(0 <= record["head_init_accuracy"] <= 1 and record["head_init_scale"] > 0
+               for record in records[1:])
     saved = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
     assert saved["model"]["top_layer.weight"].shape == (3 + 2, 256)  # k = 3 and k / 2 = 2 (rounded)
     assert saved["algorithm"]["other_head_assignments"].shape == (1, 72)

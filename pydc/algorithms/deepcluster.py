@@ -11,10 +11,11 @@ Two extensions, both off by default (the original's one clustering and N(0, 0.01
   cross-entropies: the several prototype sets of DeepCluster-v2 and the over-clustering heads of IIC and PICA.
   The sampler stays uniform over the first clustering's clusters, which is also the one logged and saved as
   the assignments.
-- `--dc-head-init centroids`: each head starts as the nearest-centroid classifier of its new clusters in the
-  space the head reads (the backbone's training output on the feature pass's centre crops), scaled to the
-  least cross-entropy, instead of at chance. With the cosine schedule a random head's rate decays with the
-  body's, and in the last epochs it no longer fits the new clusters within its epoch (README).
+- `--dc-head-init centroids`: from epoch 1 on, each head starts as the nearest-centroid classifier of its
+  new clusters in the space the head reads (the backbone's training output on the feature pass's centre
+  crops), scaled to the least cross-entropy, instead of at chance. With the cosine schedule a random head's
+  rate decays with the body's, and in the last epochs it no longer fits the new clusters within its epoch
+  (README).
 """
 
 from __future__ import annotations
@@ -206,7 +207,10 @@ class DeepCluster(Algorithm):
             raise diverged(epoch, error) from None
         except ValueError as error:
             raise TrainingError(f"epoch {epoch}: clustering failed: {error}") from None
-        if args.dc_head_init == "centroids":
+        if args.dc_head_init == "centroids" and epoch > 0:
+            # Not at epoch 0: the untrained network's BatchNorm running statistics are not those of its
+            # training batches, so a layer fitted to the feature pass misfits them (digits: scale 2e4, epoch
+            # 0's loss 145).
             record.update(self._fit_top_layer(features, sharded))
         else:
             model.reset_top_layer(args.seed, epoch)

@@ -119,8 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "spread = k, k/2, 2k, k/4, 4k, ... for heads 0, 1, 2, 3, 4, ...")
     algorithm.add_argument("--dc-head-init", choices=list(DC_HEAD_INIT), default="random",
                            help="DeepCluster: the top layer at each epoch start: random = weights "
-                                "N(0, 0.01), bias 0 (the original); centroids = each head the "
-                                "nearest-centroid classifier of its new clusters, scaled to the least "
+                                "N(0, 0.01), bias 0 (the original); centroids = from epoch 1 on, each head "
+                                "the nearest-centroid classifier of its new clusters, scaled to the least "
                                 "cross-entropy on the feature pass")
     algorithm.add_argument("--odc-momentum", type=float, default=0.2,
                            help="ODC: weight of the new feature in a memory row's update (MMSelfSup uses 0.5 on "
