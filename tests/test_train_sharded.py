@@ -94,6 +94,21 @@ def test_deepcluster_shard_equals_gather(tiny_data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
+def test_deepcluster_heads_shard_equals_gather(tiny_data, tmp_path):  # noqa: F811
+    """Every head's clustering (head 0 sharded with the PCA, the others on the whitened shards) equals the
+    gathered one, and the nearest-centroid top layer (sums reduced over the ranks) runs sharded."""
+    flags = ["--epochs", "1", "--dc-heads", "3", "--dc-head-k", "spread", "--dc-head-init", "centroids"]
+    _torchrun(tmp_path / "shard", tiny_data, *flags, "--cluster-on", "shard")
+    _torchrun(tmp_path / "gather", tiny_data, *flags, "--cluster-on", "gather")
+    shard = torch.load(tmp_path / "shard" / "checkpoint.pt", weights_only=True)["algorithm"]
+    gather = torch.load(tmp_path / "gather" / "checkpoint.pt", weights_only=True)["algorithm"]
+    assert shard["other_head_assignments"].shape == (2, 72)
+    for key in ("assignments", "other_head_assignments"):
+        assert len(torch.unique(shard[key])) > 1
+        torch.testing.assert_close(shard[key], gather[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["pca", "neck"])
 def test_odc_memory_init_shard_equals_gather(tiny_data, tmp_path, init):  # noqa: F811
     flags = ["--algo", "odc", "--odc-min-cluster", "4", "--odc-init", init, "--epochs", "1"]

@@ -23,7 +23,7 @@ def _labels_now(algorithm) -> torch.Tensor:
     """The labels the algorithm trains on at this step, copied before the step can change them."""
     if algorithm.name == "odc":
         return algorithm.memory.label_bank.detach().clone().cpu()
-    return algorithm.labels.detach().clone().cpu()
+    return algorithm.labels[0].detach().clone().cpu()  # DeepCluster's (heads, N) labels; one head here
 
 
 @pytest.mark.parametrize("algo", ["deepcluster", "odc"])

@@ -37,11 +37,12 @@ import torch
 # top-level keys such as "memory"; pydc.train maps such checkpoints on load).
 FORMAT_VERSION = 2
 # Options a checkpoint must share with the run that resumes it (the shapes of its tensors depend on them).
-COMPATIBILITY_KEYS = ("algo", "arch", "k", "crop", "stem")
+COMPATIBILITY_KEYS = ("algo", "arch", "k", "crop", "stem", "dc_heads", "dc_head_k")
 # Options whose default is resolved only once the data is indexed (None while options are validated).
 DATA_DEPENDENT_KEYS = ("k",)
-# The value an option had before it existed, for checkpoints written then (--stem: the Sobel stem).
-LEGACY_DEFAULTS = {"stem": "sobel"}
+# The value an option had before it existed, for checkpoints written then (--stem: the Sobel stem; one
+# DeepCluster head).
+LEGACY_DEFAULTS = {"stem": "sobel", "dc_heads": 1, "dc_head_k": "same"}
 EPOCH_CHECKPOINTS = "checkpoints"
 _ELSEWHERE = f"Resume from another checkpoint (e.g. one under {EPOCH_CHECKPOINTS}/) or start afresh"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -129,8 +130,9 @@ def _first_sentence(error: Exception) -> str:
 
 
 def check_compatible(saved_args: dict, args: dict, path) -> None:
-    """Refuse to resume a checkpoint whose tensors were shaped by other options than this run's."""
-    saved_args = {**LEGACY_DEFAULTS, **saved_args}
+    """Refuse to resume a checkpoint whose tensors were shaped by other options than this run's. An option
+    missing on either side (a checkpoint from before it existed, options built by hand) has its old value."""
+    saved_args, args = {**LEGACY_DEFAULTS, **saved_args}, {**LEGACY_DEFAULTS, **args}
     for key in COMPATIBILITY_KEYS:
         if args.get(key) is None and key in DATA_DEPENDENT_KEYS:
             continue  # resolved from the data later (options.resolve_data_defaults); train.py checks again then

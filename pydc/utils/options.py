@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pydc.algorithms import ALGORITHMS
+from pydc.algorithms.deepcluster import HEAD_INIT as DC_HEAD_INIT, HEAD_K as DC_HEAD_K
 from pydc.cluster.kmeans import BACKENDS as KMEANS_BACKENDS
 from pydc.data.loaders import BACKENDS as DATA_BACKENDS
 from pydc.models import ARCHITECTURES
@@ -108,6 +109,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "1/4 of a device's memory (GPU, or host memory / local ranks on the CPU), else "
                                 "gather. DeepCluster's feature pass, ODC's memory initialisation, DCv2's memory "
                                 "k-means")
+    algorithm.add_argument("--dc-heads", type=int, default=1,
+                           help="DeepCluster: clusterings per epoch (k-means of the same features from "
+                                "different seeds), each with its own top layer; the loss is their mean "
+                                "cross-entropy, the sampler uniform over the first one's clusters "
+                                "(1: the original)")
+    algorithm.add_argument("--dc-head-k", choices=list(DC_HEAD_K), default="same",
+                           help="DeepCluster with --dc-heads > 1: same = --k clusters for every head; "
+                                "spread = k, k/2, 2k, k/4, 4k, ... for heads 0, 1, 2, 3, 4, ...")
+    algorithm.add_argument("--dc-head-init", choices=list(DC_HEAD_INIT), default="random",
+                           help="DeepCluster: the top layer at each epoch start: random = weights "
+                                "N(0, 0.01), bias 0 (the original); centroids = from epoch 1 on, each head "
+                                "the nearest-centroid classifier of its new clusters, scaled to the least "
+                                "cross-entropy on the feature pass")
     algorithm.add_argument("--odc-momentum", type=float, default=0.2,
                            help="ODC: weight of the new feature in a memory row's update (MMSelfSup uses 0.5 on "
                                 "ImageNet; 0.2 keeps the digits memory steadier)")

@@ -66,6 +66,7 @@ RANGES = {
     "k": Range(1),
     "pca_dim": Range(1),
     "kmeans_iters": Range(1),
+    "dc_heads": Range(1),
     "odc_momentum": Range(0, 1),
     "odc_min_cluster": Range(0),
     "odc_dropout": Range(0, 1, high_open=True),
