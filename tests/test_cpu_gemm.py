@@ -1,6 +1,7 @@
 """The run-time choice of the BLAS behind the CPU k-means GEMMs (pydc.ops.cpu_gemm, csrc/ops/cpu/blas_gemm.h):
 each BLAS forced gives the exact labels, the environment variable forces it and rejects bad values, auto keeps
-the faster of the two measured, and scipy's OpenBLAS threads follow torch's."""
+the faster of the two measured, and scipy's OpenBLAS is held to one thread during the kernels' per-thread GEMMs
+and gets its thread count back after."""
 
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ kmeans_assign(x, centroids, x_sq_norms=None, allow_tf32=True) -> (labels, distan
     centroid index, and the distance is clamped at 0 (rounding can make the expansion slightly negative for a
     point equal to its centroid), as faiss does. x_sq_norms, when given, are the rows' squared norms (saved
     across iterations; they are recomputed otherwise). The N x k distance matrix is never formed: the CPU
-    kernel folds 4096 x 1024 BLAS blocks (torch's or scipy's BLAS, whichever is faster where it runs:
-    pydc.ops.cpu_gemm) into a running best and second best; the CUDA kernel bounds its
+    kernel gives every thread its own 256 x 1024 BLAS blocks (torch's or scipy's BLAS, whichever is faster
+    where it runs: pydc.ops.cpu_gemm), folded into a running best and second best while in that core's cache;
+    the CUDA kernel bounds its
     cuBLAS workspace to half the device's L2 cache, so the dot products are read back from L2, not HBM.
     CPU labels are exact: a row whose float32 best and second best lie closer than twice a proven bound on
     the float32 error of the scores (common/kmeans_math.h) is settled by fixed-order float64 scores, so the
