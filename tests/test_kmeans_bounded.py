@@ -189,3 +189,36 @@ def test_assign_labels_are_the_exact_arg_min_under_near_ties(level):
                                                              (x * x).sum(1))[0]
     assert torch.equal(labels, exact)
     assert torch.equal(bounded_labels, exact)
+
+
+@pytest.mark.parametrize("k", [20, 100, 1000, 1100])
+def test_balanced_groups_fill_to_capacity_nearest_first(k):
+    """Yinyang's groups: every centroid placed, no group above its capacity (16 up to 1024 centroids, so the
+    16-lane pairs of the local filter run full), and a centroid is away from its nearest centre only when
+    every centre nearer to it is full."""
+    from pydc.cluster.kmeans_bounded import balanced_groups, group_layout
+
+    groups, capacity = group_layout(k)
+    assert groups * capacity >= k and capacity % 16 == 0 and (k > 1024 or capacity == 16)
+    generator = torch.Generator().manual_seed(k)
+    centroids = clustered(n=k, d=8, centres=max(2, k // 40), seed=k)  # uneven natural groups
+    centres = centroids[torch.randperm(k, generator=generator)[:groups]]
+    group = balanced_groups(centroids, centres, capacity)
+    assert torch.equal(group, balanced_groups(centroids, centres, capacity))
+    counts = torch.bincount(group, minlength=groups)
+    assert int(counts.sum()) == k and int(counts.max()) <= capacity
+    distance = torch.cdist(centroids.double(), centres.double())
+    own = distance.gather(1, group.unsqueeze(1)).squeeze(1)
+    for j in torch.nonzero(own > distance.min(1).values).squeeze(1).tolist():
+        assert torch.all(counts[distance[j] < own[j]] == capacity)
+
+
+def test_balanced_groups_with_room_to_spare_are_nearest_centre():
+    from pydc.cluster.kmeans_bounded import balanced_groups
+
+    centroids = unstructured(n=300, d=6)
+    centres = centroids[:7]
+    assert torch.equal(balanced_groups(centroids, centres, 300), torch.cdist(centroids.double(),
+                                                                             centres.double()).argmin(1))
+    with pytest.raises(ValueError, match="cannot hold"):
+        balanced_groups(centroids, centres, 40)

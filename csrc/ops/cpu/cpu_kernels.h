@@ -38,8 +38,9 @@ struct CpuKernels {
   // each of `groups` groups, into group_min[g] (+inf for a group with no other member).
   void (*group_min_scores)(const float* dot, const float* centroid_sq_norms, const int64_t* offsets,
                            int64_t groups, int64_t excluded, float* group_min);
-  // Scores of n_rows points against n_blocks (1 or 2) consecutive transposed blocks of 8 centroids (block
-  // b's feature t of centroid l at blocks[(b * d + t) * 8 + l]; block_sq_norms: their ||c||^2, 8 per block):
+  // Scores of n_rows points against n_blocks (1 or 2) consecutive transposed blocks of 8 centroids, a pair
+  // interleaved by feature (block b's feature t of centroid l at blocks[(t * n_blocks + b) * 8 + l], so a
+  // pair's 16 centroids at feature t are contiguous; block_sq_norms: their ||c||^2, 8 per block):
   // scores[r][8 b + l] = block_sq_norms[8 b + l] - 2 * x_r . c_{b,l}, each dot summed in feature order in
   // float32, the same for any n_rows / n_blocks; fused multiply-adds at AVX2 and AVX-512, so unlike every
   // other loop here the scores differ by float32 rounding from the default level's. The local filter of bounded

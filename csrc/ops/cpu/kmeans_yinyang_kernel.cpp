@@ -55,9 +55,11 @@ constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 
 constexpr int64_t kMaxSeparationBytes = int64_t{256} << 20;  // above, the separation filter is off (k > ~22k)
 
 // The centroids of every group in blocks of kBlockWidth, transposed (feature-major), padded with zero
-// centroids whose norm is +inf (their scores never win).
+// centroids whose norm is +inf (their scores never win). A group's blocks are scored in pairs from its first
+// (block_scores8 with n_blocks 2; an odd group's last block alone), and a pair is stored interleaved by feature:
+// d x 16 floats, feature t of both blocks together (cpu_kernels.h).
 struct TransposedBlocks {
-  std::vector<float> values;         // blocks x d x 8
+  std::vector<float> values;         // blocks x d x 8 in all: a pair's 2 x d x 8 as d x (2 x 8)
   std::vector<float> sq_norms;       // blocks x 8
   std::vector<int64_t> first;        // sorted position of each block's lane 0
   std::vector<int64_t> width;        // real centroids in each block
@@ -76,14 +78,22 @@ TransposedBlocks transpose_blocks(const float* centroids, const float* sq_norms,
     blocks.group_block.push_back(static_cast<int64_t>(blocks.first.size()));
   }
   const int64_t count = static_cast<int64_t>(blocks.first.size());
+  std::vector<int64_t> group_of_block(count);
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(group_of_block.begin() + blocks.group_block[g], group_of_block.begin() + blocks.group_block[g + 1], g);
+  }
   blocks.values.assign(count * d * kBlockWidth, 0.0f);
   blocks.sq_norms.assign(count * kBlockWidth, kKMeansInf);
   at::parallel_for(0, count, 16, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
-      float* out = blocks.values.data() + b * d * kBlockWidth;
+      // the pair holding b (pairs start at every other block from the group's first) and b's place in it
+      const int64_t g = group_of_block[b], in_pair = (b - blocks.group_block[g]) % 2;
+      const int64_t pair_start = b - in_pair;
+      const int64_t pair_blocks = std::min<int64_t>(2, blocks.group_block[g + 1] - pair_start);
+      float* out = blocks.values.data() + pair_start * d * kBlockWidth + in_pair * kBlockWidth;
       for (int64_t l = 0; l < blocks.width[b]; ++l) {
         const float* c = centroids + (blocks.first[b] + l) * d;
-        for (int64_t t = 0; t < d; ++t) out[t * kBlockWidth + l] = c[t];
+        for (int64_t t = 0; t < d; ++t) out[t * pair_blocks * kBlockWidth + l] = c[t];
         blocks.sq_norms[b * kBlockWidth + l] = sq_norms[blocks.first[b] + l];
       }
     }
