@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pydc.algorithms.base import epoch_seed
-from pydc.algorithms.deepcluster import (DeepCluster, DeepClusterModel, head_cluster_counts,
+from pydc.algorithms.deepcluster import (HEAD_SEED_STRIDE, DeepCluster, DeepClusterModel, head_cluster_counts,
                                          nearest_centroid_head, scale_gradient)
 from pydc.algorithms.features import cluster_features
 from pydc.cluster import PCAWhitening, nmi
@@ -181,6 +181,24 @@ def test_heads_cluster_from_their_own_seeds_and_head_0_is_the_single_head_cluste
     same = DeepCluster(_args(k=6, dc_heads=2), num_images=300, device=torch.device("cpu"))
     same._cluster(features, pca, sharded=False, nonfinite_rows=0, epoch=2)
     assert nmi(same.labels[0], same.labels[1]) < 0.99  # another seed, another partition
+
+
+def test_heads_whiten_the_features_once(monkeypatch):
+    """The heads cluster the same whitened features: one PCA transform an epoch, not one per head, and the
+    same labels as whitening for each head."""
+    features = torch.randn(200, 16, generator=torch.Generator().manual_seed(1))
+    pca = PCAWhitening(n_components=8).fit(features)
+    expected = [cluster_features(features, pca, k, epoch_seed(5, 3) + HEAD_SEED_STRIDE * head, "torch", 20)[0]
+                for head, k in enumerate([4, 2, 8])]
+    calls = []
+    transform = pca.transform
+    monkeypatch.setattr(pca, "transform", lambda x: calls.append(x.shape) or transform(x))
+    args = _args(k=4, dc_heads=3, dc_head_k="spread")
+    algorithm = DeepCluster(args, num_images=200, device=torch.device("cpu"))
+    record = algorithm._cluster(features, pca, sharded=False, nonfinite_rows=0, epoch=3)
+    assert calls == [(200, 16)]
+    assert all(torch.equal(algorithm.labels[head], expected[head]) for head in range(3))
+    assert record["time_pca"] > 0
 
 
 def test_state_round_trip_and_the_one_head_layout():

@@ -28,7 +28,7 @@ from torch import nn
 
 from pydc.algorithms.base import Algorithm, Loaders, TrainingError, epoch_seed
 from pydc.algorithms.features import (cluster_features, compute_features, diverged, local_features,
-                                     progress_bar)
+                                     progress_bar, synchronize)
 from pydc.algorithms.sharded_clustering import (NonfiniteFeatures, StreamedPCA, cluster_on_shards,
                                                 cluster_shard, gathered_feature_bytes)
 from pydc.utils import dist as dist_utils
@@ -220,11 +220,20 @@ class DeepCluster(Algorithm):
         """k-means once per head; sets `labels` (heads, N) and returns the timings, summed over the heads."""
         args = self.args
         labels, record = [], {}
+        whitened, whitening_seconds = None, 0.0
+        if not sharded and len(self.head_sizes) > 1:  # whiten once for every head (k-means runs on rank 0)
+            start = time.perf_counter()
+            whitened = pca.transform(features) if dist_utils.is_main_process() else features
+            synchronize(features.device)
+            whitening_seconds = time.perf_counter() - start
         for head, num_clusters in enumerate(self.head_sizes):
             seed = epoch_seed(args.seed, epoch) + HEAD_SEED_STRIDE * head
             if not sharded:
-                head_labels, timings = cluster_features(features, pca, num_clusters, seed,
+                head_labels, timings = cluster_features(features if whitened is None else whitened,
+                                                        pca if whitened is None else None, num_clusters, seed,
                                                         args.kmeans_backend, args.kmeans_iters)
+                if head == 0 and "time_pca" in timings:  # (rank 0's record)
+                    timings["time_pca"] += whitening_seconds
             elif head == 0:
                 head_labels, timings, _ = cluster_shard(features, pca, num_clusters, seed, args.kmeans_iters,
                                                         self.num_images, nonfinite_rows=nonfinite_rows)

@@ -60,7 +60,8 @@ def compute_features(feature_fn, loader, num_images: int, device: torch.device, 
 
 def cluster_features(features: torch.Tensor, pca, num_clusters: int, seed: int, backend: str,
                      niter: int = 20) -> tuple[torch.Tensor, dict]:
-    """PCA-whiten + L2 (pca already holds the streamed moments) then k-means; returns labels and timings.
+    """PCA-whiten + L2 (pca already holds the streamed moments; None: the features are whitened already) then
+    k-means; returns labels and timings.
 
     In torch.distributed only rank 0 computes; the labels are broadcast so every rank holds the same ones.
     """
@@ -71,7 +72,7 @@ def cluster_features(features: torch.Tensor, pca, num_clusters: int, seed: int, 
     objective = float("nan")
     if dist_utils.is_main_process():
         start = time.perf_counter()
-        whitened = pca.transform(features)
+        whitened = pca.transform(features) if pca is not None else features
         synchronize(features.device)
         timings["time_pca"] = time.perf_counter() - start
         nan_rows = int(torch.isnan(whitened).any(dim=1).sum())
