@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
     std::vector<float> scores(kChunkRows * padded_k);
     std::vector<uint8_t> needed(kChunkRows * groups);
     std::vector<int64_t> active;                 // chunk rows that fail the global filter
-    std::vector<int64_t> members;                // active rows that need the group being scored
+    std::vector<int64_t> members(kChunkRows);    // active rows that need the group being scored
     std::vector<const float*> row_pointers;
     std::vector<float*> score_pointers;
     std::vector<double> error(kChunkRows), upper_of(kChunkRows);
@@ -302,16 +302,18 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
       }
       // Score the needed groups, a group's blocks at a time for all active rows that need it.
       for (int64_t g = 0; g < groups; ++g) {
-        members.clear();
+        int64_t member_count = 0;  // without a branch: whether a row needs a group is a coin toss here
         for (const int64_t r : active) {
-          if (needed[r * groups + g]) members.push_back(r);
+          members[member_count] = r;
+          member_count += needed[r * groups + g];
         }
-        if (members.empty()) continue;
+        if (member_count == 0) continue;
         for (int64_t b = blocks.group_block[g]; b < blocks.group_block[g + 1]; b += 2) {
           const int64_t pair = std::min<int64_t>(2, blocks.group_block[g + 1] - b);
           row_pointers.clear();
           score_pointers.clear();
-          for (const int64_t r : members) {
+          for (int64_t m = 0; m < member_count; ++m) {
+            const int64_t r = members[m];
             float* row_scores = scores.data() + r * padded_k + b * kBlockWidth;
             const int64_t own_block = block_of[own_of[r]];
             if (separable[r] && own_block != b && own_block != b + pair - 1) {
@@ -341,17 +343,17 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
         const int64_t i = c0 + r;
         const float* row_scores = scores.data() + r * padded_k;
         const uint8_t* need = needed.data() + r * groups;
+        // +inf for the groups not scored, then the best group (the first of the smallest minimum) and the
+        // smallest of the others' minima in three passes without a branch on `need` (a coin toss per group)
+        std::fill(group_min.begin(), group_min.end(), kKMeansInf);
         kernels.group_block_minima(row_scores, blocks.group_block.data(), need, groups, group_min.data());
         float best = kKMeansInf, second = kKMeansInf;
+        for (int64_t g = 0; g < groups; ++g) best = group_min[g] < best ? group_min[g] : best;
         int64_t best_group = -1;
-        for (int64_t g = 0; g < groups; ++g) {
-          if (!need[g]) continue;
-          if (group_min[g] < best) {
-            second = std::min(second, best);
-            best = group_min[g];
-            best_group = g;
-          } else if (group_min[g] < second) {
-            second = group_min[g];
+        if (best < kKMeansInf) {
+          best_group = std::find(group_min.begin(), group_min.end(), best) - group_min.begin();
+          for (int64_t g = 0; g < groups; ++g) {
+            second = (g != best_group && group_min[g] < second) ? group_min[g] : second;
           }
         }
         int64_t position = 0;
