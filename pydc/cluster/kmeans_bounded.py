@@ -61,7 +61,6 @@ the deterministic update then match the CPU's bitwise. Memory: N x t x 4 bytes (
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -153,9 +152,8 @@ class YinyangAssigner:
         self.group_of_sorted = None
         self.rows_computed = []    # per call: points with any score computed (benchmarks and tests) ...
         self.scores_computed = []  # ... and point-centroid scores computed (N * k without bounds)
-        self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows ...
+        self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
         self.backoff = 1
-        self.full_pass_seconds = None  # ... or took as long as the last full pass: plain, or the bounds pass
 
     def _make_groups(self, centroids: torch.Tensor) -> None:
         from pydc.cluster.kmeans import kmeans
@@ -175,11 +173,8 @@ class YinyangAssigner:
     def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         # Every score: exact labels and fresh group bounds from one GEMM pass + group-min fold (measured
         # faster than the local filter from zero bounds since the fold and the BLAS choice were sped up).
-        start = time.perf_counter()
         labels, distances, _, self.lower = torch.ops.pydc.kmeans_assign_bounds(
             self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms)
-        if self.full_pass_seconds is None:  # until a plain pass is measured (the bounds pass costs ~1.1-1.3x)
-            self.full_pass_seconds = time.perf_counter() - start
         self.labels = labels
         self._count(self.x.shape[0], self.x.shape[0] * self.k)
         self.previous = centroids.clone()
@@ -199,26 +194,18 @@ class YinyangAssigner:
             if self.unfiltered_passes == 0:
                 return self._compute_all(centroids, sorted_centroids)
             self._count(self.x.shape[0], self.x.shape[0] * self.k)
-            start = time.perf_counter()
             labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
-            self.full_pass_seconds = time.perf_counter() - start
             self.labels = labels
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
         group_drift = torch.zeros(self.offsets.numel() - 1, dtype=torch.float64).scatter_reduce_(
             0, self.group_of_sorted, drift[self.order], reduce="amax", include_self=True)
-        start = time.perf_counter()
         distances, counts = torch.ops.pydc.kmeans_assign_yinyang(
             self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms, group_drift, self.labels,
             self.lower)
-        seconds = time.perf_counter() - start
         rows, scores = counts.tolist()
         self._count(rows, scores)
-        # Back off when the filter scored most pairs, or when it took as long as a full pass would (measured:
-        # on an Intel Xeon at AVX-512 filtered passes of 40% of the scores cost a plain GEMM pass; on Zen 4
-        # the same passes cost ~0.6 of one). The labels are the same either way; only the time differs.
-        slow = self.full_pass_seconds is not None and seconds >= self.full_pass_seconds
-        if slow or scores > DENSE_FRACTION * self.x.shape[0] * self.k:
+        if scores > DENSE_FRACTION * self.x.shape[0] * self.k:
             self.unfiltered_passes = self.backoff
             self.backoff = min(2 * self.backoff, MAX_BACKOFF)
         else:
