@@ -86,28 +86,35 @@ void fold_row_top2(const float* dot, const float* centroid_sq_norms, int64_t n, 
   }
 }
 
-// The smallest lane of v, by halving (the lanes here are never NaN). A chain of kFoldWidth scalar minima per
-// group was 10% of the time of kmeans_assign_bounds at AVX-512 (63 groups of 16 a row), the GEMM 37%.
-inline float min_fold_lanes(const fold_floats& v) {
-  typedef float four_floats __attribute__((vector_size(4 * sizeof(float))));
-#if PYDC_CPU_LEVEL >= 2
-  typedef float eight_floats __attribute__((vector_size(8 * sizeof(float))));
-  const eight_floats a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const eight_floats b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const eight_floats half = b < a ? b : a;
-#else
-  const fold_floats half = v;
-#endif
-#if PYDC_CPU_LEVEL >= 1
-  const four_floats c = __builtin_shufflevector(half, half, 0, 1, 2, 3);
-  const four_floats e = __builtin_shufflevector(half, half, 4, 5, 6, 7);
-  const four_floats quarter = e < c ? e : c;
-#else
-  const four_floats quarter = half;
-#endif
-  const float low = quarter[1] < quarter[0] ? quarter[1] : quarter[0];
-  const float high = quarter[3] < quarter[2] ? quarter[3] : quarter[2];
+// The smallest of 4 or 8 lanes, by halving (the lanes here are never NaN: running minima that start at +inf
+// and take a value only when it is `<`). A chain of scalar minima per group was 10% of the time of
+// kmeans_assign_bounds at AVX-512 (63 groups of 16 a row), the GEMM 37%.
+typedef float four_lanes __attribute__((vector_size(4 * sizeof(float))));
+typedef float eight_lanes __attribute__((vector_size(8 * sizeof(float))));
+
+inline float min_four_lanes(const four_lanes& v) {
+  const float low = v[1] < v[0] ? v[1] : v[0];
+  const float high = v[3] < v[2] ? v[3] : v[2];
   return high < low ? high : low;
+}
+
+inline float min_eight_lanes(const eight_lanes& v) {
+  const four_lanes low = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  const four_lanes high = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return min_four_lanes(high < low ? high : low);
+}
+
+// The smallest lane of a vector of the level's fold width (16, 8 or 4 lanes).
+inline float min_fold_lanes(const fold_floats& v) {
+#if PYDC_CPU_LEVEL >= 2
+  const eight_lanes low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const eight_lanes high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return min_eight_lanes(high < low ? high : low);
+#elif PYDC_CPU_LEVEL >= 1
+  return min_eight_lanes(v);
+#else
+  return min_four_lanes(v);
+#endif
 }
 
 // The smallest score over centroids [begin, end) (+inf when empty): kFoldWidth running minima, then their
@@ -327,13 +334,7 @@ void group_block_minima(const float* scores, const int64_t* group_block, const u
       std::memcpy(&s, scores + 8 * b, sizeof(s));
       lane_min = s < lane_min ? s : lane_min;
     }
-    typedef float four_floats __attribute__((vector_size(4 * sizeof(float))));
-    const four_floats low = __builtin_shufflevector(lane_min, lane_min, 0, 1, 2, 3);
-    const four_floats high = __builtin_shufflevector(lane_min, lane_min, 4, 5, 6, 7);
-    const four_floats quarter = high < low ? high : low;  // lanes never NaN: they start at +inf, `<` keeps it
-    const float a = quarter[1] < quarter[0] ? quarter[1] : quarter[0];
-    const float b = quarter[3] < quarter[2] ? quarter[3] : quarter[2];
-    group_min[g] = b < a ? b : a;
+    group_min[g] = min_eight_lanes(lane_min);
   }
 }
 
