@@ -220,17 +220,17 @@ class DeepCluster(Algorithm):
         """k-means once per head; sets `labels` (heads, N) and returns the timings, summed over the heads."""
         args = self.args
         labels, record = [], {}
-        whitened, whitening_seconds = None, 0.0
+        inputs, inputs_pca, whitening_seconds = features, pca, 0.0
         if not sharded and len(self.head_sizes) > 1:  # whiten once for every head (k-means runs on rank 0)
             start = time.perf_counter()
-            whitened = pca.transform(features) if dist_utils.is_main_process() else features
+            inputs = pca.transform(features) if dist_utils.is_main_process() else features
+            inputs_pca = None
             synchronize(features.device)
             whitening_seconds = time.perf_counter() - start
         for head, num_clusters in enumerate(self.head_sizes):
             seed = epoch_seed(args.seed, epoch) + HEAD_SEED_STRIDE * head
             if not sharded:
-                head_labels, timings = cluster_features(features if whitened is None else whitened,
-                                                        pca if whitened is None else None, num_clusters, seed,
+                head_labels, timings = cluster_features(inputs, inputs_pca, num_clusters, seed,
                                                         args.kmeans_backend, args.kmeans_iters)
                 if head == 0 and "time_pca" in timings:  # (rank 0's record)
                     timings["time_pca"] += whitening_seconds
