@@ -49,6 +49,49 @@ inline int64_t kmeans_thread_block_rows(int64_t n) {
   return std::clamp<int64_t>((n + threads - 1) / threads, 16, kPerThreadGemmRows);
 }
 
+// The fixed-order float64 winner (kmeans_settle_row's score and tie rule: lowest ids[j], or position for
+// nullptr) among the scored centroids whose float32 score is within `margin` (twice kmeans_score_error_bound)
+// of the best one; visit(fn) calls fn(position, float32 score) for every scored centroid. Every other centroid
+// is provably farther: an unscored one by the bound filters' margin, a scored one because its exact score
+// exceeds the best's by more than 2% of the error bound (the bound's 1% slack), far above float64 rounding. So
+// the winner is kmeans_settle_row's, without its k float64 dot products (the points halfway between clusters
+// need a settle often). Returns the winner's position and its float64 score in *score.
+template <typename Visit>
+int64_t kmeans_settle_near_best(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
+                                int64_t d, float best_score, double margin, double* score, Visit visit) {
+  const CpuKernels& kernels = cpu_kernels();
+  double best = kKMeansInf;  // the start of kmeans_settle_row's scan, whose first centroid is position 0
+  int64_t best_position = 0, best_id = ids != nullptr ? ids[0] : 0;
+  visit([&](int64_t j, float float_score) {
+    // NaN scores are candidates, as in a full settle (their float64 score never wins)
+    if (static_cast<double>(float_score) - static_cast<double>(best_score) > margin) return;
+    const double s = sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, centroids + j * d, d);
+    const int64_t id = ids != nullptr ? ids[j] : j;
+    if (s < best || (s == best && id < best_id)) {
+      best = s;
+      best_position = j;
+      best_id = id;
+    }
+  });
+  *score = best;
+  return best_position;
+}
+
+// kmeans_settle_row's winner of a point whose whole row of float32 dot products x . c_j is at hand (dot, k of
+// them): only the centroids whose float32 score is within twice kmeans_score_error_bound of the best one get a
+// float64 score (kmeans_settle_near_best), not all k (a row scored by GEMM needs a settle whenever its two
+// best centroids are nearly as close: ~3% of the rows of unstructured data, which cost 6% of a pass when each
+// computed k float64 dot products).
+inline int64_t kmeans_settle_full_row(const float* x, const float* centroids, const KMeansCentroidInfo& info,
+                                      const int64_t* ids, const float* dot, const float* centroid_sq_norms, int64_t k,
+                                      int64_t d, float best_score, float point_sq_norm, double* score) {
+  const double margin = 2.0 * kmeans_score_error_bound(point_sq_norm, info.max_norm, d);
+  return kmeans_settle_near_best(x, centroids, info.sq_norms_f64.data(), ids, d, best_score, margin, score,
+                                 [&](auto fn) {
+                                   for (int64_t j = 0; j < k; ++j) fn(j, kmeans_score(centroid_sq_norms[j], dot[j]));
+                                 });
+}
+
 // kmeans_assign's winner of every point from full rows of scores, for the passes that also need the whole row
 // (the bounds of bounded k-means): each thread of at::parallel_for multiplies its own blocks of rows by all
 // centroids in one single-threaded BLAS GEMM (cpu_gemm_abt_per_thread, a buffer of at most 2^18 floats per
@@ -110,34 +153,6 @@ inline double kmeans_norm_rounding(int64_t d) { return static_cast<double>(d) * 
 inline double kmeans_group_lower_bound(double point_sq, double norm_rounding, float group_min, double error) {
   const double lower_sq = point_sq * (1.0 - norm_rounding) + static_cast<double>(group_min) - error;
   return lower_sq > 0.0 ? std::sqrt(lower_sq) : 0.0;
-}
-
-// The fixed-order float64 winner (kmeans_settle_row's score and tie rule: lowest ids[j], or position for
-// nullptr) among the scored centroids whose float32 score is within `margin` (twice kmeans_score_error_bound)
-// of the best one; visit(fn) calls fn(position, float32 score) for every scored centroid. Every other centroid
-// is provably farther: an unscored one by the bound filters' margin, a scored one because its exact score
-// exceeds the best's by more than 2% of the error bound (the bound's 1% slack), far above float64 rounding. So
-// the winner is kmeans_settle_row's, without its k float64 dot products (the points halfway between clusters
-// need a settle often). Returns the winner's position and its float64 score in *score.
-template <typename Visit>
-int64_t kmeans_settle_near_best(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
-                                int64_t d, float best_score, double margin, double* score, Visit visit) {
-  const CpuKernels& kernels = cpu_kernels();
-  double best = kKMeansInf;  // the start of kmeans_settle_row's scan, whose first centroid is position 0
-  int64_t best_position = 0, best_id = ids != nullptr ? ids[0] : 0;
-  visit([&](int64_t j, float float_score) {
-    // NaN scores are candidates, as in a full settle (their float64 score never wins)
-    if (static_cast<double>(float_score) - static_cast<double>(best_score) > margin) return;
-    const double s = sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, centroids + j * d, d);
-    const int64_t id = ids != nullptr ? ids[j] : j;
-    if (s < best || (s == best && id < best_id)) {
-      best = s;
-      best_position = j;
-      best_id = id;
-    }
-  });
-  *score = best;
-  return best_position;
 }
 
 // Calls row_fn(p, sq_norms, dot_row) for every centroid p, in parallel: the fixed float64 squared norms of all

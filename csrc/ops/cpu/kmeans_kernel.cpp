@@ -117,12 +117,12 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
       std::fill(best_score.begin(), best_score.end(), kKMeansInf);
       std::fill(second_score.begin(), second_score.end(), kKMeansInf);
       std::fill(labels + i0, labels + i0 + rows, int64_t(0));
+      const float* dot_rows = buffer.const_data_ptr<float>();
+      const int64_t stride = buffer.stride(0);
       for (int64_t j0 = 0; j0 < k; j0 += kCentroidBlock) {
         const int64_t cols = std::min(kCentroidBlock, k - j0);
         at::Tensor dots = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
         cpu_gemm_abt_per_thread(dots, points, plan.centroids.narrow(0, j0, cols));
-        const float* dot_rows = dots.const_data_ptr<float>();
-        const int64_t stride = dots.stride(0);
         for (int64_t r = 0; r < rows; ++r) {
           kernels.fold_row_top2(dot_rows + r * stride, cn + j0, cols, j0, &best_score[r], &labels[i0 + r],
                                 &second_score[r]);
@@ -133,7 +133,11 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
         float score = best_score[r];
         if (kmeans_needs_settle(best_score[r], second_score[r], pn[i], info.max_norm, d)) {
           double exact;
-          labels[i] = kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), nullptr, k, d, &exact);
+          // one block of centroids: the row's dot products are still in the buffer
+          labels[i] = k <= kCentroidBlock
+                          ? kmeans_settle_full_row(xs + i * d, cs, info, nullptr, dot_rows + r * stride, cn, k, d,
+                                                   best_score[r], pn[i], &exact)
+                          : kmeans_settle_row(xs + i * d, cs, info.sq_norms_f64.data(), nullptr, k, d, &exact);
           score = static_cast<float>(exact);
         }
         distances[i] = kmeans_distance(pn[i], score);
