@@ -509,10 +509,20 @@ inline fold_floats vector_sqrt(const fold_floats& v) {
 #endif
 }
 
+// A vector of the level's width with every lane `value`: one broadcast (a loop setting the lanes one by one
+// compiles to a masked broadcast per lane at AVX-512).
 inline fold_floats splat(float value) {
+#if PYDC_CPU_LEVEL >= 2
+  return reinterpret_cast<fold_floats>(_mm512_set1_ps(value));
+#elif PYDC_CPU_LEVEL >= 1
+  return reinterpret_cast<fold_floats>(_mm256_set1_ps(value));
+#elif defined(__x86_64__)
+  return reinterpret_cast<fold_floats>(_mm_set1_ps(value));
+#else
   fold_floats v;
   for (int m = 0; m < kFoldWidth; ++m) v[m] = value;
   return v;
+#endif
 }
 
 float elkan_anchor_row(const float* dot, const float* centroid_sq_norms, const float* offset_down, float base,
