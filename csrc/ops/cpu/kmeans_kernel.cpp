@@ -64,20 +64,10 @@ KMeansCentroidInfo kmeans_centroid_info(const at::Tensor& centroids) {
 
 int64_t kmeans_settle_row(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
                           int64_t k, int64_t d, double* score) {
-  const CpuKernels& kernels = cpu_kernels();
-  double best = kKMeansInf;
-  int64_t best_position = 0, best_id = ids != nullptr ? ids[0] : 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const double s = sq_norms_f64[j] - 2.0 * kernels.dot_f64(x, centroids + j * d, d);
-    const int64_t id = ids != nullptr ? ids[j] : j;
-    if (s < best || (s == best && id < best_id)) {
-      best = s;
-      best_position = j;
-      best_id = id;
-    }
-  }
-  *score = best;
-  return best_position;
+  // every centroid a candidate: an infinite margin around a float32 best of 0
+  return kmeans_settle_near_best(x, centroids, sq_norms_f64, ids, d, 0.0f, HUGE_VAL, score, [&](auto fn) {
+    for (int64_t j = 0; j < k; ++j) fn(j, 0.0f);
+  });
 }
 
 bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
