@@ -32,7 +32,8 @@ import torch
 # A pass whose sample has more candidate pairs than this scores every pair by GEMM. A sparse pass costs ~0.12 s +
 # 1.6 s x its fraction of pairs at 100k x 256, k = 1000 (AVX-512, 2 threads) against 0.38 s for a dense one, which
 # also leaves every bound tight: 0.15 took unstructured k-means from 8.7-9.3 s (at 0.35) to 6.6-7.0 s there and
-# from 10.4 to 9.1 s at AVX2, clustered unchanged (2.1 and 3.3-3.5 s); 0.05 made clustered passes dense (3.1 s).
+# from 10.4 to 9.1-10.1 s capped at AVX2 (where Yinyang is as fast), clustered unchanged (2.1 and 2.9-3.5 s);
+# 0.05 made clustered passes dense (3.1 s).
 DENSE_FRACTION = 0.15
 _ROUND_UP = 1.0 + 1e-12  # float64 norms of float32 differences: relative error far below 1e-12
 
