@@ -1,5 +1,6 @@
-"""Bounded k-means (Yinyang's group bounds and Elkan's per-pair bounds, PYDC_KMEANS_BOUNDS) equals plain
-Lloyd, and the fixed-point stop equals running every iteration.
+"""Bounded k-means (Yinyang's group bounds, Elkan's per-pair bounds, the moved products of kmeans_delta, and
+auto's hand-over from the first to the last: PYDC_KMEANS_BOUNDS) equals plain Lloyd, and the fixed-point stop
+equals running every iteration.
 
 Bounded and plain runs start from the same centroids; the labels, centroids and splits must be identical
 and the objective equal up to float rounding (1e-6 relative), on clustered, unstructured, duplicate-point and
@@ -50,10 +51,15 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["yinyang", "elkan"])
+@pytest.fixture(params=["yinyang", "elkan", "delta", "auto"])
 def bounds(request, monkeypatch):
-    """Runs a test with each kind of bounds."""
+    """Runs a test with each kind of bounds (delta moving the products whatever the number of changed labels,
+    so that these small runs take that path)."""
+    from pydc.cluster import kmeans_delta
+
     monkeypatch.setenv("PYDC_KMEANS_BOUNDS", request.param)
+    if request.param == "delta":
+        monkeypatch.setattr(kmeans_delta, "DENSE_CHANGES", 1e9)
     return request.param
 
 
@@ -79,7 +85,7 @@ def test_bounded_equals_plain_lloyd(case, level, bounds):
             bounded = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=True,
                              stop_at_fixed_point=stop)
             assert_same_run(bounded, plain)
-            assert bounded.bounds == bounds
+            assert bounded.bounds == bounds or (bounds == "auto" and bounded.bounds in ("yinyang", "yinyang+delta"))
             assert len(bounded.rows_computed) == bounded.iterations + (0 if bounded.iterations < 12 else 1)
             # the bounds skipped work (the first pass computes every row)
             assert sum(bounded.rows_computed[1:]) < x.shape[0] * (len(bounded.rows_computed) - 1)
@@ -222,3 +228,24 @@ def test_balanced_groups_with_room_to_spare_are_nearest_centre():
                                                                              centres.double()).argmin(1))
     with pytest.raises(ValueError, match="cannot hold"):
         balanced_groups(centroids, centres, 40)
+
+
+def test_auto_hands_unstructured_data_over_to_moved_products(monkeypatch):
+    """auto keeps Yinyang's bounds where their filter pays (clustered data) and hands over to the moved
+    products once it does not (points on the sphere), with plain Lloyd's run either way; spherical runs and
+    products over the memory budget stay with Yinyang."""
+    from pydc.cluster import kmeans_bounded
+
+    monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "auto")
+    for x, k, expected in ((clustered(), 40, "yinyang"), (unstructured(n=6000, d=32), 60, "yinyang+delta")):
+        init = initial_centroids(x, k, seed=7)
+        plain = kmeans(x, k, niter=15, backend="torch", init_centroids=init, bounded=False)
+        bounded = kmeans(x, k, niter=15, backend="torch", init_centroids=init, bounded=True)
+        assert_same_run(bounded, plain)
+        assert bounded.bounds == expected
+    assert kmeans_bounded.choose_bounds(6000, 60, spherical=True) == "yinyang"
+    monkeypatch.setattr(kmeans_bounded, "ELKAN_MAX_BYTES", 6000 * 60 * 4 - 1)
+    assert kmeans_bounded.choose_bounds(6000, 60) == "yinyang"
+    monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "delta")
+    with pytest.raises(ValueError, match="PYDC_KMEANS_BOUNDS=delta needs"):
+        kmeans_bounded.choose_bounds(6000, 60)

@@ -1,8 +1,8 @@
 // Schemas of the k-means ops and the checks both kernels share.
 //
 // kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
-// kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang, kmeans_assign_elkan: the steps of bounded
-// k-means (CPU only).
+// kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang, kmeans_assign_elkan, kmeans_assign_delta:
+// the steps of bounded k-means (CPU only).
 // kmeans_update: per-cluster sums of the points and per-cluster counts (the centroid update is sums/counts).
 #include "ops/kmeans.h"
 
@@ -87,5 +87,9 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   // Bounded k-means with one lower bound per (point, centroid) (Elkan) on the CPU: ops/cpu/kmeans_elkan_kernel.cpp.
   m.def("kmeans_assign_elkan(Tensor x, Tensor centroids, Tensor x_sq_norms, Tensor drift_offsets, float max_drift, "
         "float dense_fraction, Tensor(a!) labels, Tensor(b!) anchors, Tensor(c!) second) -> "
+        "(Tensor distances, Tensor counts)");
+  // k-means by updated dot products (the points that changed label) on the CPU: ops/cpu/kmeans_delta_kernel.cpp.
+  m.def("kmeans_assign_delta(Tensor x, Tensor centroids, Tensor x_sq_norms, float dense_changes, Tensor(a!) labels, "
+        "Tensor(b!) dots, Tensor(c!) column_error, Tensor(d!) basis_labels, Tensor(e!) basis_centroids) -> "
         "(Tensor distances, Tensor counts)");
 }

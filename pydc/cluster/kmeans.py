@@ -22,10 +22,12 @@
    stopped at a fixed point, whose labels are already those).
 
 Bounded k-means (bounded=True, the default; CPU with the compiled ops): the assignments skip the points
-whose Yinyang bounds prove that their label cannot change (pydc/cluster/kmeans_bounded.py), or with
-PYDC_KMEANS_BOUNDS=elkan the point-centroid pairs whose own bound does (pydc/cluster/kmeans_elkan.py). The labels,
-centroids and splits are exactly those of plain Lloyd (bounded=False); the objective agrees up to float
-rounding. On CUDA, and without the compiled ops, bounded=True runs plain Lloyd.
+whose Yinyang bounds prove that their label cannot change (pydc/cluster/kmeans_bounded.py), and once those
+bounds stop paying (data without cluster structure) keep every point-centroid product and move it with the
+points that changed label (pydc/cluster/kmeans_delta.py); PYDC_KMEANS_BOUNDS=yinyang, elkan (a bound per
+point-centroid pair, pydc/cluster/kmeans_elkan.py) or delta forces one of them. The labels, centroids and
+splits are exactly those of plain Lloyd (bounded=False); the objective agrees up to float rounding. On CUDA,
+and without the compiled ops, bounded=True runs plain Lloyd.
 
 faiss differences: faiss picks the cluster to split by a cyclic scan with acceptance probability
 (size - 1)/(N - k) and a fixed split seed; here it is an exact draw proportional to (size - 1) from a
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from pydc.cluster.kmeans_bounded import YinyangAssigner, bounded_assignment_available, choose_bounds
+from pydc.cluster.kmeans_delta import DeltaAssigner, YinyangThenDelta
 from pydc.cluster.kmeans_elkan import ElkanAssigner
 from pydc.ops._registry import HAS_OPS
 from pydc.ops.cpu_gemm import ensure_cpu_gemm
@@ -152,11 +155,15 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     point_sq_norms = (x32 * x32).sum(1)
     bounded = bounded and bounded_assignment_available(x32)
     cpu_gemm = ensure_cpu_gemm() if HAS_OPS and x32.device.type == "cpu" else None
-    bounds = choose_bounds(x32.shape[0], k) if bounded else None
-    if bounds == "elkan":
+    bounds = choose_bounds(x32.shape[0], k, spherical) if bounded else None
+    if bounds == "delta":
+        assign = DeltaAssigner(x32, point_sq_norms, k)
+    elif bounds == "elkan":
         assign = ElkanAssigner(x32, point_sq_norms, k)
-    elif bounds == "yinyang":
+    elif bounds in ("yinyang", "auto"):
         assign = YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2)
+        if bounds == "auto":
+            assign = YinyangThenDelta(assign, x32, point_sq_norms, k)
     else:
         assign = _PlainAssigner(x32, point_sq_norms)
     split_generator = torch.Generator().manual_seed(int(seed) + 1)
@@ -185,6 +192,8 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     passes = len(objective) + (not stopped)
     rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * passes
     scores_computed = assign.scores_computed if bounded else [x32.shape[0] * k] * passes
+    if bounds == "auto":
+        bounds = "yinyang" if assign.delta is None else "yinyang+delta"
     return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits,
                         iterations=len(objective), bounded=bounded, bounds=bounds, rows_computed=rows_computed,
                         scores_computed=scores_computed, cpu_gemm=cpu_gemm)

@@ -72,21 +72,27 @@ _ROUND_UP = 1.0 + 1e-12  # float64 norms and square roots of float32 data: relat
 
 
 ELKAN_MAX_BYTES = 1 << 30  # per-pair bounds (kmeans_elkan.py): N x k x 4 bytes at most 1 GiB
-BOUNDS_CHOICES = ("auto", "elkan", "yinyang")
+BOUNDS_CHOICES = ("auto", "delta", "elkan", "yinyang")
 
 
-def choose_bounds(n: int, k: int) -> str:
-    """The bounds of a bounded CPU k-means run: PYDC_KMEANS_BOUNDS=yinyang (and auto, the default: per group of
-    centroids, N x G float64) or elkan (one per point and centroid, N x k float32; raises when that exceeds
-    ELKAN_MAX_BYTES). Measured on 100k x 256, k = 1000 (2 threads, Zen 4), neither is faster on both data
-    kinds (kmeans_elkan.py), so auto keeps Yinyang's, which needs k / 16 times less memory."""
+def choose_bounds(n: int, k: int, spherical: bool = False) -> str:
+    """The assigner of a bounded CPU k-means run, PYDC_KMEANS_BOUNDS: yinyang (per group of centroids, N x G
+    float64), elkan (one bound per point and centroid, N x k float32), delta (every point-centroid product kept
+    and moved by the points that changed label, N x k float32: kmeans_delta.py) or auto, the default:
+    Yinyang's bounds, handed over to delta once their filter stops paying (kmeans_delta.YinyangThenDelta), when
+    the N x k products fit ELKAN_MAX_BYTES and the run is not spherical (its renormalised centroids are not
+    cluster means, so every delta pass would be dense); yinyang otherwise. elkan and delta raise when their
+    state exceeds ELKAN_MAX_BYTES."""
     requested = os.environ.get("PYDC_KMEANS_BOUNDS", "auto").strip().lower() or "auto"
     if requested not in BOUNDS_CHOICES:
         raise ValueError(f"PYDC_KMEANS_BOUNDS must be one of {', '.join(BOUNDS_CHOICES)}, got {requested!r}")
-    if requested == "elkan" and n * k * 4 > ELKAN_MAX_BYTES:
-        raise ValueError(f"PYDC_KMEANS_BOUNDS=elkan needs {n} x {k} x 4 bytes of bounds, more than "
+    fits = n * k * 4 <= ELKAN_MAX_BYTES
+    if requested in ("elkan", "delta") and not fits:
+        raise ValueError(f"PYDC_KMEANS_BOUNDS={requested} needs {n} x {k} x 4 bytes of state, more than "
                          f"ELKAN_MAX_BYTES = {ELKAN_MAX_BYTES}; use yinyang")
-    return "elkan" if requested == "elkan" else "yinyang"
+    if requested == "auto":
+        return "auto" if fits and not spherical else "yinyang"
+    return requested
 
 
 def bounded_assignment_available(x: torch.Tensor) -> bool:

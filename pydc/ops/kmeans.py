@@ -35,7 +35,9 @@ group bounds in place), kmeans_assign_bounds (a full pass that also returns the 
 kmeans_label_distances (float64 distance to the own centroid) are CPU only; see
 csrc/ops/cpu/kmeans_yinyang_kernel.cpp, kmeans_bounded_kernel.cpp and pydc/cluster/kmeans_bounded.py. So is
 kmeans_assign_elkan (one pass with a lower bound per point and centroid, labels and bounds updated in place;
-csrc/ops/cpu/kmeans_elkan_kernel.cpp, pydc/cluster/kmeans_elkan.py).
+csrc/ops/cpu/kmeans_elkan_kernel.cpp, pydc/cluster/kmeans_elkan.py) and kmeans_assign_delta (the products of every
+point and centroid moved to new centroids by the points that changed label; kmeans_delta_kernel.cpp,
+pydc/cluster/kmeans_delta.py).
 
 Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
 `kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the
@@ -191,6 +193,14 @@ if HAS_OPS:
         torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
                      lambda: "kmeans_assign_elkan: expected 2-D x and one label per row")
         # labels, anchors and second are updated in place (schema a!/b!/c!); the outputs are new tensors.
+        return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((3,), dtype=torch.int64)
+
+    @torch.library.register_fake("pydc::kmeans_assign_delta")
+    def _kmeans_assign_delta_fake(x, centroids, x_sq_norms, dense_changes, labels, dots, column_error, basis_labels,
+                                  basis_centroids):
+        torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
+                     lambda: "kmeans_assign_delta: expected 2-D x and one label per row")
+        # labels, dots, column_error, basis_labels and basis_centroids are updated in place (schema a!-e!)
         return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((3,), dtype=torch.int64)
 
     @torch.library.register_fake("pydc::kmeans_update")

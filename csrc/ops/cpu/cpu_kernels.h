@@ -34,6 +34,19 @@ struct CpuKernels {
   // index, second-best score) under kmeans_prefer; NaN scores never enter.
   void (*fold_row_top2)(const float* dot, const float* centroid_sq_norms, int64_t n, int64_t j0,
                         float* best_score, int64_t* best_index, float* second_score);
+  // fold_row_top2 of `count` points at once from their products stored by centroid: dot[j * stride + r] is
+  // point r's product with centroid j (j < k); best_score[r], best_index[r] and second_score[r] are set (the
+  // same values as fold_row_top2 over the point's row from +inf).
+  void (*fold_columns_top2)(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k,
+                            int64_t count, float* best_score, int32_t* best_index, float* second_score);
+  // fold_columns_top2 after moving the products of the centroids with scale[j] != 1 or any added products
+  // (kmeans_delta_kernel.cpp): dot[j * stride + r] = dot[j * stride + r] * scale[j] + a, where a is the float32
+  // sum of gain[q] * products[row[q] * count + r] over q from start[j] to start[j + 1] - 1, in that order (every
+  // product and sum rounded to float32, no fused multiply-add).
+  void (*update_fold_columns_top2)(float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k,
+                                   int64_t count, const float* scale, const int64_t* start, const int32_t* row,
+                                   const float* gain, const float* products, float* best_score, int32_t* best_index,
+                                   float* second_score);
   // Smallest score ||c_j||^2 - 2 dot[j] over j in [offsets[g], offsets[g + 1]) except j == excluded, for
   // each of `groups` groups, into group_min[g] (+inf for a group with no other member).
   void (*group_min_scores)(const float* dot, const float* centroid_sq_norms, const int64_t* offsets,

@@ -525,6 +525,94 @@ inline fold_floats splat(float value) {
 #endif
 }
 
+// One fold_row_top2 step for point lanes: score = ||c||^2 - 2 dot, the running (best, index, second) updated.
+inline void fold_lanes(const fold_floats& norm, const fold_floats& two, const fold_ints& index, const fold_floats& d,
+                       float* best_score, int32_t* best_index, float* second_score) {
+  fold_floats best, second;
+  fold_ints position;
+  std::memcpy(&best, best_score, sizeof(best));
+  std::memcpy(&second, second_score, sizeof(second));
+  std::memcpy(&position, best_index, sizeof(position));
+  const fold_floats score = norm - two * d;
+  const fold_ints better = score < best;  // strict: the lowest index keeps a tie
+  const fold_floats runner_up = score < second ? score : second;
+  second = better ? best : runner_up;
+  best = better ? score : best;
+  position = better ? index : position;
+  std::memcpy(best_score, &best, sizeof(best));
+  std::memcpy(second_score, &second, sizeof(second));
+  std::memcpy(best_index, &position, sizeof(position));
+}
+
+inline void fold_one(float norm, int32_t j, float d, float* best_score, int32_t* best_index, float* second_score) {
+  const float score = kmeans_score(norm, d);
+  const bool better = score < *best_score;
+  const float runner_up = score < *second_score ? score : *second_score;
+  *second_score = better ? *best_score : runner_up;
+  *best_score = better ? score : *best_score;
+  *best_index = better ? j : *best_index;
+}
+
+// The running (best, index, second) of every point in memory (the points of a row block are the lanes): each
+// centroid's products are one contiguous run, read once; fold_row_top2's comparisons, so its values. With
+// `scale` (update_fold_columns_top2), a centroid's run is first moved to its new centroid and stored.
+void update_fold_columns_top2(float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k, int64_t count,
+                              const float* scale, const int64_t* start, const int32_t* row, const float* gain,
+                              const float* products, float* best_score, int32_t* best_index, float* second_score) {
+  for (int64_t r = 0; r < count; ++r) {
+    best_score[r] = kKMeansInf;
+    second_score[r] = kKMeansInf;
+    best_index[r] = 0;
+  }
+  const int64_t vectors_end = count / kFoldWidth * kFoldWidth;
+  const fold_floats two = splat(2.0f);
+  for (int64_t j = 0; j < k; ++j) {
+    float* run = dot + j * stride;
+    const fold_floats norm = splat(centroid_sq_norms[j]);
+    fold_ints index;
+    for (int m = 0; m < kFoldWidth; ++m) index[m] = static_cast<int32_t>(j);
+    const bool moved = scale != nullptr && (scale[j] != 1.0f || start[j + 1] > start[j]);
+    if (moved) {
+      const int64_t q0 = start[j], q1 = start[j + 1];
+      const fold_floats s = splat(scale[j]);
+      for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
+        fold_floats d, added = splat(0.0f);
+        std::memcpy(&d, run + r, sizeof(d));
+        for (int64_t q = q0; q < q1; ++q) {
+          fold_floats p;
+          std::memcpy(&p, products + row[q] * count + r, sizeof(p));
+          added = added + splat(gain[q]) * p;
+        }
+        d = d * s + added;
+        std::memcpy(run + r, &d, sizeof(d));
+        fold_lanes(norm, two, index, d, best_score + r, best_index + r, second_score + r);
+      }
+      for (int64_t r = vectors_end; r < count; ++r) {
+        float added = 0.0f;
+        for (int64_t q = q0; q < q1; ++q) added = added + gain[q] * products[row[q] * count + r];
+        const float d = run[r] * scale[j] + added;
+        run[r] = d;
+        fold_one(centroid_sq_norms[j], static_cast<int32_t>(j), d, best_score + r, best_index + r, second_score + r);
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
+      fold_floats d;
+      std::memcpy(&d, run + r, sizeof(d));
+      fold_lanes(norm, two, index, d, best_score + r, best_index + r, second_score + r);
+    }
+    for (int64_t r = vectors_end; r < count; ++r) {
+      fold_one(centroid_sq_norms[j], static_cast<int32_t>(j), run[r], best_score + r, best_index + r, second_score + r);
+    }
+  }
+}
+
+void fold_columns_top2(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k, int64_t count,
+                       float* best_score, int32_t* best_index, float* second_score) {
+  update_fold_columns_top2(const_cast<float*>(dot), stride, centroid_sq_norms, k, count, nullptr, nullptr, nullptr,
+                           nullptr, nullptr, best_score, best_index, second_score);  // nothing moved: nothing written
+}
+
 float elkan_anchor_row(const float* dot, const float* centroid_sq_norms, const float* offset_down, float base,
                        int64_t begin, int64_t end, float* anchors) {
   // elkan_lower_bound and elkan_anchor (kmeans_math.h) lane by lane: the same operations, so the same values.
@@ -854,7 +942,8 @@ void add_quantized_double(int64_t* sum, const double* row, int64_t n, double sca
 
 extern const CpuKernels kKernels;
 const CpuKernels kKernels{
-    PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
+    PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &fold_columns_top2,
+    &update_fold_columns_top2,                 &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
     &centroid_dots,      &elkan_candidates,    &elkan_anchor_row,     &dot_f64,
     &squared_distance_f64, &accumulate_row,    &center_row_float,     &add_row_float,
     &normalize_row_float, &normalize_row_double, &sobel_band_u8,      &row_max_float,

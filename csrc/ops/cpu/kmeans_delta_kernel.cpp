@@ -1,0 +1,365 @@
+// CPU kernel of one assignment pass of k-means by updated dot products (pydc/cluster/kmeans_delta.py):
+//
+// kmeans_assign_delta(x, centroids, x_sq_norms, dense_changes, labels(a!), dots(b!), column_error(c!),
+//                     basis_labels(d!), basis_centroids(e!)) -> (distances, counts)
+//   The state, kept between passes: dots (k, N) float32, centroid-major, with |dots[j, i] - x_i . b_j| <=
+//   ||x_i|| column_error[j] in exact arithmetic, b = basis_centroids (k, d) float32, the centroids of the last
+//   pass; basis_labels (N,) int64: the labels whose cluster means b are; labels (N,) int64: the labels of the
+//   last pass, whose cluster means `centroids` are when the caller ran a Lloyd update in between (anything else
+//   only costs time, below). A pass is dense when dense_changes < 0 (the first one: the state is output only),
+//   or when more than dense_changes * k labels differ between basis_labels and labels: every pair is scored by
+//   BLAS GEMM (one single-threaded GEMM per block of points and thread, written straight into dots), then
+//   folded. Otherwise (a delta pass) the m points that changed label are gathered into Y (m, d), every block of
+//   points is multiplied by Y^T in one single-threaded GEMM (N x m x d multiply-adds instead of N x k x d), and
+//   each point's products are moved from b to the new centroids while they are folded
+//   (update_fold_columns_top2, cpu_kernels.h): a centroid j that gained the points P_j and lost Q_j is, up to
+//   its float32 rounding, (n_j b_j + sum P_j - sum Q_j) / n'_j (n, n': cluster sizes under basis_labels and
+//   labels), so
+//       dots[j, i] <- dots[j, i] * (n_j / n'_j) + (sum_{y in P_j} x_i . y - sum_{y in Q_j} x_i . y) / n'_j.
+//   On return labels are the labels kmeans_assign would give for `centroids` (bitwise), basis_labels the labels
+//   it was given, basis_centroids = centroids and dots, column_error their state; distances (N,) float64: the
+//   squared distance of every point to its new centroid (float32 arithmetic, as kmeans_assign's); counts (3,)
+//   int64 = (rows settled in float64, dot products computed: N x m, or N x k for a dense pass, 1 when dense).
+//
+// Exactness. column_error[j] bounds, per unit of ||x||, how far dots[j, :] may be from the exact products with
+// the new centroid c'_j: the previous bound scaled by n_j / n'_j; gamma_d ||x|| ||y|| for every GEMM product
+// x . y (Higham); 3 u times the largest magnitude the value takes (the factor n_j / n'_j, the scaling and the
+// final sum each round once: the added products are summed apart first, so their own roundings, 3 u each for
+// 1 / n'_j, the product and the running sum, scale only with their far smaller sum of magnitudes); and
+// ||c'_j - (n_j b_j + sum P_j - sum Q_j) / n'_j||, the residual of the update formula measured in float64 for
+// every centroid (the centroids' own float32 rounding; a column nothing moved into or out of keeps its dots, and
+// its residual is ||c'_j - b_j||, 0 after a Lloyd update). Every term is rounded up (1% slack), so each float32
+// score ||c'_j||^2 - 2 dots[j, i] errs by at most kmeans_score_error_bound + 2 ||x_i|| max_j column_error[j],
+// and a row whose best two scores are further apart than twice that keeps its float32 winner; any other row
+// is settled in float64 among the centroids within that margin of its best (kmeans_settle_near_best), as
+// kmeans_assign settles its near-ties. So the labels are kmeans_assign's. When the bound grows past
+// kMaxErrorGrowth times the GEMM's own (an empty-cluster split, a spherical renormalisation, or centroids that
+// are not the means of `labels`), the pass is dense instead, which resets it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/kmeans_math.h"
+#include "ops/cpu/blas_gemm.h"
+#include "ops/cpu/cpu_kernels.h"
+#include "ops/cpu/kmeans_cpu.h"
+
+namespace pydc {
+namespace {
+
+constexpr const char* kDelta = "pydc::kmeans_assign_delta";
+constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
+constexpr double kSlack = 1.01;
+constexpr double kRoundUp = 1.0 + 1e-12;  // float64 norms and sums of float32 data: relative error far below 1e-12
+// A delta pass only while max_j column_error[j] <= kMaxErrorGrowth * gamma_{d+2} (max ||x|| + max ||c||): the
+// settle margin then stays within a small multiple of kmeans_assign's.
+constexpr double kMaxErrorGrowth = 8.0;
+constexpr int64_t kBlockRows = 1024;
+
+// gamma_n = n u / (1 - n u), with slack: the error of a float32 dot product of length n, per unit of |x| |y|.
+double gamma_of(int64_t n) {
+  const double nu = static_cast<double>(n) * kUnitRoundoff;
+  return kSlack * nu / (1.0 - nu);
+}
+
+// An upper bound on ||v|| from a float32 ||v||^2 summed in any order (kmeans_norm_rounding).
+double norm_up(float sq_norm, int64_t d) {
+  const double sq = std::max(0.0, static_cast<double>(sq_norm));
+  return std::sqrt(sq / (1.0 - kmeans_norm_rounding(d))) * kRoundUp;
+}
+
+struct Update {
+  std::vector<int64_t> changed;     // points whose label changed, ascending
+  std::vector<int32_t> into, from;  // their new and old labels
+  std::vector<int64_t> columns;     // centroids that gained or lost a point, ascending
+  std::vector<float> column_scale;  // n_j / n'_j of each of them (0 when n'_j = 0)
+  std::vector<float> gain;          // 1 / n'_j per centroid (0 when n'_j = 0)
+};
+
+// The changed points, the scale factors of their centroids and every column's new error bound; false when the
+// bound grew past kMaxErrorGrowth (the pass must be dense).
+bool plan_update(const at::Tensor& x, const float* pn, const at::Tensor& centroids, double max_centroid_norm,
+                 const at::Tensor& basis, const int64_t* label, const int64_t* basis_label, double* column_error,
+                 Update* u) {
+  const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
+  const float* xs = x.const_data_ptr<float>();
+  std::vector<int64_t> before(k, 0), after(k, 0), added(k, 0);
+  std::vector<double> moved_norms(k, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    ++before[basis_label[i]];
+    ++after[label[i]];
+    if (label[i] != basis_label[i]) {
+      u->changed.push_back(i);
+      u->into.push_back(static_cast<int32_t>(label[i]));
+      u->from.push_back(static_cast<int32_t>(basis_label[i]));
+    }
+  }
+  // sum P_j - sum Q_j in float64, for the residuals
+  at::Tensor delta = at::zeros({k, d}, x.options().dtype(at::kDouble));
+  double* dl = delta.mutable_data_ptr<double>();
+  for (const int64_t i : u->changed) {
+    const float* y = xs + i * d;
+    double* in = dl + label[i] * d;
+    double* out = dl + basis_label[i] * d;
+    for (int64_t t = 0; t < d; ++t) {
+      in[t] += y[t];
+      out[t] -= y[t];
+    }
+    const double y_norm = norm_up(pn[i], d);
+    moved_norms[label[i]] += y_norm;
+    moved_norms[basis_label[i]] += y_norm;
+    ++added[label[i]];
+    ++added[basis_label[i]];
+  }
+  const float* c = centroids.const_data_ptr<float>();
+  const float* b = basis.const_data_ptr<float>();
+  const double gamma = gamma_of(d);
+  u->gain.assign(k, 0.0f);
+  std::vector<double> error(k);
+  at::parallel_for(0, k, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const double ratio = after[j] > 0 ? static_cast<double>(before[j]) / static_cast<double>(after[j]) : 0.0;
+      const double inverse = after[j] > 0 ? 1.0 / static_cast<double>(after[j]) : 0.0;
+      double residual = 0.0, basis_sq = 0.0;
+      for (int64_t t = 0; t < d; ++t) {
+        const double bt = b[j * d + t];
+        const double expected = added[j] > 0 ? (static_cast<double>(before[j]) * bt + dl[j * d + t]) * inverse : bt;
+        const double r = static_cast<double>(c[j * d + t]) - expected;
+        residual += r * r;
+        basis_sq += bt * bt;
+      }
+      double e = std::sqrt(residual) * kRoundUp;
+      if (added[j] > 0) {
+        const double old_error = column_error[j];
+        const double magnitude = ratio * (std::sqrt(basis_sq) * kRoundUp + old_error) +
+                                 inverse * (1.0 + gamma) * moved_norms[j];
+        // the factor n_j / n'_j, the scaling and the final sum round once each, at most the whole magnitude;
+        // each added product rounds three times (1 / n'_j, the product, the running sum), at most their sum
+        const double added_magnitude = inverse * (1.0 + gamma) * moved_norms[j];
+        const double rounding = kSlack * kUnitRoundoff * (3.0 * magnitude + 3.0 * added[j] * added_magnitude) +
+                                1e-12 * magnitude;
+        e += ratio * old_error + inverse * gamma * moved_norms[j] + rounding;
+      } else {
+        e += column_error[j];
+      }
+      error[j] = e * kRoundUp;
+    }
+  });
+  double max_error = 0.0, max_point = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    if (!(error[j] <= max_error)) max_error = std::isnan(error[j]) ? HUGE_VAL : error[j];
+  }
+  for (int64_t i = 0; i < n; ++i) max_point = std::max(max_point, norm_up(pn[i], d));
+  if (!(max_error <= kMaxErrorGrowth * gamma_of(d + 2) * (max_point + max_centroid_norm))) return false;
+  std::copy(error.begin(), error.end(), column_error);
+  for (int64_t j = 0; j < k; ++j) {
+    if (added[j] == 0) continue;
+    u->columns.push_back(j);
+    u->column_scale.push_back(static_cast<float>(after[j] > 0 ? static_cast<double>(before[j]) / after[j] : 0.0));
+    u->gain[j] = static_cast<float>(after[j] > 0 ? 1.0 / static_cast<double>(after[j]) : 0.0);
+  }
+  return true;
+}
+
+// Points per block: up to 1024 (a 4 KiB run of products per centroid; 256 made the passes ~15% slower at 100k x
+// 256, k = 1000), fewer so that every thread of torch's pool gets a block when n is small.
+int64_t delta_block_rows(int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::clamp<int64_t>((n + threads - 1) / threads, 16, kBlockRows);
+}
+
+// What every block of a pass reads: the inputs, the state and the outputs, as raw pointers.
+struct Pass {
+  const float* xs;
+  const float* pn;
+  const float* cs;
+  const float* cn;             // float32 ||c_j||^2 (kmeans_centroid_info)
+  const KMeansCentroidInfo* info;
+  float* dots;                 // (k, n): dots[j * n + i] ~ x_i . c_j
+  int64_t* label;
+  double* distance_out;
+  int64_t n, k, d;
+  double max_error;            // max_j column_error[j]; 0 for a dense pass (the GEMM's error is in the margin)
+};
+
+// Settles in float64 the points i0 .. i0 + rows - 1 whose folded best two scores are within twice the score error
+// bound (kmeans_score_error_bound, plus 2 ||x|| max_error) and writes every label and distance; returns how many
+// were settled.
+int64_t finish_block(const Pass& p, int64_t i0, int64_t rows, const float* best, const int32_t* index,
+                     const float* second) {
+  int64_t settled = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const double margin = 2.0 * (kmeans_score_error_bound(p.pn[i], p.info->max_norm, p.d) +
+                                 2.0 * norm_up(p.pn[i], p.d) * p.max_error);
+    float score = best[r];
+    int64_t position = index[r];
+    if (!(static_cast<double>(second[r]) - static_cast<double>(best[r]) > margin)) {
+      double exact;
+      const float* column = p.dots + i;  // point i's products, k of them, n apart
+      const auto visit = [&](auto fn) {
+        for (int64_t j = 0; j < p.k; ++j) fn(j, kmeans_score(p.cn[j], column[j * p.n]));
+      };
+      position = kmeans_settle_near_best(p.xs + i * p.d, p.cs, p.info->sq_norms_f64.data(), nullptr, p.d, best[r],
+                                         margin, &exact, visit);
+      score = static_cast<float>(exact);
+      ++settled;
+    }
+    p.label[i] = position;
+    p.distance_out[i] = kmeans_distance(p.pn[i], score);
+  }
+  return settled;
+}
+
+// Calls block_fn(i0, rows, scratch, best, index, second) for blocks of points on torch's threads (one BLAS
+// thread each; scratch: scratch_per_row * rows floats of the thread's own), which folds the block's products
+// into best, index and second, and finishes the block; returns the number of rows settled.
+template <typename BlockFn>
+int64_t for_blocks(const Pass& p, int64_t scratch_per_row, BlockFn block_fn) {
+  const int64_t block = delta_block_rows(p.n);
+  std::atomic<int64_t> settled{0};
+  PerThreadCpuGemm one_thread_each;
+  at::parallel_for(0, (p.n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> best(block), second(block), scratch(scratch_per_row * block);
+    std::vector<int32_t> index(block);
+    int64_t here = 0;
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t i0 = b * block, rows = std::min(block, p.n - i0);
+      block_fn(i0, rows, scratch.data(), best.data(), index.data(), second.data());
+      here += finish_block(p, i0, rows, best.data(), index.data(), second.data());
+    }
+    settled += here;
+  });
+  return settled.load();
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
+                                                          const at::Tensor& norms_in, double dense_changes,
+                                                          const at::Tensor& labels, const at::Tensor& dots,
+                                                          const at::Tensor& column_error,
+                                                          const at::Tensor& basis_labels,
+                                                          const at::Tensor& basis_centroids) {
+  PYDC_CHECK_DIM(kDelta, "x", x_in, 2);
+  PYDC_CHECK_DIM(kDelta, "centroids", centroids_in, 2);
+  PYDC_CHECK_DTYPE(kDelta, "x", x_in, at::kFloat);
+  PYDC_CHECK_DTYPE(kDelta, "centroids", centroids_in, at::kFloat);
+  PYDC_CHECK_DTYPE(kDelta, "x_sq_norms", norms_in, at::kFloat);
+  PYDC_CHECK_DTYPE(kDelta, "labels", labels, at::kLong);
+  PYDC_CHECK_DTYPE(kDelta, "dots", dots, at::kFloat);
+  PYDC_CHECK_DTYPE(kDelta, "column_error", column_error, at::kDouble);
+  PYDC_CHECK_DTYPE(kDelta, "basis_labels", basis_labels, at::kLong);
+  PYDC_CHECK_DTYPE(kDelta, "basis_centroids", basis_centroids, at::kFloat);
+  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(d >= 1 && centroids_in.size(1) == d && k >= 1, kDelta, ": expected x (N, d) and centroids (k, d) "
+              "with the same d >= 1 and k >= 1, got x of shape ", x_in.sizes(), " and centroids of shape ",
+              centroids_in.sizes());
+  TORCH_CHECK(norms_in.dim() == 1 && norms_in.size(0) == n, kDelta, ": expected x_sq_norms of shape (", n,
+              ",), got ", describe(norms_in));
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), kDelta,
+              ": expected contiguous labels of shape (", n, ",), got ", describe(labels));
+  TORCH_CHECK(basis_labels.dim() == 1 && basis_labels.size(0) == n && basis_labels.is_contiguous(), kDelta,
+              ": expected contiguous basis_labels of shape (", n, ",), got ", describe(basis_labels));
+  TORCH_CHECK(dots.dim() == 2 && dots.size(0) == k && dots.size(1) == n && dots.is_contiguous(), kDelta,
+              ": expected contiguous dots of shape (", k, ", ", n, "), got ", describe(dots));
+  TORCH_CHECK(column_error.dim() == 1 && column_error.size(0) == k && column_error.is_contiguous(), kDelta,
+              ": expected contiguous column_error of shape (", k, ",), got ", describe(column_error));
+  TORCH_CHECK(basis_centroids.dim() == 2 && basis_centroids.size(0) == k && basis_centroids.size(1) == d &&
+              basis_centroids.is_contiguous(), kDelta, ": expected contiguous basis_centroids of shape (", k, ", ",
+              d, "), got ", describe(basis_centroids));
+  TORCH_CHECK(!std::isnan(dense_changes), kDelta, ": expected a number for dense_changes, got NaN");
+  const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous(), norms = norms_in.contiguous();
+  at::Tensor distances = at::empty({n}, x.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({3}, x.options().dtype(at::kLong));
+  if (n == 0) return {distances, counts};
+
+  const float* xs = x.const_data_ptr<float>();
+  const float* pn = norms.const_data_ptr<float>();
+  int64_t* label = labels.mutable_data_ptr<int64_t>();
+  int64_t* basis_label = basis_labels.mutable_data_ptr<int64_t>();
+  float* dot = dots.mutable_data_ptr<float>();
+  double* error = column_error.mutable_data_ptr<double>();
+  double* distance_out = distances.mutable_data_ptr<double>();
+  int64_t* count = counts.mutable_data_ptr<int64_t>();
+  const KMeansCentroidInfo info = kmeans_centroid_info(centroids);
+
+  Update update;
+  bool dense = dense_changes < 0.0;
+  if (!dense) {
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(label[i] >= 0 && label[i] < k && basis_label[i] >= 0 && basis_label[i] < k, kDelta,
+                  ": expected labels and basis_labels in [0, ", k, "), got ", label[i], " and ", basis_label[i],
+                  " at point ", i);
+    }
+    int64_t changed = 0;
+    for (int64_t i = 0; i < n; ++i) changed += label[i] != basis_label[i];
+    dense = static_cast<double>(changed) > dense_changes * static_cast<double>(k) ||
+            !plan_update(x, pn, centroids, info.max_norm, basis_centroids, label, basis_label, error, &update);
+  }
+  // labels become the basis of the new centroids; the pass writes the new labels
+  std::memcpy(basis_label, label, n * sizeof(int64_t));
+  basis_centroids.copy_(centroids);
+  const float* cs = centroids.const_data_ptr<float>();
+  Pass pass{xs, pn, cs, info.sq_norms.const_data_ptr<float>(), &info, dot, label, distance_out, n, k, d, 0.0};
+  if (dense) {
+    // every product by GEMM, straight into the centroid-major products
+    const float* cn = pass.cn;
+    count[0] = for_blocks(pass, 0, [&](int64_t i0, int64_t rows, float*, float* best, int32_t* index, float* second) {
+      cpu_gemm_abt_per_thread(dots.narrow(1, i0, rows), centroids, x.narrow(0, i0, rows));
+      cpu_kernels().fold_columns_top2(dot + i0, n, cn, k, rows, best, index, second);
+    });
+    const double gamma = gamma_of(d);
+    for (int64_t j = 0; j < k; ++j) error[j] = gamma * std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
+    count[1] = n * k;
+    count[2] = 1;
+    return {distances, counts};
+  }
+
+  // Each block of points: its products with the m changed points (one single-threaded GEMM, m x rows), then
+  // one pass over the centroids' runs of the block's products (update_fold_columns_top2): a moved centroid's
+  // run scaled by n_j / n'_j, the products of the points that joined it added and of those that left it taken
+  // off, and every run folded.
+  const int64_t m = static_cast<int64_t>(update.changed.size());
+  at::Tensor moved = at::empty({m, d}, x.options());
+  float* ys = moved.mutable_data_ptr<float>();
+  std::vector<int64_t> start(k + 1, 0);
+  for (int64_t t = 0; t < m; ++t) {
+    std::memcpy(ys + t * d, xs + update.changed[t] * d, d * sizeof(float));
+    ++start[update.into[t] + 1];
+    ++start[update.from[t] + 1];
+  }
+  for (int64_t j = 0; j < k; ++j) start[j + 1] += start[j];
+  std::vector<int32_t> row(2 * m);
+  std::vector<float> gain(2 * m);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t t = 0; t < m; ++t) {  // ascending t within every centroid
+    row[fill[update.into[t]]] = static_cast<int32_t>(t);
+    gain[fill[update.into[t]]++] = update.gain[update.into[t]];
+    row[fill[update.from[t]]] = static_cast<int32_t>(t);
+    gain[fill[update.from[t]]++] = -update.gain[update.from[t]];
+  }
+  std::vector<float> scale(k, 1.0f);
+  for (size_t q = 0; q < update.columns.size(); ++q) scale[update.columns[q]] = update.column_scale[q];
+  for (int64_t j = 0; j < k; ++j) pass.max_error = std::max(pass.max_error, error[j]);
+  const float* cn = pass.cn;
+  count[0] = for_blocks(pass, m, [&](int64_t i0, int64_t rows, float* products, float* best, int32_t* index,
+                                     float* second) {
+    if (m > 0) cpu_gemm_abt_per_thread(at::from_blob(products, {m, rows}, x.options()), moved, x.narrow(0, i0, rows));
+    cpu_kernels().update_fold_columns_top2(dot + i0, n, cn, k, rows, scale.data(), start.data(), row.data(),
+                                           gain.data(), products, best, index, second);
+  });
+  count[1] = n * m;
+  return {distances, counts};
+}
+
+}  // namespace
+}  // namespace pydc
+
+TORCH_LIBRARY_IMPL(pydc, CPU, m) { m.impl("kmeans_assign_delta", &pydc::kmeans_assign_delta_cpu); }

@@ -1,0 +1,99 @@
+"""Lloyd's labels from updated dot products, for pydc's CPU k-means on data without cluster structure.
+
+Bounds (Yinyang, Elkan) skip a point-centroid score when the triangle inequality proves it cannot win; on
+unstructured data they prove little: on the unit sphere in 256 dimensions (100k points, k = 1000) the
+distances from a point to its 1000 centroids span ~0.5, its best two lie ~0.01 apart, and the centroids move
+0.02-0.07 per iteration, so every bound is spent within an iteration or two. What does shrink is the number of
+points that change label: 16.7k, 7.9k, 4.7k, 3.0k, 2.0k, 1.4k, 1.0k, 0.8k, 0.6k, 0.46k ... 0.05k over 20
+iterations of that run. A Lloyd update moves only the centroids those points left or joined, and exactly by
+them: c'_j = (n_j c_j + sum of the points that joined - sum of those that left) / n'_j, up to rounding. So
+this assigner keeps every product x_i . c_j (k x N float32, centroid-major: the same memory as Elkan's
+bounds) and, once at most DENSE_CHANGES * k points changed label, moves them to the new centroids with one GEMM
+of the points by the m changed points (N x m x d multiply-adds instead of N x k x d) and, per block of points,
+one pass over the centroids' runs of products that scales the moved ones, adds the joined points' products,
+takes off the left points' and folds the top-2 (torch.ops.pydc.kmeans_assign_delta,
+csrc/ops/cpu/kmeans_delta_kernel.cpp). A rigorous per-centroid bound on the products' accumulated error widens
+kmeans_assign's near-tie margin; rows inside it are settled in float64, so the labels are kmeans_assign's
+exactly (and the centroids plain Lloyd's, bitwise). Passes with more changes, the first one, and any pass whose
+error bound has grown too far (an empty-cluster split, a spherical renormalisation: centroids that are not the
+means of the last labels) score every pair by GEMM, which resets the products. Early passes change too many
+labels for this (16.7k down to 0.8k in the first nine passes of the run above), so those stay dense.
+
+CUDA design (not built): the k x N products in device memory (float32, the same budget, centroid-major as
+here, so that consecutive threads read consecutive points); a dense pass is one cuBLAS SGEMM of the centroids
+by x^T into them; a delta pass one SGEMM of the gathered changed points by x^T (m x N), then one kernel with a
+thread per point that walks the centroids: a moved centroid's product scaled by n_j / n'_j plus its joined and
+left points' products (the per-centroid lists of update_fold_columns_top2 in shared memory), stored back, and
+every product folded into the thread's top-2; the rows inside the margin are settled in float64 by a second
+kernel (a warp per row), the residuals and error bounds (k x d, float64) by a third.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A pass with more than DENSE_CHANGES * k changed labels scores every pair by GEMM instead. At 100k x 256,
+# k = 1000 (Intel Xeon, AVX-512, 2 threads) a dense pass took ~0.36 s and a delta pass ~0.065 s + 0.36 ms per
+# changed point (its GEMM column and two scaled runs per block), so 791 changes cost as much as a dense pass.
+DENSE_CHANGES = 0.6
+
+
+class DeltaAssigner:
+    """Assigns x to successive centroids of one Lloyd run, returning (labels, objective) as kmeans_assign
+    would (identical labels), by updating every point-centroid product with the points that changed label."""
+
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, labels: torch.Tensor | None = None):
+        """labels: the labels whose cluster means the first call's centroids are, when they are (a run handed
+        over from other bounds), so that the second call can already move the products."""
+        n, d = x.shape
+        self.x = x
+        self.point_sq_norms = point_sq_norms
+        self.labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.clone()
+        self.dots = torch.empty((k, n), dtype=torch.float32)  # centroid-major: a run per centroid
+        self.column_error = torch.zeros(k, dtype=torch.float64)
+        self.basis_labels = torch.zeros(n, dtype=torch.int64)
+        self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
+        self.started = False
+        self.rows_computed = []    # per call: rows settled in float64 (N for a dense pass) ...
+        self.scores_computed = []  # ... and point products computed: N x m, or N x k for a dense pass
+        self.dense_passes = []     # per call: whether every pair was scored by GEMM
+
+    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        distances, counts = torch.ops.pydc.kmeans_assign_delta(
+            self.x, centroids, self.point_sq_norms, DENSE_CHANGES if self.started else -1.0, self.labels,
+            self.dots, self.column_error, self.basis_labels, self.basis_centroids)
+        self.started = True
+        settled, scores, dense = counts.tolist()
+        self.rows_computed.append(self.x.shape[0] if dense else settled)
+        self.scores_computed.append(scores)
+        self.dense_passes.append(bool(dense))
+        return self.labels.clone(), float(distances.sum())
+
+
+class YinyangThenDelta:
+    """backend="torch"'s default assigner (PYDC_KMEANS_BOUNDS=auto): Yinyang's bounds while their filter skips
+    most scores (data with cluster structure, where they settle most points from the second pass on), then,
+    from the first filtered pass that scored more than the Yinyang DENSE_FRACTION of all pairs (the filter has
+    stopped paying: unstructured data), DeltaAssigner for the rest of the run, handed the labels whose means
+    the centroids are. Both give kmeans_assign's labels, so the switch changes no label."""
+
+    def __init__(self, yinyang, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int):
+        self.yinyang = yinyang
+        self.x, self.point_sq_norms, self.k = x, point_sq_norms, k
+        self.delta = None
+
+    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.delta is not None:
+            return self.delta(centroids)
+        labels, objective = self.yinyang(centroids)
+        if self.yinyang.unfiltered_passes > 0:  # the filter scored most pairs: Yinyang backs off from here
+            self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=labels)
+        return labels, objective
+
+    @property
+    def rows_computed(self) -> list[int]:
+        return self.yinyang.rows_computed + (self.delta.rows_computed if self.delta is not None else [])
+
+    @property
+    def scores_computed(self) -> list[int]:
+        return self.yinyang.scores_computed + (self.delta.scores_computed if self.delta is not None else [])

@@ -1,0 +1,199 @@
+"""pydc::kmeans_assign_delta, one assignment pass of k-means from kept point-centroid products moved by the
+points that changed label: its labels are kmeans_assign's for the new centroids through a Lloyd run, every
+product it keeps is within its stated error bound of the exact product, centroids that are not the means of
+the last labels fall back to a dense pass, and bad arguments are refused with a message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pydc.cluster.kmeans import initial_centroids
+from pydc.ops._registry import HAS_OPS
+from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+
+pytestmark = pytest.mark.skipif(not HAS_OPS, reason="needs the compiled pydc ops")
+
+
+def clustered(n, d, centres, seed, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, d, generator=generator) * scale
+    return means[torch.randint(0, centres, (n,), generator=generator)] + torch.randn(n, d, generator=generator)
+
+
+class Pass:
+    """The state a caller keeps between passes, as pydc.cluster.kmeans_delta.DeltaAssigner does."""
+
+    def __init__(self, x, k):
+        n, d = x.shape
+        self.x, self.norms = x, (x * x).sum(1)
+        self.labels = torch.zeros(n, dtype=torch.int64)
+        self.dots = torch.empty((k, n), dtype=torch.float32)
+        self.column_error = torch.zeros(k, dtype=torch.float64)
+        self.basis_labels = torch.zeros(n, dtype=torch.int64)
+        self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
+        self.started = False
+
+    def __call__(self, centroids, dense_changes=1e9):
+        changes = dense_changes if self.started else -1.0
+        self.started = True
+        return torch.ops.pydc.kmeans_assign_delta(self.x, centroids, self.norms, changes, self.labels, self.dots,
+                                                  self.column_error, self.basis_labels, self.basis_centroids)
+
+
+def lloyd_update(x, labels, k):
+    sums, counts = torch.ops.pydc.kmeans_update(x, labels, k, True)
+    return torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), torch.zeros_like(sums))
+
+
+def assert_products_within_bound(state, centroids):
+    """Every kept product is within ||x_i|| column_error[j] of the exact x_i . c_j."""
+    exact = centroids.double() @ state.x.double().T
+    gap = (state.dots.double() - exact).abs()
+    allowed = state.column_error.unsqueeze(1) * state.x.double().norm(dim=1).unsqueeze(0)
+    assert bool((gap <= allowed).all()), f"a product is off by {float((gap - allowed).max())} beyond its bound"
+
+
+def assert_kmeans_assign_labels(state, centroids, distances):
+    labels, plain_distances = torch.ops.pydc.kmeans_assign(state.x, centroids, state.norms, True)
+    assert torch.equal(state.labels, labels)
+    torch.testing.assert_close(distances, plain_distances.double(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("data", ["clustered", "unstructured"])
+def test_lloyd_passes_give_kmeans_assign_labels_within_the_bound(data, level):
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    n, d, k = 2503, 20, 30  # 2503: blocks of up to 1024 points, a ragged last one, lanes of 4, 8 and 16
+    if data == "clustered":
+        x = clustered(n, d, centres=k, seed=9)
+    else:
+        x = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(9)), dim=1)
+    centroids = initial_centroids(x, k, seed=1)
+    state = Pass(x, k)
+    moved = []
+    with cpu_capability_level(level):
+        for step in range(12):
+            distances, counts = state(centroids)
+            assert_kmeans_assign_labels(state, centroids, distances)
+            assert_products_within_bound(state, centroids)
+            settled, products, dense = counts.tolist()
+            if step == 0:
+                assert dense == 1 and products == n * k
+            if not dense:
+                moved.append(products // n)
+            centroids = lloyd_update(x, state.labels, k)
+    # most passes from the second update on move the products (the first one's basis are the initial
+    # centroids, which are no cluster means: its residual sends it to a dense pass; so do empty clusters'
+    # refills and error bounds grown past the limit, on these small clusters)
+    assert len(moved) >= 6 and sum(moved) > 0
+
+
+def test_dense_changes_decides_between_a_dense_and_a_delta_pass():
+    x = clustered(n=900, d=8, centres=12, seed=2)
+    states = [Pass(x, 12), Pass(x, 12)]
+    for state in states:
+        state(initial_centroids(x, 12, seed=0))
+        state(lloyd_update(x, state.labels, 12))
+    changed = int((states[0].labels != states[0].basis_labels).sum())
+    assert changed > 0
+    centroids = lloyd_update(x, states[0].labels, 12)
+    plain = torch.ops.pydc.kmeans_assign(x, centroids, None, True)[0]
+    _, counts = states[0](centroids, dense_changes=(changed - 1) / 12)  # one changed label too many: dense
+    assert counts.tolist()[1:] == [900 * 12, 1]
+    _, counts = states[1](centroids, dense_changes=changed / 12)  # exactly as many: the products are moved
+    assert counts.tolist()[1:] == [900 * changed, 0]
+    assert torch.equal(states[0].labels, plain) and torch.equal(states[1].labels, plain)
+    # on to the fixed point: a pass that changes no label, and after it one with nothing to move
+    state = states[1]
+    for _ in range(50):
+        state(lloyd_update(x, state.labels, 12))
+        if torch.equal(state.labels, state.basis_labels):
+            break
+    assert torch.equal(state.labels, state.basis_labels)
+    centroids = lloyd_update(x, state.labels, 12)
+    _, counts = state(centroids, dense_changes=0.0)
+    assert counts.tolist()[1:] == [0, 0]
+    assert torch.equal(state.labels, torch.ops.pydc.kmeans_assign(x, centroids, None, True)[0])
+
+
+def test_centroids_that_are_not_means_get_a_dense_pass():
+    """The residual of the update formula catches centroids moved by anything but a Lloyd update (a split,
+    a renormalisation, a caller's own centroids): the pass is dense, and the labels still kmeans_assign's."""
+    x = clustered(n=800, d=10, centres=10, seed=3)
+    state = Pass(x, 10)
+    state(initial_centroids(x, 10, seed=0))
+    means = lloyd_update(x, state.labels, 10)
+    state(means)
+    for shift in (1e-3, 0.1):
+        centroids = lloyd_update(x, state.labels, 10)
+        centroids[4] += shift  # one centroid is not its cluster's mean
+        distances, counts = state(centroids)
+        assert counts.tolist()[2] == 1
+        assert_kmeans_assign_labels(state, centroids, distances)
+        assert_products_within_bound(state, centroids)
+
+
+def test_near_ties_and_duplicates_match_kmeans_assign():
+    """Points exactly between two centroids and repeated points: their rows are settled in float64, ties to
+    the lowest index, through moved products."""
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(40, 6, generator=generator).round()
+    midpoints = (base[0:20:2] + base[1:20:2]) / 2
+    x = torch.cat([base.repeat(5, 1), midpoints.repeat(8, 1), torch.randn(300, 6, generator=generator)])
+    centroids = base[:10].clone()
+    centroids[3] = centroids[7]  # two equal centroids: exact ties go to the lower index
+    state = Pass(x, 10)
+    settled_total = 0
+    for _ in range(6):
+        distances, counts = state(centroids)
+        assert_kmeans_assign_labels(state, centroids, distances)
+        settled_total += counts.tolist()[0]
+        centroids = lloyd_update(x, state.labels, 10)
+    assert settled_total > 0
+
+
+def test_bad_arguments_are_refused():
+    x = torch.randn(20, 4)
+    state = Pass(x, 3)
+    centroids = torch.randn(3, 4)
+    op = torch.ops.pydc.kmeans_assign_delta
+    args = (state.labels, state.dots, state.column_error, state.basis_labels, state.basis_centroids)
+    with pytest.raises(RuntimeError, match="dots of shape"):
+        op(x, centroids, state.norms, -1.0, state.labels, torch.empty(20, 3), state.column_error,
+           state.basis_labels, state.basis_centroids)
+    with pytest.raises(RuntimeError, match="column_error"):
+        op(x, centroids, state.norms, -1.0, state.labels, state.dots, state.column_error.float(),
+           state.basis_labels, state.basis_centroids)
+    with pytest.raises(RuntimeError, match="basis_centroids"):
+        op(x, centroids, state.norms, -1.0, state.labels, state.dots, state.column_error, state.basis_labels,
+           torch.zeros(3, 5))
+    with pytest.raises(RuntimeError, match="dtype Float"):
+        op(x.double(), centroids, state.norms, -1.0, *args)
+    with pytest.raises(RuntimeError, match="NaN"):
+        op(x, centroids, state.norms, float("nan"), *args)
+    state(centroids)
+    bad = state.labels.clone()
+    bad[4] = 3
+    with pytest.raises(RuntimeError, match="labels and basis_labels in"):
+        op(x, centroids, state.norms, 1.0, bad, state.dots, state.column_error, state.basis_labels,
+           state.basis_centroids)
+    # a refused call changed nothing: the next pass still gives kmeans_assign's labels
+    distances, _ = state(centroids)
+    assert_kmeans_assign_labels(state, centroids, distances)
+
+
+def test_fake_matches_the_kernel():
+    """torch.library.opcheck: the schema (labels and the state mutated in place) and the fake tensors agree with
+    the kernel, so torch.compile can trace code that calls it; a dense and a delta pass."""
+    x = clustered(n=300, d=12, centres=10, seed=2)
+    state = Pass(x, 10)
+    centroids = initial_centroids(x, 10, seed=1)
+    state(centroids)
+    centroids = lloyd_update(x, state.labels, 10)
+    for changes in (-1.0, 1e9):
+        arguments = (x, centroids, state.norms, changes, state.labels.clone(), state.dots.clone(),
+                     state.column_error.clone(), state.basis_labels.clone(), state.basis_centroids.clone())
+        torch.library.opcheck(torch.ops.pydc.kmeans_assign_delta.default, arguments,
+                              test_utils=("test_schema", "test_faketensor"))
