@@ -47,6 +47,10 @@ struct CpuKernels {
                                    int64_t count, const float* scale, const int64_t* start, const int32_t* row,
                                    const float* gain, const float* products, float* best_score, int32_t* best_index,
                                    float* second_score);
+  // dst[j * dst_stride + r] = src[j * src_stride + r] for j < runs and r < count, with streaming stores where
+  // dst is aligned to the vector (memory written once and not read soon), fenced before return.
+  void (*copy_runs_streaming)(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t runs,
+                              int64_t count);
   // Smallest score ||c_j||^2 - 2 dot[j] over j in [offsets[g], offsets[g + 1]) except j == excluded, for
   // each of `groups` groups, into group_min[g] (+inf for a group with no other member).
   void (*group_min_scores)(const float* dot, const float* centroid_sq_norms, const int64_t* offsets,

@@ -830,6 +830,26 @@ inline void sobel_stores_done() {
 #endif
 }
 
+// dst[j * dst_stride + r] = src[j * src_stride + r] for j < runs, r < count, with streaming stores where dst is
+// aligned (the k x N products of kmeans_delta_kernel.cpp's dense passes: written once per pass, far larger than
+// the caches, so a plain store would first read every line), fenced before return.
+void copy_runs_streaming(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t runs,
+                         int64_t count) {
+  for (int64_t j = 0; j < runs; ++j) {
+    const float* from = src + j * src_stride;
+    float* to = dst + j * dst_stride;
+    int64_t r = 0;
+    for (; r < count && (reinterpret_cast<uintptr_t>(to + r) & (sizeof(fold_floats) - 1)) != 0; ++r) to[r] = from[r];
+    for (; r + kFoldWidth <= count; r += kFoldWidth) {
+      fold_floats v;
+      std::memcpy(&v, from + r, sizeof(v));
+      store_floats_streaming(to + r, v);
+    }
+    for (; r < count; ++r) to[r] = from[r];
+  }
+  sobel_stores_done();
+}
+
 // The Sobel filters are separable, and sobel_3x3's expressions split exactly (same operations, same order) into
 //   gx = v[x] - v[x+2],  v = (t + 2 m) + b  per column of the three grey rows,
 //   gy = h_t[x] - h_b[x], h = (g[x] + 2 g[x+1]) + g[x+2]  per grey row (computed once, used by two output rows),
@@ -943,7 +963,7 @@ void add_quantized_double(int64_t* sum, const double* row, int64_t n, double sca
 extern const CpuKernels kKernels;
 const CpuKernels kKernels{
     PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &fold_columns_top2,
-    &update_fold_columns_top2,                 &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
+    &update_fold_columns_top2,                 &copy_runs_streaming, &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
     &centroid_dots,      &elkan_candidates,    &elkan_anchor_row,     &dot_f64,
     &squared_distance_f64, &accumulate_row,    &center_row_float,     &add_row_float,
     &normalize_row_float, &normalize_row_double, &sobel_band_u8,      &row_max_float,

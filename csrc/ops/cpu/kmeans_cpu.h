@@ -17,8 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/kmeans_math.h"
 #include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/cpu_kernels.h"
@@ -136,6 +138,24 @@ void kmeans_full_rows(const at::Tensor& x, const at::Tensor& centroids, const KM
       }
     }
   });
+}
+
+// Checks the arguments every bounded pass takes first (kmeans_elkan_kernel.cpp, kmeans_delta_kernel.cpp): x (N, d)
+// and centroids (k, d) float32 with the same d >= 1, 1 <= k < 2^31 (centroid indices are int32 inside), and
+// x_sq_norms (N,) float32.
+inline void check_points_and_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids,
+                                       const at::Tensor& x_sq_norms) {
+  PYDC_CHECK_DIM(op, "x", x, 2);
+  PYDC_CHECK_DIM(op, "centroids", centroids, 2);
+  PYDC_CHECK_DTYPE(op, "x", x, at::kFloat);
+  PYDC_CHECK_DTYPE(op, "centroids", centroids, at::kFloat);
+  PYDC_CHECK_DTYPE(op, "x_sq_norms", x_sq_norms, at::kFloat);
+  const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
+  TORCH_CHECK(d >= 1 && centroids.size(1) == d && k >= 1, op, ": expected x (N, d) and centroids (k, d) with the "
+              "same d >= 1 and k >= 1, got x of shape ", x.sizes(), " and centroids of shape ", centroids.sizes());
+  TORCH_CHECK(k <= std::numeric_limits<int32_t>::max(), op, ": expected k < 2^31, got ", k);
+  TORCH_CHECK(x_sq_norms.dim() == 1 && x_sq_norms.size(0) == n, op, ": expected x_sq_norms of shape (", n,
+              ",), got ", describe(x_sq_norms));
 }
 
 // --- bounded (Yinyang) k-means: kmeans_bounded_kernel.cpp, kmeans_yinyang_kernel.cpp ---

@@ -8,10 +8,10 @@
 //   last pass, whose cluster means `centroids` are when the caller ran a Lloyd update in between (anything else
 //   only costs time, below). A pass is dense when dense_changes < 0 (the first one: the state is output only),
 //   or when more than dense_changes * k labels differ between basis_labels and labels: every pair is scored by
-//   BLAS GEMM (one single-threaded GEMM per block of points and thread, written straight into dots), then
-//   folded. Otherwise (a delta pass) the m points that changed label are gathered into Y (m, d), every block of
-//   points is multiplied by Y^T in one single-threaded GEMM (N x m x d multiply-adds instead of N x k x d), and
-//   each point's products are moved from b to the new centroids while they are folded
+//   BLAS GEMM (one single-threaded GEMM per 256 points and thread, folded from the thread's buffer, then
+//   streamed out to dots). Otherwise (a delta pass) the m points that changed label are gathered into Y (m, d),
+//   every block of points is multiplied by Y^T in one single-threaded GEMM (N x m x d multiply-adds instead of
+//   N x k x d), and each point's products are moved from b to the new centroids while they are folded
 //   (update_fold_columns_top2, cpu_kernels.h): a centroid j that gained the points P_j and lost Q_j is, up to
 //   its float32 rounding, (n_j b_j + sum P_j - sum Q_j) / n'_j (n, n': cluster sizes under basis_labels and
 //   labels), so
@@ -63,6 +63,7 @@ constexpr double kRoundUp = 1.0 + 1e-12;  // float64 norms and sums of float32 d
 // settle margin then stays within a small multiple of kmeans_assign's.
 constexpr double kMaxErrorGrowth = 8.0;
 constexpr int64_t kBlockRows = 1024;
+constexpr int64_t kDenseRows = 256;  // points per GEMM of a dense pass
 
 // gamma_n = n u / (1 - n u), with slack: the error of a float32 dot product of length n, per unit of |x| |y|.
 double gamma_of(int64_t n) {
@@ -220,15 +221,15 @@ int64_t finish_block(const Pass& p, int64_t i0, int64_t rows, const float* best,
 }
 
 // Calls block_fn(i0, rows, scratch, best, index, second) for blocks of points on torch's threads (one BLAS
-// thread each; scratch: scratch_per_row * rows floats of the thread's own), which folds the block's products
-// into best, index and second, and finishes the block; returns the number of rows settled.
+// thread each; scratch: scratch_floats floats of the thread's own), which folds the block's products into best,
+// index and second, and finishes the block; returns the number of rows settled.
 template <typename BlockFn>
-int64_t for_blocks(const Pass& p, int64_t scratch_per_row, BlockFn block_fn) {
+int64_t for_blocks(const Pass& p, int64_t scratch_floats, BlockFn block_fn) {
   const int64_t block = delta_block_rows(p.n);
   std::atomic<int64_t> settled{0};
   PerThreadCpuGemm one_thread_each;
   at::parallel_for(0, (p.n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<float> best(block), second(block), scratch(scratch_per_row * block);
+    std::vector<float> best(block), second(block), scratch(scratch_floats);
     std::vector<int32_t> index(block);
     int64_t here = 0;
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -247,22 +248,13 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
                                                           const at::Tensor& column_error,
                                                           const at::Tensor& basis_labels,
                                                           const at::Tensor& basis_centroids) {
-  PYDC_CHECK_DIM(kDelta, "x", x_in, 2);
-  PYDC_CHECK_DIM(kDelta, "centroids", centroids_in, 2);
-  PYDC_CHECK_DTYPE(kDelta, "x", x_in, at::kFloat);
-  PYDC_CHECK_DTYPE(kDelta, "centroids", centroids_in, at::kFloat);
-  PYDC_CHECK_DTYPE(kDelta, "x_sq_norms", norms_in, at::kFloat);
+  check_points_and_centroids(kDelta, x_in, centroids_in, norms_in);
   PYDC_CHECK_DTYPE(kDelta, "labels", labels, at::kLong);
   PYDC_CHECK_DTYPE(kDelta, "dots", dots, at::kFloat);
   PYDC_CHECK_DTYPE(kDelta, "column_error", column_error, at::kDouble);
   PYDC_CHECK_DTYPE(kDelta, "basis_labels", basis_labels, at::kLong);
   PYDC_CHECK_DTYPE(kDelta, "basis_centroids", basis_centroids, at::kFloat);
   const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
-  TORCH_CHECK(d >= 1 && centroids_in.size(1) == d && k >= 1, kDelta, ": expected x (N, d) and centroids (k, d) "
-              "with the same d >= 1 and k >= 1, got x of shape ", x_in.sizes(), " and centroids of shape ",
-              centroids_in.sizes());
-  TORCH_CHECK(norms_in.dim() == 1 && norms_in.size(0) == n, kDelta, ": expected x_sq_norms of shape (", n,
-              ",), got ", describe(norms_in));
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), kDelta,
               ": expected contiguous labels of shape (", n, ",), got ", describe(labels));
   TORCH_CHECK(basis_labels.dim() == 1 && basis_labels.size(0) == n && basis_labels.is_contiguous(), kDelta,
@@ -309,11 +301,19 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   const float* cs = centroids.const_data_ptr<float>();
   Pass pass{xs, pn, cs, info.sq_norms.const_data_ptr<float>(), &info, dot, label, distance_out, n, k, d, 0.0};
   if (dense) {
-    // every product by GEMM, straight into the centroid-major products
     const float* cn = pass.cn;
-    count[0] = for_blocks(pass, 0, [&](int64_t i0, int64_t rows, float*, float* best, int32_t* index, float* second) {
-      cpu_gemm_abt_per_thread(dots.narrow(1, i0, rows), centroids, x.narrow(0, i0, rows));
-      cpu_kernels().fold_columns_top2(dot + i0, n, cn, k, rows, best, index, second);
+    // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache for
+    // the fold), then streamed out to the centroid-major products
+    const int64_t sub = std::min(kDenseRows, delta_block_rows(n));
+    count[0] = for_blocks(pass, k * sub, [&](int64_t i0, int64_t rows, float* buffer, float* best, int32_t* index,
+                                             float* second) {
+      const CpuKernels& kernels = cpu_kernels();
+      for (int64_t r0 = 0; r0 < rows; r0 += sub) {
+        const int64_t part = std::min(sub, rows - r0);
+        cpu_gemm_abt_per_thread(at::from_blob(buffer, {k, part}, x.options()), centroids, x.narrow(0, i0 + r0, part));
+        kernels.fold_columns_top2(buffer, part, cn, k, part, best + r0, index + r0, second + r0);
+        kernels.copy_runs_streaming(buffer, part, dot + i0 + r0, n, k, part);
+      }
     });
     const double gamma = gamma_of(d);
     for (int64_t j = 0; j < k; ++j) error[j] = gamma * std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
@@ -349,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   for (size_t q = 0; q < update.columns.size(); ++q) scale[update.columns[q]] = update.column_scale[q];
   for (int64_t j = 0; j < k; ++j) pass.max_error = std::max(pass.max_error, error[j]);
   const float* cn = pass.cn;
-  count[0] = for_blocks(pass, m, [&](int64_t i0, int64_t rows, float* products, float* best, int32_t* index,
-                                     float* second) {
+  const int64_t product_floats = m * delta_block_rows(n);
+  count[0] = for_blocks(pass, product_floats, [&](int64_t i0, int64_t rows, float* products, float* best,
+                                                  int32_t* index, float* second) {
     if (m > 0) cpu_gemm_abt_per_thread(at::from_blob(products, {m, rows}, x.options()), moved, x.narrow(0, i0, rows));
     cpu_kernels().update_fold_columns_top2(dot + i0, n, cn, k, rows, scale.data(), start.data(), row.data(),
                                            gain.data(), products, best, index, second);

@@ -207,22 +207,12 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
                                                           double max_drift, double dense_fraction,
                                                           const at::Tensor& labels, const at::Tensor& anchors,
                                                           const at::Tensor& second) {
-  PYDC_CHECK_DIM(kElkan, "x", x_in, 2);
-  PYDC_CHECK_DIM(kElkan, "centroids", centroids_in, 2);
-  PYDC_CHECK_DTYPE(kElkan, "x", x_in, at::kFloat);
-  PYDC_CHECK_DTYPE(kElkan, "centroids", centroids_in, at::kFloat);
-  PYDC_CHECK_DTYPE(kElkan, "x_sq_norms", norms_in, at::kFloat);
+  check_points_and_centroids(kElkan, x_in, centroids_in, norms_in);
   PYDC_CHECK_DTYPE(kElkan, "drift_offsets", offsets_in, at::kDouble);
   PYDC_CHECK_DTYPE(kElkan, "labels", labels, at::kLong);
   PYDC_CHECK_DTYPE(kElkan, "anchors", anchors, at::kFloat);
   PYDC_CHECK_DTYPE(kElkan, "second", second, at::kDouble);
   const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
-  TORCH_CHECK(d >= 1 && centroids_in.size(1) == d && k >= 1, kElkan, ": expected x (N, d) and centroids (k, d) "
-              "with the same d >= 1 and k >= 1, got x of shape ", x_in.sizes(), " and centroids of shape ",
-              centroids_in.sizes());
-  TORCH_CHECK(k <= std::numeric_limits<int32_t>::max(), kElkan, ": expected k < 2^31, got ", k);
-  TORCH_CHECK(norms_in.dim() == 1 && norms_in.size(0) == n, kElkan, ": expected x_sq_norms of shape (", n,
-              ",), got ", describe(norms_in));
   TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.size(0) == k, kElkan, ": expected drift_offsets of shape (", k,
               ",), got ", describe(offsets_in));
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), kElkan,
