@@ -197,3 +197,36 @@ def test_fake_matches_the_kernel():
                      state.column_error.clone(), state.basis_labels.clone(), state.basis_centroids.clone())
         torch.library.opcheck(torch.ops.pydc.kmeans_assign_delta.default, arguments,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_products_anywhere_within_their_bound_give_exact_labels():
+    """The op's contract: labels are exact for any kept products within ||x_i|| column_error[j] of the exact ones.
+    Exact ties (midpoints of integer centroids) with every product pushed to the edge of a grown bound, in favour
+    of the higher-index centroid: the float32 ranking then picks the wrong one by more than kmeans_assign's own
+    margin, and only the bound's share of the margin sends those rows to the float64 settle."""
+    generator = torch.Generator().manual_seed(11)
+    centroids = torch.randn(12, 16, generator=generator).mul(4).round()
+    pairs = torch.arange(12).view(6, 2)
+    x = torch.cat([(centroids[pairs[:, 0]] + centroids[pairs[:, 1]]) / 2,
+                   centroids + torch.randn(12, 16, generator=generator)])
+    state = Pass(x, 12)
+    state(centroids)  # dense: exact products up to the GEMM's error
+    state.basis_labels.copy_(state.labels)  # the same centroids again: a pass that moves nothing
+    gamma = 18 * 2.0 ** -24 / (1 - 18 * 2.0 ** -24)
+    state.column_error.copy_(6 * gamma * centroids.double().norm(dim=1))  # grown, under the dense limit (8x)
+    exact = centroids.double() @ x.double().T
+    edge = state.column_error.unsqueeze(1) * x.double().norm(dim=1).unsqueeze(0) * 0.9  # float32 rounding inside
+    # lower-index centroids look farther (smaller product), higher-index ones nearer (larger product)
+    sign = torch.where(torch.arange(12).unsqueeze(1) < 6, -1.0, 1.0).double()
+    sign[pairs[:, 0]] = -1.0
+    sign[pairs[:, 1]] = 1.0
+    state.dots.copy_((exact + sign * edge).float())
+    assert_products_within_bound(state, centroids)
+    distances, counts = state(centroids, dense_changes=0.0)
+    assert counts.tolist()[1:] == [0, 0]  # a moved pass (nothing to move): the kept products decided
+    assert counts.tolist()[0] >= 6  # the tied midpoints were settled
+    labels, plain_distances = torch.ops.pydc.kmeans_assign(x, centroids, state.norms, True)
+    assert torch.equal(state.labels, labels)
+    # a distance from an unsettled row's kept product errs by up to twice its product's bound
+    torch.testing.assert_close(distances, plain_distances.double(), rtol=0, atol=2.5 * float(edge.max()))
+    assert torch.equal(state.labels[:6], pairs[:, 0])  # exact ties go to the lower index
