@@ -45,11 +45,11 @@ int64_t kmeans_settle_row(const float* x, const float* centroids, const double* 
 bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
                          int64_t d);
 
-// Points per thread-local GEMM block for n points: kPerThreadGemmRows, or fewer so that every thread of torch's
-// pool gets a block when n is small (at least 16 rows per block).
-inline int64_t kmeans_thread_block_rows(int64_t n) {
+// Points per thread-local block for n points: max_rows, or fewer so that every thread of torch's pool gets a
+// block when n is small (at least 16 rows per block).
+inline int64_t kmeans_thread_block_rows(int64_t n, int64_t max_rows = kPerThreadGemmRows) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::clamp<int64_t>((n + threads - 1) / threads, 16, kPerThreadGemmRows);
+  return std::clamp<int64_t>((n + threads - 1) / threads, 16, max_rows);
 }
 
 // The fixed-order float64 winner (kmeans_settle_row's score and tie rule: lowest ids[j], or position for

@@ -172,10 +172,7 @@ bool plan_update(const at::Tensor& x, const float* pn, const at::Tensor& centroi
 
 // Points per block: up to 1024 (a 4 KiB run of products per centroid; 256 made the passes ~15% slower at 100k x
 // 256, k = 1000), fewer so that every thread of torch's pool gets a block when n is small.
-int64_t delta_block_rows(int64_t n) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::clamp<int64_t>((n + threads - 1) / threads, 16, kBlockRows);
-}
+int64_t delta_block_rows(int64_t n) { return kmeans_thread_block_rows(n, kBlockRows); }
 
 // What every block of a pass reads: the inputs, the state and the outputs, as raw pointers.
 struct Pass {
