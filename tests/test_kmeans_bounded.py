@@ -53,12 +53,12 @@ CASES = {
 
 @pytest.fixture(params=["yinyang", "elkan", "delta", "auto"])
 def bounds(request, monkeypatch):
-    """Runs a test with each kind of bounds (delta moving the products whatever the number of changed labels,
-    so that these small runs take that path)."""
+    """Runs a test with each kind of bounds (delta, and auto once handed over, moving the products whatever the
+    number of changed labels, so that these small runs take that path)."""
     from pydc.cluster import kmeans_delta
 
     monkeypatch.setenv("PYDC_KMEANS_BOUNDS", request.param)
-    if request.param == "delta":
+    if request.param in ("delta", "auto"):
         monkeypatch.setattr(kmeans_delta, "DENSE_CHANGES", 1e9)
     return request.param
 
@@ -249,3 +249,34 @@ def test_auto_hands_unstructured_data_over_to_moved_products(monkeypatch):
     monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "delta")
     with pytest.raises(ValueError, match="PYDC_KMEANS_BOUNDS=delta needs"):
         kmeans_bounded.choose_bounds(6000, 60)
+
+
+def test_yinyang_predicts_the_scores_of_its_next_filter():
+    """predicted_fraction, computed before a filtered pass from the bounds on every 16th point, tracks the
+    fraction that pass then scores on unstructured data and does not overstate it where the separation filter
+    settles points (clustered data); auto hands unstructured data over before the second pass, whose filter
+    would score nearly every pair."""
+    from pydc.cluster.kmeans_bounded import YinyangAssigner
+    from pydc.cluster.kmeans_delta import YinyangThenDelta
+
+    for x, k, tolerance in ((unstructured(n=6000, d=32), 60, 0.1), (clustered(), 40, None)):
+        norms = (x * x).sum(1)
+        yinyang = YinyangAssigner(x, norms, k, group_seed=2)
+        centroids, filtered = initial_centroids(x, k, seed=7), 0
+        for _ in range(10):
+            predicted = yinyang.predicted_fraction(centroids)
+            labels, _ = yinyang(centroids)
+            if predicted is not None:
+                filtered += 1
+                scored = yinyang.scores_computed[-1] / (x.shape[0] * k)
+                assert predicted <= scored + 0.02 if tolerance is None else abs(predicted - scored) <= tolerance
+            sums, counts = torch.ops.pydc.kmeans_update(x, labels, k, True)
+            centroids = sums / counts.clamp_min(1).unsqueeze(1)
+        assert filtered >= 5
+    x = unstructured(n=6000, d=32)
+    norms = (x * x).sum(1)
+    auto = YinyangThenDelta(YinyangAssigner(x, norms, 60, group_seed=2), x, norms, 60)
+    labels, _ = auto(initial_centroids(x, 60, seed=7))
+    sums, counts = torch.ops.pydc.kmeans_update(x, labels, 60, True)
+    auto(sums / counts.clamp_min(1).unsqueeze(1))
+    assert len(auto.yinyang.scores_computed) == 1 and auto.delta is not None and len(auto.delta.dense_passes) == 1

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from pydc.cluster.kmeans_bounded import DENSE_FRACTION
+
 # A pass with more than DENSE_CHANGES * k changed labels scores every pair by GEMM instead. At 100k x 256,
 # k = 1000 (Intel Xeon, AVX-512, 2 threads) a dense pass took ~0.36 s and a delta pass ~0.065 s + 0.36 ms per
 # changed point (its GEMM column and two scaled runs per block), so 791 changes cost as much as a dense pass.
@@ -72,10 +74,12 @@ class DeltaAssigner:
 
 class YinyangThenDelta:
     """backend="torch"'s default assigner (PYDC_KMEANS_BOUNDS=auto): Yinyang's bounds while their filter skips
-    most scores (data with cluster structure, where they settle most points from the second pass on), then,
-    from the first filtered pass that scored more than the Yinyang DENSE_FRACTION of all pairs (the filter has
-    stopped paying: unstructured data), DeltaAssigner for the rest of the run, handed the labels whose means
-    the centroids are. Both give kmeans_assign's labels, so the switch changes no label."""
+    most scores (data with cluster structure, where they settle most points from the second pass on), then
+    DeltaAssigner for the rest of the run, handed the labels whose means the centroids are, once the filter
+    stops paying (unstructured data): before a filtered pass that YinyangAssigner.predicted_fraction expects
+    to score more than the Yinyang DENSE_FRACTION of all pairs (on the unstructured data above it expects
+    1.00 before the second pass, which scores 1.00 and costs ~1.9x a dense pass), or after a filtered pass
+    that did. Both give kmeans_assign's labels, so the switch changes no label."""
 
     def __init__(self, yinyang, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int):
         self.yinyang = yinyang
@@ -84,6 +88,10 @@ class YinyangThenDelta:
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.delta is not None:
+            return self.delta(centroids)
+        predicted = self.yinyang.predicted_fraction(centroids)
+        if predicted is not None and predicted > DENSE_FRACTION:
+            self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=self.yinyang.labels)
             return self.delta(centroids)
         labels, objective = self.yinyang(centroids)
         if self.yinyang.unfiltered_passes > 0:  # the filter scored most pairs: Yinyang backs off from here
