@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from pydc.cluster.kmeans_bounded import DENSE_FRACTION
+from pydc.utils.memory import empty_huge
 
 # A pass with more than DENSE_CHANGES * k changed labels scores every pair by GEMM instead. At 100k x 256,
 # k = 1000 (Intel Xeon, AVX-512, 2 threads) a dense pass took ~0.36 s and a delta pass ~0.065 s + 0.36 ms per
@@ -51,7 +52,7 @@ class DeltaAssigner:
         self.x = x
         self.point_sq_norms = point_sq_norms
         self.labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.clone()
-        self.dots = torch.empty((k, n), dtype=torch.float32)  # centroid-major: a run per centroid
+        self.dots = empty_huge(k, n, dtype=torch.float32)  # centroid-major: a run per centroid
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)

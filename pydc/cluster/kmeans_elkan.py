@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from pydc.utils.memory import empty_huge
+
 # A pass whose sample has more candidate pairs than this scores every pair by GEMM. A sparse pass costs ~0.12 s +
 # 1.6 s x its fraction of pairs at 100k x 256, k = 1000 (AVX-512, 2 threads) against 0.38 s for a dense one, which
 # also leaves every bound tight: 0.15 took unstructured k-means from 8.7-9.3 s (at 0.35) to 6.6-7.0 s there and
@@ -47,7 +49,7 @@ class ElkanAssigner:
         self.x = x
         self.point_sq_norms = point_sq_norms
         self.labels = torch.zeros(n, dtype=torch.int64)
-        self.anchors = torch.empty((n, k), dtype=torch.float32)
+        self.anchors = empty_huge(n, k, dtype=torch.float32)
         self.second = torch.zeros(n, dtype=torch.float64)
         self.offsets = torch.zeros(k, dtype=torch.float64)  # cumulative drift of every centroid, rounded up
         self.previous = None
