@@ -279,4 +279,4 @@ def test_yinyang_predicts_the_scores_of_its_next_filter():
     labels, _ = auto(initial_centroids(x, 60, seed=7))
     sums, counts = torch.ops.pydc.kmeans_update(x, labels, 60, True)
     auto(sums / counts.clamp_min(1).unsqueeze(1))
-    assert len(auto.yinyang.scores_computed) == 1 and auto.delta is not None and len(auto.delta.dense_passes) == 1
+    assert len(auto.yinyang.scores_computed) == 1 and auto.delta is not None and len(auto.delta.passes) == 1

@@ -17,7 +17,9 @@ kmeans_assign's near-tie margin; rows inside it are settled in float64, so the l
 exactly (and the centroids plain Lloyd's, bitwise). Passes with more changes, the first one, and any pass whose
 error bound has grown too far (an empty-cluster split, a spherical renormalisation: centroids that are not the
 means of the last labels) score every pair by GEMM, which resets the products. Early passes change too many
-labels for this (16.7k down to 0.8k in the first nine passes of the run above), so those stay dense.
+labels for this (16.7k down to 0.8k in the first nine passes of the run above), so those stay dense, and
+those whose successor is not expected to move products either (KEEP_CHANGES) run plain kmeans_assign, which
+does not write the N x k products out.
 
 CUDA design (not built): the k x N products in device memory (float32, the same budget, centroid-major as
 here, so that consecutive threads read consecutive points); a dense pass is one cuBLAS SGEMM of the centroids
@@ -39,38 +41,62 @@ from pydc.utils.memory import empty_huge
 # k = 1000 (Intel Xeon, AVX-512, 2 threads) a dense pass took ~0.36 s and a delta pass ~0.065 s + 0.36 ms per
 # changed point (its GEMM column and two scaled runs per block), so 791 changes cost as much as a dense pass.
 DENSE_CHANGES = 0.6
+# A dense pass keeps its products for the next pass only when that one may move them: when the last pass
+# changed at most KEEP_CHANGES * DENSE_CHANGES * k labels (the count shrank by 0.47-0.8 per pass in the run
+# above). Otherwise it is plain kmeans_assign, without streaming out the N x k products (~0.045 s, 12%, of a
+# dense pass there). A wrong guess costs time only: one more dense pass, or one pass's products kept unused.
+KEEP_CHANGES = 2.0
 
 
 class DeltaAssigner:
     """Assigns x to successive centroids of one Lloyd run, returning (labels, objective) as kmeans_assign
     would (identical labels), by updating every point-centroid product with the points that changed label."""
 
-    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, labels: torch.Tensor | None = None):
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, labels: torch.Tensor | None = None,
+                 changed: int | None = None):
         """labels: the labels whose cluster means the first call's centroids are, when they are (a run handed
-        over from other bounds), so that the second call can already move the products."""
+        over from other bounds), so that the second call can already move the products; changed: how many of
+        them their pass changed, when known (None: the first call keeps its products)."""
         n, d = x.shape
         self.x = x
         self.point_sq_norms = point_sq_norms
+        self.k = k
         self.labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.clone()
-        self.dots = empty_huge(k, n, dtype=torch.float32)  # centroid-major: a run per centroid
+        self.changed = n if labels is None else changed  # labels the last pass changed (None: not known)
+        self.dots = None  # (k, N) float32, centroid-major (a run per centroid), from the first pass that keeps
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
-        self.started = False
+        self.started = False  # whether dots hold the products of the last pass
         self.rows_computed = []    # per call: rows settled in float64 (N for a dense pass) ...
         self.scores_computed = []  # ... and point products computed: N x m, or N x k for a dense pass
-        self.dense_passes = []     # per call: whether every pair was scored by GEMM
+        self.passes = []           # per call: "plain" (kmeans_assign), "dense" (GEMM, products kept), "moved"
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        n, k = self.x.shape[0], self.k
+        dense = not self.started or self.changed > DENSE_CHANGES * k
+        keep = self.changed is None or self.changed <= KEEP_CHANGES * DENSE_CHANGES * k
+        if dense and not keep:
+            labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            self.changed = int((labels != self.labels).sum())
+            self.labels, self.started = labels, False
+            self._count(n, n * k, "plain")
+            return labels.clone(), float(distances.sum(dtype=torch.float64))
+        if self.dots is None:
+            self.dots = empty_huge(k, n, dtype=torch.float32)
         distances, counts = torch.ops.pydc.kmeans_assign_delta(
             self.x, centroids, self.point_sq_norms, DENSE_CHANGES if self.started else -1.0, self.labels,
             self.dots, self.column_error, self.basis_labels, self.basis_centroids)
         self.started = True
+        self.changed = int((self.labels != self.basis_labels).sum())
         settled, scores, dense = counts.tolist()
-        self.rows_computed.append(self.x.shape[0] if dense else settled)
-        self.scores_computed.append(scores)
-        self.dense_passes.append(bool(dense))
+        self._count(n if dense else settled, scores, "dense" if dense else "moved")
         return self.labels.clone(), float(distances.sum())
+
+    def _count(self, rows: int, scores: int, kind: str) -> None:
+        self.rows_computed.append(rows)
+        self.scores_computed.append(scores)
+        self.passes.append(kind)
 
 
 class YinyangThenDelta:
@@ -92,7 +118,9 @@ class YinyangThenDelta:
             return self.delta(centroids)
         predicted = self.yinyang.predicted_fraction(centroids)
         if predicted is not None and predicted > DENSE_FRACTION:
-            self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=self.yinyang.labels)
+            first = len(self.yinyang.scores_computed) == 1  # the labels of the first pass are all new
+            self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=self.yinyang.labels,
+                                       changed=self.x.shape[0] if first else None)
             return self.delta(centroids)
         labels, objective = self.yinyang(centroids)
         if self.yinyang.unfiltered_passes > 0:  # the filter scored most pairs: Yinyang backs off from here
