@@ -12,6 +12,7 @@ Every benchmark records where it ran in its extra_info (and the JSON in "pydc_ma
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import platform
@@ -114,7 +115,8 @@ def _record_where_it_ran(request):
     yield
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
+    """where_it_ran() plus Python, torch, the card (if any), the commit, the UTC date and pydc's build."""
     info = {"python": platform.python_version(), "torch": torch.__version__, **where_it_ran()}
     if torch.cuda.is_available():
         info["card"] = torch.cuda.get_device_name()
@@ -123,6 +125,7 @@ def _machine() -> dict:
                                         check=False).stdout.strip()
     except OSError:
         pass
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if pydc.extension.has_ops():
         info["pydc_build"] = pydc.extension.build_info()
     return info
@@ -130,7 +133,7 @@ def _machine() -> dict:
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["pydc_ratios"] = _ratios(benchmarks)
-    output_json["pydc_machine"] = _machine()
+    output_json["pydc_machine"] = machine_info()
 
 
 def pytest_terminal_summary(terminalreporter, config):

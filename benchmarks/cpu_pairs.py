@@ -7,9 +7,9 @@ line per pair as it finishes (for a busy machine, where the pytest-benchmark sui
 
 Sobel (median of 5 rounds x 10 calls), assign (median of 5) and k-means (clustered and unstructured data,
 same start; median of 3, every run in the JSON) alternate sides; PCA runs once per side. OUT.json also records
-where it ran (CPU model, level, BLAS caps, threads) and the 1-minute load average after each pair (the machine
-may be shared), and the BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm: PYDC_CPU_GEMM=torch|scipy forces it,
-auto measures) with its measured block times. Names after OUT.json pick pairs (sobel, assign, kmeans, pca),
+where it ran (CPU model, level, BLAS caps, threads, commit, UTC date) and the 1-minute load average after each
+pair (the machine may be shared), and the BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm:
+PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its measured block times. Names after OUT.json pick pairs (sobel, assign, kmeans, pca),
 e.g. `python -m benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import pydc  # noqa: F401  (registers torch.ops.pydc)
-from benchmarks.conftest import where_it_ran
+from benchmarks.conftest import machine_info
 from benchmarks.test_bench_kmeans import assert_labels_agree_except_ties, features
 from benchmarks.test_bench_pca import assert_same_whitening, faiss_whitening, pydc_whitening, synthetic_features
 from benchmarks.test_bench_sobel import torch_chain
@@ -130,8 +130,8 @@ def main(path, names=tuple(PAIRS)):
         raise SystemExit(f"cpu_pairs: unknown pairs {unknown}; expected some of {list(PAIRS)}")
     # torch.ops.pydc.kmeans_assign below is called directly: choose the BLAS of its GEMMs (PYDC_CPU_GEMM) first
     cpu_gemm.use_cpu_gemm()
-    out = {"where": where_it_ran(), "cpu_gemm": cpu_gemm.cpu_gemm_report(), "pairs": []}
-    print(out["where"], flush=True)
+    out = {"where": machine_info(), "cpu_gemm": cpu_gemm.cpu_gemm_report(), "pairs": []}
+    print({key: value for key, value in out["where"].items() if key != "pydc_build"}, flush=True)
     for pair in [pair for name in PAIRS if name in names for pair in PAIRS[name]]:
         name, ours_s, reference_s, reference, extra = pair()
         row = dict(what=name, pydc_s=ours_s, reference=reference, reference_s=reference_s,

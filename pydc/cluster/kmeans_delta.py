@@ -52,8 +52,8 @@ class DeltaAssigner:
     """Assigns x to successive centroids of one Lloyd run, returning (labels, objective) as kmeans_assign
     would (identical labels), by updating every point-centroid product with the points that changed label."""
 
-    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, labels: torch.Tensor | None = None,
-                 changed: int | None = None):
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int,
+                 labels: torch.Tensor | None = None, changed: int | None = None):
         """labels: the labels whose cluster means the first call's centroids are, when they are (a run handed
         over from other bounds), so that the second call can already move the products; changed: how many of
         them their pass changed, when known (None: the first call keeps its products)."""
@@ -63,7 +63,7 @@ class DeltaAssigner:
         self.k = k
         self.labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.clone()
         self.changed = n if labels is None else changed  # labels the last pass changed (None: not known)
-        self.dots = None  # (k, N) float32, centroid-major (a run per centroid), from the first pass that keeps
+        self.dots = None  # (k, N) float32, centroid-major (a run per centroid), from the first keeping pass
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)

@@ -29,8 +29,8 @@ def _madvise():
 
 
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
-    """Advises the kernel to back the whole 2 MiB pages inside a contiguous CPU tensor's memory with huge pages
-    (MADV_HUGEPAGE) before it is first written. Returns whether the advice was given and accepted: False off
+    """Advises the kernel to back the whole 2 MiB pages inside a contiguous CPU tensor's memory with huge
+    pages (MADV_HUGEPAGE) before it is first written. Returns whether the advice was given and accepted: False off
     Linux, for tensors smaller than one huge page, and where the kernel refuses it (built without THP).
     Advice only: the contents and their meaning do not change."""
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.is_contiguous():
