@@ -121,6 +121,8 @@ PYBIND11_MODULE(_C, m) {
         "Sets the BLAS sgemm (a scipy.linalg.cython_blas capsule, or None to clear) that the CPU k-means GEMMs "
         "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");
   m.def("has_cpu_sgemm", &pydc::has_cpu_sgemm, "Whether a run-time sgemm is set");
+  m.def("has_bf16_gemm", &pydc::has_bf16_gemm,
+        "Whether MKL's bfloat16 GEMM was found in torch's libraries (kmeans_assign_bf16 needs it)");
   m.def("cpu_sgemm_threads_settable", &pydc::cpu_sgemm_threads_settable,
         "Whether the run-time sgemm's OpenBLAS thread count can be set (held to 1 while each thread runs its own "
         "GEMMs, given back after)");

@@ -280,3 +280,31 @@ def test_yinyang_predicts_the_scores_of_its_next_filter():
     sums, counts = torch.ops.pydc.kmeans_update(x, labels, 60, True)
     auto(sums / counts.clamp_min(1).unsqueeze(1))
     assert len(auto.yinyang.scores_computed) == 1 and auto.delta is not None and len(auto.delta.passes) == 1
+
+
+@pytest.mark.parametrize("screen", ["off", "on"])
+def test_delta_passes_plain_or_screened_then_kept_then_moved(screen, monkeypatch):
+    """With the default limits a run of moved products starts with passes that keep nothing (plain
+    kmeans_assign, or kmeans_assign_bf16 where PYDC_KMEANS_BF16 says so), keeps the products once few labels
+    change and then moves them; the run is plain Lloyd's either way."""
+    from pydc.ops import bf16_screen
+
+    if screen == "on" and not bf16_screen.available():
+        pytest.skip("needs MKL's bfloat16 GEMM in torch")
+    monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "delta")
+    monkeypatch.setenv(bf16_screen.ENV_VAR, screen)
+    x = unstructured(n=4000, d=16)  # 700 labels change in the first update, 101 in the seventh, 55 in the tenth
+    init = initial_centroids(x, 100, seed=7)
+    plain = kmeans(x, 100, niter=20, backend="torch", init_centroids=init, bounded=False)
+    from pydc.cluster import kmeans_delta
+
+    calls = []
+    original = kmeans_delta.DeltaAssigner.__call__
+    monkeypatch.setattr(kmeans_delta.DeltaAssigner, "__call__",
+                        lambda self, c: (calls.append(self), original(self, c))[1])
+    bounded = kmeans(x, 100, niter=20, backend="torch", init_centroids=init, bounded=True)
+    assert_same_run(bounded, plain)
+    passes = calls[-1].passes
+    first = "screened" if screen == "on" else "plain"
+    assert passes[0] == first and "dense" in passes and "moved" in passes, passes
+    assert passes.index("dense") < passes.index("moved") and set(passes[:passes.index("dense")]) == {first}

@@ -92,4 +92,7 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("kmeans_assign_delta(Tensor x, Tensor centroids, Tensor x_sq_norms, float dense_changes, Tensor(a!) labels, "
         "Tensor(b!) dots, Tensor(c!) column_error, Tensor(d!) basis_labels, Tensor(e!) basis_centroids) -> "
         "(Tensor distances, Tensor counts)");
+  // kmeans_assign's labels from a bfloat16 screening GEMM (MKL's), CPU only: ops/cpu/kmeans_bf16_kernel.cpp.
+  m.def("kmeans_assign_bf16(Tensor x, Tensor x_bf16, Tensor centroids, Tensor x_sq_norms) -> "
+        "(Tensor labels, Tensor distances)");
 }

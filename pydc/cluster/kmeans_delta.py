@@ -19,7 +19,8 @@ error bound has grown too far (an empty-cluster split, a spherical renormalisati
 means of the last labels) score every pair by GEMM, which resets the products. Early passes change too many
 labels for this (16.7k down to 0.8k in the first nine passes of the run above), so those stay dense, and
 those whose successor is not expected to move products either (KEEP_CHANGES) run plain kmeans_assign, which
-does not write the N x k products out.
+does not write the N x k products out, or its bfloat16-screened form where that is faster (kmeans_assign_bf16,
+pydc/ops/bf16_screen.py; the same labels).
 
 CUDA design (not built): the k x N products in device memory (float32, the same budget, centroid-major as
 here, so that consecutive threads read consecutive points); a dense pass is one cuBLAS SGEMM of the centroids
@@ -35,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from pydc.cluster.kmeans_bounded import DENSE_FRACTION
+from pydc.ops.bf16_screen import use_bf16_screen
 from pydc.utils.memory import empty_huge
 
 # A pass with more than DENSE_CHANGES * k changed labels scores every pair by GEMM instead. At 100k x 256,
@@ -68,19 +70,30 @@ class DeltaAssigner:
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
         self.started = False  # whether dots hold the products of the last pass
+        self.screen = None    # whether the plain passes screen by bfloat16 (pydc.ops.bf16_screen), once asked
+        self.x_bf16 = None
         self.rows_computed = []    # per call: rows settled in float64 (N for a dense pass) ...
         self.scores_computed = []  # ... and point products computed: N x m, or N x k for a dense pass
-        self.passes = []           # per call: "plain" (kmeans_assign), "dense" (GEMM, products kept), "moved"
+        # per call: "plain" (kmeans_assign), "screened" (kmeans_assign_bf16), "dense" (GEMM, products kept), "moved"
+        self.passes = []
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         n, k = self.x.shape[0], self.k
         dense = not self.started or self.changed > DENSE_CHANGES * k
         keep = self.changed is None or self.changed <= KEEP_CHANGES * DENSE_CHANGES * k
         if dense and not keep:
-            labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            if self.screen is None:
+                self.screen = use_bf16_screen()
+            if self.screen:
+                if self.x_bf16 is None:
+                    self.x_bf16 = self.x.to(torch.bfloat16)
+                labels, distances = torch.ops.pydc.kmeans_assign_bf16(self.x, self.x_bf16, centroids,
+                                                                      self.point_sq_norms)
+            else:
+                labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
             self.changed = int((labels != self.labels).sum())
             self.labels, self.started = labels, False
-            self._count(n, n * k, "plain")
+            self._count(n, n * k, "screened" if self.screen else "plain")
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         if self.dots is None:
             self.dots = empty_huge(k, n, dtype=torch.float32)

@@ -62,4 +62,8 @@ struct CpuGemmTimes {
 };
 CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds);
 
+// Whether MKL's bfloat16 GEMM (cblas_gemm_bf16bf16f32) was found in torch's libraries: kmeans_assign_bf16 needs
+// it (kmeans_bf16_kernel.cpp).
+bool has_bf16_gemm();
+
 }  // namespace pydc

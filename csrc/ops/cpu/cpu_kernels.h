@@ -96,6 +96,9 @@ struct CpuKernels {
   double (*dot_f64)(const float* a, const float* b, int64_t d);
   // Fixed-order float64 squared distance ||a - b||^2 of two float32 rows.
   double (*squared_distance_f64)(const float* a, const float* b, int64_t d);
+  // The float64 squared norms of a float32 row's bfloat16 rounding (bits, d of them) and of the rounding's
+  // error: out[0] = ||b||^2, out[1] = ||a - b||^2 (kmeans_assign_bf16's error bound).
+  void (*bf16_rounding_sq_norms)(const float* a, const uint16_t* b, int64_t d, double* out);
   // accumulator[t] += row[t] in float64.
   void (*accumulate_row)(double* accumulator, const float* row, int64_t d);
 

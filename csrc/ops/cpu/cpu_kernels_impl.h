@@ -674,6 +674,24 @@ double dot_f64(const float* a, const float* b, int64_t d) {
   return sum_lanes8(lane);
 }
 
+void bf16_rounding_sq_norms(const float* a, const uint16_t* b, int64_t d, double* out) {
+  double norm_lane[8] = {}, error_lane[8] = {};
+  for (int64_t t0 = 0; t0 < d; t0 += 8) {
+    const int64_t width = std::min<int64_t>(8, d - t0);
+    for (int l = 0; l < width; ++l) {
+      const uint32_t bits = static_cast<uint32_t>(b[t0 + l]) << 16;  // a bfloat16 is a float32's top half
+      float value;
+      std::memcpy(&value, &bits, sizeof(value));
+      const double bt = static_cast<double>(value);
+      const double et = static_cast<double>(a[t0 + l]) - bt;
+      norm_lane[l] += bt * bt;
+      error_lane[l] += et * et;
+    }
+  }
+  out[0] = sum_lanes8(norm_lane);
+  out[1] = sum_lanes8(error_lane);
+}
+
 double squared_distance_f64(const float* a, const float* b, int64_t d) {
   double lane[8] = {};
   int64_t t = 0;
@@ -965,7 +983,7 @@ const CpuKernels kKernels{
     PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &fold_columns_top2,
     &update_fold_columns_top2,                 &copy_runs_streaming, &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
     &centroid_dots,      &elkan_candidates,    &elkan_anchor_row,     &dot_f64,
-    &squared_distance_f64, &accumulate_row,    &center_row_float,     &add_row_float,
+    &squared_distance_f64, &bf16_rounding_sq_norms, &accumulate_row,    &center_row_float,     &add_row_float,
     &normalize_row_float, &normalize_row_double, &sobel_band_u8,      &row_max_float,
     &row_max_double,     &add_quantized_float, &add_quantized_double,
 };

@@ -1,0 +1,184 @@
+// CPU kernel of kmeans_assign_bf16: kmeans_assign's labels from a bfloat16 GEMM that only screens the centroids.
+//
+// kmeans_assign_bf16(x, x_bf16, centroids, x_sq_norms) -> (labels, distances)
+//   The labels kmeans_assign(x, centroids) returns, exactly, and the squared distances (float32, from the
+//   winner's float64 score). x_bf16 is x rounded to bfloat16 by the caller (once per k-means run); the centroids
+//   are rounded here. Each thread multiplies its own blocks of 256 points by all centroids with MKL's
+//   cblas_gemm_bf16bf16f32 (bfloat16 inputs, float32 products and sums: AMX or AVX512-BF16 where the CPU has
+//   them, 5x the float32 GEMM's rate on an Intel Xeon with AMX), folds each row of approximate scores
+//   ||c_j||^2 - 2 a_ij to its best two (the kmeans_assign fold) and settles it in float64 among the centroids
+//   whose approximate score is within twice the row's error bound E_i of the best (kmeans_settle_near_best).
+//
+// Exactness. With x~ = bf16(x), c~ = bf16(c), x . c - x~ . c~ = (x - x~) . c + x~ . (c - c~), so a GEMM result a
+// of x~ . c~ (float32 products of bfloat16 values are exact; d float32 additions in any order: gamma_d) obeys
+//     |a - x . c| <= ||x - x~|| ||c|| + ||x~|| ||c - c~|| + gamma_d ||x~|| ||c~|| + denormal flushes,
+// where the norms of the rounding errors are measured (float64, per point and per centroid), not assumed.
+// AMX and AVX512-BF16 treat bfloat16 denormals as 0 and flush denormal results: each such event moves a sum by
+// less than 2^-126 max(1, |other factor|), bounded by 2^-126 (sqrt(d) (||x~|| + ||c~||) + 2 d). With the float32
+// rounding of ||c||^2 (gamma_d) and of the score's subtraction (u), E_i bounds |score~ - exact score| for every
+// centroid of row i (the largest centroid's norms, 1% slack). Any centroid whose approximate score exceeds the
+// best by more than 2 E_i is then exactly farther than the approximate winner by at least 2% of E_i, far above
+// float64 rounding, so the fixed-order float64 arg-min over the remaining candidates (ties to the lowest index)
+// is kmeans_settle_row's winner, which is kmeans_assign's label (kmeans_cpu.h). Non-finite points or centroids,
+// and norms whose float32 scores could overflow (||c||^2 or ||x|| ||c|| >= 1e37), are refused: kmeans_assign's
+// float32 scores are not a ranking there.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/kmeans_math.h"
+#include "ops/cpu/cpu_kernels.h"
+#include "ops/cpu/kmeans_cpu.h"
+
+namespace pydc {
+
+namespace {
+
+constexpr const char* kBf16 = "pydc::kmeans_assign_bf16";
+constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
+constexpr double kSlack = 1.01;
+constexpr double kRoundUp = 1.0 + 1e-12;  // float64 norms of float32 data: relative error far below 1e-12
+constexpr double kFlushed = 1.1754943508222875e-38;  // 2^-126, the smallest normal float32 and bfloat16
+constexpr double kScoreLimit = 1e37;  // ||c||^2 and ||x|| ||c|| below this: float32 scores stay finite (max ~3.4e38)
+
+// MKL's bfloat16 GEMM (cblas_gemm_bf16bf16f32), looked up in the libtorch_cpu that torch's MKL is linked
+// into; null where torch was built without MKL (no such BLAS on that machine).
+using GemmBf16Fn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS_LAYOUT, CBLAS_TRANSPOSE
+
+GemmBf16Fn gemm_bf16() {
+  static const GemmBf16Fn fn = [] {
+    void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+    void* symbol = handle != nullptr ? dlsym(handle, "cblas_gemm_bf16bf16f32") : nullptr;
+    if (symbol == nullptr) symbol = dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
+    return reinterpret_cast<GemmBf16Fn>(symbol);
+  }();
+  return fn;
+}
+
+double gamma_of(int64_t n) {
+  const double nu = static_cast<double>(n) * kUnitRoundoff;
+  return kSlack * nu / (1.0 - nu);
+}
+
+// ||b||, ||a - b|| of a float32 row a and its bfloat16 rounding b, in float64, rounded up.
+void rounding_norms(const CpuKernels& kernels, const float* a, const at::BFloat16* b, int64_t d, double* norm_b,
+                    double* error) {
+  double sq[2];
+  kernels.bf16_rounding_sq_norms(a, reinterpret_cast<const uint16_t*>(b), d, sq);
+  *norm_b = std::sqrt(sq[0]) * kRoundUp;
+  *error = std::sqrt(sq[1]) * kRoundUp;
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign_bf16_cpu(const at::Tensor& x_in, const at::Tensor& x_bf16_in,
+                                                         const at::Tensor& centroids_in, const at::Tensor& norms_in) {
+  check_points_and_centroids(kBf16, x_in, centroids_in, norms_in);
+  PYDC_CHECK_DTYPE(kBf16, "x_bf16", x_bf16_in, at::kBFloat16);
+  TORCH_CHECK(x_bf16_in.sizes() == x_in.sizes(), kBf16, ": expected x_bf16 of the shape of x ", x_in.sizes(),
+              ", got ", describe(x_bf16_in));
+  const GemmBf16Fn gemm = gemm_bf16();
+  TORCH_CHECK(gemm != nullptr, kBf16, ": needs MKL's cblas_gemm_bf16bf16f32 (torch built with MKL); "
+              "use kmeans_assign");
+  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(d <= std::numeric_limits<int>::max() && k <= std::numeric_limits<int>::max(), kBf16,
+              ": expected d and k below 2^31 (the BLAS's int sizes), got d = ", d, ", k = ", k);
+  const at::Tensor x = x_in.contiguous(), xb = x_bf16_in.contiguous(), centroids = centroids_in.contiguous();
+  const at::Tensor norms = norms_in.contiguous();
+  at::Tensor labels = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, x.options());
+  if (n == 0) return {labels, distances};
+
+  const at::Tensor cb = centroids.to(at::kBFloat16);
+  const KMeansCentroidInfo info = kmeans_centroid_info(centroids);
+  const float* cs = centroids.const_data_ptr<float>();
+  const at::BFloat16* cbs = cb.const_data_ptr<at::BFloat16>();
+  double max_c = 0.0, max_cb = 0.0, max_ce = 0.0;  // largest ||c||, ||c~||, ||c - c~||
+  for (int64_t j = 0; j < k; ++j) {
+    double norm_b, error;
+    rounding_norms(cpu_kernels(), cs + j * d, cbs + j * d, d, &norm_b, &error);
+    const double norm = std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
+    TORCH_CHECK(std::isfinite(norm) && std::isfinite(norm_b), kBf16, ": expected finite centroids, got centroid ", j,
+                " with norm ", norm, " (use kmeans_assign)");
+    max_c = std::max(max_c, norm);
+    max_cb = std::max(max_cb, norm_b);
+    max_ce = std::max(max_ce, error);
+  }
+  TORCH_CHECK(max_c * max_c < kScoreLimit, kBf16, ": expected centroids whose float32 scores cannot overflow, got a "
+              "centroid norm of ", max_c, " (use kmeans_assign)");
+  const double gamma = gamma_of(d);
+  const double sqrt_d = std::sqrt(static_cast<double>(d));
+  const float* xs = x.const_data_ptr<float>();
+  const at::BFloat16* xbs = xb.const_data_ptr<at::BFloat16>();
+  const float* pn = norms.const_data_ptr<float>();
+  const float* cn = info.sq_norms.const_data_ptr<float>();
+  int64_t* label = labels.mutable_data_ptr<int64_t>();
+  float* distance = distances.mutable_data_ptr<float>();
+  const CpuKernels& kernels = cpu_kernels();
+  std::atomic<int64_t> bad_row{-1};
+
+  const int64_t block = kmeans_thread_block_rows(n);
+  at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> buffer(block * k);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t i0 = b * block, rows = std::min(block, n - i0);
+      gemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(k), static_cast<int>(d), 1.0f,
+           reinterpret_cast<const uint16_t*>(xbs + i0 * d), static_cast<int>(d),
+           reinterpret_cast<const uint16_t*>(cbs), static_cast<int>(d), 0.0f, buffer.data(), static_cast<int>(k));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        double norm_xb, error_x;
+        rounding_norms(kernels, xs + i * d, xbs + i * d, d, &norm_xb, &error_x);
+        // |a - x . c| for every centroid, then the score's: 2 |a - x . c| + the rounding of ||c||^2 (gamma_d)
+        // and of ||c||^2 - 2 a (u, on at most ||c||^2 + 2 |a|)
+        const double dot_error = error_x * max_c + norm_xb * max_ce + gamma * norm_xb * max_cb +
+                                 kFlushed * (sqrt_d * (norm_xb + max_cb) + 2.0 * static_cast<double>(d));
+        const double score_error =
+            kSlack * (2.0 * dot_error + gamma * max_c * max_c +
+                      kUnitRoundoff * (max_c * max_c + 2.0 * (1.0 + gamma) * norm_xb * max_cb)) * kRoundUp;
+        if (!std::isfinite(score_error) || !(norm_xb * max_cb < kScoreLimit)) {
+          bad_row.store(i);
+          label[i] = 0;
+          distance[i] = 0.0f;
+          continue;
+        }
+        const float* row = buffer.data() + r * k;
+        float best = kKMeansInf, second = kKMeansInf;
+        int64_t position = 0;
+        kernels.fold_row_top2(row, cn, k, 0, &best, &position, &second);
+        double exact;
+        const double margin = 2.0 * score_error;
+        if (static_cast<double>(second) - static_cast<double>(best) > margin) {
+          // one candidate: the winner, whose float64 score gives the distance
+          exact = info.sq_norms_f64[position] - 2.0 * kernels.dot_f64(xs + i * d, cs + position * d, d);
+        } else {
+          position = kmeans_settle_near_best(xs + i * d, cs, info.sq_norms_f64.data(), nullptr, d, best, margin,
+                                             &exact, [&](auto fn) {
+                                               for (int64_t j = 0; j < k; ++j) fn(j, kmeans_score(cn[j], row[j]));
+                                             });
+        }
+        label[i] = position;
+        distance[i] = kmeans_distance(pn[i], static_cast<float>(exact));
+      }
+    }
+  });
+  TORCH_CHECK(bad_row.load() < 0, kBf16, ": expected finite points whose float32 scores cannot overflow, got row ",
+              bad_row.load(), " (use kmeans_assign)");
+  return {labels, distances};
+}
+
+}  // namespace
+
+bool has_bf16_gemm() { return gemm_bf16() != nullptr; }
+
+}  // namespace pydc
+
+TORCH_LIBRARY_IMPL(pydc, CPU, m) { m.impl("kmeans_assign_bf16", &pydc::kmeans_assign_bf16_cpu); }

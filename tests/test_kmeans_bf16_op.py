@@ -1,0 +1,127 @@
+"""kmeans_assign_bf16 (csrc/ops/cpu/kmeans_bf16_kernel.cpp): kmeans_assign's labels, exactly, from a bfloat16
+GEMM that only screens the centroids; and the choice of pydc.ops.bf16_screen.
+
+The bfloat16 rounding moves a score by ~2^-9 of ||x|| ||c||, so points whose two nearest centroids are closer than
+that (near the bisector, duplicates, exact ties) get their order from the screen wrong unless the error bound
+keeps both as candidates for the float64 settle: those are the cases here, at every ISA level (the fold and the
+rounding norms are per-level kernels), and at scales where the bound's terms differ (tiny, large, offset data).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pydc.ops import bf16_screen
+from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+
+pytestmark = pytest.mark.skipif(not bf16_screen.available(), reason="needs MKL's bfloat16 GEMM in torch")
+
+
+def assign_both(x, centroids):
+    norms = (x * x).sum(1)
+    plain = torch.ops.pydc.kmeans_assign(x, centroids, norms, True)
+    screened = torch.ops.pydc.kmeans_assign_bf16(x, x.to(torch.bfloat16), centroids, norms)
+    return plain, screened
+
+
+def bisector_points(n=3000, d=48, k=24, offset=1e-4, seed=0):
+    """Points a tiny step (offset, relative, far below bfloat16's 2^-9 but far above float32's rounding) from the
+    bisector of two centroids, on either side: the exact winner is known, the bfloat16 ranking is a coin toss."""
+    generator = torch.Generator().manual_seed(seed)
+    centroids = torch.randn(k, d, generator=generator)
+    a, b = torch.randint(0, k, (2, n), generator=generator)
+    b = torch.where(a == b, (b + 1) % k, b)
+    middle = (centroids[a] + centroids[b]) / 2
+    direction = centroids[a] - centroids[b]
+    side = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).unsqueeze(1)
+    along = torch.randn(n, d, generator=generator) * 0.3
+    along -= (along * direction).sum(1, keepdim=True) / (direction * direction).sum(1, keepdim=True) * direction
+    x = middle + along + side * offset * direction
+    return x, centroids
+
+
+def cases():
+    generator = torch.Generator().manual_seed(1)
+    means = torch.randn(30, 32, generator=generator) * 3
+    clustered = means[torch.randint(0, 30, (4000,), generator=generator)] + torch.randn(4000, 32, generator=generator)
+    sphere = torch.nn.functional.normalize(torch.randn(5000, 64, generator=generator), dim=1)
+    x, c = bisector_points()
+    duplicates = torch.cat([clustered[:500]] * 3)
+    # the rounding of one side alone: centroids that bfloat16 holds exactly (small integers) with points that it
+    # does not, and points it holds exactly (rounded near the bisector) with centroids it does not
+    c_int = (bisector_points(d=4, k=12, seed=2)[1] * 4).round()
+    pairs = torch.arange(3000)
+    x_int = (c_int[pairs % 12] + c_int[(pairs + 5) % 12]) / 2 + torch.randn(3000, 4, generator=generator) * 1e-3
+    x_exact = bisector_points(d=4, k=12, offset=0.0, seed=3)[0].to(torch.bfloat16).float()
+    c_exact = bisector_points(d=4, k=12, seed=3)[1]
+    return {
+        "clustered": (clustered, clustered[:40].clone()),
+        "unstructured": (sphere, sphere[:100] * 0.4),
+        "bisector": (x, c),
+        "bisector_tiny": (x * 1e-30, c * 1e-30),   # bfloat16 denormals: the flush slack
+        "bisector_large": (x * 1e15, c * 1e15),
+        "bisector_offset": (x + 100.0, c + 100.0),  # ||x||, ||c|| far above the distances
+        "duplicates_and_ties": (duplicates, torch.cat([clustered[:20], clustered[:20]])),  # equal centroids
+        "exact_centroids": (x_int, c_int),
+        "exact_points": (x_exact, c_exact),
+    }
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_labels_are_kmeans_assigns(level):
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    with cpu_capability_level(level):
+        for name, (x, centroids) in cases().items():
+            (plain_labels, plain_distances), (labels, distances) = assign_both(x, centroids)
+            assert torch.equal(labels, plain_labels), name
+            scale = (x * x).sum(1).max()
+            torch.testing.assert_close(distances, plain_distances, rtol=1e-4, atol=1e-5 * float(scale), msg=name)
+
+
+def test_the_screen_alone_would_get_the_bisector_wrong():
+    """The cases above need the settle: ranked by the bfloat16 scores alone, many bisector points go the wrong
+    way (so a bound that leaves out a rounding term, or a settle that trusts the screen, fails them)."""
+    x, centroids = bisector_points()
+    xb, cb = x.to(torch.bfloat16).float(), centroids.to(torch.bfloat16).float()
+    screen_only = ((cb * cb).sum(1) - 2 * xb @ cb.T).argmin(1)
+    plain, _ = torch.ops.pydc.kmeans_assign(x, centroids, None, True)
+    assert int((screen_only != plain).sum()) > 100
+
+
+def test_bad_input_is_refused_with_a_message():
+    x, centroids = bisector_points(n=50)
+    norms = (x * x).sum(1)
+    with pytest.raises(RuntimeError, match="x_bf16"):
+        torch.ops.pydc.kmeans_assign_bf16(x, x, centroids, norms)  # float32, not bfloat16
+    with pytest.raises(RuntimeError, match="shape of x"):
+        torch.ops.pydc.kmeans_assign_bf16(x, x[:10].to(torch.bfloat16), centroids, norms)
+    bad = x.clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="finite points"):
+        torch.ops.pydc.kmeans_assign_bf16(bad, bad.to(torch.bfloat16), centroids, norms)
+    bad_centroids = centroids.clone()
+    bad_centroids[2, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="finite centroids"):
+        torch.ops.pydc.kmeans_assign_bf16(x, x.to(torch.bfloat16), bad_centroids, norms)
+    with pytest.raises(RuntimeError, match="cannot overflow"):  # float32 scores would: kmeans_assign's domain
+        torch.ops.pydc.kmeans_assign_bf16(x, x.to(torch.bfloat16), centroids * 1e20, norms)
+
+
+def test_opcheck():
+    x, centroids = bisector_points(n=200)
+    torch.library.opcheck(torch.ops.pydc.kmeans_assign_bf16, (x, x.to(torch.bfloat16), centroids, (x * x).sum(1)))
+
+
+def test_the_choice_follows_the_setting_and_the_level(monkeypatch):
+    monkeypatch.setenv(bf16_screen.ENV_VAR, "off")
+    assert not bf16_screen.use_bf16_screen()
+    monkeypatch.setenv(bf16_screen.ENV_VAR, "on")
+    assert bf16_screen.use_bf16_screen()
+    monkeypatch.setenv(bf16_screen.ENV_VAR, "auto")
+    with cpu_capability_level("avx2" if "avx2" in supported_levels() else "default"):
+        assert not bf16_screen.use_bf16_screen()  # below avx512: float32, no measurement
+    monkeypatch.setenv(bf16_screen.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="PYDC_KMEANS_BF16"):
+        bf16_screen.use_bf16_screen()
