@@ -45,9 +45,11 @@ from pydc.utils.memory import empty_huge
 DENSE_CHANGES = 0.6
 # A dense pass keeps its products for the next pass only when that one may move them: when the last pass
 # changed at most KEEP_CHANGES * DENSE_CHANGES * k labels (the count shrank by 0.47-0.8 per pass in the run
-# above). Otherwise it is plain kmeans_assign, without streaming out the N x k products (~0.045 s, 12%, of a
-# dense pass there). A wrong guess costs time only: one more dense pass, or one pass's products kept unused.
-KEEP_CHANGES = 2.0
+# above, 0.7-0.8 from 1.4k changes on). Otherwise it is plain kmeans_assign, without streaming out the N x k
+# products (0.32 s against 0.34-0.48 s for a dense pass there; 0.21 s bfloat16-screened). A wrong guess costs
+# time only: products kept unused (a dense pass instead of a plain one, ~0.15-0.27 s), or a dense pass where
+# products could have moved (~0.1 s at 0.6 k changes); hence the low factor.
+KEEP_CHANGES = 1.5
 
 
 class DeltaAssigner:
