@@ -122,6 +122,18 @@ def test_the_choice_follows_the_setting_and_the_level(monkeypatch):
     monkeypatch.setenv(bf16_screen.ENV_VAR, "auto")
     with cpu_capability_level("avx2" if "avx2" in supported_levels() else "default"):
         assert not bf16_screen.use_bf16_screen()  # below avx512: float32, no measurement
+    # at avx512: AMX-BF16 decides without a measurement, otherwise the measurement (here made to lose)
+    if "avx512" in supported_levels():
+        with cpu_capability_level("avx512"):
+            monkeypatch.setattr(bf16_screen, "_chosen", {})
+            monkeypatch.setattr(bf16_screen, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+            monkeypatch.setattr(bf16_screen, "measure", lambda: pytest.fail("measured despite AMX-BF16"))
+            assert bf16_screen.use_bf16_screen()
+            monkeypatch.setattr(bf16_screen, "_chosen", {})
+            monkeypatch.setattr(bf16_screen, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+            monkeypatch.setattr(bf16_screen, "measure", lambda: (1.0, 0.95))
+            assert not bf16_screen.use_bf16_screen()
+            assert bf16_screen.bf16_screen_report()["chosen"] is False
     monkeypatch.setenv(bf16_screen.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="PYDC_KMEANS_BF16"):
         bf16_screen.use_bf16_screen()

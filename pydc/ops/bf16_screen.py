@@ -8,9 +8,11 @@ in csrc/ops/cpu/kmeans_bf16_kernel.cpp). It pays only where MKL's bfloat16 GEMM 
 it, slower than float32. So the choice is made once per process:
 
     PYDC_KMEANS_BF16=auto  (default) only at the avx512 ISA level (pydc.ops.cpu_capability: capped below it, as
-                           PYDC_CPU_CAPABILITY=avx2 does, the float32 path runs) and only when one assignment of
+                           PYDC_CPU_CAPABILITY=avx2 does, the float32 path runs); there, on a CPU with AMX-BF16
+                           (the amx_bf16 flag of /proc/cpuinfo: MKL runs the GEMM on AMX tiles), always; on
+                           others (AVX512-BF16 alone, or MKL's emulation) only when one assignment of
                            MEASURE_SHAPE points x centroids x features, timed against kmeans_assign (alternating,
-                           fastest of MEASURE_ROUNDS each, ~0.1 s), takes less than MARGIN of its time
+                           fastest of MEASURE_ROUNDS each, ~0.3 s once), takes less than MARGIN of its time
     PYDC_KMEANS_BF16=on    always (a RuntimeError where MKL's bfloat16 GEMM is missing): tests
     PYDC_KMEANS_BF16=off   never
 
@@ -90,10 +92,27 @@ def use_bf16_screen() -> bool:
     if level != "avx512" or not available():
         return False
     if level not in _chosen:
-        plain_s, screened_s = measure()
-        _chosen[level] = screened_s < MARGIN * plain_s
-        _report = {"plain_s": plain_s, "bf16_s": screened_s, "shape": list(MEASURE_SHAPE), "chosen": _chosen[level]}
+        if "amx_bf16" in cpu_flags():
+            _chosen[level] = True
+            _report = {"chosen": True, "reason": "amx_bf16"}
+        else:
+            plain_s, screened_s = measure()
+            _chosen[level] = screened_s < MARGIN * plain_s
+            _report = {"plain_s": plain_s, "bf16_s": screened_s, "shape": list(MEASURE_SHAPE),
+                       "chosen": _chosen[level]}
     return _chosen[level]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo), empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def bf16_screen_report() -> dict:
