@@ -137,3 +137,30 @@ def test_the_choice_follows_the_setting_and_the_level(monkeypatch):
     monkeypatch.setenv(bf16_screen.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="PYDC_KMEANS_BF16"):
         bf16_screen.use_bf16_screen()
+
+
+@pytest.mark.parametrize("name", ["clustered", "bisector", "exact_centroids", "exact_points"])
+def test_screened_bounds_hold(name):
+    """kmeans_assign_bounds_bf16: kmeans_assign_bounds's labels (original indices through centroid_ids), upper >=
+    the exact distance to the chosen centroid and every group lower bound <= the exact distance to the group's
+    other members, with groups of uneven size and an empty one."""
+    x, centroids = cases()[name]
+    k = centroids.shape[0]
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(3))
+    offsets = torch.tensor([0, k // 5, k // 5, k // 2, k])  # an empty group too
+    norms = (x * x).sum(1)
+    labels, distances, upper, lower = torch.ops.pydc.kmeans_assign_bounds_bf16(
+        x, x.to(torch.bfloat16), centroids[order], order, offsets, norms)
+    plain_labels, _, _, _ = torch.ops.pydc.kmeans_assign_bounds(x, centroids[order], order, offsets, norms)
+    assert torch.equal(labels, plain_labels)
+    exact = torch.cdist(x.double(), centroids.double())
+    assert bool((upper >= exact.gather(1, labels.unsqueeze(1)).squeeze(1)).all())
+    for g in range(4):
+        members = order[offsets[g]:offsets[g + 1]]
+        if members.numel() == 0:
+            assert bool(torch.isinf(lower[:, g]).all())
+            continue
+        others = exact[:, members].masked_fill(members.unsqueeze(0) == labels.unsqueeze(1), float("inf"))
+        assert bool((lower[:, g] <= others.min(1).values).all())
+    torch.library.opcheck(torch.ops.pydc.kmeans_assign_bounds_bf16,
+                          (x[:64], x[:64].to(torch.bfloat16), centroids[order], order, offsets, norms[:64]))

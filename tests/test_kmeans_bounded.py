@@ -308,3 +308,21 @@ def test_delta_passes_plain_or_screened_then_kept_then_moved(screen, monkeypatch
     first = "screened" if screen == "on" else "plain"
     assert passes[0] == first and "dense" in passes and "moved" in passes, passes
     assert passes.index("dense") < passes.index("moved") and set(passes[:passes.index("dense")]) == {first}
+
+
+@pytest.mark.parametrize("bounds", ["yinyang", "auto"])
+def test_bounded_with_the_bf16_screen_equals_plain_lloyd(bounds, monkeypatch):
+    """The same runs with every full pass screened by bfloat16 (PYDC_KMEANS_BF16=on: Yinyang's bounds from the
+    screen, the plain passes of the moved products screened): plain Lloyd's run still, on every kind of data."""
+    from pydc.ops import bf16_screen
+
+    if not bf16_screen.available():
+        pytest.skip("needs MKL's bfloat16 GEMM in torch")
+    monkeypatch.setenv("PYDC_KMEANS_BOUNDS", bounds)
+    monkeypatch.setenv(bf16_screen.ENV_VAR, "on")
+    for case in sorted(CASES):
+        x, k, start = CASES[case]()
+        init = empty_cluster_start(x, k) if start == "empty" else initial_centroids(x, k, seed=7)
+        plain = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=False)
+        bounded = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=True)
+        assert_same_run(bounded, plain)

@@ -95,4 +95,7 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   // kmeans_assign's labels from a bfloat16 screening GEMM (MKL's), CPU only: ops/cpu/kmeans_bf16_kernel.cpp.
   m.def("kmeans_assign_bf16(Tensor x, Tensor x_bf16, Tensor centroids, Tensor x_sq_norms) -> "
         "(Tensor labels, Tensor distances)");
+  m.def("kmeans_assign_bounds_bf16(Tensor x, Tensor x_bf16, Tensor centroids, Tensor centroid_ids, "
+        "Tensor group_offsets, Tensor x_sq_norms) -> (Tensor labels, Tensor distances, Tensor upper, "
+        "Tensor group_lower)");
 }

@@ -136,10 +136,12 @@ class YinyangThenDelta:
             first = len(self.yinyang.scores_computed) == 1  # the labels of the first pass are all new
             self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=self.yinyang.labels,
                                        changed=self.x.shape[0] if first else None)
+            self.delta.screen, self.delta.x_bf16 = self.yinyang.screen, self.yinyang.x_bf16
             return self.delta(centroids)
         labels, objective = self.yinyang(centroids)
         if self.yinyang.unfiltered_passes > 0:  # the filter scored most pairs: Yinyang backs off from here
             self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=labels)
+            self.delta.screen, self.delta.x_bf16 = self.yinyang.screen, self.yinyang.x_bf16
         return labels, objective
 
     @property

@@ -37,8 +37,9 @@ csrc/ops/cpu/kmeans_yinyang_kernel.cpp, kmeans_bounded_kernel.cpp and pydc/clust
 kmeans_assign_elkan (one pass with a lower bound per point and centroid, labels and bounds updated in place;
 csrc/ops/cpu/kmeans_elkan_kernel.cpp, pydc/cluster/kmeans_elkan.py) and kmeans_assign_delta (the products of every
 point and centroid moved to new centroids by the points that changed label; kmeans_delta_kernel.cpp,
-pydc/cluster/kmeans_delta.py), and kmeans_assign_bf16 (kmeans_assign's labels from a bfloat16 GEMM of MKL's that
-only screens the centroids, the candidates settled in float64; kmeans_bf16_kernel.cpp).
+pydc/cluster/kmeans_delta.py), and kmeans_assign_bf16 / kmeans_assign_bounds_bf16 (kmeans_assign's labels, and
+kmeans_assign_bounds's bounds, from a bfloat16 GEMM of MKL's that only screens the centroids, the candidates
+settled in float64; kmeans_bf16_kernel.cpp).
 
 Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
 `kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the
@@ -209,6 +210,11 @@ if HAS_OPS:
         torch._check(x.dim() == 2 and x_bf16.shape == x.shape, lambda: "kmeans_assign_bf16: expected 2-D x and "
                      "x_bf16 of its shape")
         return x.new_empty((x.shape[0],), dtype=torch.int64), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("pydc::kmeans_assign_bounds_bf16")
+    def _kmeans_assign_bounds_bf16_fake(x, x_bf16, centroids, centroid_ids, group_offsets, x_sq_norms):
+        torch._check(x_bf16.shape == x.shape, lambda: "kmeans_assign_bounds_bf16: expected x_bf16 of x's shape")
+        return _kmeans_assign_bounds_fake(x, centroids, centroid_ids, group_offsets, x_sq_norms)
 
     @torch.library.register_fake("pydc::kmeans_update")
     def _kmeans_update_fake(x, labels, k, deterministic=True):

@@ -1,4 +1,5 @@
-// CPU kernel of kmeans_assign_bf16: kmeans_assign's labels from a bfloat16 GEMM that only screens the centroids.
+// CPU kernels of kmeans_assign_bf16 and kmeans_assign_bounds_bf16: kmeans_assign's labels (and, for the second,
+// kmeans_assign_bounds's Yinyang bounds) from a bfloat16 GEMM that only screens the centroids.
 //
 // kmeans_assign_bf16(x, x_bf16, centroids, x_sq_norms) -> (labels, distances)
 //   The labels kmeans_assign(x, centroids) returns, exactly, and the squared distances (float32, from the
@@ -43,6 +44,7 @@ namespace pydc {
 namespace {
 
 constexpr const char* kBf16 = "pydc::kmeans_assign_bf16";
+constexpr const char* kBoundsBf16 = "pydc::kmeans_assign_bounds_bf16";
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
 constexpr double kSlack = 1.01;
 constexpr double kRoundUp = 1.0 + 1e-12;  // float64 norms of float32 data: relative error far below 1e-12
@@ -79,75 +81,86 @@ void rounding_norms(const CpuKernels& kernels, const float* a, const at::BFloat1
   *error = std::sqrt(sq[1]) * kRoundUp;
 }
 
-std::tuple<at::Tensor, at::Tensor> kmeans_assign_bf16_cpu(const at::Tensor& x_in, const at::Tensor& x_bf16_in,
-                                                         const at::Tensor& centroids_in, const at::Tensor& norms_in) {
-  check_points_and_centroids(kBf16, x_in, centroids_in, norms_in);
-  PYDC_CHECK_DTYPE(kBf16, "x_bf16", x_bf16_in, at::kBFloat16);
-  TORCH_CHECK(x_bf16_in.sizes() == x_in.sizes(), kBf16, ": expected x_bf16 of the shape of x ", x_in.sizes(),
-              ", got ", describe(x_bf16_in));
-  const GemmBf16Fn gemm = gemm_bf16();
-  TORCH_CHECK(gemm != nullptr, kBf16, ": needs MKL's cblas_gemm_bf16bf16f32 (torch built with MKL); "
-              "use kmeans_assign");
-  const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
-  TORCH_CHECK(d <= std::numeric_limits<int>::max() && k <= std::numeric_limits<int>::max(), kBf16,
-              ": expected d and k below 2^31 (the BLAS's int sizes), got d = ", d, ", k = ", k);
-  const at::Tensor x = x_in.contiguous(), xb = x_bf16_in.contiguous(), centroids = centroids_in.contiguous();
-  const at::Tensor norms = norms_in.contiguous();
-  at::Tensor labels = at::empty({n}, x.options().dtype(at::kLong));
-  at::Tensor distances = at::empty({n}, x.options());
-  if (n == 0) return {labels, distances};
-
-  const at::Tensor cb = centroids.to(at::kBFloat16);
-  const KMeansCentroidInfo info = kmeans_centroid_info(centroids);
-  const float* cs = centroids.const_data_ptr<float>();
-  const at::BFloat16* cbs = cb.const_data_ptr<at::BFloat16>();
+// What every screened pass needs: the inputs, the centroids rounded to bfloat16 and the largest of their norms.
+struct Screen {
+  at::Tensor x, xb, centroids, norms, cb;
+  KMeansCentroidInfo info;
   double max_c = 0.0, max_cb = 0.0, max_ce = 0.0;  // largest ||c||, ||c~||, ||c - c~||
+  GemmBf16Fn gemm = nullptr;
+};
+
+Screen prepare_screen(const char* op, const at::Tensor& x, const at::Tensor& x_bf16, const at::Tensor& centroids,
+                      const at::Tensor& norms) {
+  check_points_and_centroids(op, x, centroids, norms);
+  PYDC_CHECK_DTYPE(op, "x_bf16", x_bf16, at::kBFloat16);
+  TORCH_CHECK(x_bf16.sizes() == x.sizes(), op, ": expected x_bf16 of the shape of x ", x.sizes(), ", got ",
+              describe(x_bf16));
+  Screen screen;
+  screen.gemm = gemm_bf16();
+  TORCH_CHECK(screen.gemm != nullptr, op, ": needs MKL's cblas_gemm_bf16bf16f32 (torch built with MKL); "
+              "use kmeans_assign");
+  const int64_t k = centroids.size(0), d = x.size(1);
+  TORCH_CHECK(d <= std::numeric_limits<int>::max() && k <= std::numeric_limits<int>::max(), op,
+              ": expected d and k below 2^31 (the BLAS's int sizes), got d = ", d, ", k = ", k);
+  screen.x = x.contiguous();
+  screen.xb = x_bf16.contiguous();
+  screen.centroids = centroids.contiguous();
+  screen.norms = norms.contiguous();
+  screen.cb = screen.centroids.to(at::kBFloat16);
+  screen.info = kmeans_centroid_info(screen.centroids);
+  const float* cs = screen.centroids.const_data_ptr<float>();
+  const at::BFloat16* cbs = screen.cb.const_data_ptr<at::BFloat16>();
   for (int64_t j = 0; j < k; ++j) {
     double norm_b, error;
     rounding_norms(cpu_kernels(), cs + j * d, cbs + j * d, d, &norm_b, &error);
-    const double norm = std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
-    TORCH_CHECK(std::isfinite(norm) && std::isfinite(norm_b), kBf16, ": expected finite centroids, got centroid ", j,
+    const double norm = std::sqrt(screen.info.sq_norms_f64[j]) * kRoundUp;
+    TORCH_CHECK(std::isfinite(norm) && std::isfinite(norm_b), op, ": expected finite centroids, got centroid ", j,
                 " with norm ", norm, " (use kmeans_assign)");
-    max_c = std::max(max_c, norm);
-    max_cb = std::max(max_cb, norm_b);
-    max_ce = std::max(max_ce, error);
+    screen.max_c = std::max(screen.max_c, norm);
+    screen.max_cb = std::max(screen.max_cb, norm_b);
+    screen.max_ce = std::max(screen.max_ce, error);
   }
-  TORCH_CHECK(max_c * max_c < kScoreLimit, kBf16, ": expected centroids whose float32 scores cannot overflow, got a "
-              "centroid norm of ", max_c, " (use kmeans_assign)");
+  TORCH_CHECK(screen.max_c * screen.max_c < kScoreLimit, op, ": expected centroids whose float32 scores cannot "
+              "overflow, got a centroid norm of ", screen.max_c, " (use kmeans_assign)");
+  return screen;
+}
+
+// Calls row_fn(i, row, position, exact, score_error) for every point, on the thread that screened it: its
+// approximate products a_ij (k floats, kmeans_score(cn[j], row[j]) within score_error of the exact score), the
+// winner's position (ties by ids[j], or by position for nullptr) and its float64 score.
+template <typename RowFn>
+void for_screened_rows(const char* op, const Screen& s, const int64_t* ids, RowFn row_fn) {
+  const int64_t n = s.x.size(0), k = s.centroids.size(0), d = s.x.size(1);
   const double gamma = gamma_of(d);
   const double sqrt_d = std::sqrt(static_cast<double>(d));
-  const float* xs = x.const_data_ptr<float>();
-  const at::BFloat16* xbs = xb.const_data_ptr<at::BFloat16>();
-  const float* pn = norms.const_data_ptr<float>();
-  const float* cn = info.sq_norms.const_data_ptr<float>();
-  int64_t* label = labels.mutable_data_ptr<int64_t>();
-  float* distance = distances.mutable_data_ptr<float>();
+  const float* xs = s.x.const_data_ptr<float>();
+  const float* cs = s.centroids.const_data_ptr<float>();
+  const at::BFloat16* xbs = s.xb.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* cbs = s.cb.const_data_ptr<at::BFloat16>();
+  const float* cn = s.info.sq_norms.const_data_ptr<float>();
   const CpuKernels& kernels = cpu_kernels();
   std::atomic<int64_t> bad_row{-1};
-
   const int64_t block = kmeans_thread_block_rows(n);
   at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<float> buffer(block * k);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t i0 = b * block, rows = std::min(block, n - i0);
-      gemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(k), static_cast<int>(d), 1.0f,
-           reinterpret_cast<const uint16_t*>(xbs + i0 * d), static_cast<int>(d),
-           reinterpret_cast<const uint16_t*>(cbs), static_cast<int>(d), 0.0f, buffer.data(), static_cast<int>(k));
+      s.gemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(k), static_cast<int>(d), 1.0f,
+             reinterpret_cast<const uint16_t*>(xbs + i0 * d), static_cast<int>(d),
+             reinterpret_cast<const uint16_t*>(cbs), static_cast<int>(d), 0.0f, buffer.data(), static_cast<int>(k));
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         double norm_xb, error_x;
         rounding_norms(kernels, xs + i * d, xbs + i * d, d, &norm_xb, &error_x);
         // |a - x . c| for every centroid, then the score's: 2 |a - x . c| + the rounding of ||c||^2 (gamma_d)
         // and of ||c||^2 - 2 a (u, on at most ||c||^2 + 2 |a|)
-        const double dot_error = error_x * max_c + norm_xb * max_ce + gamma * norm_xb * max_cb +
-                                 kFlushed * (sqrt_d * (norm_xb + max_cb) + 2.0 * static_cast<double>(d));
+        const double dot_error = error_x * s.max_c + norm_xb * s.max_ce + gamma * norm_xb * s.max_cb +
+                                 kFlushed * (sqrt_d * (norm_xb + s.max_cb) + 2.0 * static_cast<double>(d));
         const double score_error =
-            kSlack * (2.0 * dot_error + gamma * max_c * max_c +
-                      kUnitRoundoff * (max_c * max_c + 2.0 * (1.0 + gamma) * norm_xb * max_cb)) * kRoundUp;
-        if (!std::isfinite(score_error) || !(norm_xb * max_cb < kScoreLimit)) {
+            kSlack * (2.0 * dot_error + gamma * s.max_c * s.max_c +
+                      kUnitRoundoff * (s.max_c * s.max_c + 2.0 * (1.0 + gamma) * norm_xb * s.max_cb)) * kRoundUp;
+        if (!std::isfinite(score_error) || !(norm_xb * s.max_cb < kScoreLimit)) {
           bad_row.store(i);
-          label[i] = 0;
-          distance[i] = 0.0f;
           continue;
         }
         const float* row = buffer.data() + r * k;
@@ -158,21 +171,79 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_bf16_cpu(const at::Tensor& x_in
         const double margin = 2.0 * score_error;
         if (static_cast<double>(second) - static_cast<double>(best) > margin) {
           // one candidate: the winner, whose float64 score gives the distance
-          exact = info.sq_norms_f64[position] - 2.0 * kernels.dot_f64(xs + i * d, cs + position * d, d);
+          exact = s.info.sq_norms_f64[position] - 2.0 * kernels.dot_f64(xs + i * d, cs + position * d, d);
         } else {
-          position = kmeans_settle_near_best(xs + i * d, cs, info.sq_norms_f64.data(), nullptr, d, best, margin,
+          position = kmeans_settle_near_best(xs + i * d, cs, s.info.sq_norms_f64.data(), ids, d, best, margin,
                                              &exact, [&](auto fn) {
                                                for (int64_t j = 0; j < k; ++j) fn(j, kmeans_score(cn[j], row[j]));
                                              });
         }
-        label[i] = position;
-        distance[i] = kmeans_distance(pn[i], static_cast<float>(exact));
+        row_fn(i, row, position, exact, score_error);
       }
     }
   });
-  TORCH_CHECK(bad_row.load() < 0, kBf16, ": expected finite points whose float32 scores cannot overflow, got row ",
+  TORCH_CHECK(bad_row.load() < 0, op, ": expected finite points whose float32 scores cannot overflow, got row ",
               bad_row.load(), " (use kmeans_assign)");
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_assign_bf16_cpu(const at::Tensor& x, const at::Tensor& x_bf16,
+                                                         const at::Tensor& centroids, const at::Tensor& norms) {
+  const Screen screen = prepare_screen(kBf16, x, x_bf16, centroids, norms);
+  const int64_t n = x.size(0);
+  at::Tensor labels = at::empty({n}, screen.x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, screen.x.options());
+  int64_t* label = labels.mutable_data_ptr<int64_t>();
+  float* distance = distances.mutable_data_ptr<float>();
+  const float* pn = screen.norms.const_data_ptr<float>();
+  for_screened_rows(kBf16, screen, nullptr, [&](int64_t i, const float*, int64_t position, double exact, double) {
+    label[i] = position;
+    distance[i] = kmeans_distance(pn[i], static_cast<float>(exact));
+  });
   return {labels, distances};
+}
+
+// kmeans_assign_bounds (kmeans_bounded_kernel.cpp) with the screen: the same labels and distances, upper from the
+// winner's float64 score, group_lower from each group's smallest approximate score less the row's error bound
+// (every exact score of the group is at least that).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_bf16_cpu(
+    const at::Tensor& x, const at::Tensor& x_bf16, const at::Tensor& centroids, const at::Tensor& ids_in,
+    const at::Tensor& offsets_in, const at::Tensor& norms) {
+  const int64_t groups = check_grouped_centroids(kBoundsBf16, x, centroids, ids_in, offsets_in, norms);
+  const Screen screen = prepare_screen(kBoundsBf16, x, x_bf16, centroids, norms);
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor ids_t = ids_in.contiguous(), offsets_t = offsets_in.contiguous();
+  const int64_t* ids = ids_t.const_data_ptr<int64_t>();
+  const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
+  at::Tensor labels = at::empty({n}, screen.x.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({n}, screen.x.options());
+  at::Tensor upper = at::empty({n}, screen.x.options().dtype(at::kDouble));
+  at::Tensor group_lower = at::empty({n, groups}, screen.x.options().dtype(at::kDouble));
+  int64_t* label = labels.mutable_data_ptr<int64_t>();
+  float* distance = distances.mutable_data_ptr<float>();
+  double* upper_out = upper.mutable_data_ptr<double>();
+  double* lower_out = group_lower.mutable_data_ptr<double>();
+  const float* pn = screen.norms.const_data_ptr<float>();
+  const float* cn = screen.info.sq_norms.const_data_ptr<float>();
+  const CpuKernels& kernels = cpu_kernels();
+  const double norm_rounding = kmeans_norm_rounding(d);
+  for_screened_rows(kBoundsBf16, screen, ids, [&](int64_t i, const float* row, int64_t position, double exact,
+                                                   double score_error) {
+    thread_local std::vector<float> group_min;
+    group_min.resize(groups);
+    label[i] = ids[position];
+    distance[i] = kmeans_distance(pn[i], static_cast<float>(exact));
+    const double point_sq = static_cast<double>(pn[i]);
+    // the float64 score errs by far less than 1e-12 of ||x||^2 + ||c||^2
+    const double upper_sq = point_sq * (1.0 + norm_rounding) + exact +
+                            1e-12 * (point_sq + screen.max_c * screen.max_c);
+    upper_out[i] = std::sqrt(std::max(0.0, upper_sq));
+    kernels.group_min_scores(row, cn, offsets, groups, position, group_min.data());
+    double* lower_row = lower_out + i * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      lower_row[g] = kmeans_group_lower_bound(point_sq, norm_rounding, group_min[g], score_error);
+    }
+  });
+  return {labels, distances, upper, group_lower};
 }
 
 }  // namespace
@@ -181,4 +252,7 @@ bool has_bf16_gemm() { return gemm_bf16() != nullptr; }
 
 }  // namespace pydc
 
-TORCH_LIBRARY_IMPL(pydc, CPU, m) { m.impl("kmeans_assign_bf16", &pydc::kmeans_assign_bf16_cpu); }
+TORCH_LIBRARY_IMPL(pydc, CPU, m) {
+  m.impl("kmeans_assign_bf16", &pydc::kmeans_assign_bf16_cpu);
+  m.impl("kmeans_assign_bounds_bf16", &pydc::kmeans_assign_bounds_bf16_cpu);
+}
