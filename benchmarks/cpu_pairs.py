@@ -31,7 +31,7 @@ from benchmarks.test_bench_pca import assert_same_whitening, faiss_whitening, py
 from benchmarks.test_bench_sobel import torch_chain
 from pydc.cluster import kmeans
 from pydc.cluster.kmeans import initial_centroids
-from pydc.ops import cpu_gemm
+from pydc.ops import bf16_screen, cpu_gemm
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS, sobel_normalize_reference
 
 N, D, K = 100_000, 256, 1000
@@ -104,6 +104,7 @@ def kmeans_pair(dataset):
     extra = dict(pydc_runs_s=ours_runs, reference_runs_s=theirs_runs, pydc_plain_lloyd_runs_s=plain_runs,
                  pydc_cpu_gemm=ours.cpu_gemm, pydc_bounds=ours.bounds, pydc_iterations=ours.iterations, faiss_iterations=theirs.iterations,
                  pydc_objective=ours.objective[-1], faiss_objective=theirs.objective[-1],
+                 pydc_bf16_screen=bf16_screen.bf16_screen_report() or {"chosen": bf16_screen.use_bf16_screen()},
                  fraction_rows_computed=sum(ours.rows_computed) / (N * len(ours.rows_computed)),
                  fraction_scores_computed=sum(ours.scores_computed) / (N * K * len(ours.scores_computed)))
     return f"k-means {dataset} {N}x{D} k={K} niter=20", ours_s, theirs_s, "faiss-cpu k-means", extra
