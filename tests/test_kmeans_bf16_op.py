@@ -14,6 +14,7 @@ import torch
 
 from pydc.ops import bf16_screen
 from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+from tests.test_kmeans_bounded import assert_group_bounds_hold
 
 pytestmark = pytest.mark.skipif(not bf16_screen.available(), reason="needs MKL's bfloat16 GEMM in torch")
 
@@ -153,14 +154,6 @@ def test_screened_bounds_hold(name):
         x, x.to(torch.bfloat16), centroids[order], order, offsets, norms)
     plain_labels, _, _, _ = torch.ops.pydc.kmeans_assign_bounds(x, centroids[order], order, offsets, norms)
     assert torch.equal(labels, plain_labels)
-    exact = torch.cdist(x.double(), centroids.double())
-    assert bool((upper >= exact.gather(1, labels.unsqueeze(1)).squeeze(1)).all())
-    for g in range(4):
-        members = order[offsets[g]:offsets[g + 1]]
-        if members.numel() == 0:
-            assert bool(torch.isinf(lower[:, g]).all())
-            continue
-        others = exact[:, members].masked_fill(members.unsqueeze(0) == labels.unsqueeze(1), float("inf"))
-        assert bool((lower[:, g] <= others.min(1).values).all())
+    assert_group_bounds_hold(x, centroids, order, offsets, labels, upper, lower)
     torch.library.opcheck(torch.ops.pydc.kmeans_assign_bounds_bf16,
                           (x[:64], x[:64].to(torch.bfloat16), centroids[order], order, offsets, norms[:64]))

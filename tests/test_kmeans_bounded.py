@@ -109,6 +109,21 @@ def test_bounded_stays_exact_on_near_ties(bounds):
     assert torch.equal(labels, first_min)
 
 
+def assert_group_bounds_hold(x, centroids, order, offsets, labels, upper, lower) -> torch.Tensor:
+    """upper >= the exact distance to the labelled centroid, and each group's lower bound <= the exact distance to
+    every member of the group but the labelled one (+inf for an empty group); returns the exact distances."""
+    exact = torch.cdist(x.double(), centroids.double())
+    assert bool((upper >= exact.gather(1, labels.unsqueeze(1)).squeeze(1)).all())
+    for g in range(offsets.numel() - 1):
+        members = order[offsets[g]:offsets[g + 1]]
+        if members.numel() == 0:
+            assert bool(torch.isinf(lower[:, g]).all())
+            continue
+        others = exact[:, members].masked_fill(members.unsqueeze(0) == labels.unsqueeze(1), float("inf"))
+        assert bool((lower[:, g] <= others.min(1).values).all())
+    return exact
+
+
 def test_assign_bounds_kernel_bounds_hold():
     """The kernel's labels are kmeans_assign's (original indices through centroid_ids), upper >= the exact
     distance to the chosen centroid, and every group lower bound <= the exact distance to the other members."""
@@ -121,15 +136,7 @@ def test_assign_bounds_kernel_bounds_hold():
     plain_labels, plain_distances = torch.ops.pydc.kmeans_assign(x, centroids, norms, True)
     assert torch.equal(labels, plain_labels)
     torch.testing.assert_close(distances, plain_distances, rtol=1e-5, atol=1e-3)
-    exact = torch.cdist(x.double(), centroids.double())
-    assert bool((upper >= exact.gather(1, labels.unsqueeze(1)).squeeze(1)).all())
-    for g in range(4):
-        members = order[offsets[g]:offsets[g + 1]]
-        if members.numel() == 0:
-            assert bool(torch.isinf(lower[:, g]).all())
-            continue
-        others = exact[:, members].masked_fill(members.unsqueeze(0) == labels.unsqueeze(1), float("inf"))
-        assert bool((lower[:, g] <= others.min(1).values).all())
+    exact = assert_group_bounds_hold(x, centroids, order, offsets, labels, upper, lower)
     own = torch.ops.pydc.kmeans_label_distances(x, centroids, labels)
     torch.testing.assert_close(own, exact.gather(1, labels.unsqueeze(1)).squeeze(1).pow(2), rtol=1e-12, atol=1e-9)
 
