@@ -67,11 +67,6 @@ GemmBf16Fn gemm_bf16() {
   return fn;
 }
 
-double gamma_of(int64_t n) {
-  const double nu = static_cast<double>(n) * kUnitRoundoff;
-  return kSlack * nu / (1.0 - nu);
-}
-
 // ||b||, ||a - b|| of a float32 row a and its bfloat16 rounding b, in float64, rounded up.
 void rounding_norms(const CpuKernels& kernels, const float* a, const at::BFloat16* b, int64_t d, double* norm_b,
                     double* error) {
@@ -131,7 +126,7 @@ Screen prepare_screen(const char* op, const at::Tensor& x, const at::Tensor& x_b
 template <typename RowFn>
 void for_screened_rows(const char* op, const Screen& s, const int64_t* ids, RowFn row_fn) {
   const int64_t n = s.x.size(0), k = s.centroids.size(0), d = s.x.size(1);
-  const double gamma = gamma_of(d);
+  const double gamma = kmeans_gamma(d);
   const double sqrt_d = std::sqrt(static_cast<double>(d));
   const float* xs = s.x.const_data_ptr<float>();
   const float* cs = s.centroids.const_data_ptr<float>();

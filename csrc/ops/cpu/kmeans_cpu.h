@@ -168,6 +168,12 @@ int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::T
 
 // Relative rounding of ||x||^2 as a caller computed it (float32, any order): gamma_d, with 1% slack.
 inline double kmeans_norm_rounding(int64_t d) { return static_cast<double>(d) * 5.9604644775390625e-08 * 1.01; }
+// gamma_n = n u / (1 - n u) (u = 2^-24), with 1% slack: the error of a float32 dot product of length n, summed in
+// any order, per unit of the sum of its terms' magnitudes (|x| |y|) (the delta and bfloat16 passes' bounds).
+inline double kmeans_gamma(int64_t n) {
+  const double nu = static_cast<double>(n) * 5.9604644775390625e-08;
+  return 1.01 * nu / (1.0 - nu);
+}
 
 // A lower bound on the exact distance from a point to every centroid whose float32 score (kmeans_score) is
 // at least group_min: the score's error and the rounding of ||x||^2 taken off. 0 for NaN.

@@ -65,12 +65,6 @@ constexpr double kMaxErrorGrowth = 8.0;
 constexpr int64_t kBlockRows = 1024;
 constexpr int64_t kDenseRows = 256;  // points per GEMM of a dense pass
 
-// gamma_n = n u / (1 - n u), with slack: the error of a float32 dot product of length n, per unit of |x| |y|.
-double gamma_of(int64_t n) {
-  const double nu = static_cast<double>(n) * kUnitRoundoff;
-  return kSlack * nu / (1.0 - nu);
-}
-
 // An upper bound on ||v|| from a float32 ||v||^2 summed in any order (kmeans_norm_rounding).
 double norm_up(float sq_norm, int64_t d) {
   const double sq = std::max(0.0, static_cast<double>(sq_norm));
@@ -122,7 +116,7 @@ bool plan_update(const at::Tensor& x, const float* pn, const at::Tensor& centroi
   }
   const float* c = centroids.const_data_ptr<float>();
   const float* b = basis.const_data_ptr<float>();
-  const double gamma = gamma_of(d);
+  const double gamma = kmeans_gamma(d);
   u->gain.assign(k, 0.0f);
   std::vector<double> error(k);
   at::parallel_for(0, k, 64, [&](int64_t begin, int64_t end) {
@@ -159,7 +153,7 @@ bool plan_update(const at::Tensor& x, const float* pn, const at::Tensor& centroi
     if (!(error[j] <= max_error)) max_error = std::isnan(error[j]) ? HUGE_VAL : error[j];
   }
   for (int64_t i = 0; i < n; ++i) max_point = std::max(max_point, norm_up(pn[i], d));
-  if (!(max_error <= kMaxErrorGrowth * gamma_of(d + 2) * (max_point + max_centroid_norm))) return false;
+  if (!(max_error <= kMaxErrorGrowth * kmeans_gamma(d + 2) * (max_point + max_centroid_norm))) return false;
   std::copy(error.begin(), error.end(), column_error);
   for (int64_t j = 0; j < k; ++j) {
     if (added[j] == 0) continue;
@@ -312,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
         kernels.copy_runs_streaming(buffer, part, dot + i0 + r0, n, k, part);
       }
     });
-    const double gamma = gamma_of(d);
+    const double gamma = kmeans_gamma(d);
     for (int64_t j = 0; j < k; ++j) error[j] = gamma * std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
     count[1] = n * k;
     count[2] = 1;
