@@ -9,8 +9,8 @@ Sobel (median of 5 rounds x 10 calls), assign (median of 5) and k-means (cluster
 same start; median of 3, every run in the JSON) alternate sides; PCA runs once per side. OUT.json also records
 where it ran (CPU model, level, BLAS caps, threads, commit, UTC date) and the 1-minute load average after each
 pair (the machine may be shared), and the BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm:
-PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its measured block times. Names after OUT.json pick pairs (sobel, assign, kmeans, pca),
-e.g. `python -m benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
+PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its measured block times. Names after OUT.json pick
+pairs (sobel, assign, kmeans, pca), e.g. `python -m benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
 """
 
 from __future__ import annotations

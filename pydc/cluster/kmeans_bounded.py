@@ -64,7 +64,7 @@ import os
 
 import torch
 
-from pydc.ops.bf16_screen import use_bf16_screen
+from pydc.ops.bf16_screen import ScreenedPoints
 
 MAX_GROUPS = 64
 CENTROIDS_PER_GROUP = 16
@@ -161,8 +161,7 @@ class YinyangAssigner:
         self.rows_computed = []    # per call: points with any score computed (benchmarks and tests) ...
         self.scores_computed = []  # ... and point-centroid scores computed (N * k without bounds)
         self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
-        self.screen = None          # whether full passes screen by bfloat16 (pydc.ops.bf16_screen), once asked
-        self.x_bf16 = None
+        self.points = ScreenedPoints(x)  # the full passes' GEMMs, bfloat16-screened where that pays
         self.backoff = 1
 
     def _make_groups(self, centroids: torch.Tensor) -> None:
@@ -180,20 +179,11 @@ class YinyangAssigner:
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         self.group_of_sorted = group[self.order]
 
-    def bf16(self) -> torch.Tensor | None:
-        """x rounded to bfloat16 when this run screens its full passes by bfloat16 (pydc.ops.bf16_screen), else
-        None; computed once."""
-        if self.screen is None:
-            self.screen = use_bf16_screen()
-        if self.screen and self.x_bf16 is None:
-            self.x_bf16 = self.x.to(torch.bfloat16)
-        return self.x_bf16 if self.screen else None
-
     def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         # Every score: exact labels and fresh group bounds from one GEMM pass + group-min fold (measured
         # faster than the local filter from zero bounds since the fold and the BLAS choice were sped up), the
         # GEMM in bfloat16 where that screen pays (the same labels; bounds looser by the screen's error).
-        x_bf16 = self.bf16()
+        x_bf16 = self.points.bf16()
         if x_bf16 is not None:
             labels, distances, _, self.lower = torch.ops.pydc.kmeans_assign_bounds_bf16(
                 self.x, x_bf16, sorted_centroids, self.order, self.offsets, self.point_sq_norms)
@@ -249,11 +239,7 @@ class YinyangAssigner:
             if self.unfiltered_passes == 0:
                 return self._compute_all(centroids, sorted_centroids)
             self._count(self.x.shape[0], self.x.shape[0] * self.k)
-            x_bf16 = self.bf16()
-            if x_bf16 is not None:
-                labels, distances = torch.ops.pydc.kmeans_assign_bf16(self.x, x_bf16, centroids, self.point_sq_norms)
-            else:
-                labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            labels, distances = self.points.assign(centroids, self.point_sq_norms)
             self.labels = labels
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         _, group_drift = self._drifts(centroids)

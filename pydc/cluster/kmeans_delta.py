@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from pydc.cluster.kmeans_bounded import DENSE_FRACTION
-from pydc.ops.bf16_screen import use_bf16_screen
+from pydc.ops.bf16_screen import ScreenedPoints
 from pydc.utils.memory import empty_huge
 
 # A pass with more than DENSE_CHANGES * k changed labels scores every pair by GEMM instead. At 100k x 256,
@@ -57,10 +57,12 @@ class DeltaAssigner:
     would (identical labels), by updating every point-centroid product with the points that changed label."""
 
     def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int,
-                 labels: torch.Tensor | None = None, changed: int | None = None):
+                 labels: torch.Tensor | None = None, changed: int | None = None,
+                 points: ScreenedPoints | None = None):
         """labels: the labels whose cluster means the first call's centroids are, when they are (a run handed
         over from other bounds), so that the second call can already move the products; changed: how many of
-        them their pass changed, when known (None: the first call keeps its products)."""
+        them their pass changed, when known (None: the first call keeps its products); points: the run's
+        ScreenedPoints of x, when the assigner handing over has them."""
         n, d = x.shape
         self.x = x
         self.point_sq_norms = point_sq_norms
@@ -72,11 +74,10 @@ class DeltaAssigner:
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
         self.started = False  # whether dots hold the products of the last pass
-        self.screen = None    # whether the plain passes screen by bfloat16 (pydc.ops.bf16_screen), once asked
-        self.x_bf16 = None
+        self.points = ScreenedPoints(x) if points is None else points  # plain passes, screened where it pays
         self.rows_computed = []    # per call: rows settled in float64 (N for a dense pass) ...
         self.scores_computed = []  # ... and point products computed: N x m, or N x k for a dense pass
-        # per call: "plain" (kmeans_assign), "screened" (kmeans_assign_bf16), "dense" (GEMM, products kept), "moved"
+        # per call: "plain" (kmeans_assign), "screened" (kmeans_assign_bf16), "dense" (products kept), "moved"
         self.passes = []
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -84,18 +85,10 @@ class DeltaAssigner:
         dense = not self.started or self.changed > DENSE_CHANGES * k
         keep = self.changed is None or self.changed <= KEEP_CHANGES * DENSE_CHANGES * k
         if dense and not keep:
-            if self.screen is None:
-                self.screen = use_bf16_screen()
-            if self.screen:
-                if self.x_bf16 is None:
-                    self.x_bf16 = self.x.to(torch.bfloat16)
-                labels, distances = torch.ops.pydc.kmeans_assign_bf16(self.x, self.x_bf16, centroids,
-                                                                      self.point_sq_norms)
-            else:
-                labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            labels, distances = self.points.assign(centroids, self.point_sq_norms)
             self.changed = int((labels != self.labels).sum())
             self.labels, self.started = labels, False
-            self._count(n, n * k, "screened" if self.screen else "plain")
+            self._count(n, n * k, "plain" if self.points.bf16() is None else "screened")
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         if self.dots is None:
             self.dots = empty_huge(k, n, dtype=torch.float32)
@@ -135,13 +128,12 @@ class YinyangThenDelta:
         if predicted is not None and predicted > DENSE_FRACTION:
             first = len(self.yinyang.scores_computed) == 1  # the labels of the first pass are all new
             self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=self.yinyang.labels,
-                                       changed=self.x.shape[0] if first else None)
-            self.delta.screen, self.delta.x_bf16 = self.yinyang.screen, self.yinyang.x_bf16
+                                       changed=self.x.shape[0] if first else None, points=self.yinyang.points)
             return self.delta(centroids)
         labels, objective = self.yinyang(centroids)
         if self.yinyang.unfiltered_passes > 0:  # the filter scored most pairs: Yinyang backs off from here
-            self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=labels)
-            self.delta.screen, self.delta.x_bf16 = self.yinyang.screen, self.yinyang.x_bf16
+            self.delta = DeltaAssigner(self.x, self.point_sq_norms, self.k, labels=labels,
+                                       points=self.yinyang.points)
         return labels, objective
 
     @property

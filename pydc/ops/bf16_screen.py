@@ -103,6 +103,32 @@ def use_bf16_screen() -> bool:
     return _chosen[level]
 
 
+class ScreenedPoints:
+    """One k-means run's points for its full passes: asks use_bf16_screen() once, keeps x rounded to bfloat16
+    when the run screens, and assigns with kmeans_assign_bf16 then (kmeans_assign otherwise; the same labels).
+    Shared by the assigners a run hands over between (kmeans_bounded.py, kmeans_delta.py)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self._screen: bool | None = None
+        self._bf16: torch.Tensor | None = None
+
+    def bf16(self) -> torch.Tensor | None:
+        """x in bfloat16 when the run screens (made on first use), else None."""
+        if self._screen is None:
+            self._screen = use_bf16_screen()
+        if self._screen and self._bf16 is None:
+            self._bf16 = self.x.to(torch.bfloat16)
+        return self._bf16 if self._screen else None
+
+    def assign(self, centroids: torch.Tensor, x_sq_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, distances) of kmeans_assign, screened where the run screens."""
+        x_bf16 = self.bf16()
+        if x_bf16 is not None:
+            return torch.ops.pydc.kmeans_assign_bf16(self.x, x_bf16, centroids, x_sq_norms)
+        return torch.ops.pydc.kmeans_assign(self.x, centroids, x_sq_norms, True)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux reports them (/proc/cpuinfo), empty elsewhere."""
     try:
@@ -116,5 +142,5 @@ def cpu_flags() -> set[str]:
 
 
 def bf16_screen_report() -> dict:
-    """The last measurement of auto (empty before one): the two times and the choice, for benchmark records."""
+    """auto's last choice (empty before one): the rule or the two measured times, for benchmark records."""
     return dict(_report)
