@@ -54,11 +54,14 @@ def assert_bounds_hold(state, centroids):
     assert bool((state.second <= others.min(1).values).all()), "second exceeds the distance to another centroid"
 
 
+@pytest.mark.parametrize("d", [20, 72])
 @pytest.mark.parametrize("level", LEVELS)
-def test_passes_give_kmeans_assign_labels_and_valid_bounds(level):
+def test_passes_give_kmeans_assign_labels_and_valid_bounds(level, d):
+    """d = 72: the scored pairs' dot products run every loop of rows_dot_centroid (its chained steps at every
+    width, a leftover step, a scalar tail at AVX-512); 20 only its tails."""
     if level not in supported_levels():
         pytest.skip(f"CPU lacks {level}")
-    x = clustered(n=2503, d=20, centres=30, seed=9)  # 2503: batches of 32 points and a ragged last one
+    x = clustered(n=2503, d=d, centres=30, seed=9)  # 2503: batches of 64 points and a ragged last one
     centroids = initial_centroids(x, 30, seed=1)
     generator = torch.Generator().manual_seed(4)
     state = Pass(x, 30)

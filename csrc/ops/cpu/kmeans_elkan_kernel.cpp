@@ -50,7 +50,7 @@ constexpr double kRoundUp = 1.0 + 1e-12;  // a float64 square root of a float64 
 constexpr int64_t kMaxSeparationBytes = int64_t{64} << 20;       // k x k float32: the filter is off above k = 4096
 constexpr int64_t kSampleRows = 2048;                            // points scanned to choose a dense pass
 constexpr int64_t kCandidatePadding = 16;  // elkan_candidates writes up to 16 entries past its count
-constexpr int kBatch = 32;                 // points scored together (a bit each in a uint32_t)
+constexpr int kBatch = 64;                 // points scored together (a bit each in a uint64_t)
 
 float round_up_to_float(double v) {
   float f = static_cast<float>(v);
@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
     const int64_t stride = k + kCandidatePadding;
     std::vector<int32_t> candidates(kBatch * stride);
     std::vector<float> scores(kBatch * k);
-    std::vector<uint32_t> wanted(k, 0);  // bit p: batch point p needs centroid j
+    std::vector<uint64_t> wanted(k, 0);  // bit p: batch point p needs centroid j
     int64_t point[kBatch], count_of[kBatch], cursor[kBatch];
     PointBounds bounds[kBatch];
     float unscored[kBatch], dots[kBatch];
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
         if (second_of[i] > b.threshold) continue;  // the point-level filter: the label stays
         int32_t* cand = candidates.data() + m * stride;
         const int64_t count = point_candidates(b, c, label[i], anchor + i * k, cand, &unscored[m]);
-        for (int64_t q = 0; q < count; ++q) wanted[cand[q]] |= uint32_t{1} << m;
+        for (int64_t q = 0; q < count; ++q) wanted[cand[q]] |= uint64_t{1} << m;
         if (count > 0) {
           lowest = std::min<int64_t>(lowest, cand[0]);
           highest = std::max<int64_t>(highest, cand[count - 1]);
@@ -332,12 +332,12 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
         ++m;
       }
       for (int64_t j = lowest; j <= highest; ++j) {
-        uint32_t bits = wanted[j];
+        uint64_t bits = wanted[j];
         if (bits == 0) continue;
         wanted[j] = 0;
         int r = 0;
         for (; bits != 0; bits &= bits - 1) {
-          const int p = __builtin_ctz(bits);
+          const int p = __builtin_ctzll(bits);
           rows[r] = xs + point[p] * d;
           slot[r++] = p;
         }
