@@ -43,6 +43,9 @@ def empty_cluster_start(x, k, seed=3):
     return init
 
 
+# the assigners an auto run may use, in order (kmeans_delta.YinyangThenDelta.used)
+AUTO_CHAINS = ("yinyang", "yinyang+delta", "yinyang+elkan", "yinyang+elkan+delta")
+
 CASES = {
     "clustered": lambda: (clustered(), 48, None),
     "unstructured": lambda: (unstructured(), 40, None),
@@ -85,7 +88,7 @@ def test_bounded_equals_plain_lloyd(case, level, bounds):
             bounded = kmeans(x, k, niter=12, seed=5, backend="torch", init_centroids=init, bounded=True,
                              stop_at_fixed_point=stop)
             assert_same_run(bounded, plain)
-            assert bounded.bounds == bounds or (bounds == "auto" and bounded.bounds in ("yinyang", "yinyang+delta"))
+            assert bounded.bounds == bounds or (bounds == "auto" and bounded.bounds in AUTO_CHAINS)
             assert len(bounded.rows_computed) == bounded.iterations + (0 if bounded.iterations < 12 else 1)
             # the bounds skipped work (the first pass computes every row)
             assert sum(bounded.rows_computed[1:]) < x.shape[0] * (len(bounded.rows_computed) - 1)
@@ -237,14 +240,21 @@ def test_balanced_groups_with_room_to_spare_are_nearest_centre():
         balanced_groups(centroids, centres, 40)
 
 
-def test_auto_hands_unstructured_data_over_to_moved_products(monkeypatch):
+@pytest.mark.parametrize("screen", ["off", "on"])
+def test_auto_hands_unstructured_data_over_to_moved_products(screen, monkeypatch):
     """auto keeps Yinyang's bounds where their filter pays (clustered data) and hands over to the moved
-    products once it does not (points on the sphere), with plain Lloyd's run either way; spherical runs and
-    products over the memory budget stay with Yinyang."""
+    products once it does not (points on the sphere), through Elkan's bounds while many labels change unless
+    the full passes are bfloat16-screened, with plain Lloyd's run either way; spherical runs and products over
+    the memory budget stay with Yinyang."""
     from pydc.cluster import kmeans_bounded
+    from pydc.ops import bf16_screen
 
+    if screen == "on" and not bf16_screen.available():
+        pytest.skip("needs MKL's bfloat16 GEMM in torch")
+    monkeypatch.setenv(bf16_screen.ENV_VAR, screen)
     monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "auto")
-    for x, k, expected in ((clustered(), 40, "yinyang"), (unstructured(n=6000, d=32), 60, "yinyang+delta")):
+    unstructured_chain = "yinyang+elkan+delta" if screen == "off" else "yinyang+delta"
+    for x, k, expected in ((clustered(), 40, "yinyang"), (unstructured(n=6000, d=32), 60, unstructured_chain)):
         init = initial_centroids(x, k, seed=7)
         plain = kmeans(x, k, niter=15, backend="torch", init_centroids=init, bounded=False)
         bounded = kmeans(x, k, niter=15, backend="torch", init_centroids=init, bounded=True)
@@ -286,7 +296,45 @@ def test_yinyang_predicts_the_scores_of_its_next_filter():
     labels, _ = auto(initial_centroids(x, 60, seed=7))
     sums, counts = torch.ops.pydc.kmeans_update(x, labels, 60, True)
     auto(sums / counts.clamp_min(1).unsqueeze(1))
-    assert len(auto.yinyang.scores_computed) == 1 and auto.delta is not None and len(auto.delta.passes) == 1
+    assert len(auto.yinyang.scores_computed) == 1 and len(auto.scores_computed) == 2
+    assert auto.used in ("yinyang+elkan", "yinyang+delta")
+
+
+def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
+    """Unscreened, auto's unstructured run goes Yinyang (first pass), Elkan (a plain pass right after the
+    first, then dense and sparse passes), delta (once few labels change, in the memory of Elkan's bounds), and
+    is plain Lloyd's run; the released Elkan assigner refuses further passes."""
+    from pydc.cluster import kmeans_delta
+    from pydc.cluster.kmeans_bounded import YinyangAssigner
+    from pydc.cluster.kmeans_delta import DeltaAssigner, YinyangThenDelta
+    from pydc.ops import bf16_screen
+
+    monkeypatch.setenv(bf16_screen.ENV_VAR, "off")
+    x, k = unstructured(n=6000, d=32), 60
+    norms = (x * x).sum(1)
+    init = initial_centroids(x, k, seed=7)
+    plain = kmeans(x, k, niter=15, backend="torch", init_centroids=init, bounded=False)
+    auto = YinyangThenDelta(YinyangAssigner(x, norms, k, group_seed=2), x, norms, k)
+    handed = []
+    original = kmeans_delta.DeltaAssigner.__init__
+    monkeypatch.setattr(kmeans_delta.DeltaAssigner, "__init__",
+                        lambda self, *a, **kw: (handed.append(kw.get("memory")), original(self, *a, **kw))[1])
+    centroids = init
+    for _ in range(15):
+        labels, _ = auto(centroids)
+        sums, counts = torch.ops.pydc.kmeans_update(x, labels, k, True)
+        centroids = sums / counts.clamp_min(1).unsqueeze(1)
+    assert torch.equal(auto(centroids)[0], plain.labels) and auto.used == "yinyang+elkan+delta"
+    elkan, delta = auto.elkan, auto.delta
+    passes = len(elkan.dense_passes)
+    assert len(auto.yinyang.scores_computed) == 1 and passes >= 3 and len(auto.scores_computed) == 16
+    assert elkan.dense_passes[:2] == [True, True] and not all(elkan.dense_passes)  # plain, dense, then sparse
+    assert elkan.rows_computed[0] == x.shape[0] and elkan.anchors is None
+    assert handed[0] is not None and delta.dots.data_ptr() == handed[0].data_ptr()
+    with pytest.raises(RuntimeError, match="after release"):
+        elkan(centroids)
+    with pytest.raises(ValueError, match="memory must be 6000 x 60 contiguous float32"):
+        DeltaAssigner(x, norms, k, memory=torch.empty(6000, 59))
 
 
 @pytest.mark.parametrize("screen", ["off", "on"])

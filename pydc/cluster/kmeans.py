@@ -193,7 +193,7 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * passes
     scores_computed = assign.scores_computed if bounded else [x32.shape[0] * k] * passes
     if bounds == "auto":
-        bounds = "yinyang" if assign.delta is None else "yinyang+delta"
+        bounds = assign.used
     return KMeansResult(centroids=centroids, labels=labels, objective=objective, backend="torch", splits=splits,
                         iterations=len(objective), bounded=bounded, bounds=bounds, rows_computed=rows_computed,
                         scores_computed=scores_computed, cpu_gemm=cpu_gemm)

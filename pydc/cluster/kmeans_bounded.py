@@ -81,7 +81,8 @@ def choose_bounds(n: int, k: int, spherical: bool = False) -> str:
     """The assigner of a bounded CPU k-means run, PYDC_KMEANS_BOUNDS: yinyang (per group of centroids, N x G
     float64), elkan (one bound per point and centroid, N x k float32), delta (every point-centroid product kept
     and moved by the points that changed label, N x k float32: kmeans_delta.py) or auto, the default:
-    Yinyang's bounds, handed over to delta once their filter stops paying (kmeans_delta.YinyangThenDelta), when
+    Yinyang's bounds, handed over to delta once their filter stops paying (kmeans_delta.YinyangThenDelta; by
+    way of Elkan's bounds while many labels change, unless the full passes are bfloat16-screened), when
     the N x k products fit ELKAN_MAX_BYTES and the run is not spherical (its renormalised centroids are not
     cluster means, so every delta pass would be dense); yinyang otherwise. elkan and delta raise when their
     state exceeds ELKAN_MAX_BYTES."""

@@ -19,6 +19,13 @@ exact, so the labels are kmeans_assign's (kmeans_cpu.h) and the centroids plain 
 pass, and any pass whose sampled fraction of candidate pairs exceeds DENSE_FRACTION, scores every pair with
 the BLAS GEMM of kmeans_assign instead and sets every bound from those scores.
 
+PYDC_KMEANS_BOUNDS=auto runs it in the middle of unstructured runs whose full passes are not bfloat16-screened
+(kmeans_delta.YinyangThenDelta): after Yinyang's first pass, while too many labels change for the moved
+products. Its sparse passes score ~64 points per centroid visit with dot products of four independent chains
+per row (cpu_kernels' centroid_dots; one chain made each dot wait on the multiply-add latency, ~4x the GEMM's
+cost per pair; now ~2.5x), so a pass right after a dense one that scores 15% of the pairs takes ~0.33 s
+against a plain pass's 0.45-0.5 s capped at AVX2 (Intel Xeon f6m167, 2 threads).
+
 CUDA design (not built): the anchors in device memory (N x k float32, the same budget), one warp per point:
 the own distance in float64, the Hamerly test, a ballot-compacted scan of the row into shared memory, the
 candidates' dot products by the warp (the point's row in registers), top-2 and a float64 settle of
@@ -44,8 +51,11 @@ class ElkanAssigner:
     """Assigns x to successive centroids of one Lloyd run, returning (labels, objective) as kmeans_assign
     would (identical labels), scoring only the point-centroid pairs its bounds do not settle."""
 
-    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int):
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, plain_passes: int = 0):
+        """plain_passes: calls to answer with plain kmeans_assign, setting no bound, before the first dense
+        pass (a run handed over right after its first pass, whose centroids move too far for bounds)."""
         n = x.shape[0]
+        self.plain_passes = plain_passes
         self.x = x
         self.point_sq_norms = point_sq_norms
         self.labels = torch.zeros(n, dtype=torch.int64)
@@ -57,7 +67,21 @@ class ElkanAssigner:
         self.scores_computed = []  # ... and point-centroid scores computed (N * k for a dense pass)
         self.dense_passes = []     # per call: whether every pair was scored by GEMM
 
+    def release(self) -> torch.Tensor:
+        """Gives up the N x k float32 bounds (a run handing over to another assigner) and returns their memory,
+        to be reused or freed; the counts stay, no pass can follow."""
+        anchors, self.anchors, self.second = self.anchors, None, None
+        return anchors
+
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.anchors is None:
+            raise RuntimeError("ElkanAssigner: called after release()")
+        if self.plain_passes > 0:
+            self.plain_passes -= 1
+            labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
+            self.labels.copy_(labels)
+            self._count(self.x.shape[0], self.x.shape[0] * centroids.shape[0], True)
+            return labels, float(distances.sum(dtype=torch.float64))
         if self.previous is None:
             max_drift, dense_fraction = 0.0, 0.0  # the first pass sets every bound
         else:
@@ -68,9 +92,11 @@ class ElkanAssigner:
         distances, counts = torch.ops.pydc.kmeans_assign_elkan(
             self.x, centroids, self.point_sq_norms, self.offsets, max_drift, dense_fraction, self.labels,
             self.anchors, self.second)
-        rows, scores, dense = counts.tolist()
+        self._count(*counts.tolist())
+        self.previous = centroids.clone()
+        return self.labels.clone(), float(distances.sum())
+
+    def _count(self, rows: int, scores: int, dense: bool) -> None:
         self.rows_computed.append(rows)
         self.scores_computed.append(scores)
         self.dense_passes.append(bool(dense))
-        self.previous = centroids.clone()
-        return self.labels.clone(), float(distances.sum())
