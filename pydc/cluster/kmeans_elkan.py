@@ -65,7 +65,7 @@ class ElkanAssigner:
         self.previous = None
         self.rows_computed = []    # per call: points with any score computed (benchmarks and tests) ...
         self.scores_computed = []  # ... and point-centroid scores computed (N * k for a dense pass)
-        self.dense_passes = []     # per call: whether every pair was scored by GEMM
+        self.passes = []  # per call: "plain" (kmeans_assign, no bound set), "dense" (GEMM) or "sparse"
 
     def release(self) -> torch.Tensor:
         """Gives up the N x k float32 bounds (a run handing over to another assigner) and returns their memory,
@@ -80,7 +80,7 @@ class ElkanAssigner:
             self.plain_passes -= 1
             labels, distances = torch.ops.pydc.kmeans_assign(self.x, centroids, self.point_sq_norms, True)
             self.labels.copy_(labels)
-            self._count(self.x.shape[0], self.x.shape[0] * centroids.shape[0], True)
+            self._count(self.x.shape[0], self.x.shape[0] * centroids.shape[0], "plain")
             return labels, float(distances.sum(dtype=torch.float64))
         if self.previous is None:
             max_drift, dense_fraction = 0.0, 0.0  # the first pass sets every bound
@@ -92,11 +92,12 @@ class ElkanAssigner:
         distances, counts = torch.ops.pydc.kmeans_assign_elkan(
             self.x, centroids, self.point_sq_norms, self.offsets, max_drift, dense_fraction, self.labels,
             self.anchors, self.second)
-        self._count(*counts.tolist())
+        rows, scores, dense = counts.tolist()
+        self._count(rows, scores, "dense" if dense else "sparse")
         self.previous = centroids.clone()
         return self.labels.clone(), float(distances.sum())
 
-    def _count(self, rows: int, scores: int, dense: bool) -> None:
+    def _count(self, rows: int, scores: int, kind: str) -> None:
         self.rows_computed.append(rows)
         self.scores_computed.append(scores)
-        self.dense_passes.append(bool(dense))
+        self.passes.append(kind)
