@@ -20,7 +20,8 @@ means of the last labels) score every pair by GEMM, which resets the products. E
 labels for this (16.7k down to 0.8k in the first nine passes of the run above), so those stay dense, and
 those whose successor is not expected to move products either (KEEP_CHANGES) run plain kmeans_assign, which
 does not write the N x k products out, or its bfloat16-screened form where that is faster (kmeans_assign_bf16,
-pydc/ops/bf16_screen.py; the same labels).
+pydc/ops/bf16_screen.py; the same labels). Without the screen, auto's runs give those passes to Elkan's bounds
+instead (YinyangThenDelta).
 
 CUDA design (not built): the k x N products in device memory (float32, the same budget, centroid-major as
 here, so that consecutive threads read consecutive points); a dense pass is one cuBLAS SGEMM of the centroids
@@ -51,6 +52,9 @@ DENSE_CHANGES = 0.6
 # time only: products kept unused (a dense pass instead of a plain one, ~0.15-0.27 s), or a dense pass where
 # products could have moved (~0.1 s at 0.6 k changes); hence the low factor.
 KEEP_CHANGES = 1.5
+# YinyangThenDelta's Elkan passes hand over to delta after a pass that changed at most this many labels per
+# centroid: delta's first pass then keeps its products. Later (0.6, 0.4, 0.25) was slower capped at AVX2 on
+# the run above: Elkan's passes there score 10-14% of the pairs at ~2.5x the GEMM's cost per pair.
 ELKAN_UNTIL_CHANGES = KEEP_CHANGES * DENSE_CHANGES
 
 
@@ -129,8 +133,8 @@ class YinyangThenDelta:
     DENSE_CHANGES * k) and the run's full passes are not bfloat16-screened, Elkan's per-pair bounds
     (kmeans_elkan.ElkanAssigner) take the passes: right after a pass that scored every pair they prove all
     but 15%, 5%, 2%, 1% of the pairs farther than the own centroid on the unstructured data above (passes 3 to
-    6), where a plain pass scores them all; capped at AVX2 its passes 2-9 took 3.0 s against 4.2 s plain
-    (Intel Xeon f6m167, 2 threads). With the screen (AVX-512 with bfloat16 hardware) a plain pass costs about
+    6), where a plain pass scores them all; capped at AVX2 its passes 1-8 took 2.8-3.4 s against 3.8-4.2 s
+    plain (Intel Xeon f6m167, 2 threads). With the screen (AVX-512 with bfloat16 hardware) a plain pass costs about
     what Elkan's dense passes save, so the run goes to delta directly. Every assigner gives kmeans_assign's
     labels, so no hand-over changes a label."""
 
