@@ -302,8 +302,8 @@ def test_yinyang_predicts_the_scores_of_its_next_filter():
 
 def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
     """Unscreened, auto's unstructured run goes Yinyang (first pass), Elkan (a plain pass right after the
-    first, then dense and sparse passes), delta (once few labels change, in the memory of Elkan's bounds), and
-    is plain Lloyd's run; the released Elkan assigner refuses further passes."""
+    first, then dense and sparse passes), delta (once few labels change, in the memory of Elkan's bounds: its
+    dense and moved passes run there), and is plain Lloyd's run; the released Elkan assigner refuses passes."""
     from pydc.cluster import kmeans_delta
     from pydc.cluster.kmeans_bounded import YinyangAssigner
     from pydc.cluster.kmeans_delta import DeltaAssigner, YinyangThenDelta
@@ -313,23 +313,24 @@ def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
     x, k = unstructured(n=6000, d=32), 60
     norms = (x * x).sum(1)
     init = initial_centroids(x, k, seed=7)
-    plain = kmeans(x, k, niter=15, backend="torch", init_centroids=init, bounded=False)
+    plain = kmeans(x, k, niter=24, backend="torch", init_centroids=init, bounded=False)
     auto = YinyangThenDelta(YinyangAssigner(x, norms, k, group_seed=2), x, norms, k)
     handed = []
     original = kmeans_delta.DeltaAssigner.__init__
     monkeypatch.setattr(kmeans_delta.DeltaAssigner, "__init__",
                         lambda self, *a, **kw: (handed.append(kw.get("memory")), original(self, *a, **kw))[1])
     centroids = init
-    for _ in range(15):
+    for _ in range(24):  # Elkan hands over after the 16th pass
         labels, _ = auto(centroids)
         sums, counts = torch.ops.pydc.kmeans_update(x, labels, k, True)
         centroids = sums / counts.clamp_min(1).unsqueeze(1)
     assert torch.equal(auto(centroids)[0], plain.labels) and auto.used == "yinyang+elkan+delta"
     elkan, delta = auto.elkan, auto.delta
-    assert len(auto.yinyang.scores_computed) == 1 and len(auto.scores_computed) == 16
+    assert len(auto.yinyang.scores_computed) == 1 and len(auto.scores_computed) == 25
     assert elkan.passes[:2] == ["plain", "dense"] and "sparse" in elkan.passes
     assert elkan.rows_computed[0] == x.shape[0] and elkan.anchors is None
     assert handed[0] is not None and delta.dots.data_ptr() == handed[0].data_ptr()
+    assert delta.passes[0] == "dense" and "moved" in delta.passes
     with pytest.raises(RuntimeError, match="after release"):
         elkan(centroids)
     with pytest.raises(ValueError, match="memory must be 6000 x 60 contiguous float32"):
