@@ -129,8 +129,8 @@ class YinyangThenDelta:
     1.00 before the second pass, which scores 1.00 and costs ~1.9x a dense pass), or after a filtered pass
     that did.
 
-    Between the two, while too many labels change for the products to move (more than KEEP_CHANGES *
-    DENSE_CHANGES * k) and the run's full passes are not bfloat16-screened, Elkan's per-pair bounds
+    Between the two, while too many labels change for the products to move (more than ELKAN_UNTIL_CHANGES *
+    k) and the run's full passes are not bfloat16-screened, Elkan's per-pair bounds
     (kmeans_elkan.ElkanAssigner) take the passes: right after a pass that scored every pair they prove all
     but 15%, 5%, 2%, 1% of the pairs farther than the own centroid on the unstructured data above (passes 3 to
     6), where a plain pass scores them all; capped at AVX2 its passes 1-8 took 2.8-3.4 s against 3.8-4.2 s
@@ -161,7 +161,7 @@ class YinyangThenDelta:
         return labels, objective
 
     def _hand_over(self, labels: torch.Tensor, changed: int | None) -> None:
-        many = changed is None or changed > KEEP_CHANGES * DENSE_CHANGES * self.k
+        many = changed is None or changed > ELKAN_UNTIL_CHANGES * self.k
         if many and self.yinyang.points.bf16() is None:
             # right after the first pass every centroid moves by about its spread (0.8 on the unit sphere in
             # the run above, 0.06 the pass after): bounds set in the next pass could prove nothing after it
