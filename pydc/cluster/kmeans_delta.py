@@ -101,7 +101,7 @@ class DeltaAssigner:
             labels, distances = self.points.assign(centroids, self.point_sq_norms)
             self.changed = int((labels != self.labels).sum())
             self.labels, self.started = labels, False
-            self._count(n, n * k, "plain" if self.points.bf16() is None else "screened")
+            self._count(n, n * k, "screened" if self.points.screens() else "plain")
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         if self.dots is None:
             self.dots = empty_huge(k, n, dtype=torch.float32)
@@ -162,7 +162,7 @@ class YinyangThenDelta:
 
     def _hand_over(self, labels: torch.Tensor, changed: int | None) -> None:
         many = changed is None or changed > ELKAN_UNTIL_CHANGES * self.k
-        if many and self.yinyang.points.bf16() is None:
+        if many and not self.yinyang.points.screens():
             # right after the first pass every centroid moves by about its spread (0.8 on the unit sphere in
             # the run above, 0.06 the pass after): bounds set in the next pass could prove nothing after it
             plain = int(changed == self.x.shape[0])

@@ -113,13 +113,19 @@ class ScreenedPoints:
         self._screen: bool | None = None
         self._bf16: torch.Tensor | None = None
 
-    def bf16(self) -> torch.Tensor | None:
-        """x in bfloat16 when the run screens (made on first use), else None."""
+    def screens(self) -> bool:
+        """Whether the run screens (use_bf16_screen(), asked on first use)."""
         if self._screen is None:
             self._screen = use_bf16_screen()
-        if self._screen and self._bf16 is None:
+        return self._screen
+
+    def bf16(self) -> torch.Tensor | None:
+        """x in bfloat16 when the run screens (made on first use), else None."""
+        if not self.screens():
+            return None
+        if self._bf16 is None:
             self._bf16 = self.x.to(torch.bfloat16)
-        return self._bf16 if self._screen else None
+        return self._bf16
 
     def assign(self, centroids: torch.Tensor, x_sq_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, distances) of kmeans_assign, screened where the run screens."""
