@@ -2,9 +2,11 @@
 // non-op helpers. Build metadata comes from macros that setup.py defines.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/blas_syrk.h"
@@ -107,6 +109,28 @@ void set_cpu_gemm(const std::string& name) {
   throw pybind11::value_error("pydc._C.set_cpu_gemm: expected 'torch' or 'scipy', got '" + name + "'");
 }
 
+const char* const kBf16GemmNames[] = {"none", "auto", "mkl", "pydc"};
+
+void set_bf16_gemm(const std::string& name) {
+  for (int i = 1; i < 4; ++i) {
+    if (name == kBf16GemmNames[i]) {
+      pydc::set_bf16_gemm(static_cast<pydc::Bf16Gemm>(i));
+      return;
+    }
+  }
+  throw pybind11::value_error("pydc._C.set_bf16_gemm: expected 'auto', 'mkl' or 'pydc', got '" + name + "'");
+}
+
+// out (m x n, float32) = a (m x d) . b (n x d)^T, bfloat16 bits, by pydc's own bfloat16 GEMM on the calling
+// thread, for its tests (pydc.ops.bf16_screen.pydc_bf16_gemm checks the tensors and passes their addresses).
+void pydc_bf16_gemm(uintptr_t a, uintptr_t b, uintptr_t out, int64_t m, int64_t n, int64_t d) {
+  if (m < 0 || n < 0 || d < 1) throw pybind11::value_error("pydc._C.pydc_bf16_gemm: expected m, n >= 0 and d >= 1");
+  std::vector<uint32_t> packed(pydc::bf16_packed_size(n, d));
+  pydc::pack_bf16_panels(reinterpret_cast<const uint16_t*>(b), n, d, packed.data());
+  pydc::gemm_bf16_packed(reinterpret_cast<const uint16_t*>(a), d, m, packed.data(), n, d,
+                         reinterpret_cast<float*>(out), n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -122,7 +146,18 @@ PYBIND11_MODULE(_C, m) {
         "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");
   m.def("has_cpu_sgemm", &pydc::has_cpu_sgemm, "Whether a run-time sgemm is set");
   m.def("has_bf16_gemm", &pydc::has_bf16_gemm,
-        "Whether MKL's bfloat16 GEMM was found in torch's libraries (kmeans_assign_bf16 needs it)");
+        "Whether kmeans_assign_bf16 can run here: MKL's bfloat16 GEMM was found in torch's libraries, or the CPU "
+        "has AVX512-BF16 for pydc's own");
+  m.def("set_bf16_gemm", &set_bf16_gemm, pybind11::arg("name"),
+        "Selects the bfloat16 GEMM of kmeans_assign_bf16: 'auto', 'mkl' (MKL's cblas_gemm_bf16bf16f32) or 'pydc' "
+        "(pydc's AVX512-BF16 kernel); see pydc.ops.bf16_screen");
+  m.def("bf16_gemm", [] { return std::string(kBf16GemmNames[static_cast<int>(pydc::bf16_gemm())]); },
+        "The bfloat16 GEMM kmeans_assign_bf16 uses now: 'mkl', 'pydc' or 'none'");
+  m.def("cpu_has_avx512_bf16", &pydc::cpu_has_avx512_bf16, "Whether the CPU has AVX512-BF16 (cpuid)");
+  m.def("pydc_bf16_gemm", &pydc_bf16_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out"),
+        pybind11::arg("m"), pybind11::arg("n"), pybind11::arg("d"),
+        "out = a @ b^T by pydc's own bfloat16 GEMM (addresses of contiguous CPU tensors: a (m, d) and b (n, d) "
+        "bfloat16, out (m, n) float32); use pydc.ops.bf16_screen.pydc_bf16_gemm");
   m.def("cpu_sgemm_threads_settable", &pydc::cpu_sgemm_threads_settable,
         "Whether the run-time sgemm's OpenBLAS thread count can be set (held to 1 while each thread runs its own "
         "GEMMs, given back after)");

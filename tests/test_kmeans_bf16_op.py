@@ -4,10 +4,13 @@ GEMM that only screens the centroids; and the choice of pydc.ops.bf16_screen.
 The bfloat16 rounding moves a score by ~2^-9 of ||x|| ||c||, so points whose two nearest centroids are closer than
 that (near the bisector, duplicates, exact ties) get their order from the screen wrong unless the error bound
 keeps both as candidates for the float64 settle: those are the cases here, at every ISA level (the fold and the
-rounding norms are per-level kernels), and at scales where the bound's terms differ (tiny, large, offset data).
+rounding norms are per-level kernels), and at scales where the bound's terms differ (tiny, large, offset data),
+with each bfloat16 GEMM the CPU can run (MKL's; pydc's own AVX512-BF16 kernel where the CPU has AVX512-BF16).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -16,7 +19,32 @@ from pydc.ops import bf16_screen
 from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
 from tests.test_kmeans_bounded import assert_group_bounds_hold
 
-pytestmark = pytest.mark.skipif(not bf16_screen.available(), reason="needs MKL's bfloat16 GEMM in torch")
+pytestmark = pytest.mark.skipif(not bf16_screen.available(),
+                                reason="needs MKL's bfloat16 GEMM in torch or a CPU with AVX512-BF16")
+
+
+def gemms():
+    """The bfloat16 GEMMs kmeans_assign_bf16 can run here."""
+    names = []
+    for name in ("mkl", "pydc"):
+        try:
+            with bf16_gemm(name):
+                names.append(name)
+        except RuntimeError:
+            pass
+    return names or ["none"]
+
+
+@contextlib.contextmanager
+def bf16_gemm(name):
+    """Runs the body with kmeans_assign_bf16 on the named GEMM, then back to auto."""
+    from pydc import _C
+
+    _C.set_bf16_gemm(name)
+    try:
+        yield
+    finally:
+        _C.set_bf16_gemm("auto")
 
 
 def assign_both(x, centroids):
@@ -66,14 +94,17 @@ def cases():
         "duplicates_and_ties": (duplicates, torch.cat([clustered[:20], clustered[:20]])),  # equal centroids
         "exact_centroids": (x_int, c_int),
         "exact_points": (x_exact, c_exact),
+        # an odd number of features (pydc's GEMM multiplies pairs of them) and a k that fills no 32-centroid panel
+        "bisector_odd_d": bisector_points(n=1000, d=37, k=45, seed=4),
     }
 
 
+@pytest.mark.parametrize("gemm", gemms())
 @pytest.mark.parametrize("level", LEVELS)
-def test_labels_are_kmeans_assigns(level):
+def test_labels_are_kmeans_assigns(level, gemm):
     if level not in supported_levels():
         pytest.skip(f"CPU lacks {level}")
-    with cpu_capability_level(level):
+    with cpu_capability_level(level), bf16_gemm(gemm):
         for name, (x, centroids) in cases().items():
             (plain_labels, plain_distances), (labels, distances) = assign_both(x, centroids)
             assert torch.equal(labels, plain_labels), name
@@ -123,8 +154,10 @@ def test_the_choice_follows_the_setting_and_the_level(monkeypatch):
     monkeypatch.setenv(bf16_screen.ENV_VAR, "auto")
     with cpu_capability_level("avx2" if "avx2" in supported_levels() else "default"):
         assert not bf16_screen.use_bf16_screen()  # below avx512: float32, no measurement
-    # at avx512: AMX-BF16 decides without a measurement, otherwise the measurement (here made to lose)
-    if "avx512" in supported_levels():
+    # at avx512: AMX-BF16 with MKL's GEMM decides without a measurement, otherwise the measurement (here made to
+    # lose)
+    if "avx512" in supported_levels() and "mkl" in gemms():
+        monkeypatch.setenv(bf16_screen.GEMM_ENV_VAR, "mkl")
         with cpu_capability_level("avx512"):
             monkeypatch.setattr(bf16_screen, "_chosen", {})
             monkeypatch.setattr(bf16_screen, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
@@ -138,10 +171,61 @@ def test_the_choice_follows_the_setting_and_the_level(monkeypatch):
     monkeypatch.setenv(bf16_screen.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="PYDC_KMEANS_BF16"):
         bf16_screen.use_bf16_screen()
+    monkeypatch.setenv(bf16_screen.GEMM_ENV_VAR, "openblas")
+    with pytest.raises(ValueError, match="PYDC_BF16_GEMM"):
+        bf16_screen.available()
 
 
+def test_auto_gemm_is_pydcs_only_where_the_cpu_has_avx512_bf16_at_the_avx512_level(monkeypatch):
+    from pydc import _C
+
+    monkeypatch.delenv(bf16_screen.GEMM_ENV_VAR, raising=False)
+    bf16_screen.apply_gemm_setting()
+    own = _C.cpu_has_avx512_bf16() and "amx_bf16" not in bf16_screen.cpu_flags()
+    for level in supported_levels():
+        with cpu_capability_level(level):
+            expected = "pydc" if own and level == "avx512" else "mkl" if "mkl" in gemms() else "none"
+            assert _C.bf16_gemm() == expected, level
+    if not _C.cpu_has_avx512_bf16():
+        monkeypatch.setenv(bf16_screen.GEMM_ENV_VAR, "pydc")
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            bf16_screen.apply_gemm_setting()
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            bf16_screen.pydc_bf16_gemm(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16))
+
+
+needs_avx512_bf16 = pytest.mark.skipif("pydc" not in gemms(), reason="needs a CPU with AVX512-BF16")
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("m, n, d", [(256, 1000, 256), (25, 50, 65), (13, 33, 37), (12, 16, 2), (1, 1, 1)])
+def test_pydc_bf16_gemm_sums_the_exact_products_in_float32(m, n, d):
+    """Every tile shape (12-row tiles and a tail, full and partial 32-centroid panels, an odd feature): each
+    result is the exact sum of the bfloat16 products within gamma_d of the sum of their magnitudes."""
+    generator = torch.Generator().manual_seed(m + n + d)
+    a = (torch.randn(m, d, generator=generator) * torch.logspace(-3, 3, d)).to(torch.bfloat16)
+    b = torch.randn(n, d, generator=generator).to(torch.bfloat16)
+    out = bf16_screen.pydc_bf16_gemm(a, b)
+    exact = a.double() @ b.double().T
+    u = 2.0 ** -24
+    gamma = d * u / (1 - d * u)
+    bound = gamma * (a.double().abs() @ b.double().abs().T)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert bool(((out.double() - exact).abs() <= bound).all())
+
+
+@needs_avx512_bf16
+def test_pydc_bf16_gemm_refuses_what_it_cannot_multiply():
+    a = torch.ones(4, 6, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        bf16_screen.pydc_bf16_gemm(a.float(), a)
+    with pytest.raises(ValueError, match=r"\(m, d\)"):
+        bf16_screen.pydc_bf16_gemm(a, a[:, :5])
+
+
+@pytest.mark.parametrize("gemm", gemms())
 @pytest.mark.parametrize("name", ["clustered", "bisector", "exact_centroids", "exact_points"])
-def test_screened_bounds_hold(name):
+def test_screened_bounds_hold(name, gemm):
     """kmeans_assign_bounds_bf16: kmeans_assign_bounds's labels (original indices through centroid_ids), upper >=
     the exact distance to the chosen centroid and every group lower bound <= the exact distance to the group's
     other members, with groups of uneven size and an empty one."""
@@ -150,8 +234,9 @@ def test_screened_bounds_hold(name):
     order = torch.randperm(k, generator=torch.Generator().manual_seed(3))
     offsets = torch.tensor([0, k // 5, k // 5, k // 2, k])  # an empty group too
     norms = (x * x).sum(1)
-    labels, distances, upper, lower = torch.ops.pydc.kmeans_assign_bounds_bf16(
-        x, x.to(torch.bfloat16), centroids[order], order, offsets, norms)
+    with bf16_gemm(gemm):
+        labels, distances, upper, lower = torch.ops.pydc.kmeans_assign_bounds_bf16(
+            x, x.to(torch.bfloat16), centroids[order], order, offsets, norms)
     plain_labels, _, _, _ = torch.ops.pydc.kmeans_assign_bounds(x, centroids[order], order, offsets, norms)
     assert torch.equal(labels, plain_labels)
     assert_group_bounds_hold(x, centroids, order, offsets, labels, upper, lower)

@@ -5,7 +5,15 @@ kmeans_assign_bf16 returns kmeans_assign's labels exactly: the bfloat16 scores o
 row's candidates within a measured error bound of its best are settled in float64 (the bound and its proof are
 in csrc/ops/cpu/kmeans_bf16_kernel.cpp). It pays only where MKL's bfloat16 GEMM runs on bfloat16 hardware
 (AMX or AVX512-BF16: 5x the float32 GEMM's rate on an Intel Xeon with AMX, one thread); elsewhere MKL emulates
-it, slower than float32. So the choice is made once per process:
+it, slower than float32. On CPUs with AVX512-BF16 and no AMX (AMD Zen 4) MKL's took longer than the float32
+assignment too, so pydc brings its own AVX512-BF16 kernel (csrc/ops/cpu/gemm_bf16_avx512.cpp). Which GEMM runs:
+
+    PYDC_BF16_GEMM=auto    (default) pydc's at the avx512 level on a CPU with AVX512-BF16 and without AMX-BF16,
+                           MKL's elsewhere
+    PYDC_BF16_GEMM=mkl     MKL's (a RuntimeError where torch has none)
+    PYDC_BF16_GEMM=pydc    pydc's (a RuntimeError on a CPU without AVX512-BF16)
+
+and whether the screen runs at all is chosen once per process and GEMM:
 
     PYDC_KMEANS_BF16=auto  (default) only at the avx512 ISA level (pydc.ops.cpu_capability: capped below it, as
                            PYDC_CPU_CAPABILITY=avx2 does, the float32 path runs); there, on a CPU with AMX-BF16
@@ -13,7 +21,7 @@ it, slower than float32. So the choice is made once per process:
                            others (AVX512-BF16 alone, or MKL's emulation) only when one assignment of
                            MEASURE_SHAPE points x centroids x features, timed against kmeans_assign (alternating,
                            fastest of MEASURE_ROUNDS each, ~0.3 s once), takes less than MARGIN of its time
-    PYDC_KMEANS_BF16=on    always (a RuntimeError where MKL's bfloat16 GEMM is missing): tests
+    PYDC_KMEANS_BF16=on    always (a RuntimeError where neither GEMM can run): tests
     PYDC_KMEANS_BF16=off   never
 
 The k-means labels do not depend on the choice.
@@ -30,11 +38,13 @@ from pydc.ops._registry import HAS_OPS
 
 ENV_VAR = "PYDC_KMEANS_BF16"
 CHOICES = ("auto", "on", "off")
+GEMM_ENV_VAR = "PYDC_BF16_GEMM"
+GEMM_CHOICES = ("auto", "mkl", "pydc")
 MEASURE_SHAPE = (8192, 1024, 256)
 MEASURE_ROUNDS = 5
 MARGIN = 0.9  # auto screens only when that costs less than this fraction of the float32 assignment
 
-_chosen: dict[str, bool] = {}  # per ISA level: the measured choice of auto
+_chosen: dict[tuple[str, str], bool] = {}  # per ISA level and bfloat16 GEMM: the choice of auto
 _report: dict = {}
 
 
@@ -45,13 +55,46 @@ def requested() -> str:
     return value
 
 
-def available() -> bool:
-    """Whether kmeans_assign_bf16 can run here: compiled ops with MKL's bfloat16 GEMM found in torch's libraries."""
+def requested_gemm() -> str:
+    value = os.environ.get(GEMM_ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in GEMM_CHOICES:
+        raise ValueError(f"{GEMM_ENV_VAR} must be one of {', '.join(GEMM_CHOICES)}, got {value!r}")
+    return value
+
+
+def apply_gemm_setting() -> str:
+    """Selects the bfloat16 GEMM PYDC_BF16_GEMM asks for; returns the one kmeans_assign_bf16 uses now ("mkl",
+    "pydc", or "none" where neither can run). ValueError for an unknown setting, RuntimeError for a GEMM that
+    cannot run here."""
     if not HAS_OPS:
-        return False
+        return "none"
     from pydc import _C
 
-    return bool(_C.has_bf16_gemm())
+    _C.set_bf16_gemm(requested_gemm())
+    return _C.bf16_gemm()
+
+
+def available() -> bool:
+    """Whether kmeans_assign_bf16 can run here: compiled ops with MKL's bfloat16 GEMM found in torch's libraries,
+    or a CPU with AVX512-BF16 for pydc's own."""
+    return apply_gemm_setting() != "none"
+
+
+def pydc_bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T in float32 by pydc's own bfloat16 GEMM, one thread (the kernel kmeans_assign_bf16 runs on CPUs
+    with AVX512-BF16 and no AMX): a (m, d) and b (n, d) CPU bfloat16. RuntimeError on a CPU without AVX512-BF16."""
+    from pydc import _C
+
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.device.type != "cpu" or b.device.type != "cpu":
+        raise ValueError(f"pydc_bf16_gemm: expected CPU bfloat16 tensors, got {a.dtype} on {a.device} and "
+                         f"{b.dtype} on {b.device}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"pydc_bf16_gemm: expected a (m, d) and b (n, d), d > 0, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32)
+    _C.pydc_bf16_gemm(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.shape[0], b.shape[0], a.shape[1])
+    return out
 
 
 def measure() -> tuple[float, float]:
@@ -84,23 +127,26 @@ def use_bf16_screen() -> bool:
     if want == "on":
         if not available():
             raise RuntimeError(f"{ENV_VAR}=on: kmeans_assign_bf16 needs the compiled ops and MKL's bfloat16 GEMM "
-                               "(torch built with MKL); set it to auto or off")
+                               "(torch built with MKL) or a CPU with AVX512-BF16; set it to auto or off")
         return True
     from pydc.ops.cpu_capability import cpu_capability
 
     level = cpu_capability()
-    if level != "avx512" or not available():
+    if level != "avx512":
         return False
-    if level not in _chosen:
-        if "amx_bf16" in cpu_flags():
-            _chosen[level] = True
-            _report = {"chosen": True, "reason": "amx_bf16"}
+    gemm = apply_gemm_setting()
+    if gemm == "none":
+        return False
+    if (level, gemm) not in _chosen:
+        if "amx_bf16" in cpu_flags() and gemm == "mkl":
+            _chosen[level, gemm] = True
+            _report = {"chosen": True, "reason": "amx_bf16", "gemm": gemm}
         else:
             plain_s, screened_s = measure()
-            _chosen[level] = screened_s < MARGIN * plain_s
-            _report = {"plain_s": plain_s, "bf16_s": screened_s, "shape": list(MEASURE_SHAPE),
-                       "chosen": _chosen[level]}
-    return _chosen[level]
+            _chosen[level, gemm] = screened_s < MARGIN * plain_s
+            _report = {"plain_s": plain_s, "bf16_s": screened_s, "shape": list(MEASURE_SHAPE), "gemm": gemm,
+                       "chosen": _chosen[level, gemm]}
+    return _chosen[level, gemm]
 
 
 class ScreenedPoints:

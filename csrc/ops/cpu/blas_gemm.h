@@ -62,8 +62,25 @@ struct CpuGemmTimes {
 };
 CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds);
 
-// Whether MKL's bfloat16 GEMM (cblas_gemm_bf16bf16f32) was found in torch's libraries: kmeans_assign_bf16 needs
-// it (kmeans_bf16_kernel.cpp).
+// The bfloat16 GEMM of kmeans_assign_bf16 (kmeans_bf16_kernel.cpp): MKL's cblas_gemm_bf16bf16f32 (found at run
+// time in torch's libraries) or pydc's own AVX512-BF16 kernel (gemm_bf16_avx512.cpp). kAuto takes pydc's at the
+// avx512 level on a CPU with AVX512-BF16 and without AMX-BF16 (where MKL's runs on AMX tiles), MKL's elsewhere.
+enum class Bf16Gemm : int { kNone = 0, kAuto = 1, kMkl = 2, kPydc = 3 };
+// Selects the GEMM (TORCH_CHECKs that a forced one can run here).
+void set_bf16_gemm(Bf16Gemm which);
+// The GEMM a screened pass uses now (kAuto resolved; kNone where neither can run).
+Bf16Gemm bf16_gemm();
+// Whether kmeans_assign_bf16 can run here: bf16_gemm() is not kNone.
 bool has_bf16_gemm();
+
+// pydc's own bfloat16 GEMM (gemm_bf16_avx512.cpp). c (rows x k, row stride ldc) = a (rows x d, bfloat16 bits,
+// row stride lda) . b^T, b (k x d) packed by pack_bf16_panels into bf16_packed_size(k, d) uint32. Needs
+// cpu_has_avx512_bf16() (TORCH_CHECK); single-threaded, for one call per thread.
+bool cpu_has_avx512_bf16();
+bool cpu_has_amx_bf16();
+int64_t bf16_packed_size(int64_t k, int64_t d);
+void pack_bf16_panels(const uint16_t* b, int64_t k, int64_t d, uint32_t* packed);
+void gemm_bf16_packed(const uint16_t* a, int64_t lda, int64_t rows, const uint32_t* packed, int64_t k, int64_t d,
+                      float* c, int64_t ldc);
 
 }  // namespace pydc

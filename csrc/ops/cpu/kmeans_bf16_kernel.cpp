@@ -5,8 +5,9 @@
 //   The labels kmeans_assign(x, centroids) returns, exactly, and the squared distances (float32, from the
 //   winner's float64 score). x_bf16 is x rounded to bfloat16 by the caller (once per k-means run); the centroids
 //   are rounded here. Each thread multiplies its own blocks of 256 points by all centroids with MKL's
-//   cblas_gemm_bf16bf16f32 (bfloat16 inputs, float32 products and sums: AMX or AVX512-BF16 where the CPU has
-//   them, 5x the float32 GEMM's rate on an Intel Xeon with AMX), folds each row of approximate scores
+//   cblas_gemm_bf16bf16f32 (bfloat16 inputs, float32 products and sums; on AMX tiles where the CPU has them, 5x
+//   the float32 GEMM's rate on an Intel Xeon) or, on CPUs with AVX512-BF16 and no AMX, pydc's own
+//   (gemm_bf16_avx512.cpp; bf16_gemm() in blas_gemm.h says which), folds each row of approximate scores
 //   ||c_j||^2 - 2 a_ij to its best two (the kmeans_assign fold) and settles it in float64 among the centroids
 //   whose approximate score is within twice the row's error bound E_i of the best (kmeans_settle_near_best).
 //
@@ -57,7 +58,7 @@ using GemmBf16Fn = void (*)(int layout, int transa, int transb, int m, int n, in
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS_LAYOUT, CBLAS_TRANSPOSE
 
-GemmBf16Fn gemm_bf16() {
+GemmBf16Fn mkl_gemm_bf16() {
   static const GemmBf16Fn fn = [] {
     void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
     void* symbol = handle != nullptr ? dlsym(handle, "cblas_gemm_bf16bf16f32") : nullptr;
@@ -79,10 +80,13 @@ void rounding_norms(const CpuKernels& kernels, const float* a, const at::BFloat1
 // What every screened pass needs: the inputs, the centroids rounded to bfloat16 and the largest of their norms.
 struct Screen {
   at::Tensor x, xb, centroids, norms, cb;
+  at::Tensor packed;  // cb packed for pydc's GEMM (pack_bf16_panels), when it runs; undefined for MKL's
   KMeansCentroidInfo info;
   double max_c = 0.0, max_cb = 0.0, max_ce = 0.0;  // largest ||c||, ||c~||, ||c - c~||
-  GemmBf16Fn gemm = nullptr;
+  GemmBf16Fn gemm = nullptr;  // MKL's, when it runs
 };
+
+std::atomic<int> g_bf16_gemm{static_cast<int>(Bf16Gemm::kAuto)};
 
 Screen prepare_screen(const char* op, const at::Tensor& x, const at::Tensor& x_bf16, const at::Tensor& centroids,
                       const at::Tensor& norms) {
@@ -91,9 +95,10 @@ Screen prepare_screen(const char* op, const at::Tensor& x, const at::Tensor& x_b
   TORCH_CHECK(x_bf16.sizes() == x.sizes(), op, ": expected x_bf16 of the shape of x ", x.sizes(), ", got ",
               describe(x_bf16));
   Screen screen;
-  screen.gemm = gemm_bf16();
-  TORCH_CHECK(screen.gemm != nullptr, op, ": needs MKL's cblas_gemm_bf16bf16f32 (torch built with MKL); "
-              "use kmeans_assign");
+  const Bf16Gemm which = bf16_gemm();
+  TORCH_CHECK(which != Bf16Gemm::kNone, op, ": needs MKL's cblas_gemm_bf16bf16f32 (torch built with MKL) or a "
+              "CPU with AVX512-BF16; use kmeans_assign");
+  if (which == Bf16Gemm::kMkl) screen.gemm = mkl_gemm_bf16();
   const int64_t k = centroids.size(0), d = x.size(1);
   TORCH_CHECK(d <= std::numeric_limits<int>::max() && k <= std::numeric_limits<int>::max(), op,
               ": expected d and k below 2^31 (the BLAS's int sizes), got d = ", d, ", k = ", k);
@@ -102,6 +107,11 @@ Screen prepare_screen(const char* op, const at::Tensor& x, const at::Tensor& x_b
   screen.centroids = centroids.contiguous();
   screen.norms = norms.contiguous();
   screen.cb = screen.centroids.to(at::kBFloat16);
+  if (which == Bf16Gemm::kPydc) {
+    screen.packed = at::empty({bf16_packed_size(k, d)}, screen.x.options().dtype(at::kInt));
+    pack_bf16_panels(reinterpret_cast<const uint16_t*>(screen.cb.const_data_ptr<at::BFloat16>()), k, d,
+                     reinterpret_cast<uint32_t*>(screen.packed.mutable_data_ptr<int32_t>()));
+  }
   screen.info = kmeans_centroid_info(screen.centroids);
   const float* cs = screen.centroids.const_data_ptr<float>();
   const at::BFloat16* cbs = screen.cb.const_data_ptr<at::BFloat16>();
@@ -140,9 +150,15 @@ void for_screened_rows(const char* op, const Screen& s, const int64_t* ids, RowF
     std::vector<float> buffer(block * k);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t i0 = b * block, rows = std::min(block, n - i0);
-      s.gemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(k), static_cast<int>(d), 1.0f,
-             reinterpret_cast<const uint16_t*>(xbs + i0 * d), static_cast<int>(d),
-             reinterpret_cast<const uint16_t*>(cbs), static_cast<int>(d), 0.0f, buffer.data(), static_cast<int>(k));
+      const uint16_t* block_bits = reinterpret_cast<const uint16_t*>(xbs + i0 * d);
+      if (s.gemm != nullptr) {
+        s.gemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(k), static_cast<int>(d), 1.0f,
+               block_bits, static_cast<int>(d), reinterpret_cast<const uint16_t*>(cbs), static_cast<int>(d), 0.0f,
+               buffer.data(), static_cast<int>(k));
+      } else {
+        gemm_bf16_packed(block_bits, d, rows, reinterpret_cast<const uint32_t*>(s.packed.const_data_ptr<int32_t>()),
+                         k, d, buffer.data(), k);
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         double norm_xb, error_x;
@@ -243,7 +259,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
 
 }  // namespace
 
-bool has_bf16_gemm() { return gemm_bf16() != nullptr; }
+void set_bf16_gemm(Bf16Gemm which) {
+  TORCH_CHECK(which != Bf16Gemm::kNone, "pydc::set_bf16_gemm: expected auto, mkl or pydc");
+  TORCH_CHECK(which != Bf16Gemm::kMkl || mkl_gemm_bf16() != nullptr,
+              "pydc::set_bf16_gemm: MKL's cblas_gemm_bf16bf16f32 is not in torch's libraries here");
+  TORCH_CHECK(which != Bf16Gemm::kPydc || cpu_has_avx512_bf16(),
+              "pydc::set_bf16_gemm: pydc's bfloat16 GEMM needs a CPU with AVX512-BF16");
+  g_bf16_gemm.store(static_cast<int>(which));
+}
+
+Bf16Gemm bf16_gemm() {
+  const auto which = static_cast<Bf16Gemm>(g_bf16_gemm.load());
+  if (which != Bf16Gemm::kAuto) return which;
+  const bool own = cpu_has_avx512_bf16() && cpu_capability() == CpuCapability::kAvx512;
+  if (own && !cpu_has_amx_bf16()) return Bf16Gemm::kPydc;
+  if (mkl_gemm_bf16() != nullptr) return Bf16Gemm::kMkl;
+  return own ? Bf16Gemm::kPydc : Bf16Gemm::kNone;
+}
+
+bool has_bf16_gemm() { return bf16_gemm() != Bf16Gemm::kNone; }
 
 }  // namespace pydc
 
