@@ -13,7 +13,8 @@ The dict's keys:
   dispatches its CPU kernels by ISA level at run time; a library without that dispatch is compiled for the
   x86-64 baseline (setup.py passes no -march), which it reports as such. `cpu` is what this CPU supports (from
   its flags), `torch` the level ATen's own kernels chose, `gemm` the BLAS of the CPU k-means GEMMs
-  (pydc.ops.cpu_gemm.cpu_gemm_report(): chosen now if not yet, which with PYDC_CPU_GEMM=auto times both).
+  (pydc.ops.cpu_gemm.cpu_gemm_report(): chosen now if not yet, which with PYDC_CPU_GEMM=auto times both),
+  `bf16_gemm` the bfloat16 GEMM of the k-means screen (pydc.ops.bf16_screen: "mkl", "pydc" or "none").
 - `ops`: every `torch.ops.pydc.*` operator by family, with whether the dispatcher holds a CPU and a CUDA
   kernel for it (a CUDA build registers CUDA kernels even where no GPU is visible).
 - `backends`: the optional packages pydc can use (DALI, faiss-cpu, faiss with GPU support, TorchCodec),
@@ -117,7 +118,20 @@ def _cpu_isa(loaded: bool) -> dict:
     elif kernels is None:
         kernels = f"{_BASELINE}, not dispatched by ISA"
     return {"kernels": kernels, "cpu": cpu_isa_level(_cpu_flags()),
-            "torch": torch.backends.cpu.get_cpu_capability(), "gemm": _cpu_gemm(loaded)}
+            "torch": torch.backends.cpu.get_cpu_capability(), "gemm": _cpu_gemm(loaded),
+            "bf16_gemm": _bf16_gemm(loaded)}
+
+
+def _bf16_gemm(loaded: bool) -> str:
+    """The bfloat16 GEMM of the k-means screen (pydc.ops.bf16_screen): "mkl", "pydc" or "none"."""
+    if not loaded:
+        return "none (library not loaded)"
+    from pydc.ops import bf16_screen
+
+    try:
+        return bf16_screen.apply_gemm_setting()
+    except (RuntimeError, ValueError) as error:
+        return f"none ({error})"
 
 
 def _cpu_gemm(loaded: bool) -> dict:
@@ -239,6 +253,7 @@ def format_report(report: dict) -> str:
     row("CPU kernels ISA", isa["kernels"])
     row("CPU supports", f"{isa['cpu']} (ATen's kernels use {isa['torch']})")
     row("CPU k-means GEMM", _describe_gemm(isa["gemm"]))
+    row("bfloat16 screen GEMM", f"{isa['bf16_gemm']} (PYDC_BF16_GEMM; whether it screens: PYDC_KMEANS_BF16)")
     lines.append("ops (kernels)")
     for name, op in report["ops"].items():
         kernels = "any device" if op["any_device"] else f"CPU {_yes(op['cpu']):<4}CUDA {_yes(op['cuda'])}"
