@@ -7,21 +7,26 @@
 // C (rows x k, float32) = A (rows x d, bfloat16, row-major) . B^T, B (k x d, bfloat16) packed once per pass into
 // panels of 32 centroids (pack_bf16_panels): for pair p of features, the 32 centroids' (b[2p], b[2p+1]) as one
 // uint32 each, zero beyond k and d. A 12-row x 32-column tile keeps 24 float32 accumulators in registers; per
-// pair it loads the panel's two vectors and broadcasts each row's pair. VDPBF16PS adds the two exact products
+// pair it loads the panel's two vectors and broadcasts each row's pair: 113-115 GMAC/s on one Zen 4 core for a
+// 256 x 1000 x 256 block, against 117 for VDPBF16PS alone in registers and ~51 for MKL's float32 sgemm (8 x 48,
+// 8 x 32 and 16 x 16 tiles measured the same within 2%). VDPBF16PS adds the two exact products
 // of a lane's pair to its accumulator with float32 rounding, flushing denormal inputs and results (as AMX
 // does), so the sums are d float32 additions of exact products: the error bound of kmeans_bf16_kernel.cpp
 // (gamma_d and its flush term) holds for this GEMM as for MKL's.
-#include <cpuid.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 #include "ops/cpu/blas_gemm.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// GCC on x86-64 only (its target pragmas compile the kernel into a baseline build); elsewhere the screen keeps
+// MKL's GEMM, or none
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define PYDC_HAVE_BF16_KERNEL 1
+#else
+#define PYDC_HAVE_BF16_KERNEL 0
 #endif
 
 namespace pydc {
