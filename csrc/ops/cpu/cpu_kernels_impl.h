@@ -613,8 +613,18 @@ void update_fold_columns_top2(float* dot, int64_t stride, const float* centroid_
   }
   const int64_t vectors_end = count / kFoldWidth * kFoldWidth;
   const fold_floats two = splat(2.0f);
+  // The runs are separate 4 KiB streams 4 * stride bytes apart, each cold when its turn comes: the run
+  // kFoldPrefetchRuns ahead is prefetched a cache line per step of this one. The moved passes of an unstructured
+  // 100k x 256, k = 1000 run (AMD EPYC Zen 4, 2 threads, separate processes, 3 runs each): 1.14-1.27 s ->
+  // 1.01-1.09 s at avx512, 1.20-1.26 s -> 1.01-1.06 s at avx2; 1, 4 and 8 runs ahead were no different.
+  constexpr int64_t kFoldPrefetchRuns = 2;
+  constexpr int64_t kLineFloats = 16;
   for (int64_t j = 0; j < k; ++j) {
     float* run = dot + j * stride;
+    const float* ahead = j + kFoldPrefetchRuns < k ? dot + (j + kFoldPrefetchRuns) * stride : nullptr;
+    const auto prefetch = [&](int64_t r) {
+      if (ahead != nullptr && r % kLineFloats == 0) __builtin_prefetch(ahead + r, 1, 0);
+    };
     const fold_floats norm = splat(centroid_sq_norms[j]);
     fold_ints index;
     for (int m = 0; m < kFoldWidth; ++m) index[m] = static_cast<int32_t>(j);
@@ -623,6 +633,7 @@ void update_fold_columns_top2(float* dot, int64_t stride, const float* centroid_
       const int64_t q0 = start[j], q1 = start[j + 1];
       const fold_floats s = splat(scale[j]);
       for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
+        prefetch(r);
         fold_floats d, added = splat(0.0f);
         std::memcpy(&d, run + r, sizeof(d));
         for (int64_t q = q0; q < q1; ++q) {
@@ -644,6 +655,7 @@ void update_fold_columns_top2(float* dot, int64_t stride, const float* centroid_
       continue;
     }
     for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
+      prefetch(r);
       fold_floats d;
       std::memcpy(&d, run + r, sizeof(d));
       fold_lanes(norm, two, index, d, best_score + r, best_index + r, second_score + r);
