@@ -97,28 +97,27 @@ void set_cpu_sgemm(const pybind11::object& sgemm) {
                                                                            "set_cpu_sgemm")));
 }
 
+// The index of `name` among names[first, last); a ValueError naming `what` and `expected` otherwise.
+int choice_index(const std::string& name, const char* const* names, int first, int last, const char* what,
+                 const char* expected) {
+  for (int i = first; i < last; ++i) {
+    if (name == names[i]) return i;
+  }
+  throw pybind11::value_error(std::string("pydc._C.") + what + ": expected " + expected + ", got '" + name + "'");
+}
+
 const char* const kCpuGemmNames[] = {"torch", "scipy"};
 
 void set_cpu_gemm(const std::string& name) {
-  for (int i = 0; i < 2; ++i) {
-    if (name == kCpuGemmNames[i]) {
-      pydc::set_cpu_gemm(static_cast<pydc::CpuGemm>(i));
-      return;
-    }
-  }
-  throw pybind11::value_error("pydc._C.set_cpu_gemm: expected 'torch' or 'scipy', got '" + name + "'");
+  const int i = choice_index(name, kCpuGemmNames, 0, 2, "set_cpu_gemm", "'torch' or 'scipy'");
+  pydc::set_cpu_gemm(static_cast<pydc::CpuGemm>(i));
 }
 
 const char* const kBf16GemmNames[] = {"none", "auto", "mkl", "pydc"};
 
 void set_bf16_gemm(const std::string& name) {
-  for (int i = 1; i < 4; ++i) {
-    if (name == kBf16GemmNames[i]) {
-      pydc::set_bf16_gemm(static_cast<pydc::Bf16Gemm>(i));
-      return;
-    }
-  }
-  throw pybind11::value_error("pydc._C.set_bf16_gemm: expected 'auto', 'mkl' or 'pydc', got '" + name + "'");
+  const int i = choice_index(name, kBf16GemmNames, 1, 4, "set_bf16_gemm", "'auto', 'mkl' or 'pydc'");
+  pydc::set_bf16_gemm(static_cast<pydc::Bf16Gemm>(i));
 }
 
 // out (m x n, float32) = a (m x d) . b (n x d)^T, bfloat16 bits, by pydc's own bfloat16 GEMM on the calling

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(not bf16_screen.available(),
 
 
 def gemms():
-    """The bfloat16 GEMMs kmeans_assign_bf16 can run here."""
+    """The bfloat16 GEMMs kmeans_assign_bf16 can run here ("none" where it cannot run: the module is skipped)."""
+    if not bf16_screen.available():
+        return ["none"]
     names = []
     for name in ("mkl", "pydc"):
         try:
@@ -181,6 +183,9 @@ def test_auto_gemm_is_pydcs_only_where_the_cpu_has_avx512_bf16_at_the_avx512_lev
 
     monkeypatch.delenv(bf16_screen.GEMM_ENV_VAR, raising=False)
     bf16_screen.apply_gemm_setting()
+    for name in ("none", "amx", ""):
+        with pytest.raises(ValueError, match="expected 'auto', 'mkl' or 'pydc'"):
+            _C.set_bf16_gemm(name)
     own = _C.cpu_has_avx512_bf16() and "amx_bf16" not in bf16_screen.cpu_flags()
     for level in supported_levels():
         with cpu_capability_level(level):
