@@ -44,7 +44,7 @@ MEASURE_SHAPE = (8192, 1024, 256)
 MEASURE_ROUNDS = 5
 MARGIN = 0.9  # auto screens only when that costs less than this fraction of the float32 assignment
 
-_chosen: dict[tuple[str, str], bool] = {}  # per ISA level and bfloat16 GEMM: the choice of auto
+_chosen: dict[str, bool] = {}  # per bfloat16 GEMM: the choice of auto (only ever made at the avx512 level)
 _report: dict = {}
 
 
@@ -131,22 +131,21 @@ def use_bf16_screen() -> bool:
         return True
     from pydc.ops.cpu_capability import cpu_capability
 
-    level = cpu_capability()
-    if level != "avx512":
+    if cpu_capability() != "avx512":
         return False
     gemm = apply_gemm_setting()
     if gemm == "none":
         return False
-    if (level, gemm) not in _chosen:
+    if gemm not in _chosen:
         if "amx_bf16" in cpu_flags() and gemm == "mkl":
-            _chosen[level, gemm] = True
+            _chosen[gemm] = True
             _report = {"chosen": True, "reason": "amx_bf16", "gemm": gemm}
         else:
             plain_s, screened_s = measure()
-            _chosen[level, gemm] = screened_s < MARGIN * plain_s
+            _chosen[gemm] = screened_s < MARGIN * plain_s
             _report = {"plain_s": plain_s, "bf16_s": screened_s, "shape": list(MEASURE_SHAPE), "gemm": gemm,
-                       "chosen": _chosen[level, gemm]}
-    return _chosen[level, gemm]
+                       "chosen": _chosen[gemm]}
+    return _chosen[gemm]
 
 
 class ScreenedPoints:
