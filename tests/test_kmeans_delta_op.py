@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pydc.cluster.kmeans import initial_centroids
+from pydc.cluster.kmeans_delta import LAYOUT_ROWS, products_by_centroid
 from pydc.ops._registry import HAS_OPS
 from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
 
@@ -28,7 +29,7 @@ class Pass:
         n, d = x.shape
         self.x, self.norms = x, (x * x).sum(1)
         self.labels = torch.zeros(n, dtype=torch.int64)
-        self.dots = torch.empty((k, n), dtype=torch.float32)
+        self.dots = torch.empty(k * n, dtype=torch.float32)
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
@@ -46,10 +47,16 @@ def lloyd_update(x, labels, k):
     return torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), torch.zeros_like(sums))
 
 
+def in_layout(products):
+    """The k x N products laid out as kmeans_assign_delta keeps them (the inverse of products_by_centroid)."""
+    k, n = products.shape
+    return torch.cat([products[:, b:b + LAYOUT_ROWS].reshape(-1) for b in range(0, n, LAYOUT_ROWS)])
+
+
 def assert_products_within_bound(state, centroids):
     """Every kept product is within ||x_i|| column_error[j] of the exact x_i . c_j."""
     exact = centroids.double() @ state.x.double().T
-    gap = (state.dots.double() - exact).abs()
+    gap = (products_by_centroid(state.dots, state.x.shape[0], centroids.shape[0]).double() - exact).abs()
     allowed = state.column_error.unsqueeze(1) * state.x.double().norm(dim=1).unsqueeze(0)
     assert bool((gap <= allowed).all()), f"a product is off by {float((gap - allowed).max())} beyond its bound"
 
@@ -88,6 +95,29 @@ def test_lloyd_passes_give_kmeans_assign_labels_within_the_bound(data, level):
     # centroids, which are no cluster means: its residual sends it to a dense pass; so do empty clusters'
     # refills and error bounds grown past the limit, on these small clusters)
     assert len(moved) >= 6 and sum(moved) > 0
+
+
+@pytest.mark.parametrize("n", [40, 1024, 1041, 2 * LAYOUT_ROWS + 16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_products_keep_their_layout_for_any_n_and_thread_count(n, threads):
+    """The products' blocks of LAYOUT_ROWS points (split further between threads when n is small) hold every
+    product where products_by_centroid reads it, through dense and moved passes, with any thread count."""
+    x = torch.nn.functional.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(n)), dim=1)
+    k = 7
+    matrix = torch.arange(k * n, dtype=torch.float32).view(k, n)
+    assert torch.equal(products_by_centroid(in_layout(matrix), n, k), matrix)
+    centroids = initial_centroids(x, k, seed=3)
+    state = Pass(x, k)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(4):
+            distances, _ = state(centroids)
+            assert_kmeans_assign_labels(state, centroids, distances)
+            assert_products_within_bound(state, centroids)
+            centroids = lloyd_update(x, state.labels, k)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_dense_changes_decides_between_a_dense_and_a_delta_pass():
@@ -161,7 +191,7 @@ def test_bad_arguments_are_refused():
     op = torch.ops.pydc.kmeans_assign_delta
     args = (state.labels, state.dots, state.column_error, state.basis_labels, state.basis_centroids)
     with pytest.raises(RuntimeError, match="dots of shape"):
-        op(x, centroids, state.norms, -1.0, state.labels, torch.empty(20, 3), state.column_error,
+        op(x, centroids, state.norms, -1.0, state.labels, torch.empty(3, 20), state.column_error,
            state.basis_labels, state.basis_centroids)
     with pytest.raises(RuntimeError, match="column_error"):
         op(x, centroids, state.norms, -1.0, state.labels, state.dots, state.column_error.float(),
@@ -220,7 +250,7 @@ def test_products_anywhere_within_their_bound_give_exact_labels():
     sign = torch.where(torch.arange(12).unsqueeze(1) < 6, -1.0, 1.0).double()
     sign[pairs[:, 0]] = -1.0
     sign[pairs[:, 1]] = 1.0
-    state.dots.copy_((exact + sign * edge).float())
+    state.dots.copy_(in_layout((exact + sign * edge).float()))
     assert_products_within_bound(state, centroids)
     distances, counts = state(centroids, dense_changes=0.0)
     assert counts.tolist()[1:] == [0, 0]  # a moved pass (nothing to move): the kept products decided

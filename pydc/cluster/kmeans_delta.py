@@ -7,8 +7,8 @@ distances from a point to its 1000 centroids span ~0.5, its best two lie ~0.01 a
 points that change label: 16.7k, 7.9k, 4.7k, 3.0k, 2.0k, 1.4k, 1.0k, 0.8k, 0.6k, 0.46k ... 0.05k over 20
 iterations of that run. A Lloyd update moves only the centroids those points left or joined, and exactly by
 them: c'_j = (n_j c_j + sum of the points that joined - sum of those that left) / n'_j, up to rounding. So
-this assigner keeps every product x_i . c_j (k x N float32, centroid-major: the same memory as Elkan's
-bounds) and, once at most DENSE_CHANGES * k points changed label, moves them to the new centroids with one GEMM
+this assigner keeps every product x_i . c_j (k N float32, the same memory as Elkan's bounds; in blocks of
+LAYOUT_ROWS points, each block's k runs of products centroid after centroid: products_by_centroid) and, once at most DENSE_CHANGES * k points changed label, moves them to the new centroids with one GEMM
 of the points by the m changed points (N x m x d multiply-adds instead of N x k x d) and, per block of points,
 one pass over the centroids' runs of products that scales the moved ones, adds the joined points' products,
 takes off the left points' and folds the top-2 (torch.ops.pydc.kmeans_assign_delta,
@@ -23,8 +23,9 @@ does not write the N x k products out, or its bfloat16-screened form where that 
 pydc/ops/bf16_screen.py; the same labels). Without the screen, auto's runs give those passes to Elkan's bounds
 instead (YinyangThenDelta).
 
-CUDA design (not built): the k x N products in device memory (float32, the same budget, centroid-major as
-here, so that consecutive threads read consecutive points); a dense pass is one cuBLAS SGEMM of the centroids
+CUDA design (not built): the k x N products in device memory (float32, the same budget, centroid-major over
+all N points, so that consecutive threads read consecutive points: the blocks of the CPU layout serve its
+caches and DRAM streams, which coalesced warps do not need); a dense pass is one cuBLAS SGEMM of the centroids
 by x^T into them; a delta pass one SGEMM of the gathered changed points by x^T (m x N), then one kernel with a
 thread per point that walks the centroids: a moved centroid's product scaled by n_j / n'_j plus its joined and
 left points' products (the per-centroid lists of update_fold_columns_top2 in shared memory), stored back, and
@@ -41,6 +42,9 @@ from pydc.cluster.kmeans_elkan import ElkanAssigner
 from pydc.ops.bf16_screen import ScreenedPoints
 from pydc.utils.memory import empty_huge
 
+# Points per block of kmeans_assign_delta's products (kLayoutRows in csrc/ops/cpu/kmeans_delta_kernel.cpp).
+LAYOUT_ROWS = 1024
+
 # A pass with more than DENSE_CHANGES * k changed labels scores every pair by GEMM instead. At 100k x 256,
 # k = 1000 (Intel Xeon, AVX-512, 2 threads) a dense pass took ~0.36 s and a delta pass ~0.065 s + 0.36 ms per
 # changed point (its GEMM column and two scaled runs per block), so 791 changes cost as much as a dense pass.
@@ -56,6 +60,17 @@ KEEP_CHANGES = 1.5
 # centroid: delta's first pass then keeps its products. Later (0.6, 0.4, 0.25) was slower capped at AVX2 on
 # the run above: Elkan's passes there score 10-14% of the pairs at ~2.5x the GEMM's cost per pair.
 ELKAN_UNTIL_CHANGES = KEEP_CHANGES * DENSE_CHANGES
+
+
+def products_by_centroid(dots: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The k x N matrix of kmeans_assign_delta's products (dots, k N float32 in blocks of LAYOUT_ROWS points,
+    each block's runs centroid after centroid): [j, i] is point i's product with centroid j. A copy."""
+    if dots.numel() != k * n:
+        raise ValueError(f"products_by_centroid: expected {k * n} products, got {dots.numel()}")
+    flat = dots.reshape(-1)
+    full = n // LAYOUT_ROWS * LAYOUT_ROWS
+    blocks = flat[:full * k].view(-1, k, LAYOUT_ROWS).permute(1, 0, 2).reshape(k, full)
+    return torch.cat([blocks, flat[full * k:].view(k, n - full)], dim=1)
 
 
 class DeltaAssigner:
@@ -77,12 +92,12 @@ class DeltaAssigner:
         self.k = k
         self.labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.clone()
         self.changed = n if labels is None else changed  # labels the last pass changed (None: not known)
-        self.dots = None  # (k, N) float32, centroid-major (a run per centroid), from the first keeping pass
+        self.dots = None  # (k N,) float32 in layout blocks (products_by_centroid), from the first keeping pass
         if memory is not None:
             if memory.dtype != torch.float32 or memory.numel() != k * n or not memory.is_contiguous():
                 raise ValueError(f"DeltaAssigner: memory must be {n} x {k} contiguous float32, got "
                                  f"{memory.dtype} of shape {tuple(memory.shape)}")
-            self.dots = memory.view(k, n)
+            self.dots = memory.view(-1)
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
@@ -104,7 +119,7 @@ class DeltaAssigner:
             self._count(n, n * k, "screened" if self.points.screens() else "plain")
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         if self.dots is None:
-            self.dots = empty_huge(k, n, dtype=torch.float32)
+            self.dots = empty_huge(k * n, dtype=torch.float32)
         distances, counts = torch.ops.pydc.kmeans_assign_delta(
             self.x, centroids, self.point_sq_norms, DENSE_CHANGES if self.started else -1.0, self.labels,
             self.dots, self.column_error, self.basis_labels, self.basis_centroids)

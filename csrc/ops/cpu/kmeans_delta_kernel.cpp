@@ -2,26 +2,29 @@
 //
 // kmeans_assign_delta(x, centroids, x_sq_norms, dense_changes, labels(a!), dots(b!), column_error(c!),
 //                     basis_labels(d!), basis_centroids(e!)) -> (distances, counts)
-//   The state, kept between passes: dots (k, N) float32, centroid-major, with |dots[j, i] - x_i . b_j| <=
+//   The state, kept between passes: dots (k N,) float32, the products p[j, i] in blocks of kLayoutRows = 1024
+//   points (the last one ragged): block b (points 1024 b .. 1024 b + rows_b - 1) holds its k runs of rows_b
+//   products centroid after centroid, so p[j, i] = dots[1024 b k + j rows_b + r] for i = 1024 b + r
+//   (pydc.cluster.kmeans_delta.products_by_centroid gives the k x N matrix), with |p[j, i] - x_i . b_j| <=
 //   ||x_i|| column_error[j] in exact arithmetic, b = basis_centroids (k, d) float32, the centroids of the last
 //   pass; basis_labels (N,) int64: the labels whose cluster means b are; labels (N,) int64: the labels of the
 //   last pass, whose cluster means `centroids` are when the caller ran a Lloyd update in between (anything else
 //   only costs time, below). A pass is dense when dense_changes < 0 (the first one: the state is output only),
 //   or when more than dense_changes * k labels differ between basis_labels and labels: every pair is scored by
 //   BLAS GEMM (one single-threaded GEMM per 256 points and thread, folded from the thread's buffer, then
-//   streamed out to dots). Otherwise (a delta pass) the m points that changed label are gathered into Y (m, d),
+//   streamed out to its block of dots). Otherwise (a delta pass) the m points that changed label are gathered into Y (m, d),
 //   every block of points is multiplied by Y^T in one single-threaded GEMM (N x m x d multiply-adds instead of
 //   N x k x d), and each point's products are moved from b to the new centroids while they are folded
 //   (update_fold_columns_top2, cpu_kernels.h): a centroid j that gained the points P_j and lost Q_j is, up to
 //   its float32 rounding, (n_j b_j + sum P_j - sum Q_j) / n'_j (n, n': cluster sizes under basis_labels and
 //   labels), so
-//       dots[j, i] <- dots[j, i] * (n_j / n'_j) + (sum_{y in P_j} x_i . y - sum_{y in Q_j} x_i . y) / n'_j.
+//       p[j, i] <- p[j, i] * (n_j / n'_j) + (sum_{y in P_j} x_i . y - sum_{y in Q_j} x_i . y) / n'_j.
 //   On return labels are the labels kmeans_assign would give for `centroids` (bitwise), basis_labels the labels
 //   it was given, basis_centroids = centroids and dots, column_error their state; distances (N,) float64: the
 //   squared distance of every point to its new centroid (float32 arithmetic, as kmeans_assign's); counts (3,)
 //   int64 = (rows settled in float64, dot products computed: N x m, or N x k for a dense pass, 1 when dense).
 //
-// Exactness. column_error[j] bounds, per unit of ||x||, how far dots[j, :] may be from the exact products with
+// Exactness. column_error[j] bounds, per unit of ||x||, how far p[j, :] may be from the exact products with
 // the new centroid c'_j: the previous bound scaled by n_j / n'_j; gamma_d ||x|| ||y|| for every GEMM product
 // x . y (Higham); 3 u times the largest magnitude the value takes (the factor n_j / n'_j, the scaling and the
 // final sum each round once: the added products are summed apart first, so their own roundings, 3 u each for
@@ -62,7 +65,12 @@ constexpr double kRoundUp = 1.0 + 1e-12;  // float64 norms and sums of float32 d
 // A delta pass only while max_j column_error[j] <= kMaxErrorGrowth * gamma_{d+2} (max ||x|| + max ||c||): the
 // settle margin then stays within a small multiple of kmeans_assign's.
 constexpr double kMaxErrorGrowth = 8.0;
-constexpr int64_t kBlockRows = 1024;
+// Points per block of the products' layout: a pass over one block reads (and, where moved, writes) one contiguous
+// k x 1024 region, 4 KiB runs back to back. Runs of one centroid over all N points, 4 KiB of each block's 400 KB
+// apart at N = 100k, k = 1000, made a fold with nothing moved take 21 ms on 2 threads against 12 ms (AMD EPYC
+// Zen 4, avx512; 7.4 ms to sum the 400 MB in order): every run started a new stream. 256 points per block made
+// the passes ~15% slower (more, shorter runs).
+constexpr int64_t kLayoutRows = 1024;
 constexpr int64_t kDenseRows = 256;  // points per GEMM of a dense pass
 
 // An upper bound on ||v|| from a float32 ||v||^2 summed in any order (kmeans_norm_rounding).
@@ -164,9 +172,24 @@ bool plan_update(const at::Tensor& x, const float* pn, const at::Tensor& centroi
   return true;
 }
 
-// Points per block: up to 1024 (a 4 KiB run of products per centroid; 256 made the passes ~15% slower at 100k x
-// 256, k = 1000), fewer so that every thread of torch's pool gets a block when n is small.
-int64_t delta_block_rows(int64_t n) { return kmeans_thread_block_rows(n, kBlockRows); }
+// A pass's unit of work: rows points of layout block `block` from its row r0 on. A layout block is one piece,
+// or a few when there are fewer blocks than torch's threads (small n), each of at least 16 rows.
+struct Piece {
+  int64_t block, r0, rows;
+};
+
+std::vector<Piece> layout_pieces(int64_t n) {
+  const int64_t blocks = (n + kLayoutRows - 1) / kLayoutRows;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t splits = std::clamp<int64_t>((threads + blocks - 1) / blocks, 1, kLayoutRows / 16);
+  std::vector<Piece> pieces;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t rows = std::min(kLayoutRows, n - b * kLayoutRows);
+    const int64_t part = std::max<int64_t>(16, (rows + splits - 1) / splits);
+    for (int64_t r0 = 0; r0 < rows; r0 += part) pieces.push_back({b, r0, std::min(part, rows - r0)});
+  }
+  return pieces;
+}
 
 // What every block of a pass reads: the inputs, the state and the outputs, as raw pointers.
 struct Pass {
@@ -175,20 +198,27 @@ struct Pass {
   const float* cs;
   const float* cn;             // float32 ||c_j||^2 (kmeans_centroid_info)
   const KMeansCentroidInfo* info;
-  float* dots;                 // (k, n): dots[j * n + i] ~ x_i . c_j
+  float* dots;                 // the products in layout blocks (block_runs)
   int64_t* label;
   double* distance_out;
   int64_t n, k, d;
   double max_error;            // max_j column_error[j]; 0 for a dense pass (the GEMM's error is in the margin)
+
+  // The first product of a piece, p[0, 1024 block + r0]; p[j, i + r] is j * stride + r further on.
+  float* runs(const Piece& piece) const { return dots + piece.block * kLayoutRows * k + piece.r0; }
+  int64_t stride(const Piece& piece) const { return std::min(kLayoutRows, n - piece.block * kLayoutRows); }
+  int64_t first_point(const Piece& piece) const { return piece.block * kLayoutRows + piece.r0; }
 };
 
-// Settles in float64 the points i0 .. i0 + rows - 1 whose folded best two scores are within twice the score error
-// bound (kmeans_score_error_bound, plus 2 ||x|| max_error) and writes every label and distance; returns how many
-// were settled.
-int64_t finish_block(const Pass& p, int64_t i0, int64_t rows, const float* best, const int32_t* index,
+// Settles in float64 the piece's points whose folded best two scores are within twice the score error bound
+// (kmeans_score_error_bound, plus 2 ||x|| max_error) and writes every label and distance; returns how many were
+// settled.
+int64_t finish_block(const Pass& p, const Piece& piece, const float* best, const int32_t* index,
                      const float* second) {
   int64_t settled = 0;
-  for (int64_t r = 0; r < rows; ++r) {
+  const int64_t i0 = p.first_point(piece), stride = p.stride(piece);
+  const float* runs = p.runs(piece);
+  for (int64_t r = 0; r < piece.rows; ++r) {
     const int64_t i = i0 + r;
     const double margin = 2.0 * (kmeans_score_error_bound(p.pn[i], p.info->max_norm, p.d) +
                                  2.0 * norm_up(p.pn[i], p.d) * p.max_error);
@@ -196,9 +226,9 @@ int64_t finish_block(const Pass& p, int64_t i0, int64_t rows, const float* best,
     int64_t position = index[r];
     if (!(static_cast<double>(second[r]) - static_cast<double>(best[r]) > margin)) {
       double exact;
-      const float* column = p.dots + i;  // point i's products, k of them, n apart
+      const float* column = runs + r;  // point i's products, k of them, stride apart
       const auto visit = [&](auto fn) {
-        for (int64_t j = 0; j < p.k; ++j) fn(j, kmeans_score(p.cn[j], column[j * p.n]));
+        for (int64_t j = 0; j < p.k; ++j) fn(j, kmeans_score(p.cn[j], column[j * stride]));
       };
       position = kmeans_settle_near_best(p.xs + i * p.d, p.cs, p.info->sq_norms_f64.data(), nullptr, p.d, best[r],
                                          margin, &exact, visit);
@@ -211,22 +241,24 @@ int64_t finish_block(const Pass& p, int64_t i0, int64_t rows, const float* best,
   return settled;
 }
 
-// Calls block_fn(i0, rows, scratch, best, index, second) for blocks of points on torch's threads (one BLAS
-// thread each; scratch: scratch_floats floats of the thread's own), which folds the block's products into best,
-// index and second, and finishes the block; returns the number of rows settled.
+// Calls block_fn(i0, rows, runs, stride, scratch, best, index, second) for the pieces of the layout on torch's
+// threads (one BLAS thread each; points i0 .. i0 + rows - 1, their products at runs with centroids stride apart;
+// scratch: scratch_floats floats of the thread's own), which folds the piece's products into best, index and
+// second, and finishes the piece; returns the number of rows settled.
 template <typename BlockFn>
 int64_t for_blocks(const Pass& p, int64_t scratch_floats, BlockFn block_fn) {
-  const int64_t block = delta_block_rows(p.n);
+  const std::vector<Piece> pieces = layout_pieces(p.n);
   std::atomic<int64_t> settled{0};
   PerThreadCpuGemm one_thread_each;
-  at::parallel_for(0, (p.n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<float> best(block), second(block), scratch(scratch_floats);
-    std::vector<int32_t> index(block);
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t q_begin, int64_t q_end) {
+    std::vector<float> best(kLayoutRows), second(kLayoutRows), scratch(scratch_floats);
+    std::vector<int32_t> index(kLayoutRows);
     int64_t here = 0;
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      const int64_t i0 = b * block, rows = std::min(block, p.n - i0);
-      block_fn(i0, rows, scratch.data(), best.data(), index.data(), second.data());
-      here += finish_block(p, i0, rows, best.data(), index.data(), second.data());
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      const Piece& piece = pieces[q];
+      block_fn(p.first_point(piece), piece.rows, p.runs(piece), p.stride(piece), scratch.data(), best.data(),
+               index.data(), second.data());
+      here += finish_block(p, piece, best.data(), index.data(), second.data());
     }
     settled += here;
   });
@@ -250,8 +282,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
               ": expected contiguous labels of shape (", n, ",), got ", describe(labels));
   TORCH_CHECK(basis_labels.dim() == 1 && basis_labels.size(0) == n && basis_labels.is_contiguous(), kDelta,
               ": expected contiguous basis_labels of shape (", n, ",), got ", describe(basis_labels));
-  TORCH_CHECK(dots.dim() == 2 && dots.size(0) == k && dots.size(1) == n && dots.is_contiguous(), kDelta,
-              ": expected contiguous dots of shape (", k, ", ", n, "), got ", describe(dots));
+  TORCH_CHECK(dots.dim() == 1 && dots.size(0) == k * n && dots.is_contiguous(), kDelta,
+              ": expected contiguous dots of shape (", k * n, ",) (k N products), got ", describe(dots));
   TORCH_CHECK(column_error.dim() == 1 && column_error.size(0) == k && column_error.is_contiguous(), kDelta,
               ": expected contiguous column_error of shape (", k, ",), got ", describe(column_error));
   TORCH_CHECK(basis_centroids.dim() == 2 && basis_centroids.size(0) == k && basis_centroids.size(1) == d &&
@@ -295,15 +327,15 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
     const float* cn = pass.cn;
     // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache for
     // the fold), then streamed out to the centroid-major products
-    const int64_t sub = std::min(kDenseRows, delta_block_rows(n));
-    count[0] = for_blocks(pass, k * sub, [&](int64_t i0, int64_t rows, float* buffer, float* best, int32_t* index,
-                                             float* second) {
+    const int64_t sub = std::min(kDenseRows, n);
+    count[0] = for_blocks(pass, k * sub, [&](int64_t i0, int64_t rows, float* runs, int64_t stride, float* buffer,
+                                             float* best, int32_t* index, float* second) {
       const CpuKernels& kernels = cpu_kernels();
       for (int64_t r0 = 0; r0 < rows; r0 += sub) {
         const int64_t part = std::min(sub, rows - r0);
         cpu_gemm_abt_per_thread(at::from_blob(buffer, {k, part}, x.options()), centroids, x.narrow(0, i0 + r0, part));
         kernels.fold_columns_top2(buffer, part, cn, k, part, best + r0, index + r0, second + r0);
-        kernels.copy_runs_streaming(buffer, part, dot + i0 + r0, n, k, part);
+        kernels.copy_runs_streaming(buffer, part, runs + r0, stride, k, part);
       }
     });
     const double gamma = kmeans_gamma(d);
@@ -340,11 +372,11 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   for (size_t q = 0; q < update.columns.size(); ++q) scale[update.columns[q]] = update.column_scale[q];
   for (int64_t j = 0; j < k; ++j) pass.max_error = std::max(pass.max_error, error[j]);
   const float* cn = pass.cn;
-  const int64_t product_floats = m * delta_block_rows(n);
-  count[0] = for_blocks(pass, product_floats, [&](int64_t i0, int64_t rows, float* products, float* best,
-                                                  int32_t* index, float* second) {
+  const int64_t product_floats = m * std::min(kLayoutRows, n);
+  count[0] = for_blocks(pass, product_floats, [&](int64_t i0, int64_t rows, float* runs, int64_t stride,
+                                                  float* products, float* best, int32_t* index, float* second) {
     if (m > 0) cpu_gemm_abt_per_thread(at::from_blob(products, {m, rows}, x.options()), moved, x.narrow(0, i0, rows));
-    cpu_kernels().update_fold_columns_top2(dot + i0, n, cn, k, rows, scale.data(), start.data(), row.data(),
+    cpu_kernels().update_fold_columns_top2(runs, stride, cn, k, rows, scale.data(), start.data(), row.data(),
                                            gain.data(), products, best, index, second);
   });
   count[1] = n * m;
