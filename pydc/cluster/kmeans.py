@@ -48,6 +48,7 @@ from pydc.cluster.kmeans_elkan import ElkanAssigner
 from pydc.ops._registry import HAS_OPS
 from pydc.ops.cpu_gemm import ensure_cpu_gemm
 from pydc.ops.kmeans import kmeans_assign, kmeans_update
+from pydc.utils.memory import keep
 
 BACKENDS = ("auto", "torch", "faiss")
 SPLIT_EPS = 1.0 / 1024.0
@@ -166,29 +167,33 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
             assign = YinyangThenDelta(assign, x32, point_sq_norms, k)
     else:
         assign = _PlainAssigner(x32, point_sq_norms)
-    split_generator = torch.Generator().manual_seed(int(seed) + 1)
-    objective, splits = [], 0
-    previous_labels, previous_split = None, True
-    stopped = False
-    for _ in range(int(niter)):
-        labels, iteration_objective = assign(centroids)
-        objective.append(iteration_objective)
-        if (stop_at_fixed_point and previous_labels is not None and not previous_split
-                and torch.equal(labels, previous_labels)):
-            stopped = True  # the update would give these centroids again: a fixed point (module docstring)
-            break
-        sums, counts = kmeans_update(x32, labels, k, deterministic=deterministic)
-        nonempty = counts > 0
-        centroids = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype),
-                                torch.zeros_like(sums))
-        previous_split = not bool(nonempty.all())
-        if previous_split:
-            splits += split_empty_clusters(centroids, counts, split_generator)
-        if spherical:
-            centroids = _normalize_rows(centroids)
-        previous_labels = labels
-    if not stopped:  # the final labels are one more assignment
-        labels, _ = assign(centroids)
+    try:
+        split_generator = torch.Generator().manual_seed(int(seed) + 1)
+        objective, splits = [], 0
+        previous_labels, previous_split = None, True
+        stopped = False
+        for _ in range(int(niter)):
+            labels, iteration_objective = assign(centroids)
+            objective.append(iteration_objective)
+            if (stop_at_fixed_point and previous_labels is not None and not previous_split
+                    and torch.equal(labels, previous_labels)):
+                stopped = True  # the update would give these centroids again: a fixed point (module docstring)
+                break
+            sums, counts = kmeans_update(x32, labels, k, deterministic=deterministic)
+            nonempty = counts > 0
+            centroids = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype),
+                                    torch.zeros_like(sums))
+            previous_split = not bool(nonempty.all())
+            if previous_split:
+                splits += split_empty_clusters(centroids, counts, split_generator)
+            if spherical:
+                centroids = _normalize_rows(centroids)
+            previous_labels = labels
+        if not stopped:  # the final labels are one more assignment
+            labels, _ = assign(centroids)
+    finally:  # a bounded run's N x k state, for the next run of this size (pydc.utils.memory)
+        release = getattr(assign, "release", None)
+        keep(release() if release is not None else None)
     passes = len(objective) + (not stopped)
     rows_computed = assign.rows_computed if bounded else [x32.shape[0]] * passes
     scores_computed = assign.scores_computed if bounded else [x32.shape[0] * k] * passes

@@ -8,8 +8,9 @@ points that change label: 16.7k, 7.9k, 4.7k, 3.0k, 2.0k, 1.4k, 1.0k, 0.8k, 0.6k,
 iterations of that run. A Lloyd update moves only the centroids those points left or joined, and exactly by
 them: c'_j = (n_j c_j + sum of the points that joined - sum of those that left) / n'_j, up to rounding. So
 this assigner keeps every product x_i . c_j (k N float32, the same memory as Elkan's bounds; in blocks of
-LAYOUT_ROWS points, each block's k runs of products centroid after centroid: products_by_centroid) and, once at most DENSE_CHANGES * k points changed label, moves them to the new centroids with one GEMM
-of the points by the m changed points (N x m x d multiply-adds instead of N x k x d) and, per block of points,
+LAYOUT_ROWS points, each block's k runs of products centroid after centroid: products_by_centroid) and, once
+at most DENSE_CHANGES * k points changed label, moves them to the new centroids with one GEMM of the points by
+the m changed points (N x m x d multiply-adds instead of N x k x d) and, per block of points,
 one pass over the centroids' runs of products that scales the moved ones, adds the joined points' products,
 takes off the left points' and folds the top-2 (torch.ops.pydc.kmeans_assign_delta,
 csrc/ops/cpu/kmeans_delta_kernel.cpp). A rigorous per-centroid bound on the products' accumulated error widens
@@ -40,7 +41,7 @@ import torch
 from pydc.cluster.kmeans_bounded import DENSE_FRACTION
 from pydc.cluster.kmeans_elkan import ElkanAssigner
 from pydc.ops.bf16_screen import ScreenedPoints
-from pydc.utils.memory import empty_huge
+from pydc.utils.memory import kept_empty
 
 # Points per block of kmeans_assign_delta's products (kLayoutRows in csrc/ops/cpu/kmeans_delta_kernel.cpp).
 LAYOUT_ROWS = 1024
@@ -119,7 +120,7 @@ class DeltaAssigner:
             self._count(n, n * k, "screened" if self.points.screens() else "plain")
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         if self.dots is None:
-            self.dots = empty_huge(k * n, dtype=torch.float32)
+            self.dots = kept_empty(k * n, dtype=torch.float32)
         distances, counts = torch.ops.pydc.kmeans_assign_delta(
             self.x, centroids, self.point_sq_norms, DENSE_CHANGES if self.started else -1.0, self.labels,
             self.dots, self.column_error, self.basis_labels, self.basis_centroids)
@@ -133,6 +134,12 @@ class DeltaAssigner:
         self.rows_computed.append(rows)
         self.scores_computed.append(scores)
         self.passes.append(kind)
+
+    def release(self) -> torch.Tensor | None:
+        """Gives up the kept products (the run has ended) and returns their memory (None before any was
+        allocated); a later call starts again from a dense pass."""
+        dots, self.dots, self.started = self.dots, None, False
+        return dots
 
 
 class YinyangThenDelta:
@@ -197,6 +204,12 @@ class YinyangThenDelta:
         if changed <= ELKAN_UNTIL_CHANGES * self.k:  # the products can move from the next pass on
             self._to_delta(labels, changed, memory=self.elkan.release())  # its bounds' memory takes the products
         return labels, objective
+
+    def release(self) -> torch.Tensor | None:
+        """The N x k memory of the assigner in use (Elkan's bounds or delta's products), given up; None without."""
+        if self.delta is not None:
+            return self.delta.release()
+        return self.elkan.release() if self.elkan is not None else None
 
     @property
     def used(self) -> str:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from pydc.utils.memory import empty_huge
+from pydc.utils.memory import kept_empty
 
 # A pass whose sample has more candidate pairs than this scores every pair by GEMM. A sparse pass costs ~0.12 s +
 # 1.6 s x its fraction of pairs at 100k x 256, k = 1000 (AVX-512, 2 threads) against 0.38 s for a dense one, which
@@ -59,7 +59,7 @@ class ElkanAssigner:
         self.x = x
         self.point_sq_norms = point_sq_norms
         self.labels = torch.zeros(n, dtype=torch.int64)
-        self.anchors = empty_huge(n, k, dtype=torch.float32)
+        self.anchors = kept_empty(n, k, dtype=torch.float32)
         self.second = torch.zeros(n, dtype=torch.float64)
         self.offsets = torch.zeros(k, dtype=torch.float64)  # cumulative drift of every centroid, rounded up
         self.previous = None
