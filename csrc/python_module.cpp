@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -106,10 +107,10 @@ int choice_index(const std::string& name, const char* const* names, int first, i
   throw pybind11::value_error(std::string("pydc._C.") + what + ": expected " + expected + ", got '" + name + "'");
 }
 
-const char* const kCpuGemmNames[] = {"torch", "scipy"};
+const char* const kCpuGemmNames[] = {"torch", "scipy", "pydc"};
 
 void set_cpu_gemm(const std::string& name) {
-  const int i = choice_index(name, kCpuGemmNames, 0, 2, "set_cpu_gemm", "'torch' or 'scipy'");
+  const int i = choice_index(name, kCpuGemmNames, 0, 3, "set_cpu_gemm", "'torch', 'scipy' or 'pydc'");
   pydc::set_cpu_gemm(static_cast<pydc::CpuGemm>(i));
 }
 
@@ -128,6 +129,19 @@ void pydc_bf16_gemm(uintptr_t a, uintptr_t b, uintptr_t out, int64_t m, int64_t 
   pydc::pack_bf16_panels(reinterpret_cast<const uint16_t*>(b), n, d, packed.data());
   pydc::gemm_bf16_packed(reinterpret_cast<const uint16_t*>(a), d, m, packed.data(), n, d,
                          reinterpret_cast<float*>(out), n);
+}
+
+// out (m x n) = a (m x d) . b (n x d)^T, float32 rows ldo / lda / ldb floats apart, by the GEMM selected for the
+// CPU k-means passes (pydc.ops.cpu_gemm.gemm_abt checks the tensors and passes their addresses).
+void cpu_gemm_abt(uintptr_t out, int64_t ldo, uintptr_t a, int64_t lda, uintptr_t b, int64_t ldb, int64_t m,
+                  int64_t n, int64_t d) {
+  if (m < 0 || n < 0 || d < 0 || ldo < n || lda < d || ldb < d) {
+    throw pybind11::value_error("pydc._C.cpu_gemm_abt: expected m, n, d >= 0 and each leading dimension at least "
+                                "its row's length");
+  }
+  pybind11::gil_scoped_release release;
+  pydc::cpu_gemm_abt_raw(reinterpret_cast<float*>(out), ldo, reinterpret_cast<const float*>(a), lda,
+                         reinterpret_cast<const float*>(b), ldb, m, n, d);
 }
 
 }  // namespace
@@ -161,13 +175,18 @@ PYBIND11_MODULE(_C, m) {
         "Whether the run-time sgemm's OpenBLAS thread count can be set (held to 1 while each thread runs its own "
         "GEMMs, given back after)");
   m.def("set_cpu_gemm", &set_cpu_gemm, pybind11::arg("name"),
-        "Selects the BLAS of the CPU k-means GEMMs: 'torch' (ATen's) or 'scipy' (the run-time sgemm)");
+        "Selects the GEMM of the CPU k-means passes: 'torch' (ATen's BLAS), 'scipy' (the run-time sgemm) or "
+        "'pydc' (pydc's own, csrc/ops/cpu/cpu_kernels_impl.h)");
   m.def("cpu_gemm", [] { return std::string(kCpuGemmNames[static_cast<int>(pydc::cpu_gemm())]); },
-        "The BLAS of the CPU k-means GEMMs: 'torch' or 'scipy'");
+        "The GEMM of the CPU k-means passes: 'torch', 'scipy' or 'pydc'");
+  m.def("cpu_gemm_abt", &cpu_gemm_abt, pybind11::arg("out"), pybind11::arg("ldo"), pybind11::arg("a"),
+        pybind11::arg("lda"), pybind11::arg("b"), pybind11::arg("ldb"), pybind11::arg("m"), pybind11::arg("n"),
+        pybind11::arg("d"), "out = a @ b^T by the selected CPU k-means GEMM (addresses of float32 rows); use "
+        "pydc.ops.cpu_gemm.gemm_abt");
   m.def("time_cpu_gemms", [](int64_t rows, int64_t cols, int64_t depth, int64_t rounds) {
           const pydc::CpuGemmTimes times = pydc::time_cpu_gemms(rows, cols, depth, rounds);
-          return std::make_pair(times.torch_s, times.scipy_s);
+          return std::make_tuple(times.torch_s, times.scipy_s, times.pydc_s);
         }, pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("depth"), pybind11::arg("rounds"),
-        "(torch's, the run-time sgemm's) fastest seconds for one (rows, depth) x (cols, depth)^T block GEMM, "
-        "timed alternately");
+        "(torch's, the run-time sgemm's (+inf when none is set), pydc's) fastest seconds for one (rows, depth) x "
+        "(cols, depth)^T block GEMM, timed alternately");
 }

@@ -151,9 +151,12 @@ def _cpu_gemm(loaded: bool) -> dict:
 def _describe_gemm(gemm: dict) -> str:
     if gemm["gemm"] is None:
         return f"none ({gemm.get('error', 'not chosen')})"
-    how = gemm.get("reason") or (f"measured: torch {gemm['torch_s'] * 1e3:.1f} ms, scipy {gemm['scipy_s'] * 1e3:.1f} ms"
-                                 f" per {'x'.join(map(str, gemm['shape']))} block")
-    return f"{gemm['gemm']}'s BLAS (PYDC_CPU_GEMM={gemm['requested']}; {how})"
+    how = gemm.get("reason")
+    if how is None:
+        times = ", ".join(f"{name} {gemm[f'{name}_s'] * 1e3:.1f} ms" for name in ("torch", "scipy", "pydc")
+                          if gemm.get(f"{name}_s", float("inf")) != float("inf"))
+        how = f"measured: {times} per {'x'.join(map(str, gemm['shape']))} block"
+    return f"{gemm['gemm']}'s GEMM (PYDC_CPU_GEMM={gemm['requested']}; {how})"
 
 
 def _ops() -> dict:

@@ -1,7 +1,8 @@
-"""The run-time choice of the BLAS behind the CPU k-means GEMMs (pydc.ops.cpu_gemm, csrc/ops/cpu/blas_gemm.h):
-each BLAS forced gives the exact labels, the environment variable forces it and rejects bad values, auto keeps
-the faster of the two measured, and scipy's OpenBLAS is held to one thread during the kernels' per-thread GEMMs
-and gets its thread count back after."""
+"""The run-time choice of the GEMM behind the CPU k-means passes (pydc.ops.cpu_gemm, csrc/ops/cpu/blas_gemm.h):
+each one forced gives the exact labels, pydc's own sums every product in float32 at every ISA level, the
+environment variable forces a choice and rejects bad values, auto keeps the fastest measured when it is clearly
+faster than torch's, and scipy's OpenBLAS is held to one thread during the kernels' per-thread GEMMs and gets
+its thread count back after."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from pydc import _C
 from pydc.cluster import kmeans
 from pydc.ops import cpu_gemm, kmeans_assign, kmeans_assign_reference
+from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
 
 ASSIGN = torch.ops.pydc.kmeans_assign
-BLAS = ("torch", "scipy")
+BLAS = ("torch", "scipy", "pydc")
 
 
 @pytest.fixture(autouse=True)
@@ -98,37 +100,77 @@ def test_bad_environment_value_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv(cpu_gemm.ENV_VAR, value)
     cpu_gemm._chosen = None
     x, centroids = clustered(20, 3, 2, seed=0)
-    with pytest.raises(ValueError, match=r"PYDC_CPU_GEMM: expected one of auto, torch, scipy .*got " + repr(value)):
+    with pytest.raises(ValueError, match=r"PYDC_CPU_GEMM: expected one of auto, torch, scipy, pydc .*got " + repr(value)):
         kmeans_assign(x, centroids)
-    with pytest.raises(ValueError, match="use_cpu_gemm: expected one of auto, torch, scipy"):
+    with pytest.raises(ValueError, match="use_cpu_gemm: expected one of auto, torch, scipy, pydc"):
         cpu_gemm.use_cpu_gemm("blas")
 
 
-@pytest.mark.parametrize("times, expected", [((1.0, 2.0), "torch"), ((2.0, 1.0), "scipy"),
-                                             ((1.0, 0.97), "torch")], ids=["torch-faster", "scipy-faster", "close"])
-def test_auto_keeps_the_faster_blas(monkeypatch, times, expected):
-    monkeypatch.setattr(cpu_gemm, "measure", lambda: times)
+@pytest.mark.parametrize("times, expected", [
+    ((1.0, 2.0, 3.0), "torch"), ((2.0, 1.0, 3.0), "scipy"), ((2.0, 3.0, 1.0), "pydc"), ((1.0, 0.97, 0.98), "torch"),
+    ((1.0, math.inf, 0.9), "pydc")], ids=["torch-faster", "scipy-faster", "pydc-faster", "close", "no-scipy"])
+def test_auto_keeps_the_fastest_when_clearly_faster_than_torch(monkeypatch, times, expected):
+    monkeypatch.setattr(cpu_gemm, "measure", lambda: dict(zip(("torch", "scipy", "pydc"), times)))
     assert cpu_gemm.use_cpu_gemm("auto") == expected and _C.cpu_gemm() == expected
     report = cpu_gemm.cpu_gemm_report()
-    assert (report["gemm"], report["torch_s"], report["scipy_s"]) == (expected, *times)
+    assert (report["gemm"], report["torch_s"], report["scipy_s"], report["pydc_s"]) == (expected, *times)
 
 
-def test_auto_measures_both_blas():
+def test_auto_measures_every_gemm():
     cpu_gemm.use_cpu_gemm("scipy")  # sets scipy's sgemm
-    torch_s, scipy_s = cpu_gemm.measure()
-    assert all(math.isfinite(t) and t > 0 for t in (torch_s, scipy_s))
+    seconds = cpu_gemm.measure()
+    assert set(seconds) == {"torch", "scipy", "pydc"}
+    assert all(math.isfinite(t) and t > 0 for t in seconds.values())
     chosen = cpu_gemm.use_cpu_gemm("auto")
     report = cpu_gemm.cpu_gemm_report()
-    assert chosen == cpu_gemm.pick(report["torch_s"], report["scipy_s"]) == _C.cpu_gemm()
+    assert chosen == cpu_gemm.pick({name: report[f"{name}_s"] for name in seconds}) == _C.cpu_gemm()
     with pytest.raises(RuntimeError, match="expects positive rows"):
         _C.time_cpu_gemms(0, 4, 4, 1)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 17, 3), (13, 33, 256), (256, 1000, 255), (6, 64, 40)])
+def test_pydc_gemm_sums_every_product_in_float32(level, shape):
+    """pydc's own GEMM (every tile height 1-6, partial panels of 16 and 32, odd d, a strided a and out) against
+    float64 sums: within the float32 dot-product bound gamma_d |a| |b| of every entry."""
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    m, n, d = shape
+    generator = torch.Generator().manual_seed(m * n + d)
+    a_wide = torch.randn(m, d + 3, generator=generator)
+    a = a_wide[:, 1:d + 1]  # rows d + 3 apart
+    b = torch.randn(n, d, generator=generator)
+    out_wide = torch.full((m, n + 5), float("nan"))
+    out = out_wide[:, :n]
+    cpu_gemm.use_cpu_gemm("pydc")
+    with cpu_capability_level(level):
+        ASSIGN(a.contiguous(), b, None, True)  # through a k-means pass too
+        cpu_gemm.gemm_abt(out, a, b)
+    exact = a.double() @ b.double().T
+    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    allowed = gamma * (a.double().abs() @ b.double().abs().T)
+    assert bool(((out.double() - exact).abs() <= allowed).all())
+    assert bool(out_wide[:, n:].isnan().all())  # nothing written past n
+
+
+def test_gemm_abt_refuses_bad_arguments():
+    a, b = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_gemm.gemm_abt(torch.empty(4, 5), a.double(), b)
+    with pytest.raises(ValueError, match=r"out of shape \(4, 5\)"):
+        cpu_gemm.gemm_abt(torch.empty(5, 4), a, b)
+    with pytest.raises(ValueError, match="unit column stride"):
+        cpu_gemm.gemm_abt(torch.empty(4, 5), torch.randn(3, 4).t(), b)
+    with pytest.raises(ValueError, match="features"):
+        cpu_gemm.gemm_abt(torch.empty(4, 5), a, torch.randn(5, 2))
 
 
 def test_scipy_forced_without_scipy_is_an_error(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "_scipy_sgemm", lambda: None)
     with pytest.raises(RuntimeError, match="PYDC_CPU_GEMM=scipy: scipy.linalg.cython_blas is not importable"):
         cpu_gemm.use_cpu_gemm("scipy")
-    assert cpu_gemm.use_cpu_gemm("auto") == "torch" and cpu_gemm.cpu_gemm_report()["reason"] == "scipy not installed"
+    monkeypatch.setattr(cpu_gemm, "measure", lambda: {"torch": 1.0, "scipy": math.inf, "pydc": 2.0})
+    assert cpu_gemm.use_cpu_gemm("auto") == "torch" and cpu_gemm.cpu_gemm_report()["scipy"] == "not installed"
     with pytest.raises(RuntimeError, match="no run-time sgemm is set"):
         _C.set_cpu_gemm("scipy")
 
@@ -142,7 +184,7 @@ def test_setter_checks_the_capsule():
         _C.set_cpu_sgemm(blas["dgemm"])
     with pytest.raises(TypeError, match="capsule or None"):
         _C.set_cpu_sgemm(3)
-    with pytest.raises(ValueError, match="expected 'torch' or 'scipy'"):
+    with pytest.raises(ValueError, match="expected 'torch', 'scipy' or 'pydc'"):
         _C.set_cpu_gemm("mkl")
 
 

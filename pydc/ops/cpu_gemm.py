@@ -1,17 +1,20 @@
-"""Which BLAS computes the float32 score GEMMs of the CPU k-means kernels (kmeans_assign and the bounded
-assignment of bounded k-means): torch's own (MKL in the pip wheels) or scipy's (OpenBLAS in the pip wheels),
-chosen once per process on the machine where it runs.
+"""Which GEMM computes the float32 score products of the CPU k-means kernels (kmeans_assign and the bounded
+assignment of bounded k-means): torch's BLAS (MKL in the pip wheels), scipy's (OpenBLAS in the pip wheels) or
+pydc's own (cpu_kernels' gemm_abt_packed: the centroids or points packed once per call into panels, 6 x 16
+tiles of fused multiply-adds at AVX2, 6 x 32 at AVX-512), chosen once per process on the machine where it runs.
 
-No one BLAS is fastest everywhere: on an AMD EPYC (Zen 4) capped at AVX2, MKL's sgemm ran the k-means block
-at about half the rate of OpenBLAS's Haswell kernel, while at AVX-512 MKL was ahead (issue 12). So the choice
-is measured, not fixed:
+No one GEMM is fastest everywhere: on an AMD EPYC (Zen 4) capped at AVX2, MKL's sgemm once ran the k-means
+block at about half the rate of OpenBLAS's Haswell kernel, while at AVX-512 MKL was ahead (issue 12); pydc's
+ran it in 10.9-11.1 ms against MKL's 11.6-12.8 there (2 threads), and is slow at the baseline level (SSE2, no
+FMA: 30-40 ms). So the choice is measured, not fixed:
 
     PYDC_CPU_GEMM=auto   (default) time one block of the kernels' shape, 4096 x 1024 x 256 (DeepCluster's
                          PCA width), run as they run it (256 rows per GEMM, one GEMM per thread at a time), with
-                         both BLAS, alternating, fastest of 3 rounds each (~0.1-0.3 s once per process), and keep
-                         scipy's only when it is more than SCIPY_MARGIN faster: torch's needs no second library
+                         each GEMM, alternating, fastest of 3 rounds each (~0.1-0.3 s once per process), and keep
+                         the fastest only when it is more than MARGIN faster than torch's (no second library)
     PYDC_CPU_GEMM=torch  torch's BLAS, no measurement and no scipy import
     PYDC_CPU_GEMM=scipy  scipy's BLAS (an error when scipy is not installed)
+    PYDC_CPU_GEMM=pydc   pydc's own
 
 The choice is made on the first CPU k-means call through pydc (pydc.ops.kmeans.kmeans_assign,
 pydc.cluster.kmeans) or by calling use_cpu_gemm(); code calling torch.ops.pydc.kmeans_assign directly gets
@@ -26,13 +29,15 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from pydc.ops._registry import HAS_OPS
 
 ENV_VAR = "PYDC_CPU_GEMM"
-CHOICES = ("auto", "torch", "scipy")
+CHOICES = ("auto", "torch", "scipy", "pydc")
 MEASURE_SHAPE = (4096, 1024, 256)  # (points, centroids, features) of one block: kmeans_kernel.cpp's block size
 MEASURE_ROUNDS = 3
-SCIPY_MARGIN = 0.95  # auto keeps scipy's BLAS only below this fraction of torch's time
+MARGIN = 0.95  # auto keeps another GEMM than torch's only below this fraction of torch's time
 
 _chosen: str | None = None
 _report: dict = {}
@@ -58,22 +63,24 @@ def _scipy_sgemm():
     return blas.get("sgemm")
 
 
-def measure() -> tuple[float, float]:
-    """(torch's, scipy's) fastest seconds for one MEASURE_SHAPE block GEMM (needs scipy's sgemm set)."""
+def measure() -> dict[str, float]:
+    """{"torch", "scipy", "pydc": fastest seconds for one MEASURE_SHAPE block GEMM}; scipy's is inf when no
+    scipy sgemm is set."""
     from pydc import _C
 
-    return tuple(_C.time_cpu_gemms(*MEASURE_SHAPE, MEASURE_ROUNDS))
+    return dict(zip(("torch", "scipy", "pydc"), _C.time_cpu_gemms(*MEASURE_SHAPE, MEASURE_ROUNDS)))
 
 
-def pick(torch_s: float, scipy_s: float) -> str:
-    """auto's rule: scipy only when clearly faster."""
-    return "scipy" if scipy_s < SCIPY_MARGIN * torch_s else "torch"
+def pick(seconds: dict[str, float]) -> str:
+    """auto's rule: the fastest GEMM when it is clearly faster than torch's, else torch's."""
+    fastest = min(seconds, key=seconds.get)
+    return fastest if seconds[fastest] < MARGIN * seconds["torch"] else "torch"
 
 
 def use_cpu_gemm(choice: str | None = None) -> str:
-    """Selects the BLAS of the CPU k-means GEMMs for this process: `choice` ("auto", "torch" or "scipy"), or
-    PYDC_CPU_GEMM when None (see the module docstring). Returns the BLAS in use: "torch" or "scipy".
-    ValueError for an unknown choice; RuntimeError for "scipy" without scipy's BLAS."""
+    """Selects the GEMM of the CPU k-means passes for this process: `choice` ("auto", "torch", "scipy" or
+    "pydc"), or PYDC_CPU_GEMM when None (see the module docstring). Returns the GEMM in use: "torch", "scipy"
+    or "pydc". ValueError for an unknown choice; RuntimeError for "scipy" without scipy's BLAS."""
     global _chosen, _report
     want = requested(choice)
     if not HAS_OPS:  # the pure-torch reference runs, with torch's matmul
@@ -81,19 +88,21 @@ def use_cpu_gemm(choice: str | None = None) -> str:
         return _chosen
     from pydc import _C
 
-    sgemm = _scipy_sgemm() if want != "torch" else None
+    sgemm = _scipy_sgemm() if want in ("auto", "scipy") else None
     if want == "scipy" and sgemm is None:
         raise RuntimeError(f"{ENV_VAR}=scipy: scipy.linalg.cython_blas is not importable (is scipy installed?); "
                            "set it to auto or torch")
     _C.set_cpu_sgemm(sgemm)  # None clears it: then torch's BLAS is the only one
     report = {"requested": want}
-    if want == "auto" and sgemm is not None:
-        torch_s, scipy_s = measure()
-        chosen = pick(torch_s, scipy_s)
-        report.update(torch_s=torch_s, scipy_s=scipy_s, shape=list(MEASURE_SHAPE))
+    if want == "auto":
+        seconds = measure()
+        chosen = pick(seconds)
+        report.update({f"{name}_s": value for name, value in seconds.items()}, shape=list(MEASURE_SHAPE))
+        if sgemm is None:
+            report["scipy"] = "not installed"
     else:
-        chosen = "scipy" if want == "scipy" else "torch"
-        report["reason"] = "forced" if want != "auto" else "scipy not installed"
+        chosen = want
+        report["reason"] = "forced"
     _C.set_cpu_gemm(chosen)
     report["threads_settable"] = bool(_C.cpu_sgemm_threads_settable()) if chosen == "scipy" else None
     _chosen, _report = chosen, report
@@ -106,6 +115,28 @@ def ensure_cpu_gemm() -> str:
 
 
 def cpu_gemm_report() -> dict:
-    """What was chosen and why, for pydc.info and benchmark records: {"gemm": "torch" | "scipy" | None (not yet
-    chosen), "requested": ..., and with auto the two measured times}."""
+    """What was chosen and why, for pydc.info and benchmark records: {"gemm": "torch" | "scipy" | "pydc" | None
+    (not yet chosen), "requested": ..., and with auto the measured times}."""
     return {"gemm": _chosen, **_report}
+
+
+def gemm_abt(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out = a @ b.T with the GEMM selected for the CPU k-means passes (torch's, scipy's or pydc's), on the
+    calling thread, as the kernels call it; for tests and measurements. a (m, d), b (n, d), out (m, n): CPU
+    float32 with unit column stride (rows may be further apart), out not overlapping a or b. Returns out."""
+    from pydc import _C
+
+    for name, t in (("out", out), ("a", a), ("b", b)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2:
+            raise ValueError(f"gemm_abt: expected 2-D CPU float32 {name}, got {t.dtype} of shape "
+                             f"{tuple(t.shape)} on {t.device}")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"gemm_abt: expected {name} with unit column stride, got strides {t.stride()}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"gemm_abt: expected a and b with the same number of features, got {a.shape[1]} and "
+                         f"{b.shape[1]}")
+    if tuple(out.shape) != (a.shape[0], b.shape[0]):
+        raise ValueError(f"gemm_abt: expected out of shape ({a.shape[0]}, {b.shape[0]}), got {tuple(out.shape)}")
+    _C.cpu_gemm_abt(out.data_ptr(), out.stride(0), a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0),
+                    a.shape[0], b.shape[0], a.shape[1])
+    return out

@@ -1,5 +1,6 @@
 // The run-time BLAS of the CPU k-means GEMMs (see blas_gemm.h).
 #include "ops/cpu/blas_gemm.h"
+#include "ops/cpu/cpu_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -75,11 +76,29 @@ void sgemm_abt(SgemmFn sgemm, const at::Tensor& out, const at::Tensor& a, const 
         const_cast<float*>(a.const_data_ptr<float>()), &ldb, &beta, out.mutable_data_ptr<float>(), &ldc);
 }
 
+// A float32 matrix pydc's GEMM reads: rows of unit column stride.
+bool unit_rows(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && (t.size(1) <= 1 || t.stride(1) == 1);
+}
+
+// pydc's own (cpu_kernels' gemm_abt_packed): b packed into the calling thread's buffer, then the tiles.
+void pydc_gemm_abt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  thread_local std::vector<float> packed;
+  const CpuKernels& kernels = cpu_kernels();
+  const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
+  packed.resize(static_cast<size_t>(kernels.gemm_packed_floats(n, d)));
+  kernels.pack_gemm_panels(b.const_data_ptr<float>(), b.stride(0), n, d, packed.data());
+  kernels.gemm_abt_packed(a.const_data_ptr<float>(), a.stride(0), m, packed.data(), n, d,
+                          out.mutable_data_ptr<float>(), out.stride(0));
+}
+
 void gemm_abt_with(CpuGemm which, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (out.numel() == 0) return;
   const SgemmFn sgemm = g_sgemm.load();
-  if (which == CpuGemm::kScipy && sgemm != nullptr && a.size(1) > 0 && blas_matrix(out) && blas_matrix(a) &&
-      blas_matrix(b)) {
+  if (which == CpuGemm::kPydc && a.size(1) > 0 && unit_rows(out) && unit_rows(a) && unit_rows(b)) {
+    pydc_gemm_abt(out, a, b);
+  } else if (which == CpuGemm::kScipy && sgemm != nullptr && a.size(1) > 0 && blas_matrix(out) && blas_matrix(a) &&
+             blas_matrix(b)) {
     sgemm_abt(sgemm, out, a, b);
   } else {
     at::mm_out(const_cast<at::Tensor&>(out), a, b.t());
@@ -98,7 +117,9 @@ void set_cpu_sgemm(SgemmFn sgemm) {
   g_set_threads.store(sgemm != nullptr ? find_next_to<SetThreadsFn>(address, kSetNames) : nullptr);
   g_get_threads.store(sgemm != nullptr ? find_next_to<GetThreadsFn>(address, kGetNames) : nullptr);
   g_sgemm.store(sgemm);
-  if (sgemm == nullptr) g_choice.store(static_cast<int>(CpuGemm::kTorch));
+  if (sgemm == nullptr && g_choice.load() == static_cast<int>(CpuGemm::kScipy)) {
+    g_choice.store(static_cast<int>(CpuGemm::kTorch));
+  }
 }
 
 bool has_cpu_sgemm() { return g_sgemm.load() != nullptr; }
@@ -106,7 +127,7 @@ bool has_cpu_sgemm() { return g_sgemm.load() != nullptr; }
 bool cpu_sgemm_threads_settable() { return g_set_threads.load() != nullptr && g_get_threads.load() != nullptr; }
 
 void set_cpu_gemm(CpuGemm which) {
-  TORCH_CHECK(which == CpuGemm::kTorch || has_cpu_sgemm(),
+  TORCH_CHECK(which != CpuGemm::kScipy || has_cpu_sgemm(),
               "pydc: the CPU GEMM cannot be scipy's BLAS: no run-time sgemm is set (pydc.ops.cpu_gemm.use_cpu_gemm "
               "sets scipy.linalg.cython_blas's; is scipy installed?)");
   g_choice.store(static_cast<int>(which));
@@ -116,6 +137,16 @@ CpuGemm cpu_gemm() { return static_cast<CpuGemm>(g_choice.load()); }
 
 void cpu_gemm_abt_per_thread(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   gemm_abt_with(cpu_gemm(), out, a, b);
+}
+
+void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
+                      int64_t n, int64_t d) {
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  const auto view = [&](const float* address, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<float*>(address), {rows, cols}, {ld, 1}, options);
+  };
+  PerThreadCpuGemm one_thread(cpu_gemm());
+  cpu_gemm_abt_per_thread(view(out, m, n, ldo), view(a, m, d, lda), view(b, n, d, ldb));
 }
 
 PerThreadCpuGemm::PerThreadCpuGemm(CpuGemm which) {
@@ -134,7 +165,6 @@ PerThreadCpuGemm::~PerThreadCpuGemm() {
 }
 
 CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds) {
-  TORCH_CHECK(has_cpu_sgemm(), "pydc: time_cpu_gemms needs a run-time sgemm (pydc.ops.cpu_gemm.use_cpu_gemm)");
   TORCH_CHECK(rows > 0 && cols > 0 && depth > 0 && rounds > 0,
               "pydc: time_cpu_gemms expects positive rows, cols, depth and rounds, got ", rows, ", ", cols, ", ",
               depth, ", ", rounds);
@@ -160,12 +190,16 @@ CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t r
     });
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
+  const bool scipy = has_cpu_sgemm();  // without it scipy_s stays +inf
   seconds(CpuGemm::kTorch);  // untimed: first touch of the buffers, BLAS thread pools starting
-  seconds(CpuGemm::kScipy);
-  CpuGemmTimes best{std::numeric_limits<double>::infinity(), std::numeric_limits<double>::infinity()};
+  if (scipy) seconds(CpuGemm::kScipy);
+  seconds(CpuGemm::kPydc);
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  CpuGemmTimes best{kInf, kInf, kInf};
   for (int64_t round = 0; round < rounds; ++round) {
     best.torch_s = std::min(best.torch_s, seconds(CpuGemm::kTorch));
-    best.scipy_s = std::min(best.scipy_s, seconds(CpuGemm::kScipy));
+    if (scipy) best.scipy_s = std::min(best.scipy_s, seconds(CpuGemm::kScipy));
+    best.pydc_s = std::min(best.pydc_s, seconds(CpuGemm::kPydc));
   }
   return best;
 }

@@ -18,7 +18,7 @@ namespace pydc {
 using SgemmFn = void (*)(char* transa, char* transb, int* m, int* n, int* k, float* alpha, float* a, int* lda,
                          float* b, int* ldb, float* beta, float* c, int* ldc);
 
-enum class CpuGemm : int { kTorch = 0, kScipy = 1 };
+enum class CpuGemm : int { kTorch = 0, kScipy = 1, kPydc = 2 };
 
 // Sets (or, with nullptr, clears) the run-time sgemm, and looks up the thread-count setter of the OpenBLAS
 // that holds it (so that a PerThreadCpuGemm can hold it to one thread). Clearing it selects kTorch.
@@ -42,6 +42,10 @@ constexpr int64_t kPerThreadGemmRows = 256;
 // thread count, which a PerThreadCpuGemm held around the parallel region sets to 1 (and gives back after).
 void cpu_gemm_abt_per_thread(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
+// cpu_gemm_abt_per_thread on raw float32 rows (out m x n, a m x d, b n x d; each ld >= its row's length).
+void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
+                      int64_t n, int64_t d);
+
 class PerThreadCpuGemm {
  public:
   explicit PerThreadCpuGemm(CpuGemm which = cpu_gemm());
@@ -58,7 +62,8 @@ class PerThreadCpuGemm {
 // that a load on the machine weighs on both alike. TORCH_CHECKs that a run-time sgemm is set.
 struct CpuGemmTimes {
   double torch_s;
-  double scipy_s;
+  double scipy_s;  // +inf without a run-time sgemm
+  double pydc_s;
 };
 CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t rounds);
 

@@ -126,6 +126,16 @@ struct CpuKernels {
   // sum[d] += odc_quantize(row[d], scale) for d in [0, n).
   void (*add_quantized_float)(int64_t* sum, const float* row, int64_t n, double scale);
   void (*add_quantized_double)(int64_t* sum, const double* row, int64_t n, double scale);
+
+  // --- float32 GEMM of the CPU k-means passes (blas_gemm.cpp, CpuGemm::kPydc) ---
+  // Floats pack_gemm_panels writes for n rows of d features (this level's panel width).
+  int64_t (*gemm_packed_floats)(int64_t n, int64_t d);
+  // Packs b (n rows of d floats, ldb apart) into panels of this level's width for gemm_abt_packed.
+  void (*pack_gemm_panels)(const float* b, int64_t ldb, int64_t n, int64_t d, float* packed);
+  // out[r * ldo + c] = a[r] . b[c] for r < m, c < n, from b packed by this level's pack_gemm_panels; each dot
+  // summed in feature order in float32 (fused multiply-adds at AVX2 and AVX-512).
+  void (*gemm_abt_packed)(const float* a, int64_t lda, int64_t m, const float* packed, int64_t n, int64_t d,
+                          float* out, int64_t ldo);
 };
 
 namespace cpu_default { extern const CpuKernels kKernels; }
