@@ -139,6 +139,29 @@ void cpu_gemm_abt_per_thread(const at::Tensor& out, const at::Tensor& a, const a
   gemm_abt_with(cpu_gemm(), out, a, b);
 }
 
+CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which) : b_(b), which_(which) {
+  if (which_ != CpuGemm::kPydc || b.size(1) == 0 || !unit_rows(b)) return;
+  kernels_ = &cpu_kernels();
+  panel_ = kernels_->gemm_packed_floats(1, 1);  // one row of one feature fills one panel
+  const int64_t n = b.size(0), d = b.size(1);
+  packed_.resize(static_cast<size_t>(kernels_->gemm_packed_floats(n, d)));
+  kernels_->pack_gemm_panels(b.const_data_ptr<float>(), b.stride(0), n, d, packed_.data());
+}
+
+void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0) const {
+  const int64_t cols = out.size(1), d = b_.size(1);
+  TORCH_CHECK(j0 >= 0 && j0 + cols <= b_.size(0) && a.size(1) == d && out.size(0) == a.size(0),
+              "pydc: CpuGemmRhs::multiply: expected out (m, cols) and a (m, ", d, ") with rows ", j0, " + cols of b (",
+              b_.size(0), " rows)");
+  if (out.numel() == 0) return;
+  if (kernels_ != nullptr && j0 % panel_ == 0 && unit_rows(out) && unit_rows(a)) {
+    kernels_->gemm_abt_packed(a.const_data_ptr<float>(), a.stride(0), a.size(0), packed_.data() + j0 * d, cols, d,
+                              out.mutable_data_ptr<float>(), out.stride(0));
+  } else {
+    gemm_abt_with(which_, out, a, b_.narrow(0, j0, cols));
+  }
+}
+
 void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
                       int64_t n, int64_t d) {
   const auto options = at::TensorOptions().dtype(at::kFloat);
@@ -182,10 +205,11 @@ CpuGemmTimes time_cpu_gemms(int64_t rows, int64_t cols, int64_t depth, int64_t r
   const auto seconds = [&](CpuGemm which) {
     PerThreadCpuGemm one_thread_each(which);
     const auto start = std::chrono::steady_clock::now();
+    const CpuGemmRhs rhs(b, which);  // the centroids of a pass, packed once where pydc's GEMM runs
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t r0 = c * kPerThreadGemmRows, r = std::min(kPerThreadGemmRows, rows - r0);
-        gemm_abt_with(which, out.narrow(0, r0, r), a.narrow(0, r0, r), b);
+        rhs.multiply(out.narrow(0, r0, r), a.narrow(0, r0, r));
       }
     });
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

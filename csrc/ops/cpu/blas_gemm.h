@@ -13,6 +13,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace pydc {
 
 using SgemmFn = void (*)(char* transa, char* transb, int* m, int* n, int* k, float* alpha, float* a, int* lda,
@@ -41,6 +43,26 @@ constexpr int64_t kPerThreadGemmRows = 256;
 // at::parallel_for: torch's BLAS runs a nested OpenMP region on one thread; scipy's OpenBLAS keeps one global
 // thread count, which a PerThreadCpuGemm held around the parallel region sets to 1 (and gives back after).
 void cpu_gemm_abt_per_thread(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+struct CpuKernels;
+
+// The right-hand side b (n, d) of many cpu_gemm_abt_per_thread calls, such as the centroids of a k-means pass:
+// packed once into pydc's panels when pydc's GEMM is selected (packing the 1 MiB of 1000 x 256 centroids on every
+// 256-row call was 4% of a capped unstructured run's samples), b itself for the other GEMMs. Construct it before
+// the parallel region; b must outlive it and not change.
+class CpuGemmRhs {
+ public:
+  explicit CpuGemmRhs(const at::Tensor& b, CpuGemm which = cpu_gemm());
+  // out = a @ b[j0 : j0 + out.size(1)]^T (rows j0 .. of b), on the calling thread, like cpu_gemm_abt_per_thread.
+  void multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0 = 0) const;
+
+ private:
+  at::Tensor b_;
+  CpuGemm which_;
+  const CpuKernels* kernels_ = nullptr;  // the level that packed (pydc's GEMM only)
+  int64_t panel_ = 0;                    // rows of b per packed panel
+  std::vector<float> packed_;
+};
 
 // cpu_gemm_abt_per_thread on raw float32 rows (out m x n, a m x d, b n x d; each ld >= its row's length).
 void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,

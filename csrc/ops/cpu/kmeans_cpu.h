@@ -115,12 +115,13 @@ void kmeans_full_rows(const at::Tensor& x, const at::Tensor& centroids, const KM
   const int64_t block =
       std::max(std::min(rows_per_thread, kBufferFloats / k), std::min<int64_t>(rows_per_thread, 64));
   PerThreadCpuGemm one_thread_each;
+  const CpuGemmRhs rhs(centroids);
   at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
     at::Tensor buffer = at::empty({std::min(n, block), k}, x.options());
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t i0 = b * block, rows = std::min(block, n - i0);
       at::Tensor dots = buffer.narrow(0, 0, rows);
-      cpu_gemm_abt_per_thread(dots, x.narrow(0, i0, rows), centroids);
+      rhs.multiply(dots, x.narrow(0, i0, rows));
       const float* dot_rows = dots.const_data_ptr<float>();
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;

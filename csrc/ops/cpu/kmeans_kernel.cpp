@@ -98,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   const int64_t buffer_cols = std::min(k, kCentroidBlock);
   const int64_t block = kmeans_thread_block_rows(n);
   PerThreadCpuGemm one_thread_each;
+  const CpuGemmRhs rhs(plan.centroids);
   at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
     at::Tensor buffer = at::empty({block, buffer_cols}, plan.x.options());
     std::vector<float> best_score(block), second_score(block);
@@ -112,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
       for (int64_t j0 = 0; j0 < k; j0 += kCentroidBlock) {
         const int64_t cols = std::min(kCentroidBlock, k - j0);
         at::Tensor dots = buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-        cpu_gemm_abt_per_thread(dots, points, plan.centroids.narrow(0, j0, cols));
+        rhs.multiply(dots, points, j0);
         for (int64_t r = 0; r < rows; ++r) {
           kernels.fold_row_top2(dot_rows + r * stride, cn + j0, cols, j0, &best_score[r], &labels[i0 + r],
                                 &second_score[r]);
