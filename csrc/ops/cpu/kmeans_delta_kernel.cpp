@@ -12,9 +12,9 @@
 //   only costs time, below). A pass is dense when dense_changes < 0 (the first one: the state is output only),
 //   or when more than dense_changes * k labels differ between basis_labels and labels: every pair is scored by
 //   BLAS GEMM (one single-threaded GEMM per 256 points and thread, folded from the thread's buffer, then
-//   streamed out to its block of dots). Otherwise (a delta pass) the m points that changed label are gathered into Y (m, d),
-//   every block of points is multiplied by Y^T in one single-threaded GEMM (N x m x d multiply-adds instead of
-//   N x k x d), and each point's products are moved from b to the new centroids while they are folded
+//   streamed out to its block of dots). Otherwise (a delta pass) the m points that changed label are gathered into
+//   Y (m, d), every block of points is multiplied by Y^T in one single-threaded GEMM (N x m x d multiply-adds
+//   instead of N x k x d), and each point's products are moved from b to the new centroids while they are folded
 //   (update_fold_columns_top2, cpu_kernels.h): a centroid j that gained the points P_j and lost Q_j is, up to
 //   its float32 rounding, (n_j b_j + sum P_j - sum Q_j) / n'_j (n, n': cluster sizes under basis_labels and
 //   labels), so
@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   if (dense) {
     const float* cn = pass.cn;
     // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache for
-    // the fold), then streamed out to the centroid-major products
+    // the fold), then streamed out to the block's runs of products
     const int64_t sub = std::min(kDenseRows, n);
     count[0] = for_blocks(pass, k * sub, [&](int64_t i0, int64_t rows, float* runs, int64_t stride, float* buffer,
                                              float* best, int32_t* index, float* second) {
