@@ -22,8 +22,9 @@ torch's BLAS until then. The kernels run one single-threaded GEMM per thread of 
 folded while they are in the core's cache): torch's BLAS sees a nested OpenMP region and stays on its thread;
 scipy's OpenBLAS has one global thread count, which the kernel holds to 1 for the pass and gives back after, so
 that its own pool never runs beside torch's (pydc/__init__.py also shortens OpenBLAS's busy-wait). The labels do not depend on the BLAS:
-the float32 GEMM only ranks centroids and near-ties are settled in float64 (csrc/ops/cpu/kmeans_cpu.h). The float32
-distances do: pydc's GEMM uses fused multiply-adds from avx2 up, so they differ by rounding between ISA levels.
+the float32 GEMM only ranks centroids and near-ties are settled in float64 (csrc/ops/cpu/kmeans_cpu.h).
+The float32 distances do: pydc's GEMM uses fused multiply-adds from avx2 up, so they differ by rounding
+between ISA levels.
 """
 
 from __future__ import annotations
