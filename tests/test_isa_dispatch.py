@@ -152,27 +152,34 @@ def run_every_op(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def gemm_choice():
-    """Selects a CPU k-means GEMM for the test (pydc.ops.cpu_gemm.use_cpu_gemm); the process's choice comes back."""
+    """The test may select a CPU k-means GEMM (pydc.ops.cpu_gemm.use_cpu_gemm); the process's choice comes back."""
     from pydc.ops import cpu_gemm
 
     chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
-    yield cpu_gemm.use_cpu_gemm
+    yield
     cpu_gemm.use_cpu_gemm(chosen or "torch")
     cpu_gemm._chosen, cpu_gemm._report = chosen, report
+
+
+def baseline_and_level(level: str, gemm: str, seed: int) -> tuple[dict, dict]:
+    """run_every_op at the baseline level and at `level` (skipped where the CPU lacks it), with `gemm` selected."""
+    if level not in supported_levels():
+        pytest.skip(f"this CPU supports up to {cpu_supported_capability()}")
+    from pydc.ops import cpu_gemm
+
+    cpu_gemm.use_cpu_gemm(gemm)
+    with cpu_capability_level("default"):
+        baseline = run_every_op(seed=seed)
+    with cpu_capability_level(level):
+        assert cpu_capability() == level
+        return baseline, run_every_op(seed=seed)
 
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_level_matches_references_and_the_baseline_bitwise(level, gemm_choice):
     """kmeans_assign's float32 distances come from the selected GEMM: torch's gives the same bits at every pydc
     level, pydc's own uses fused multiply-adds from avx2 up (like block_scores8), so this holds it to torch's."""
-    if level not in supported_levels():
-        pytest.skip(f"this CPU supports up to {cpu_supported_capability()}")
-    gemm_choice("torch")
-    with cpu_capability_level("default"):
-        baseline = run_every_op(seed=5)
-    with cpu_capability_level(level):
-        assert cpu_capability() == level
-        ours = run_every_op(seed=5)
+    baseline, ours = baseline_and_level(level, "torch", seed=5)
     for name, value in ours.items():
         assert torch.equal(value, baseline[name]), f"{name} differs between {level} and the baseline"
 
@@ -181,11 +188,5 @@ def test_every_level_matches_references_and_the_baseline_bitwise(level, gemm_cho
 def test_every_level_matches_the_references_with_pydcs_gemm(level, gemm_choice):
     """With pydc's own GEMM every level still gives the exact labels and distances within the references'
     tolerance (run_every_op checks both), and the labels are the baseline's bitwise."""
-    if level not in supported_levels():
-        pytest.skip(f"this CPU supports up to {cpu_supported_capability()}")
-    gemm_choice("pydc")
-    with cpu_capability_level("default"):
-        baseline = run_every_op(seed=6)
-    with cpu_capability_level(level):
-        ours = run_every_op(seed=6)
+    baseline, ours = baseline_and_level(level, "pydc", seed=6)
     assert torch.equal(ours["kmeans_labels"], baseline["kmeans_labels"])
