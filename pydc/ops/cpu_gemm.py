@@ -1,7 +1,8 @@
 """Which GEMM computes the float32 score products of the CPU k-means kernels (kmeans_assign and the bounded
 assignment of bounded k-means): torch's BLAS (MKL in the pip wheels), scipy's (OpenBLAS in the pip wheels) or
-pydc's own (cpu_kernels' gemm_abt_packed: the centroids or points packed once per call into panels, 6 x 16
-tiles of fused multiply-adds at AVX2, 6 x 32 at AVX-512), chosen once per process on the machine where it runs.
+pydc's own (cpu_kernels' gemm_abt_packed: a pass's centroids packed into panels once, the points of a block
+per call; 6 x 16 tiles of fused multiply-adds at AVX2, 6 x 32 at AVX-512), chosen once per process on the
+machine where it runs.
 
 No one GEMM is fastest everywhere: on an AMD EPYC (Zen 4) capped at AVX2, MKL's sgemm once ran the k-means
 block at about half the rate of OpenBLAS's Haswell kernel, while at AVX-512 MKL was ahead (issue 12); pydc's

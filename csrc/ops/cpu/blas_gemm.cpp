@@ -81,15 +81,25 @@ bool unit_rows(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat && (t.size(1) <= 1 || t.stride(1) == 1);
 }
 
-// pydc's own (cpu_kernels' gemm_abt_packed): b packed into the calling thread's buffer, then the tiles.
+// b (n, d) in `kernels`' panels, into *packed (resized).
+void pack_rhs(const CpuKernels& kernels, const at::Tensor& b, std::vector<float>* packed) {
+  const int64_t n = b.size(0), d = b.size(1);
+  packed->resize(static_cast<size_t>(kernels.gemm_packed_floats(n, d)));
+  kernels.pack_gemm_panels(b.const_data_ptr<float>(), b.stride(0), n, d, packed->data());
+}
+
+// out (m, cols) = a (m, d) times the cols packed rows from `packed` on, by `kernels`' tiles.
+void multiply_packed(const CpuKernels& kernels, const float* packed, const at::Tensor& out, const at::Tensor& a) {
+  kernels.gemm_abt_packed(a.const_data_ptr<float>(), a.stride(0), a.size(0), packed, out.size(1), a.size(1),
+                          out.mutable_data_ptr<float>(), out.stride(0));
+}
+
+// pydc's own for one call: b packed into the calling thread's buffer, then the tiles.
 void pydc_gemm_abt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   thread_local std::vector<float> packed;
   const CpuKernels& kernels = cpu_kernels();
-  const int64_t m = a.size(0), n = b.size(0), d = a.size(1);
-  packed.resize(static_cast<size_t>(kernels.gemm_packed_floats(n, d)));
-  kernels.pack_gemm_panels(b.const_data_ptr<float>(), b.stride(0), n, d, packed.data());
-  kernels.gemm_abt_packed(a.const_data_ptr<float>(), a.stride(0), m, packed.data(), n, d,
-                          out.mutable_data_ptr<float>(), out.stride(0));
+  pack_rhs(kernels, b, &packed);
+  multiply_packed(kernels, packed.data(), out, a);
 }
 
 void gemm_abt_with(CpuGemm which, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -143,9 +153,7 @@ CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which) : b_(b), which_(which
   if (which_ != CpuGemm::kPydc || b.size(1) == 0 || !unit_rows(b)) return;
   kernels_ = &cpu_kernels();
   panel_ = kernels_->gemm_packed_floats(1, 1);  // one row of one feature fills one panel
-  const int64_t n = b.size(0), d = b.size(1);
-  packed_.resize(static_cast<size_t>(kernels_->gemm_packed_floats(n, d)));
-  kernels_->pack_gemm_panels(b.const_data_ptr<float>(), b.stride(0), n, d, packed_.data());
+  pack_rhs(*kernels_, b, &packed_);
 }
 
 void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0) const {
@@ -155,8 +163,7 @@ void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0
               b_.size(0), " rows)");
   if (out.numel() == 0) return;
   if (kernels_ != nullptr && j0 % panel_ == 0 && unit_rows(out) && unit_rows(a)) {
-    kernels_->gemm_abt_packed(a.const_data_ptr<float>(), a.stride(0), a.size(0), packed_.data() + j0 * d, cols, d,
-                              out.mutable_data_ptr<float>(), out.stride(0));
+    multiply_packed(*kernels_, packed_.data() + j0 * d, out, a);
   } else {
     gemm_abt_with(which_, out, a, b_.narrow(0, j0, cols));
   }

@@ -4,8 +4,9 @@
 // EPYC, MKL's AVX2 path runs the k-means blocks at about half the rate of OpenBLAS's Haswell kernel (the one
 // faiss-cpu and scipy bundle). scipy exposes its OpenBLAS to compiled code as raw function pointers
 // (scipy.linalg.cython_blas, Fortran calling convention), like the syrk of blas_syrk.h; pydc.ops.cpu_gemm
-// passes sgemm from there through pydc._C.set_cpu_sgemm and selects one BLAS per process: by the environment
-// (PYDC_CPU_GEMM=torch|scipy) or by timing both on one block (time_cpu_gemm). Until then kTorch is used.
+// passes sgemm from there through pydc._C.set_cpu_sgemm and selects one GEMM per process, torch's, scipy's or
+// pydc's own (cpu_kernels' gemm_abt_packed): by the environment (PYDC_CPU_GEMM=torch|scipy|pydc) or by timing
+// each on one block (time_cpu_gemms). Until then kTorch is used.
 //
 // The k-means labels do not depend on the choice: the GEMM only ranks centroids, and rows whose float32 ranking
 // is not provably exact are settled in float64 (kmeans_cpu.h).
@@ -23,7 +24,8 @@ using SgemmFn = void (*)(char* transa, char* transb, int* m, int* n, int* k, flo
 enum class CpuGemm : int { kTorch = 0, kScipy = 1, kPydc = 2 };
 
 // Sets (or, with nullptr, clears) the run-time sgemm, and looks up the thread-count setter of the OpenBLAS
-// that holds it (so that a PerThreadCpuGemm can hold it to one thread). Clearing it selects kTorch.
+// that holds it (so that a PerThreadCpuGemm can hold it to one thread). Clearing it while scipy's is selected
+// selects kTorch.
 void set_cpu_sgemm(SgemmFn sgemm);
 bool has_cpu_sgemm();
 // Whether the run-time BLAS's thread count can be set (OpenBLAS's setter was found next to the sgemm).
@@ -79,9 +81,10 @@ class PerThreadCpuGemm {
   int restore_threads_ = 0;  // 0: nothing to give back
 };
 
-// Seconds of one (rows, depth) x (cols, depth)^T block GEMM of fixed values by torch's BLAS and by the run-time
-// sgemm: the fastest of `rounds` timed runs of each, the two alternating (after one untimed run of each), so
-// that a load on the machine weighs on both alike. TORCH_CHECKs that a run-time sgemm is set.
+// Seconds of one (rows, depth) x (cols, depth)^T block GEMM of fixed values by torch's BLAS, the run-time sgemm
+// (when one is set) and pydc's, run as the kernels run it (cols packed once for pydc's): the fastest of `rounds`
+// timed runs of each, alternating (after one untimed run of each), so that a load on the machine weighs on all
+// alike.
 struct CpuGemmTimes {
   double torch_s;
   double scipy_s;  // +inf without a run-time sgemm

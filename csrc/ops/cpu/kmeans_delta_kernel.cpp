@@ -67,7 +67,7 @@ constexpr double kRoundUp = 1.0 + 1e-12;  // float64 norms and sums of float32 d
 constexpr double kMaxErrorGrowth = 8.0;
 // Points per block of the products' layout: a pass over one block reads (and, where moved, writes) one contiguous
 // k x 1024 region, 4 KiB runs back to back. Runs of one centroid over all N points, 4 KiB of each block's 400 KB
-// apart at N = 100k, k = 1000, made a fold with nothing moved take 21 ms on 2 threads against 12 ms (AMD EPYC
+// apart at N = 100k, k = 1000, made a pass with nothing moved take 21 ms on 2 threads against 16 ms now (AMD EPYC
 // Zen 4, avx512; 7.4 ms to sum the 400 MB in order): every run started a new stream. 256 points per block made
 // the passes ~15% slower (more, shorter runs).
 constexpr int64_t kLayoutRows = 1024;
@@ -198,7 +198,7 @@ struct Pass {
   const float* cs;
   const float* cn;             // float32 ||c_j||^2 (kmeans_centroid_info)
   const KMeansCentroidInfo* info;
-  float* dots;                 // the products in layout blocks (block_runs)
+  float* dots;                 // the products in layout blocks (runs(piece))
   int64_t* label;
   double* distance_out;
   int64_t n, k, d;
