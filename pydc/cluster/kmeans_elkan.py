@@ -21,10 +21,11 @@ the BLAS GEMM of kmeans_assign instead and sets every bound from those scores.
 
 PYDC_KMEANS_BOUNDS=auto runs it in the middle of unstructured runs whose full passes are not bfloat16-screened
 (kmeans_delta.YinyangThenDelta): after Yinyang's first pass, while too many labels change for the moved
-products. Its sparse passes score ~64 points per centroid visit with dot products of four independent chains
-per row (cpu_kernels' centroid_dots; one chain made each dot wait on the multiply-add latency, ~4x the GEMM's
-cost per pair; now ~2.5x), so a pass right after a dense one that scores 15% of the pairs takes ~0.33 s
-against a plain pass's 0.45-0.5 s capped at AVX2 (Intel Xeon f6m167, 2 threads).
+products. Its sparse passes take the points in index order, in batches of 64 that score each centroid they
+need at once, with dot products of four independent chains per row (cpu_kernels' centroid_dots; one chain made
+each dot wait on the multiply-add latency, ~4x the GEMM's cost per pair; now ~2.5x), so a pass right after a
+dense one that scores 15% of the pairs takes ~0.16 s against a plain pass's 0.25 s capped at AVX2 (AMD EPYC
+Zen 4, 2 threads; index order, not label order: kmeans_elkan_kernel.cpp).
 
 CUDA design (not built): the anchors in device memory (N x k float32, the same budget), one warp per point:
 the own distance in float64, the Hamerly test, a ballot-compacted scan of the row into shared memory, the

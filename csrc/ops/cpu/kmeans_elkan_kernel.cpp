@@ -25,7 +25,11 @@
 // other centroid is provably farther than the own one, so the exact arg-min is among the scored ones: the
 // float32 top-2 and a float64 settle of near-ties among the scored centroids give kmeans_assign's label. The
 // scored pairs' anchors are refreshed from their scores; `second` becomes the smallest bound left. The points
-// are visited in label order, so consecutive points score mostly the same centroids (in cache).
+// are visited in index order, so the N x k anchors stream through the cache in memory order: visited in label
+// order (so that consecutive points would score mostly the same centroids), the sparse passes of a capped
+// unstructured run took 0.50 s against 0.35 s (AMD EPYC Zen 4, AVX2, 2 threads; 0.067 against 0.044 s for one
+// scoring 0.3% of the pairs), the scan stalling on rows of anchors 4 KiB long met in no order the hardware
+// prefetcher follows (software prefetches 1 to 16 points ahead did not help).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -286,12 +290,6 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
     return {distances, counts};
   }
 
-  // The points in label order (a counting sort), so that consecutive points score mostly the same centroids.
-  std::vector<int64_t> start(k + 1, 0), order(n);
-  for (int64_t i = 0; i < n; ++i) ++start[label[i] + 1];
-  for (int64_t j = 0; j < k; ++j) start[j + 1] += start[j];
-  for (int64_t i = 0; i < n; ++i) order[start[label[i]]++] = i;
-
   // Batches of up to kBatch points that fail the point-level filter: each scans its row for candidates, then
   // every centroid that some of them need is scored against those points at once (centroid_dots: the
   // centroid is read once per batch, not once per point), in ascending order, so that each point's scores
@@ -313,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_elkan_cpu(const at::Tensor& x_i
       int m = 0;
       int64_t lowest = k, highest = -1;
       for (; s < end && m < kBatch; ++s) {
-        const int64_t i = order[s];
+        const int64_t i = s;
         const PointBounds b = point_bounds(own_sq[i], pn[i], info.max_norm, d);
         second_of[i] = decayed(second_of[i], max_drift);
         distance_out[i] = b.own_sq;
