@@ -131,15 +131,15 @@ def test_auto_measures_every_gemm():
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 17, 3), (13, 33, 256), (256, 1000, 255), (6, 64, 40)])
 def test_pydc_gemm_sums_every_product_in_float32(level, shape):
-    """pydc's own GEMM (every tile height 1-6, partial panels of 16 and 32, odd d, a strided a and out) against
-    float64 sums: within the float32 dot-product bound gamma_d |a| |b| of every entry."""
+    """pydc's own GEMM (every tile height 1-6, partial panels of 16 and 32, odd d, a strided a, b and out)
+    against float64 sums: within the float32 dot-product bound gamma_d |a| |b| of every entry."""
     if level not in supported_levels():
         pytest.skip(f"CPU lacks {level}")
     m, n, d = shape
     generator = torch.Generator().manual_seed(m * n + d)
     a_wide = torch.randn(m, d + 3, generator=generator)
     a = a_wide[:, 1:d + 1]  # rows d + 3 apart
-    b = torch.randn(n, d, generator=generator)
+    b = torch.randn(n, d + 2, generator=generator)[:, 2:]  # rows d + 2 apart (packed 8 x 8 at a time)
     out_wide = torch.full((m, n + 5), float("nan"))
     out = out_wide[:, :n]
     cpu_gemm.use_cpu_gemm("pydc")
