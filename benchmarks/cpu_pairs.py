@@ -32,6 +32,7 @@ from benchmarks.test_bench_sobel import torch_chain
 from pydc.cluster import kmeans
 from pydc.cluster.kmeans import initial_centroids
 from pydc.ops import bf16_screen, cpu_gemm
+from pydc.ops.pca import cpu_syrk_report
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS, sobel_normalize_reference
 
 N, D, K = 100_000, 256, 1000
@@ -118,7 +119,8 @@ def pca_pair():
     ours, ours_s = timed(lambda: pydc_whitening(x, 256, 4096))
     theirs, theirs_s = timed(lambda: faiss_whitening(x, 256))
     assert_same_whitening(ours, theirs)
-    return "PCA-whitening fit+transform 50000x2048->256", ours_s, theirs_s, "faiss PCAMatrix(-0.5) + normalize_L2", {}
+    return ("PCA-whitening fit+transform 50000x2048->256", ours_s, theirs_s, "faiss PCAMatrix(-0.5) + normalize_L2",
+            {"pydc_cpu_gram": cpu_syrk_report()})
 
 
 PAIRS = {"sobel": [sobel_pair], "assign": [assign_pair],

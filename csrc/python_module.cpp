@@ -153,7 +153,21 @@ PYBIND11_MODULE(_C, m) {
         "Sets the BLAS ssyrk/dsyrk (scipy.linalg.cython_blas capsules, or None to clear) that the CPU "
         "pca_accumulate uses for its Gram; see pydc.ops.pca.use_cpu_syrk");
   m.def("has_cpu_syrk", [] { return pydc::has_cpu_syrk(at::kFloat); },
-        "Whether a float32 BLAS syrk is set for the CPU pca_accumulate");
+        "Whether the CPU pca_accumulate has a float32 syrk: a BLAS one set, or pydc's selected");
+  m.def("set_cpu_float_syrk", [](const std::string& which) {
+          TORCH_CHECK(which == "blas" || which == "pydc", "pydc._C.set_cpu_float_syrk: expected 'blas' or 'pydc', got '",
+                      which, "'");
+          pydc::set_cpu_float_syrk(which == "pydc" ? pydc::CpuSyrk::kPydc : pydc::CpuSyrk::kBlas);
+        }, pybind11::arg("which"),
+        "Selects the float32 syrk of the CPU pca_accumulate: 'blas' (the one set_cpu_syrk set) or 'pydc' (its own)");
+  m.def("time_cpu_syrks", [](int64_t rows, int64_t d, int64_t rounds) {
+          const pydc::CpuSyrkTimes times = pydc::time_cpu_syrks(rows, d, rounds);
+          return std::make_tuple(times.blas_s, times.pydc_s);
+        }, pybind11::arg("rows"), pybind11::arg("d"), pybind11::arg("rounds"),
+        "(the BLAS syrk's (+inf when none is set), pydc's) fastest seconds for the float32 Gram of a (rows, d) "
+        "block, timed alternately");
+  m.def("cpu_float_syrk", [] { return std::string(pydc::cpu_float_syrk() == pydc::CpuSyrk::kPydc ? "pydc" : "blas"); },
+        "The float32 syrk selected for the CPU pca_accumulate, 'blas' or 'pydc'");
   m.def("set_cpu_sgemm", &set_cpu_sgemm, pybind11::arg("sgemm"),
         "Sets the BLAS sgemm (a scipy.linalg.cython_blas capsule, or None to clear) that the CPU k-means GEMMs "
         "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");

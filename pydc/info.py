@@ -14,7 +14,9 @@ The dict's keys:
   x86-64 baseline (setup.py passes no -march), which it reports as such. `cpu` is what this CPU supports (from
   its flags), `torch` the level ATen's own kernels chose, `gemm` the BLAS of the CPU k-means GEMMs
   (pydc.ops.cpu_gemm.cpu_gemm_report(): chosen now if not yet, which with PYDC_CPU_GEMM=auto times both),
-  `bf16_gemm` the bfloat16 GEMM of the k-means screen (pydc.ops.bf16_screen: "mkl", "pydc" or "none").
+  `bf16_gemm` the bfloat16 GEMM of the k-means screen (pydc.ops.bf16_screen: "mkl", "pydc" or "none"), `gram`
+  the float32 Gram of the CPU PCA (pydc.ops.pca.cpu_syrk_report(): "pydc", "scipy" or "panels"; chosen now if
+  not yet, which with PYDC_CPU_SYRK=auto times pydc's and scipy's syrk).
 - `ops`: every `torch.ops.pydc.*` operator by family, with whether the dispatcher holds a CPU and a CUDA
   kernel for it (a CUDA build registers CUDA kernels even where no GPU is visible).
 - `backends`: the optional packages pydc can use (DALI, faiss-cpu, faiss with GPU support, TorchCodec),
@@ -119,7 +121,7 @@ def _cpu_isa(loaded: bool) -> dict:
         kernels = f"{_BASELINE}, not dispatched by ISA"
     return {"kernels": kernels, "cpu": cpu_isa_level(_cpu_flags()),
             "torch": torch.backends.cpu.get_cpu_capability(), "gemm": _cpu_gemm(loaded),
-            "bf16_gemm": _bf16_gemm(loaded)}
+            "bf16_gemm": _bf16_gemm(loaded), "gram": _cpu_gram(loaded)}
 
 
 def _bf16_gemm(loaded: bool) -> str:
@@ -146,6 +148,29 @@ def _cpu_gemm(loaded: bool) -> dict:
     except (ValueError, RuntimeError) as error:
         return {"gemm": None, "error": str(error)}
     return cpu_gemm.cpu_gemm_report()
+
+
+def _cpu_gram(loaded: bool) -> dict:
+    """How the CPU PCA computes its float32 Gram (pydc.ops.pca.use_cpu_syrk), choosing it now if nothing has."""
+    if not loaded:
+        return {"gram": None, "error": "library not loaded"}
+    from pydc.ops import pca
+
+    try:
+        if pca.cpu_syrk_report()["gram"] is None:
+            pca.use_cpu_syrk(pca.syrk_requested())
+    except ValueError as error:
+        return {"gram": None, "error": str(error)}
+    return pca.cpu_syrk_report()
+
+
+def _describe_gram(gram: dict) -> str:
+    if gram["gram"] is None:
+        return f"none ({gram.get('error', 'not chosen')})"
+    times = ", ".join(f"{name} {gram[f'{name}_s'] * 1e3:.1f} ms" for name in ("scipy", "pydc")
+                      if gram.get(f"{name}_s", float("inf")) != float("inf"))
+    how = f"measured: {times} per {'x'.join(map(str, gram['shape']))} block" if times else "not measured"
+    return f"{gram['gram']} (PYDC_CPU_SYRK={gram['requested']}; {how})"
 
 
 def _describe_gemm(gemm: dict) -> str:
@@ -257,6 +282,7 @@ def format_report(report: dict) -> str:
     row("CPU supports", f"{isa['cpu']} (ATen's kernels use {isa['torch']})")
     row("CPU k-means GEMM", _describe_gemm(isa["gemm"]))
     row("bfloat16 screen GEMM", f"{isa['bf16_gemm']} (PYDC_BF16_GEMM; whether it screens: PYDC_KMEANS_BF16)")
+    row("CPU PCA Gram", _describe_gram(isa["gram"]))
     lines.append("ops (kernels)")
     for name, op in report["ops"].items():
         kernels = "any device" if op["any_device"] else f"CPU {_yes(op['cpu']):<4}CUDA {_yes(op['cuda'])}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pydc.ops import kmeans_assign_reference, kmeans_update_reference, pca_transform_reference
+from pydc.ops import pca as pca_ops
 from pydc.ops import sobel_normalize_reference
 from pydc.ops.cpu_capability import (LEVELS, cpu_capability, cpu_capability_level, cpu_supported_capability,
                                      cpu_vector_width, set_cpu_capability, supported_levels)
@@ -152,22 +153,30 @@ def run_every_op(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def gemm_choice():
-    """The test may select a CPU k-means GEMM (pydc.ops.cpu_gemm.use_cpu_gemm); the process's choice comes back."""
+    """The test may select a CPU k-means GEMM (pydc.ops.cpu_gemm.use_cpu_gemm) and PCA Gram (use_cpu_syrk); the
+    process's GEMM choice comes back, and the Gram is auto's again."""
     from pydc.ops import cpu_gemm
 
     chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
     yield
     cpu_gemm.use_cpu_gemm(chosen or "torch")
     cpu_gemm._chosen, cpu_gemm._report = chosen, report
+    pca_ops.use_cpu_syrk("auto")
 
 
 def baseline_and_level(level: str, gemm: str, seed: int) -> tuple[dict, dict]:
-    """run_every_op at the baseline level and at `level` (skipped where the CPU lacks it), with `gemm` selected."""
+    """run_every_op at the baseline level and at `level` (skipped where the CPU lacks it), with `gemm` selected
+    for k-means and the matching PCA Gram: pydc's syrk with pydc's GEMM (the same tiles), else scipy's BLAS syrk
+    or torch's GEMM panels (which pydc's level does not change)."""
     if level not in supported_levels():
         pytest.skip(f"this CPU supports up to {cpu_supported_capability()}")
     from pydc.ops import cpu_gemm
 
     cpu_gemm.use_cpu_gemm(gemm)
+    if gemm == "pydc":
+        pca_ops.use_cpu_syrk("pydc")
+    elif not pca_ops.use_cpu_syrk("scipy") or pca_ops.cpu_syrk_report()["gram"] != "scipy":
+        pca_ops.use_cpu_syrk("panels")
     with cpu_capability_level("default"):
         baseline = run_every_op(seed=seed)
     with cpu_capability_level(level):
@@ -177,8 +186,9 @@ def baseline_and_level(level: str, gemm: str, seed: int) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_level_matches_references_and_the_baseline_bitwise(level, gemm_choice):
-    """kmeans_assign's float32 distances come from the selected GEMM: torch's gives the same bits at every pydc
-    level, pydc's own uses fused multiply-adds from avx2 up (like block_scores8), so this holds it to torch's."""
+    """kmeans_assign's float32 distances come from the selected GEMM, the PCA Gram from the selected syrk:
+    torch's GEMM and scipy's syrk give the same bits at every pydc level, pydc's own use fused multiply-adds from
+    avx2 up (like block_scores8), so this holds them to torch's and scipy's."""
     baseline, ours = baseline_and_level(level, "torch", seed=5)
     for name, value in ours.items():
         assert torch.equal(value, baseline[name]), f"{name} differs between {level} and the baseline"
@@ -186,7 +196,7 @@ def test_every_level_matches_references_and_the_baseline_bitwise(level, gemm_cho
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_level_matches_the_references_with_pydcs_gemm(level, gemm_choice):
-    """With pydc's own GEMM every level still gives the exact labels and distances within the references'
-    tolerance (run_every_op checks both), and the labels are the baseline's bitwise."""
+    """With pydc's own GEMM (and syrk) every level still gives the exact labels, and distances and Gram within
+    the references' tolerance (run_every_op checks them), and the labels are the baseline's bitwise."""
     baseline, ours = baseline_and_level(level, "pydc", seed=6)
     assert torch.equal(ours["kmeans_labels"], baseline["kmeans_labels"])

@@ -59,15 +59,19 @@ def assert_close_relative(actual, expected, tol):
 SHAPES = [(1, 1), (7, 3), (64, 17), (300, 257), (130, 600), (40, 1100)]
 
 
-@pytest.fixture(params=["syrk", "panels"])
+def scipy_syrk_available():
+    return pca_ops.use_cpu_syrk("scipy") and pca_ops.cpu_syrk_report()["gram"] == "scipy"
+
+
+@pytest.fixture(params=["scipy", "pydc", "panels"])
 def cpu_gram(request):
-    """Runs the test with the CPU kernel's Gram as scipy's BLAS syrk, then as GEMM panels (use_cpu_syrk)."""
-    previous = pca_ops.use_cpu_syrk(True)
-    if request.param == "syrk" and not previous:
+    """Runs the test with the CPU kernel's Gram as scipy's BLAS syrk, pydc's own syrk, then GEMM panels
+    (use_cpu_syrk); afterwards the Gram is auto's choice again."""
+    if request.param == "scipy" and not scipy_syrk_available():
         pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
-    pca_ops.use_cpu_syrk(request.param == "syrk")
+    pca_ops.use_cpu_syrk(request.param)
     yield request.param
-    pca_ops.use_cpu_syrk(previous)
+    pca_ops.use_cpu_syrk("auto")
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -77,7 +81,7 @@ def cpu_gram(request):
 def test_accumulate_matches_float64_reference(device, dtype, gram_dtype, shape, cpu_gram):
     if dtype == torch.float64 and gram_dtype == torch.float32:
         pytest.skip("a float64 batch needs a float64 gram")
-    if device == "cuda" and cpu_gram == "panels":
+    if device == "cuda" and cpu_gram != "scipy":
         pytest.skip("the CPU Gram choice does not apply on CUDA")
     n, d = shape
     batch = features(n, d, dtype, device)
@@ -309,30 +313,79 @@ def test_transform_bad_input(index, value, message):
         pca_transform(*args)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(700, 300), (257, 37), (5, 16)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cpu_syrk_updates_the_upper_triangle_only(dtype):
-    if not pca_ops.use_cpu_syrk(True):
-        pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
-    x = features(700, 300, dtype)
+def test_cpu_syrk_updates_the_upper_triangle_only(dtype, shape, threads):
+    """Each syrk (scipy's; pydc's for float32: 16-column panels with a partial last one, 6-row strips, rows split
+    between threads by work) adds on and above the diagonal only, as the panels and the reference do."""
+    n, d = shape
+    backends = (["scipy"] if scipy_syrk_available() else []) + (["pydc"] if dtype == torch.float32 else [])
+    if not backends:
+        pytest.skip("no syrk for float64 grams without scipy's BLAS")
+    x = features(n, d, dtype)
     shift = x.double().mean(0)
-    results = {}
-    try:
-        for backend in ("syrk", "panels"):
-            pca_ops.use_cpu_syrk(backend == "syrk")
-            sum_, gram, bad = empty_state(300, "cpu", dtype)
-            gram -= 7.0  # the syrk adds on and above the diagonal and leaves the rest as it was
-            ACCUMULATE(x, shift, sum_, gram, bad)
-            results[backend] = gram
-    finally:
-        pca_ops.use_cpu_syrk(True)
-    syrk, panels = results["syrk"], results["panels"]
-    assert bool((syrk.tril(-1) == torch.tril(torch.full_like(syrk, -7.0), -1)).all())
-    ref_sum, ref_gram, ref_bad = empty_state(300, "cpu")
+    ref_sum, ref_gram, ref_bad = empty_state(d, "cpu")
     ref_gram -= 7.0
     pca_accumulate_reference(x, shift, ref_sum, ref_gram, ref_bad)
-    tol = ACCUMULATE_TOL[dtype]
-    assert_close_relative(syrk.triu(), ref_gram.triu(), tol)
-    assert_close_relative(panels.triu(), ref_gram.triu(), tol)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for backend in backends + ["panels"]:
+            pca_ops.use_cpu_syrk(backend)
+            assert pca_ops.cpu_syrk_report()["gram"] == backend
+            sum_, gram, bad = empty_state(d, "cpu", dtype)
+            gram -= 7.0  # the syrk adds on and above the diagonal and leaves the rest as it was
+            ACCUMULATE(x, shift, sum_, gram, bad)
+            if backend != "panels":
+                assert bool((gram.tril(-1) == torch.tril(torch.full_like(gram, -7.0), -1)).all()), backend
+            assert_close_relative(gram.triu(), ref_gram.triu(), ACCUMULATE_TOL[dtype])
+    finally:
+        torch.set_num_threads(previous)
+        pca_ops.use_cpu_syrk("auto")
+
+
+@pytest.mark.parametrize("value", ["blas", "2", "", "openblas"])
+def test_bad_syrk_choice_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("PYDC_CPU_SYRK", value)
+    with pytest.raises(ValueError, match="PYDC_CPU_SYRK: expected one of auto, pydc, scipy, panels"):
+        pca_ops.syrk_requested()
+    with pytest.raises(ValueError, match="use_cpu_syrk: expected one of"):
+        pca_ops.use_cpu_syrk(value or "none")
+
+
+@pytest.mark.parametrize("seconds, expected", [((0.010, 0.009), "pydc"), ((0.010, 0.0096), "scipy"),
+                                               ((float("inf"), 0.02), "pydc")])
+def test_auto_keeps_pydcs_syrk_only_when_clearly_faster(monkeypatch, seconds, expected):
+    from pydc import _C
+
+    if not scipy_syrk_available():
+        pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
+    calls = []
+    monkeypatch.setattr(_C, "time_cpu_syrks", lambda *args: calls.append(args) or seconds, raising=True)
+    try:
+        assert pca_ops.use_cpu_syrk("auto") is True
+        report = pca_ops.cpu_syrk_report()
+        assert report["gram"] == expected and _C.cpu_float_syrk() == ("pydc" if expected == "pydc" else "blas")
+        assert calls == [(*pca_ops.SYRK_MEASURE_SHAPE, pca_ops.SYRK_MEASURE_ROUNDS)]
+        assert (report["scipy_s"], report["pydc_s"]) == seconds
+    finally:
+        monkeypatch.undo()
+        pca_ops.use_cpu_syrk("auto")
+
+
+def test_time_cpu_syrks_times_both_and_keeps_the_selection():
+    from pydc import _C
+
+    pca_ops.use_cpu_syrk("panels")  # no BLAS syrk set: its time is +inf
+    try:
+        blas_s, pydc_s = _C.time_cpu_syrks(64, 40, 2)
+        assert blas_s == float("inf") and 0 < pydc_s < float("inf")
+        assert _C.cpu_float_syrk() == "blas"
+        with pytest.raises(RuntimeError, match="expects positive rows"):
+            _C.time_cpu_syrks(0, 4, 1)
+    finally:
+        pca_ops.use_cpu_syrk("auto")
 
 
 def test_set_cpu_syrk_checks_its_arguments():
@@ -350,13 +403,14 @@ def test_set_cpu_syrk_checks_its_arguments():
 
 
 def test_use_cpu_syrk_keeps_panels_when_scipy_offers_no_syrk(monkeypatch):
+    """scipy's capsules not ?syrk: "scipy" falls back to the panels (auto would take pydc's syrk)."""
     from pydc import _C
 
     blas = pytest.importorskip("scipy.linalg.cython_blas").__pyx_capi__
     monkeypatch.setitem(blas, "ssyrk", blas["sgemm"])  # a capsule that is not ?syrk
     try:
         with pytest.warns(RuntimeWarning, match="GEMM panels instead"):
-            assert pca_ops.use_cpu_syrk(True) is False
+            assert pca_ops.use_cpu_syrk("scipy") is False
         assert not _C.has_cpu_syrk()
         x = features(50, 20)
         sum_, gram, bad = empty_state(20, "cpu", torch.float32)
@@ -393,6 +447,9 @@ def test_first_cpu_call_picks_the_syrk_unless_disabled():
               "before = _C.has_cpu_syrk(); p.pca_accumulate(x, s, s.clone(), g, n); print(before, _C.has_cpu_syrk())")
     assert _python_output(script, "PYDC_CPU_SYRK") == "False True"
     assert _python_output(script, "PYDC_CPU_SYRK", PYDC_CPU_SYRK="0") == "False False"
+    assert _python_output(script, "PYDC_CPU_SYRK", PYDC_CPU_SYRK="panels") == "False False"
+    pydc_script = script.replace("print(before, _C.has_cpu_syrk())", "print(before, _C.cpu_float_syrk())")
+    assert _python_output(pydc_script, "PYDC_CPU_SYRK", PYDC_CPU_SYRK="pydc") == "False pydc"
 
 
 def test_fallback_without_compiled_ops(monkeypatch):

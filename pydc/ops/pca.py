@@ -8,9 +8,10 @@ pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its la
     float32 against shift split as hi + lo, within ~1 float32 ulp of that); rows of `batch` holding
     NaN or +-Inf are left out (treated as zero rows) and counted; sum += c.sum(0); gram += c^T c on and above the
     diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
-    of gram is defined: on the CPU a gram of the GEMM type is updated by scipy's BLAS syrk once use_cpu_syrk
-    has run (it runs on the first CPU call through this module), which leaves the strict lower triangle as
-    it was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel adds
+    of gram is defined: on the CPU a gram of the GEMM type is updated by a syrk once use_cpu_syrk has run (it
+    runs on the first CPU call through this module; a float32 gram by pydc's own syrk or scipy's BLAS one,
+    whichever it measured faster, a float64 one by scipy's), which leaves the strict lower triangle as it
+    was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel adds
     a float32 gram in row panels gram[i:i+512, i:] too (3xTF32, below) and fills both triangles of a
     float64 one, as the reference does. Read the result through its upper triangle (PCAWhitening does).
     batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
@@ -49,6 +50,13 @@ FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NORM_EPS = 1e-10
 _FALLBACK_CHUNK_ROWS = 65536
 _cpu_syrk_tried = False
+SYRK_ENV_VAR = "PYDC_CPU_SYRK"
+SYRK_CHOICES = ("auto", "pydc", "scipy", "panels")
+# auto's measurement: the float32 Gram of one block of (rows, features), fastest of this many runs of each.
+SYRK_MEASURE_SHAPE = (1024, 1024)
+SYRK_MEASURE_ROUNDS = 3
+SYRK_MARGIN = 0.95  # auto keeps scipy's BLAS syrk unless pydc's takes less than this fraction of its time
+_syrk_report: dict = {}
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -136,25 +144,42 @@ def pca_transform_reference(x, mean, projection, norm_eps: float = NORM_EPS):
     return out.to(torch.float32), bad_rows
 
 
-def use_cpu_syrk(enabled: bool = True) -> bool:
-    """Hands scipy's BLAS ssyrk/dsyrk (scipy.linalg.cython_blas) to the CPU pca_accumulate kernel for its Gram,
-    or with enabled=False takes them back (the kernel then uses GEMM panels over the upper triangle). Returns
-    whether a syrk is in use afterwards (False without the compiled ops or scipy).
+def syrk_requested(value: str | None = None) -> str:
+    """The validated choice of the CPU Gram: `value`, or PYDC_CPU_SYRK (default "auto"; "1" means auto and "0"
+    panels, as before pydc's own syrk); ValueError for anything else."""
+    source = "use_cpu_syrk" if value is not None else SYRK_ENV_VAR
+    raw = os.environ.get(SYRK_ENV_VAR, "auto") if value is None else value
+    normalised = {"1": "auto", "0": "panels"}.get(str(raw).strip().lower(), str(raw).strip().lower())
+    if normalised not in SYRK_CHOICES:
+        raise ValueError(f"{source}: expected one of {', '.join(SYRK_CHOICES)} (the CPU PCA Gram), got {raw!r}")
+    return normalised
 
-    torch's CPU BLAS has no syrk, and the GEMM panels do ~56% of a full GEMM's flops at a lower rate; a syrk
-    does 50% at full rate (50,000 x 2048 on the 2-core EPYC: 1.13 s against 1.40 s). Both give the same upper
-    triangle up to float32 summation order. pca_accumulate calls this once, on its first CPU batch, unless
-    the environment sets PYDC_CPU_SYRK=0. scipy's BLAS runs on its own thread pool (OPENBLAS_NUM_THREADS,
-    or threadpoolctl), not torch's.
+
+def use_cpu_syrk(enabled: bool | str = True) -> bool:
+    """Chooses how the CPU pca_accumulate kernel computes its Gram, and returns whether a syrk is in use
+    afterwards (False without the compiled ops). enabled: "auto" (True), "pydc", "scipy" or "panels" (False).
+
+    torch's CPU BLAS has no syrk, and GEMM panels over the upper triangle do ~56% of a full GEMM's flops at a
+    lower rate; a syrk does 50% at full rate. scipy exposes its BLAS ssyrk/dsyrk (scipy.linalg.cython_blas),
+    handed to the kernel unless "panels"; pydc has its own float32 syrk (the tiles of its k-means GEMM,
+    cpu_kernels' syrk_upper_rows). "auto" times both on one SYRK_MEASURE_SHAPE block and keeps pydc's for
+    float32 grams when it takes less than SYRK_MARGIN of scipy's time (or when scipy is missing). Measured on
+    AMD EPYC Zen 4 (2 threads), one 4096 x 2048 float32 chunk: pydc's 88-95 ms against OpenBLAS's 105-111 ms
+    at AVX-512, 88 against 97-107 ms capped at AVX2 (its Haswell kernel). float64 grams (float64 batches) use
+    scipy's dsyrk or the panels. All give the same upper triangle up to float32 summation order.
+    pca_accumulate calls this once, on its first CPU batch, with PYDC_CPU_SYRK (default auto). scipy's BLAS
+    runs on its own thread pool (OPENBLAS_NUM_THREADS, or threadpoolctl), pydc's on torch's.
     """
-    global _cpu_syrk_tried
+    global _cpu_syrk_tried, _syrk_report
     _cpu_syrk_tried = True
+    want = syrk_requested({True: "auto", False: "panels"}.get(enabled, enabled))
     if not HAS_OPS:
+        _syrk_report = {"gram": None, "requested": want, "reason": "compiled ops not loaded"}
         return False
     from pydc import _C
 
     ssyrk = dsyrk = None
-    if enabled:
+    if want != "panels":
         try:
             from scipy.linalg.cython_blas import __pyx_capi__ as blas
         except ImportError:
@@ -162,18 +187,41 @@ def use_cpu_syrk(enabled: bool = True) -> bool:
         ssyrk, dsyrk = blas.get("ssyrk"), blas.get("dsyrk")
     try:
         _C.set_cpu_syrk(ssyrk, dsyrk)
-    except (TypeError, ValueError) as error:  # a scipy whose capsules do not look like ?syrk: keep the panels
+    except (TypeError, ValueError) as error:  # a scipy whose capsules do not look like ?syrk: no BLAS syrk
         _C.set_cpu_syrk(None, None)
-        warnings.warn(f"pydc.ops.pca: not using scipy's BLAS syrk for the CPU Gram ({error}); GEMM panels instead",
+        ssyrk = None
+        warnings.warn(f"pydc.ops.pca: not using scipy's BLAS syrk for the CPU Gram ({error}); "
+                      f"{'GEMM panels' if want == 'scipy' else 'pydc' + chr(39) + 's syrk or GEMM panels'} instead",
                       RuntimeWarning, stacklevel=2)
+    report = {"requested": want}
+    if want == "auto" and ssyrk is not None:
+        blas_s, pydc_s = _C.time_cpu_syrks(*SYRK_MEASURE_SHAPE, SYRK_MEASURE_ROUNDS)
+        chosen = "pydc" if pydc_s < SYRK_MARGIN * blas_s else "scipy"
+        report.update(scipy_s=blas_s, pydc_s=pydc_s, shape=list(SYRK_MEASURE_SHAPE))
+    elif want == "auto":
+        chosen = "pydc"
+        report["scipy"] = "not importable"
+    elif want == "scipy" and ssyrk is None:
+        chosen = "panels"
+        report["scipy"] = "not importable"
+    else:
+        chosen = want
+    _C.set_cpu_float_syrk("pydc" if chosen == "pydc" else "blas")
+    _syrk_report = {"gram": chosen, **report}
     return bool(_C.has_cpu_syrk())
+
+
+def cpu_syrk_report() -> dict:
+    """How the CPU float32 Gram is computed, for pydc.info and benchmark records: {"gram": "pydc" | "scipy" |
+    "panels" | None (not yet chosen), "requested": ..., and with auto the measured times}."""
+    return {"gram": None, **_syrk_report} if "gram" not in _syrk_report else dict(_syrk_report)
 
 
 def pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
     """Adds the centred moments of `batch` into (sum, gram); see the module docstring."""
     _check_accumulate(batch, shift, sum, gram, nonfinite_rows)
     if not _cpu_syrk_tried and batch.device.type == "cpu":
-        use_cpu_syrk(os.environ.get("PYDC_CPU_SYRK", "1") != "0")
+        use_cpu_syrk(syrk_requested())
     if not HAS_OPS:
         warn_fallback("pca_accumulate")
         for chunk in batch.split(_FALLBACK_CHUNK_ROWS):

@@ -1,14 +1,24 @@
 // The run-time BLAS syrk (see blas_syrk.h).
 #include "ops/cpu/blas_syrk.h"
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
+
+#include "ops/cpu/cpu_kernels.h"
 
 namespace pydc {
 namespace {
 std::atomic<SyrkFloatFn> g_float_syrk{nullptr};
 std::atomic<SyrkDoubleFn> g_double_syrk{nullptr};
+std::atomic<int> g_float_choice{static_cast<int>(CpuSyrk::kBlas)};
 
 bool fits_blas_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
@@ -24,7 +34,29 @@ void call_syrk(Fn syrk, const at::Tensor& centred, const at::Tensor& gram) {
   syrk(&uplo, &trans, &n, &k, &alpha, const_cast<scalar_t*>(centred.const_data_ptr<scalar_t>()), &lda, &beta,
        gram.mutable_data_ptr<scalar_t>(), &ldc);
 }
+// pydc's float32 syrk: the Gram's rows split between the threads so that each updates about as many entries of
+// the upper triangle (row i has d - i): thread q of T takes rows from d (1 - sqrt(1 - q / T)) on.
+void pydc_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
+  const CpuKernels& kernels = cpu_kernels();
+  const int64_t rows = centred.size(0), d = centred.size(1);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d));
+  const auto boundary = [&](int64_t q) {
+    return q >= threads ? d : static_cast<int64_t>(std::llround(d * (1.0 - std::sqrt(1.0 - double(q) / threads))));
+  };
+  const float* x = centred.const_data_ptr<float>();
+  float* g = gram.mutable_data_ptr<float>();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;  // kept: a fresh 4 MiB per call would page-fault
+    scratch.resize(std::max<size_t>(scratch.size(), kernels.syrk_scratch_floats(d)));
+    kernels.syrk_upper_rows(x, centred.stride(0), rows, d, boundary(begin), boundary(end), g, gram.stride(0),
+                            scratch.data());
+  });
+}
 }  // namespace
+
+void set_cpu_float_syrk(CpuSyrk which) { g_float_choice.store(static_cast<int>(which)); }
+
+CpuSyrk cpu_float_syrk() { return static_cast<CpuSyrk>(g_float_choice.load()); }
 
 void set_cpu_syrk(SyrkFloatFn float_syrk, SyrkDoubleFn double_syrk) {
   g_float_syrk.store(float_syrk);
@@ -32,7 +64,8 @@ void set_cpu_syrk(SyrkFloatFn float_syrk, SyrkDoubleFn double_syrk) {
 }
 
 bool has_cpu_syrk(at::ScalarType t) {
-  return t == at::kFloat ? g_float_syrk.load() != nullptr : t == at::kDouble && g_double_syrk.load() != nullptr;
+  if (t == at::kFloat) return cpu_float_syrk() == CpuSyrk::kPydc || g_float_syrk.load() != nullptr;
+  return t == at::kDouble && g_double_syrk.load() != nullptr;
 }
 
 bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
@@ -40,6 +73,10 @@ bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
   if (gram.scalar_type() != t || !centred.device().is_cpu() || !gram.device().is_cpu()) return false;
   if (centred.stride(1) != 1 || gram.stride(1) != 1 || centred.size(1) != gram.size(0)) return false;
   const int64_t d = centred.size(1);
+  if (t == at::kFloat && cpu_float_syrk() == CpuSyrk::kPydc) {
+    if (centred.size(0) > 0 && d > 0) pydc_syrk_upper(centred, gram);
+    return true;
+  }
   // lda/ldc >= n as BLAS requires; then both fitting in an int covers n too
   if (centred.stride(0) < d || gram.stride(0) < d || !fits_blas_int(centred.stride(0)) ||
       !fits_blas_int(gram.stride(0)) || !fits_blas_int(centred.size(0))) {
@@ -59,6 +96,34 @@ bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
     return true;
   }
   return false;
+}
+
+CpuSyrkTimes time_cpu_syrks(int64_t rows, int64_t d, int64_t rounds) {
+  TORCH_CHECK(rows > 0 && d > 0 && rounds > 0, "pydc: time_cpu_syrks expects positive rows, d and rounds, got ",
+              rows, ", ", d, ", ", rounds);
+  // fixed values (not torch's generator, whose state belongs to the caller), away from denormals
+  std::vector<float> x_data(rows * d), gram_data(d * d, 0.0f);
+  for (size_t i = 0; i < x_data.size(); ++i) x_data[i] = (static_cast<float>(i % 7) - 3.0f) * 0.125f;
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor x = at::from_blob(x_data.data(), {rows, d}, options);
+  const at::Tensor gram = at::from_blob(gram_data.data(), {d, d}, options);
+  const CpuSyrk selected = cpu_float_syrk();
+  const auto seconds = [&](CpuSyrk which) {
+    set_cpu_float_syrk(which);
+    const auto start = std::chrono::steady_clock::now();
+    cpu_syrk_upper(x, gram);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  const bool blas = g_float_syrk.load() != nullptr;  // without it blas_s stays +inf
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  CpuSyrkTimes best{kInf, kInf};
+  for (int64_t round = -1; round < rounds; ++round) {  // round -1: untimed (first touch, BLAS threads starting)
+    const double blas_s = blas ? seconds(CpuSyrk::kBlas) : kInf;
+    const double pydc_s = seconds(CpuSyrk::kPydc);
+    if (round >= 0) best = {std::min(best.blas_s, blas_s), std::min(best.pydc_s, pydc_s)};
+  }
+  set_cpu_float_syrk(selected);
+  return best;
 }
 
 }  // namespace pydc

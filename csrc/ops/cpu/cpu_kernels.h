@@ -136,6 +136,14 @@ struct CpuKernels {
   // summed in feature order in float32 (fused multiply-adds at AVX2 and AVX-512).
   void (*gemm_abt_packed)(const float* a, int64_t lda, int64_t m, const float* packed, int64_t n, int64_t d,
                           float* out, int64_t ldo);
+
+  // --- float32 Gram of the CPU PCA (blas_syrk.cpp's pydc syrk) ---
+  // gram[i][j] += sum_t x[t][i] x[t][j] for rows i in [row_begin, row_end), j >= i (x: rows x d, ldx apart;
+  // gram d x d, ldg apart; left of the diagonal untouched), in blocks of rows summed in float32 (fused
+  // multiply-adds at AVX2 and AVX-512) and added in; scratch: syrk_scratch_floats(d) floats.
+  void (*syrk_upper_rows)(const float* x, int64_t ldx, int64_t rows, int64_t d, int64_t row_begin, int64_t row_end,
+                          float* gram, int64_t ldg, float* scratch);
+  int64_t (*syrk_scratch_floats)(int64_t d);
 };
 
 namespace cpu_default { extern const CpuKernels kKernels; }
