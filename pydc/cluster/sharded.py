@@ -39,7 +39,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from pydc.cluster.kmeans import _normalize_rows, split_empty_clusters
+from pydc.cluster.kmeans import _normalize_rows, split_empty_clusters, squared_row_norms
 from pydc.cluster.pca import PCAWhitening
 from pydc.ops.kmeans import kmeans_assign
 
@@ -290,9 +290,7 @@ def sharded_kmeans(x_local: torch.Tensor, k: int, niter: int = 20, seed: int = 0
     if spherical:
         centroids = _normalize_rows(centroids)
     # squared norms a bounded number of rows at a time: (x32 * x32) in one go would be a second whitened shard
-    point_sq_norms = x32.new_empty(x32.shape[0])
-    for chunk, norms in zip(x32.split(SUM_CHUNK_ROWS), point_sq_norms.split(SUM_CHUNK_ROWS)):
-        torch.sum(chunk * chunk, dim=1, out=norms)
+    point_sq_norms = squared_row_norms(x32)
     split_generator = torch.Generator().manual_seed(int(seed) + 1)  # the same draws on every rank
     d = x32.shape[1]
     # one all-reduce per iteration: [sums (k*d) | counts (k) | objective | changed labels], float64
