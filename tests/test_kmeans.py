@@ -82,6 +82,36 @@ def test_objective_decreases_and_labels_are_final_nearest():
     assert_labels_are_nearest(result, x)
 
 
+def lloyd_with_full_updates(x, k, niter, seed, init):
+    """Plain Lloyd as kmeans's docstring states it, every iteration's update summing every cluster anew."""
+    from pydc.ops import kmeans_assign, kmeans_update
+
+    centroids, generator = init.clone(), torch.Generator().manual_seed(seed + 1)
+    for _ in range(niter):
+        labels, _ = kmeans_assign(x, centroids)
+        sums, counts = kmeans_update(x, labels, k)
+        centroids = torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).float(),
+                                torch.zeros_like(sums))
+        split_empty_clusters(centroids, counts, generator)
+    return centroids, kmeans_assign(x, centroids)[0]
+
+
+@pytest.mark.parametrize("empties", [False, True], ids=["regular", "with-splits"])
+def test_updates_of_the_changed_clusters_only_equal_full_updates(empties):
+    """kmeans sums again only the clusters some point joined or left (kmeans._update): its centroids and labels
+    are those of updates that sum every cluster, bit for bit, with and without empty-cluster splits."""
+    x = blobs(3000, 6, centres=25, seed=3, spread=2.0)
+    init = initial_centroids(x, 30, seed=1)
+    if empties:
+        init[::5] = 500.0 + torch.arange(6, dtype=torch.float32).unsqueeze(1)  # clusters nobody joins at first
+    result = kmeans(x, 30, niter=12, seed=1, backend="torch", init_centroids=init, bounded=False,
+                    stop_at_fixed_point=False)
+    centroids, labels = lloyd_with_full_updates(x, 30, 12, 1, init)
+    assert (result.splits > 0) == empties
+    assert torch.equal(result.centroids, centroids)
+    assert torch.equal(result.labels, labels)
+
+
 def test_split_rule_copies_and_perturbs():
     centroids = torch.tensor([[0.0, 0.0, 0.0], [2.0, 4.0, 8.0], [1.0, 1.0, 1.0]])
     counts = torch.tensor([0, 5, 1])

@@ -251,6 +251,36 @@ def test_update_deterministic_is_bitwise_reproducible(device):
         assert torch.equal(first[0], single[0])
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_update_of_flagged_clusters_only(device):
+    """clusters: the flagged clusters' sums as the full update's, bit for bit; the others' 0; every count."""
+    generator = torch.Generator().manual_seed(11)
+    x = random_points(3000, 19, device, generator) * 10
+    labels = torch.randint(0, 23, (3000,), generator=generator).to(device)
+    clusters = (torch.arange(23) % 3 == 1).to(device)
+    clusters[22] = True  # and an empty one
+    labels[labels == 22] = 0
+    full_sums, full_counts = UPDATE(x, labels, 23, True)
+    sums, counts = UPDATE(x, labels, 23, True, clusters)
+    assert torch.equal(counts, full_counts)
+    assert torch.equal(sums[clusters], full_sums[clusters])
+    assert bool((sums[~clusters] == 0).all())
+    ref_sums, ref_counts = kmeans_update_reference(x, labels, 23, clusters)
+    assert torch.equal(ref_counts, counts) and bool((ref_sums[~clusters] == 0).all())
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-5)
+    assert torch.equal(kmeans_update(x, labels, 23, True, clusters)[0], sums)
+
+
+def test_update_rejects_bad_cluster_flags():
+    x = random_points(6, 2, "cpu")
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    for bad in (torch.ones(3, dtype=torch.int64), torch.ones(4, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"expected clusters to be a bool tensor of shape \(3,\)"):
+            kmeans_update(x, labels, 3, True, bad)
+    with pytest.raises(RuntimeError, match="clusters"):
+        UPDATE(x, labels, 3, True, torch.ones(4, dtype=torch.bool))
+
+
 def test_update_cpu_rejects_out_of_range_labels():
     x = random_points(4, 2, "cpu")
     with pytest.raises(RuntimeError, match=r"labels in \[0, k\)"):

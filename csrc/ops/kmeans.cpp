@@ -3,7 +3,8 @@
 // kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
 // kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang, kmeans_assign_elkan, kmeans_assign_delta:
 // the steps of bounded k-means (CPU only).
-// kmeans_update: per-cluster sums of the points and per-cluster counts (the centroid update is sums/counts).
+// kmeans_update: per-cluster sums of the points (of the flagged clusters only, given `clusters`) and per-cluster
+// counts (the centroid update is sums/counts).
 #include "ops/kmeans.h"
 
 #include <ATen/ATen.h>
@@ -50,7 +51,8 @@ KMeansAssignPlan plan_kmeans_assign(const at::Tensor& x, const at::Tensor& centr
   return plan;
 }
 
-KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& labels, int64_t k) {
+KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& labels, int64_t k,
+                                    const std::optional<at::Tensor>& clusters) {
   PYDC_CHECK_DIM(kUpdate, "x", x, 2);
   PYDC_CHECK_DIM(kUpdate, "labels", labels, 1);
   PYDC_CHECK_DTYPE(kUpdate, "x", x, at::kFloat);
@@ -67,6 +69,13 @@ KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& label
   plan.k = k;
   plan.sums = at::zeros({k, x.size(1)}, x.options());
   plan.counts = at::zeros({k}, labels.options());
+  if (clusters.has_value() && clusters->defined()) {
+    PYDC_CHECK_DTYPE(kUpdate, "clusters", *clusters, at::kBool);
+    PYDC_CHECK_SAME_DEVICE(kUpdate, "x", x, "clusters", *clusters);
+    TORCH_CHECK(clusters->dim() == 1 && clusters->size(0) == k, kUpdate, ": expected clusters of shape (", k,
+                ",) (one flag per cluster), got ", describe(*clusters));
+    plan.clusters = clusters->contiguous();
+  }
   return plan;
 }
 
@@ -75,7 +84,7 @@ KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& label
 TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("kmeans_assign(Tensor x, Tensor centroids, Tensor? x_sq_norms=None, bool allow_tf32=True) -> "
         "(Tensor labels, Tensor distances)");
-  m.def("kmeans_update(Tensor x, Tensor labels, int k, bool deterministic=True) -> "
+  m.def("kmeans_update(Tensor x, Tensor labels, int k, bool deterministic=True, Tensor? clusters=None) -> "
         "(Tensor sums, Tensor counts)");
   // Bounded (Yinyang) k-means on the CPU: kernels and semantics in ops/cpu/kmeans_bounded_kernel.cpp.
   m.def("kmeans_assign_bounds(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "

@@ -21,6 +21,7 @@ struct KMeansUpdatePlan {
   at::Tensor labels;        // (N,) int64, contiguous
   at::Tensor sums;          // (k, d) float32, output, zero-filled
   at::Tensor counts;        // (k,) int64, output, zero-filled
+  at::Tensor clusters;      // (k,) bool, contiguous: the clusters whose sums to compute; undefined: all
   int64_t k;
 };
 
@@ -28,7 +29,8 @@ struct KMeansUpdatePlan {
 KMeansAssignPlan plan_kmeans_assign(const at::Tensor& x, const at::Tensor& centroids,
                                     const std::optional<at::Tensor>& x_sq_norms);
 
-// Validates x/labels/k and allocates zeroed sums and counts. Label values are checked by the kernels.
-KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& labels, int64_t k);
+// Validates x/labels/k/clusters and allocates zeroed sums and counts. Label values are checked by the kernels.
+KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& labels, int64_t k,
+                                    const std::optional<at::Tensor>& clusters);
 
 }  // namespace pydc

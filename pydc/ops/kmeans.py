@@ -22,9 +22,11 @@ kmeans_assign(x, centroids, x_sq_norms=None, allow_tf32=True) -> (labels, distan
     cuBLAS's handle under at::NoTF32Guard). The CPU always computes in fp32 (float64 for the settled rows).
     The inner loops run at the CPU's ISA level (pydc.ops.cpu_capability).
 
-kmeans_update(x, labels, k, deterministic=True) -> (sums, counts)
+kmeans_update(x, labels, k, deterministic=True, clusters=None) -> (sums, counts)
     sums (k, d) float32: the sum of the rows of x with each label; counts (k,) int64: how many. The new
-    centroid of a non-empty cluster is sums / counts. The CPU kernel always sums every cluster's rows in
+    centroid of a non-empty cluster is sums / counts. clusters, (k,) bool: only the flagged clusters' sums
+    are computed, the others' rows are 0 (the counts are all computed): a Lloyd iteration recomputes only
+    the clusters some point joined or left, the others' sums being the same as before, bit for bit. The CPU kernel always sums every cluster's rows in
     point order in float64 (deterministic whatever the thread count) and rejects labels outside [0, k). On
     CUDA, deterministic=True sorts the points by label and sums in a fixed order in float64 (bitwise
     reproducible); deterministic=False uses float atomics (faster, last bits vary run to run). The CUDA
@@ -82,7 +84,7 @@ def _check_assign(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Te
                              f"{x_sq_norms.device}")
 
 
-def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int, clusters: torch.Tensor | None = None) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("kmeans_update: expected x and labels to be torch.Tensors")
     if x.dim() != 2 or x.dtype != torch.float32:
@@ -98,6 +100,11 @@ def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> None:
                          f"on {labels.device}")
     if int(k) < 1:
         raise ValueError(f"kmeans_update: expected k >= 1 clusters, got k = {k}")
+    if clusters is not None and (not isinstance(clusters, torch.Tensor) or clusters.dtype != torch.bool
+                                 or clusters.shape != (int(k),) or clusters.device != x.device):
+        raise ValueError(f"kmeans_update: expected clusters to be a bool tensor of shape ({int(k)},) on {x.device} "
+                         f"(one flag per cluster), got {getattr(clusters, 'dtype', type(clusters).__name__)} of "
+                         f"shape {tuple(getattr(clusters, 'shape', ()))}")
 
 
 def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Tensor | None = None,
@@ -118,14 +125,18 @@ def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms
     return labels, distances
 
 
-def kmeans_update_reference(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums (accumulated in float64, returned as float32) and counts."""
+def kmeans_update_reference(x: torch.Tensor, labels: torch.Tensor, k: int,
+                            clusters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums (accumulated in float64, returned as float32; zero for the clusters not flagged in
+    `clusters`) and counts."""
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"kmeans_update: expected labels in [0, k) = [0, {k}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=x.device)
     sums.index_add_(0, labels, x.to(torch.float64))
     counts = torch.bincount(labels, minlength=k)
+    if clusters is not None:
+        sums.masked_fill_(~clusters.unsqueeze(1), 0.0)
     return sums.to(torch.float32), counts
 
 
@@ -141,14 +152,15 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Te
     return torch.ops.pydc.kmeans_assign(x, centroids, x_sq_norms, allow_tf32)
 
 
-def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int,
-                  deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cluster sums and counts of the points; see the module docstring."""
-    _check_update(x, labels, k)
+def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int, deterministic: bool = True,
+                  clusters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums (of the flagged clusters, given `clusters`) and counts of the points; see the module
+    docstring."""
+    _check_update(x, labels, k, clusters)
     if not HAS_OPS:
         warn_fallback("kmeans_update")
-        return kmeans_update_reference(x, labels, int(k))
-    return torch.ops.pydc.kmeans_update(x, labels, int(k), deterministic)
+        return kmeans_update_reference(x, labels, int(k), clusters)
+    return torch.ops.pydc.kmeans_update(x, labels, int(k), deterministic, clusters)
 
 
 if HAS_OPS:
@@ -217,7 +229,7 @@ if HAS_OPS:
         return _kmeans_assign_bounds_fake(x, centroids, centroid_ids, group_offsets, x_sq_norms)
 
     @torch.library.register_fake("pydc::kmeans_update")
-    def _kmeans_update_fake(x, labels, k, deterministic=True):
+    def _kmeans_update_fake(x, labels, k, deterministic=True, clusters=None):
         torch._check(x.dim() == 2 and x.dtype == torch.float32, lambda: "kmeans_update: expected 2-D float32 x")
         torch._check(labels.dim() == 1 and labels.dtype == torch.int64, lambda: "kmeans_update: expected int64 labels")
         torch._check(labels.shape[0] == x.shape[0], lambda: "kmeans_update: expected one label per row of x")

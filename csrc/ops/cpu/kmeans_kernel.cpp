@@ -145,8 +145,10 @@ inline void prefetch_row(const float* row, int64_t d) {
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const at::Tensor& labels_in,
-                                                     int64_t k, bool /*deterministic: always on the CPU*/) {
-  KMeansUpdatePlan plan = plan_kmeans_update(x, labels_in, k);
+                                                     int64_t k, bool /*deterministic: always on the CPU*/,
+                                                     const std::optional<at::Tensor>& clusters) {
+  KMeansUpdatePlan plan = plan_kmeans_update(x, labels_in, k, clusters);
+  const bool* wanted = plan.clusters.defined() ? plan.clusters.const_data_ptr<bool>() : nullptr;
   const int64_t n = plan.x.size(0), d = plan.x.size(1);
   const int64_t* labels = plan.labels.const_data_ptr<int64_t>();
   int64_t* counts = plan.counts.mutable_data_ptr<int64_t>();
@@ -170,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const 
   at::parallel_for(0, k, 16, [&](int64_t c_begin, int64_t c_end) {
     std::vector<double> accumulator(d);
     for (int64_t c = c_begin; c < c_end; ++c) {
-      if (offsets[c] == offsets[c + 1]) continue;
+      if (offsets[c] == offsets[c + 1] || (wanted != nullptr && !wanted[c])) continue;
       std::fill(accumulator.begin(), accumulator.end(), 0.0);
       for (int64_t m = offsets[c]; m < offsets[c + 1]; ++m) {
         // the members' rows lie anywhere in x: fetch the row kPrefetchRows members ahead while summing this

@@ -269,9 +269,13 @@ update_sorted_kernel(const float* __restrict__ x, const int64_t* __restrict__ or
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x, const at::Tensor& labels, int64_t k,
-                                                      bool deterministic) {
+                                                      bool deterministic, const std::optional<at::Tensor>& clusters) {
   const c10::cuda::CUDAGuard guard(x.device());
-  KMeansUpdatePlan plan = plan_kmeans_update(x, labels, k);
+  KMeansUpdatePlan plan = plan_kmeans_update(x, labels, k, clusters);
+  // every cluster is summed; the ones not flagged are zeroed after (the CPU kernel skips them)
+  const auto unflagged_to_zero = [&] {
+    if (plan.clusters.defined()) plan.sums.masked_fill_(plan.clusters.logical_not().unsqueeze(1), 0.0);
+  };
   const int64_t n = plan.x.size(0), d = plan.x.size(1);
   if (n == 0) return {plan.sums, plan.counts};
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -281,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x, const
         plan.x.const_data_ptr<float>(), plan.labels.const_data_ptr<int64_t>(), n, d, k,
         plan.sums.mutable_data_ptr<float>(), reinterpret_cast<unsigned long long*>(plan.counts.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    unflagged_to_zero();
     return {plan.sums, plan.counts};
   }
   const auto sorted = at::sort(plan.labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -296,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x, const
                                                     starts.const_data_ptr<int64_t>(), ends.const_data_ptr<int64_t>(), k,
                                                     d, plan.sums.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  unflagged_to_zero();
   return {plan.sums, plan.counts};
 }
 
