@@ -119,8 +119,8 @@ def pca_pair():
     ours, ours_s = timed(lambda: pydc_whitening(x, 256, 4096))
     theirs, theirs_s = timed(lambda: faiss_whitening(x, 256))
     assert_same_whitening(ours, theirs)
-    return ("PCA-whitening fit+transform 50000x2048->256", ours_s, theirs_s, "faiss PCAMatrix(-0.5) + normalize_L2",
-            {"pydc_cpu_gram": cpu_syrk_report()})
+    return ("PCA-whitening fit+transform 50000x2048->256", ours_s, theirs_s,
+            "faiss PCAMatrix(-0.5) + normalize_L2", {"pydc_cpu_gram": cpu_syrk_report()})
 
 
 PAIRS = {"sobel": [sobel_pair], "assign": [assign_pair],

@@ -155,8 +155,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_cpu_syrk", [] { return pydc::has_cpu_syrk(at::kFloat); },
         "Whether the CPU pca_accumulate has a float32 syrk: a BLAS one set, or pydc's selected");
   m.def("set_cpu_float_syrk", [](const std::string& which) {
-          TORCH_CHECK(which == "blas" || which == "pydc", "pydc._C.set_cpu_float_syrk: expected 'blas' or 'pydc', got '",
-                      which, "'");
+          TORCH_CHECK(which == "blas" || which == "pydc",
+                      "pydc._C.set_cpu_float_syrk: expected 'blas' or 'pydc', got '", which, "'");
           pydc::set_cpu_float_syrk(which == "pydc" ? pydc::CpuSyrk::kPydc : pydc::CpuSyrk::kBlas);
         }, pybind11::arg("which"),
         "Selects the float32 syrk of the CPU pca_accumulate: 'blas' (the one set_cpu_syrk set) or 'pydc' (its own)");

@@ -151,7 +151,7 @@ def _cpu_gemm(loaded: bool) -> dict:
 
 
 def _cpu_gram(loaded: bool) -> dict:
-    """How the CPU PCA computes its float32 Gram (pydc.ops.pca.use_cpu_syrk), choosing it now if nothing has."""
+    """How the CPU PCA computes its float32 Gram (pydc.ops.pca.use_cpu_syrk), choosing it now if not yet."""
     if not loaded:
         return {"gram": None, "error": "library not loaded"}
     from pydc.ops import pca

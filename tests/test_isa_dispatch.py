@@ -153,8 +153,8 @@ def run_every_op(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def gemm_choice():
-    """The test may select a CPU k-means GEMM (pydc.ops.cpu_gemm.use_cpu_gemm) and PCA Gram (use_cpu_syrk); the
-    process's GEMM choice comes back, and the Gram is auto's again."""
+    """The test may select a CPU k-means GEMM (pydc.ops.cpu_gemm.use_cpu_gemm) and PCA Gram (use_cpu_syrk);
+    the process's GEMM choice comes back, and the Gram is auto's again."""
     from pydc.ops import cpu_gemm
 
     chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
@@ -165,9 +165,9 @@ def gemm_choice():
 
 
 def baseline_and_level(level: str, gemm: str, seed: int) -> tuple[dict, dict]:
-    """run_every_op at the baseline level and at `level` (skipped where the CPU lacks it), with `gemm` selected
-    for k-means and the matching PCA Gram: pydc's syrk with pydc's GEMM (the same tiles), else scipy's BLAS syrk
-    or torch's GEMM panels (which pydc's level does not change)."""
+    """run_every_op at the baseline level and at `level` (skipped where the CPU lacks it), with `gemm`
+    selected for k-means and the matching PCA Gram: pydc's syrk with pydc's GEMM (the same tiles), else
+    scipy's BLAS syrk or torch's GEMM panels (which pydc's level does not change)."""
     if level not in supported_levels():
         pytest.skip(f"this CPU supports up to {cpu_supported_capability()}")
     from pydc.ops import cpu_gemm
@@ -187,8 +187,8 @@ def baseline_and_level(level: str, gemm: str, seed: int) -> tuple[dict, dict]:
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_level_matches_references_and_the_baseline_bitwise(level, gemm_choice):
     """kmeans_assign's float32 distances come from the selected GEMM, the PCA Gram from the selected syrk:
-    torch's GEMM and scipy's syrk give the same bits at every pydc level, pydc's own use fused multiply-adds from
-    avx2 up (like block_scores8), so this holds them to torch's and scipy's."""
+    torch's GEMM and scipy's syrk give the same bits at every pydc level, pydc's own use fused multiply-adds
+    from avx2 up (like block_scores8), so this holds them to torch's and scipy's."""
     baseline, ours = baseline_and_level(level, "torch", seed=5)
     for name, value in ours.items():
         assert torch.equal(value, baseline[name]), f"{name} differs between {level} and the baseline"

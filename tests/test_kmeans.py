@@ -98,12 +98,12 @@ def lloyd_with_full_updates(x, k, niter, seed, init):
 
 @pytest.mark.parametrize("empties", [False, True], ids=["regular", "with-splits"])
 def test_updates_of_the_changed_clusters_only_equal_full_updates(empties):
-    """kmeans sums again only the clusters some point joined or left (kmeans._update): its centroids and labels
-    are those of updates that sum every cluster, bit for bit, with and without empty-cluster splits."""
+    """kmeans sums again only the clusters some point joined or left (kmeans._update): its centroids and
+    labels are those of updates that sum every cluster, bit for bit, with and without empty-cluster splits."""
     x = blobs(3000, 6, centres=25, seed=3, spread=2.0)
     init = initial_centroids(x, 30, seed=1)
     if empties:
-        init[::5] = 500.0 + torch.arange(6, dtype=torch.float32).unsqueeze(1)  # clusters nobody joins at first
+        init[::5] = 500.0 + torch.arange(6, dtype=torch.float32).unsqueeze(1)  # nobody joins them at first
     result = kmeans(x, 30, niter=12, seed=1, backend="torch", init_centroids=init, bounded=False,
                     stop_at_fixed_point=False)
     centroids, labels = lloyd_with_full_updates(x, 30, 12, 1, init)

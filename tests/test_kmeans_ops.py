@@ -274,7 +274,8 @@ def test_update_of_flagged_clusters_only(device):
 def test_update_rejects_bad_cluster_flags():
     x = random_points(6, 2, "cpu")
     labels = torch.tensor([0, 1, 2, 1, 0, 2])
-    for bad in (torch.ones(3, dtype=torch.int64), torch.ones(4, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool)):
+    for bad in (torch.ones(3, dtype=torch.int64), torch.ones(4, dtype=torch.bool),
+                torch.ones(1, 3, dtype=torch.bool)):
         with pytest.raises(ValueError, match=r"expected clusters to be a bool tensor of shape \(3,\)"):
             kmeans_update(x, labels, 3, True, bad)
     with pytest.raises(RuntimeError, match="clusters"):

@@ -317,8 +317,8 @@ def test_transform_bad_input(index, value, message):
 @pytest.mark.parametrize("shape", [(700, 300), (257, 37), (5, 16)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpu_syrk_updates_the_upper_triangle_only(dtype, shape, threads):
-    """Each syrk (scipy's; pydc's for float32: 16-column panels with a partial last one, 6-row strips, rows split
-    between threads by work) adds on and above the diagonal only, as the panels and the reference do."""
+    """Each syrk (scipy's; pydc's for float32: 16-column panels with a partial last one, 6-row strips, rows
+    split between threads by work) adds on and above the diagonal only, as the panels and the reference do."""
     n, d = shape
     backends = (["scipy"] if scipy_syrk_available() else []) + (["pydc"] if dtype == torch.float32 else [])
     if not backends:
@@ -366,7 +366,8 @@ def test_auto_keeps_pydcs_syrk_only_when_clearly_faster(monkeypatch, seconds, ex
     try:
         assert pca_ops.use_cpu_syrk("auto") is True
         report = pca_ops.cpu_syrk_report()
-        assert report["gram"] == expected and _C.cpu_float_syrk() == ("pydc" if expected == "pydc" else "blas")
+        assert report["gram"] == expected
+        assert _C.cpu_float_syrk() == ("pydc" if expected == "pydc" else "blas")
         assert calls == [(*pca_ops.SYRK_MEASURE_SHAPE, pca_ops.SYRK_MEASURE_ROUNDS)]
         assert (report["scipy_s"], report["pydc_s"]) == seconds
     finally:

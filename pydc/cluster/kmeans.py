@@ -161,10 +161,10 @@ class _PlainAssigner:
 
 def _update(x32, labels, k, deterministic, previous_labels, previous_sums):
     """kmeans_update's (sums, counts) for these labels. After the first iteration only the clusters that some
-    point joined or left are summed again: the others hold the same points, so their sums (each cluster's rows
-    in point order, in float64) are the previous ones bit for bit. Late in an unstructured 100k x 256, k = 1000
-    run, 51-455 points change label per iteration and 10-60% of the clusters are summed (an update took 8-10 ms
-    for all of them, on 2 threads of an AMD EPYC Zen 4)."""
+    point joined or left are summed again: the others hold the same points, so their sums (each cluster's
+    rows in point order, in float64) are the previous ones bit for bit. Late in an unstructured 100k x 256,
+    k = 1000 run, 51-455 points change label per iteration and 10-60% of the clusters are summed (an update
+    took 8-10 ms for all of them, on 2 threads of an AMD EPYC Zen 4)."""
     if previous_labels is None or x32.device.type != "cpu":
         return kmeans_update(x32, labels, k, deterministic=deterministic)
     moved = labels != previous_labels

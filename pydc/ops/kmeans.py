@@ -26,8 +26,9 @@ kmeans_update(x, labels, k, deterministic=True, clusters=None) -> (sums, counts)
     sums (k, d) float32: the sum of the rows of x with each label; counts (k,) int64: how many. The new
     centroid of a non-empty cluster is sums / counts. clusters, (k,) bool: only the flagged clusters' sums
     are computed, the others' rows are 0 (the counts are all computed): a Lloyd iteration recomputes only
-    the clusters some point joined or left, the others' sums being the same as before, bit for bit. The CPU kernel always sums every cluster's rows in
-    point order in float64 (deterministic whatever the thread count) and rejects labels outside [0, k). On
+    the clusters some point joined or left, the others' sums being the same as before, bit for bit. The CPU
+    kernel always sums every cluster's rows in point order in float64 (deterministic whatever the thread
+    count) and rejects labels outside [0, k). On
     CUDA, deterministic=True sorts the points by label and sums in a fixed order in float64 (bitwise
     reproducible); deterministic=False uses float atomics (faster, last bits vary run to run). The CUDA
     kernels skip labels outside [0, k), since checking them would need a device-to-host sync.
@@ -84,7 +85,8 @@ def _check_assign(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Te
                              f"{x_sq_norms.device}")
 
 
-def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int, clusters: torch.Tensor | None = None) -> None:
+def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int,
+                  clusters: torch.Tensor | None = None) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("kmeans_update: expected x and labels to be torch.Tensors")
     if x.dim() != 2 or x.dtype != torch.float32:
@@ -102,9 +104,10 @@ def _check_update(x: torch.Tensor, labels: torch.Tensor, k: int, clusters: torch
         raise ValueError(f"kmeans_update: expected k >= 1 clusters, got k = {k}")
     if clusters is not None and (not isinstance(clusters, torch.Tensor) or clusters.dtype != torch.bool
                                  or clusters.shape != (int(k),) or clusters.device != x.device):
-        raise ValueError(f"kmeans_update: expected clusters to be a bool tensor of shape ({int(k)},) on {x.device} "
-                         f"(one flag per cluster), got {getattr(clusters, 'dtype', type(clusters).__name__)} of "
-                         f"shape {tuple(getattr(clusters, 'shape', ()))}")
+        got = getattr(clusters, "dtype", type(clusters).__name__)
+        raise ValueError(f"kmeans_update: expected clusters to be a bool tensor of shape ({int(k)},) on "
+                         f"{x.device} (one flag per cluster), got {got} of shape "
+                         f"{tuple(getattr(clusters, 'shape', ()))}")
 
 
 def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor, x_sq_norms: torch.Tensor | None = None,

@@ -151,7 +151,8 @@ def syrk_requested(value: str | None = None) -> str:
     raw = os.environ.get(SYRK_ENV_VAR, "auto") if value is None else value
     normalised = {"1": "auto", "0": "panels"}.get(str(raw).strip().lower(), str(raw).strip().lower())
     if normalised not in SYRK_CHOICES:
-        raise ValueError(f"{source}: expected one of {', '.join(SYRK_CHOICES)} (the CPU PCA Gram), got {raw!r}")
+        raise ValueError(f"{source}: expected one of {', '.join(SYRK_CHOICES)} (the CPU PCA Gram), "
+                         f"got {raw!r}")
     return normalised
 
 
@@ -190,9 +191,9 @@ def use_cpu_syrk(enabled: bool | str = True) -> bool:
     except (TypeError, ValueError) as error:  # a scipy whose capsules do not look like ?syrk: no BLAS syrk
         _C.set_cpu_syrk(None, None)
         ssyrk = None
+        instead = "GEMM panels" if want == "scipy" else "pydc's syrk or GEMM panels"
         warnings.warn(f"pydc.ops.pca: not using scipy's BLAS syrk for the CPU Gram ({error}); "
-                      f"{'GEMM panels' if want == 'scipy' else 'pydc' + chr(39) + 's syrk or GEMM panels'} instead",
-                      RuntimeWarning, stacklevel=2)
+                      f"{instead} instead", RuntimeWarning, stacklevel=2)
     report = {"requested": want}
     if want == "auto" and ssyrk is not None:
         blas_s, pydc_s = _C.time_cpu_syrks(*SYRK_MEASURE_SHAPE, SYRK_MEASURE_ROUNDS)

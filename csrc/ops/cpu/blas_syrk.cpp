@@ -34,6 +34,7 @@ void call_syrk(Fn syrk, const at::Tensor& centred, const at::Tensor& gram) {
   syrk(&uplo, &trans, &n, &k, &alpha, const_cast<scalar_t*>(centred.const_data_ptr<scalar_t>()), &lda, &beta,
        gram.mutable_data_ptr<scalar_t>(), &ldc);
 }
+
 // pydc's float32 syrk: the Gram's rows split between the threads so that each updates about as many entries of
 // the upper triangle (row i has d - i): thread q of T takes rows from d (1 - sqrt(1 - q / T)) on.
 void pydc_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {

@@ -1170,8 +1170,8 @@ constexpr int64_t kSyrkDepth = 256;
 // strip: rows i0 .. of the tile, feature after feature (kGemmRows floats apart). Not inlined: inlined six times
 // into syrk_upper_rows at AVX2, its accumulators went to the stack on every step (0.4x the speed).
 template <int kRows>
-[[gnu::noinline]] void syrk_tile(const float* strip, int64_t depth, int64_t i0, const float* panel, int64_t j0, int64_t cols,
-                      float* gram, int64_t ldg) {
+[[gnu::noinline]] void syrk_tile(const float* strip, int64_t depth, int64_t i0, const float* panel, int64_t j0,
+                                  int64_t cols, float* gram, int64_t ldg) {
   fold_floats acc[kRows][2];
   tile_products<kRows>(strip, 1, kGemmRows, panel, kGemmPanel, depth, acc);
   for (int r = 0; r < kRows; ++r) {
@@ -1212,7 +1212,9 @@ void syrk_upper_rows(const float* x, int64_t ldx, int64_t rows, int64_t d, int64
       float* strip = strips + (i0 - row_begin) * kSyrkDepth;
       const int64_t height = std::min<int64_t>(kGemmRows, row_end - i0);
       for (int64_t t = 0; t < depth; ++t) {
-        for (int64_t r = 0; r < kGemmRows; ++r) strip[t * kGemmRows + r] = r < height ? block[t * ldx + i0 + r] : 0.0f;
+        for (int64_t r = 0; r < kGemmRows; ++r) {
+          strip[t * kGemmRows + r] = r < height ? block[t * ldx + i0 + r] : 0.0f;
+        }
       }
     }
     for (int64_t p = first_panel; p < panels; ++p) {
