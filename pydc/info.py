@@ -157,30 +157,30 @@ def _cpu_gram(loaded: bool) -> dict:
     from pydc.ops import pca
 
     try:
-        if pca.cpu_syrk_report()["gram"] is None:
-            pca.use_cpu_syrk(pca.syrk_requested())
+        return pca.ensure_cpu_syrk()
     except ValueError as error:
         return {"gram": None, "error": str(error)}
-    return pca.cpu_syrk_report()
+
+
+def _measured(report: dict, names: tuple[str, ...]) -> str | None:
+    """"measured: <name> <ms> ms, ... per AxB block" from an auto choice's report (pydc.ops.cpu_gemm,
+    pydc.ops.pca), or None when nothing was timed."""
+    times = ", ".join(f"{name} {report[f'{name}_s'] * 1e3:.1f} ms" for name in names
+                      if report.get(f"{name}_s", float("inf")) != float("inf"))
+    return f"measured: {times} per {'x'.join(map(str, report['shape']))} block" if times else None
 
 
 def _describe_gram(gram: dict) -> str:
     if gram["gram"] is None:
         return f"none ({gram.get('error', 'not chosen')})"
-    times = ", ".join(f"{name} {gram[f'{name}_s'] * 1e3:.1f} ms" for name in ("scipy", "pydc")
-                      if gram.get(f"{name}_s", float("inf")) != float("inf"))
-    how = f"measured: {times} per {'x'.join(map(str, gram['shape']))} block" if times else "not measured"
+    how = _measured(gram, ("scipy", "pydc")) or "not measured"
     return f"{gram['gram']} (PYDC_CPU_SYRK={gram['requested']}; {how})"
 
 
 def _describe_gemm(gemm: dict) -> str:
     if gemm["gemm"] is None:
         return f"none ({gemm.get('error', 'not chosen')})"
-    how = gemm.get("reason")
-    if how is None:
-        times = ", ".join(f"{name} {gemm[f'{name}_s'] * 1e3:.1f} ms" for name in ("torch", "scipy", "pydc")
-                          if gemm.get(f"{name}_s", float("inf")) != float("inf"))
-        how = f"measured: {times} per {'x'.join(map(str, gemm['shape']))} block"
+    how = gemm.get("reason") or _measured(gemm, ("torch", "scipy", "pydc"))
     return f"{gemm['gemm']}'s GEMM (PYDC_CPU_GEMM={gemm['requested']}; {how})"
 
 

@@ -212,17 +212,25 @@ def use_cpu_syrk(enabled: bool | str = True) -> bool:
     return bool(_C.has_cpu_syrk())
 
 
+def ensure_cpu_syrk() -> dict:
+    """Chooses the CPU Gram from PYDC_CPU_SYRK if this process has not yet (use_cpu_syrk); returns
+    cpu_syrk_report(). ValueError for a bad PYDC_CPU_SYRK."""
+    if not _cpu_syrk_tried:
+        use_cpu_syrk(syrk_requested())
+    return cpu_syrk_report()
+
+
 def cpu_syrk_report() -> dict:
     """How the CPU float32 Gram is computed, for pydc.info and benchmark records: {"gram": "pydc" | "scipy" |
     "panels" | None (not yet chosen), "requested": ..., and with auto the measured times}."""
-    return {"gram": None, **_syrk_report} if "gram" not in _syrk_report else dict(_syrk_report)
+    return {"gram": None, **_syrk_report}
 
 
 def pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None:
     """Adds the centred moments of `batch` into (sum, gram); see the module docstring."""
     _check_accumulate(batch, shift, sum, gram, nonfinite_rows)
-    if not _cpu_syrk_tried and batch.device.type == "cpu":
-        use_cpu_syrk(syrk_requested())
+    if batch.device.type == "cpu":
+        ensure_cpu_syrk()
     if not HAS_OPS:
         warn_fallback("pca_accumulate")
         for chunk in batch.split(_FALLBACK_CHUNK_ROWS):

@@ -69,12 +69,14 @@ bool has_cpu_syrk(at::ScalarType t) {
   return t == at::kDouble && g_double_syrk.load() != nullptr;
 }
 
-bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
+namespace {
+// cpu_syrk_upper with `which` as the float32 syrk (the timing below runs both without changing the selection).
+bool syrk_upper_with(CpuSyrk which, const at::Tensor& centred, const at::Tensor& gram) {
   const at::ScalarType t = centred.scalar_type();
   if (gram.scalar_type() != t || !centred.device().is_cpu() || !gram.device().is_cpu()) return false;
   if (centred.stride(1) != 1 || gram.stride(1) != 1 || centred.size(1) != gram.size(0)) return false;
   const int64_t d = centred.size(1);
-  if (t == at::kFloat && cpu_float_syrk() == CpuSyrk::kPydc) {
+  if (t == at::kFloat && which == CpuSyrk::kPydc) {
     if (centred.size(0) > 0 && d > 0) pydc_syrk_upper(centred, gram);
     return true;
   }
@@ -98,6 +100,11 @@ bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
   }
   return false;
 }
+}  // namespace
+
+bool cpu_syrk_upper(const at::Tensor& centred, const at::Tensor& gram) {
+  return syrk_upper_with(cpu_float_syrk(), centred, gram);
+}
 
 CpuSyrkTimes time_cpu_syrks(int64_t rows, int64_t d, int64_t rounds) {
   TORCH_CHECK(rows > 0 && d > 0 && rounds > 0, "pydc: time_cpu_syrks expects positive rows, d and rounds, got ",
@@ -108,11 +115,9 @@ CpuSyrkTimes time_cpu_syrks(int64_t rows, int64_t d, int64_t rounds) {
   const auto options = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor x = at::from_blob(x_data.data(), {rows, d}, options);
   const at::Tensor gram = at::from_blob(gram_data.data(), {d, d}, options);
-  const CpuSyrk selected = cpu_float_syrk();
   const auto seconds = [&](CpuSyrk which) {
-    set_cpu_float_syrk(which);
     const auto start = std::chrono::steady_clock::now();
-    cpu_syrk_upper(x, gram);
+    syrk_upper_with(which, x, gram);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   const bool blas = g_float_syrk.load() != nullptr;  // without it blas_s stays +inf
@@ -123,7 +128,6 @@ CpuSyrkTimes time_cpu_syrks(int64_t rows, int64_t d, int64_t rounds) {
     const double pydc_s = seconds(CpuSyrk::kPydc);
     if (round >= 0) best = {std::min(best.blas_s, blas_s), std::min(best.pydc_s, pydc_s)};
   }
-  set_cpu_float_syrk(selected);
   return best;
 }
 

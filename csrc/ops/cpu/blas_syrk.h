@@ -31,7 +31,7 @@ void set_cpu_float_syrk(CpuSyrk which);
 CpuSyrk cpu_float_syrk();
 
 // Fastest seconds of the float32 Gram (rows, d) of fixed values by the BLAS syrk (+inf when none is set) and by
-// pydc's, `rounds` timed runs each, alternating (after one untimed run of each); the selection is left as it was.
+// pydc's, `rounds` timed runs each, alternating (after one untimed run of each); the selection is not touched.
 struct CpuSyrkTimes {
   double blas_s;
   double pydc_s;
