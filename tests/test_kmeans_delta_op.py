@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pydc.cluster.kmeans import initial_centroids
-from pydc.cluster.kmeans_delta import LAYOUT_ROWS, products_by_centroid
+from pydc.cluster.kmeans_delta import LAYOUT_ROWS, TOP_SLOTS, empty_tops, products_by_centroid
 from pydc.ops._registry import HAS_OPS
 from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
 
@@ -33,13 +33,15 @@ class Pass:
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
+        self.tops = empty_tops(n)
         self.started = False
 
     def __call__(self, centroids, dense_changes=1e9):
         changes = dense_changes if self.started else -1.0
         self.started = True
         return torch.ops.pydc.kmeans_assign_delta(self.x, centroids, self.norms, changes, self.labels, self.dots,
-                                                  self.column_error, self.basis_labels, self.basis_centroids)
+                                                  self.column_error, self.basis_labels, self.basis_centroids,
+                                                  self.tops)
 
 
 def lloyd_update(x, labels, k):
@@ -59,6 +61,30 @@ def assert_products_within_bound(state, centroids):
     gap = (products_by_centroid(state.dots, state.x.shape[0], centroids.shape[0]).double() - exact).abs()
     allowed = state.column_error.unsqueeze(1) * state.x.double().norm(dim=1).unsqueeze(0)
     assert bool((gap <= allowed).all()), f"a product is off by {float((gap - allowed).max())} beyond its bound"
+
+
+def assert_top_lists_hold(state, centroids, rounding=1e-6):
+    """Every point's top list (state.tops: TOP_SLOTS scores ascending, their centroids, the floor) holds for
+    the kept products: each listed score is the point's score against that centroid under them, no listed
+    score is above the floor, and every score not listed is at or above it, up to the scores' float32
+    rounding (taken as `rounding` times ||c||^2 + 2 |product|)."""
+    n, k = state.x.shape[0], centroids.shape[0]
+    products = products_by_centroid(state.dots, n, k).double()
+    norms = (centroids.double() ** 2).sum(1, keepdim=True)
+    scores, slack = norms - 2 * products, rounding * (norms + 2 * products.abs())
+    listed, names = state.tops[:TOP_SLOTS].double(), state.tops[TOP_SLOTS:2 * TOP_SLOTS]
+    floor = state.tops[-1].double()
+    assert not bool(floor.isnan().any()), "a list is not valid after a pass"
+    used = names >= 0
+    assert bool((used[:-1] >= used[1:]).all()), "an empty slot before a used one"
+    assert bool((listed[:-1][used[1:]] <= listed[1:][used[1:]]).all()), "listed scores out of order"
+    slots = names.clamp_min(0).long()
+    off = (scores.gather(0, slots) - listed).abs() - slack.gather(0, slots)
+    assert bool((off[used] <= 0).all()), "a listed score is not the point's score"
+    assert bool((listed[used] <= floor.expand_as(listed)[used]).all()), "a listed score above the floor"
+    unlisted = torch.ones((k + 1, n), dtype=torch.bool).scatter_(0, torch.where(used, slots, k), False)[:k]
+    below = (scores + slack < floor.unsqueeze(0)) & unlisted
+    assert not bool(below.any()), "a score below the floor is not listed"
 
 
 def assert_kmeans_assign_labels(state, centroids, distances):
@@ -85,6 +111,7 @@ def test_lloyd_passes_give_kmeans_assign_labels_within_the_bound(data, level):
             distances, counts = state(centroids)
             assert_kmeans_assign_labels(state, centroids, distances)
             assert_products_within_bound(state, centroids)
+            assert_top_lists_hold(state, centroids)
             settled, products, dense = counts.tolist()
             if step == 0:
                 assert dense == 1 and products == n * k
@@ -189,16 +216,17 @@ def test_bad_arguments_are_refused():
     state = Pass(x, 3)
     centroids = torch.randn(3, 4)
     op = torch.ops.pydc.kmeans_assign_delta
-    args = (state.labels, state.dots, state.column_error, state.basis_labels, state.basis_centroids)
+    args = (state.labels, state.dots, state.column_error, state.basis_labels, state.basis_centroids,
+            state.tops)
     with pytest.raises(RuntimeError, match="dots of shape"):
         op(x, centroids, state.norms, -1.0, state.labels, torch.empty(3, 20), state.column_error,
-           state.basis_labels, state.basis_centroids)
+           state.basis_labels, state.basis_centroids, state.tops)
     with pytest.raises(RuntimeError, match="column_error"):
         op(x, centroids, state.norms, -1.0, state.labels, state.dots, state.column_error.float(),
-           state.basis_labels, state.basis_centroids)
+           state.basis_labels, state.basis_centroids, state.tops)
     with pytest.raises(RuntimeError, match="basis_centroids"):
         op(x, centroids, state.norms, -1.0, state.labels, state.dots, state.column_error, state.basis_labels,
-           torch.zeros(3, 5))
+           torch.zeros(3, 5), state.tops)
     with pytest.raises(RuntimeError, match="dtype Float"):
         op(x.double(), centroids, state.norms, -1.0, *args)
     with pytest.raises(RuntimeError, match="NaN"):
@@ -208,7 +236,7 @@ def test_bad_arguments_are_refused():
     bad[4] = 3
     with pytest.raises(RuntimeError, match="labels and basis_labels in"):
         op(x, centroids, state.norms, 1.0, bad, state.dots, state.column_error, state.basis_labels,
-           state.basis_centroids)
+           state.basis_centroids, state.tops)
     # a refused call changed nothing: the next pass still gives kmeans_assign's labels
     distances, _ = state(centroids)
     assert_kmeans_assign_labels(state, centroids, distances)
@@ -224,7 +252,8 @@ def test_fake_matches_the_kernel():
     centroids = lloyd_update(x, state.labels, 10)
     for changes in (-1.0, 1e9):
         arguments = (x, centroids, state.norms, changes, state.labels.clone(), state.dots.clone(),
-                     state.column_error.clone(), state.basis_labels.clone(), state.basis_centroids.clone())
+                     state.column_error.clone(), state.basis_labels.clone(), state.basis_centroids.clone(),
+                     state.tops.clone())
         torch.library.opcheck(torch.ops.pydc.kmeans_assign_delta.default, arguments,
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -251,6 +280,7 @@ def test_products_anywhere_within_their_bound_give_exact_labels():
     sign[pairs[:, 0]] = -1.0
     sign[pairs[:, 1]] = 1.0
     state.dots.copy_(in_layout((exact + sign * edge).float()))
+    state.tops.fill_(float("nan"))  # the top lists follow the products: not valid once these are replaced
     assert_products_within_bound(state, centroids)
     distances, counts = state(centroids, dense_changes=0.0)
     assert counts.tolist()[1:] == [0, 0]  # a moved pass (nothing to move): the kept products decided
@@ -260,3 +290,89 @@ def test_products_anywhere_within_their_bound_give_exact_labels():
     # a distance from an unsettled row's kept product errs by up to twice its product's bound
     torch.testing.assert_close(distances, plain_distances.double(), rtol=0, atol=2.5 * float(edge.max()))
     assert torch.equal(state.labels[:6], pairs[:, 0])  # exact ties go to the lower index
+
+
+def run_to_moved_passes(x, k, passes):
+    """A state after a dense pass and `passes` moved ones (Lloyd updates between), and the next centroids."""
+    state = Pass(x, k)
+    centroids = initial_centroids(x, k, seed=4)
+    for _ in range(passes + 2):
+        state(centroids)
+        centroids = lloyd_update(x, state.labels, k)
+    return state, centroids
+
+
+@pytest.mark.parametrize("damage", ["all", "few", "out_of_range"])
+def test_top_lists_not_valid_are_folded_again(damage):
+    """The per-point top lists (the best scores under the kept products, and a floor under the rest) that a
+    moved pass reads instead of the runs of centroids nothing moved: lists marked not valid (floor NaN) are
+    folded again from the products, a whole block at once when many are or point by point when few are, and
+    lists naming centroids out of range are treated as not valid; the labels stay kmeans_assign's."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(2100, 16, generator=generator), dim=1)
+    state, centroids = run_to_moved_passes(x, 24, passes=2)
+    if damage == "all":
+        state.tops.fill_(float("nan"))
+    elif damage == "few":
+        state.tops[-1, [3, 700, 1500]] = float("nan")
+    else:
+        state.tops[4, 10] = 24.0   # the best listed centroid past k - 1
+        state.tops[5, 11] = -7.0   # a second listed centroid below 0
+        state.tops[4, 12] = 1e30
+    for _ in range(3):
+        distances, counts = state(centroids)
+        assert counts.tolist()[2] == 0, "expected moved passes"
+        assert_kmeans_assign_labels(state, centroids, distances)
+        assert_top_lists_hold(state, centroids)
+        centroids = lloyd_update(x, state.labels, 24)
+
+
+def test_centroids_moved_within_the_bound_are_scored_again():
+    """A centroid moved by something other than the labels, by less than sends the pass to a dense one (the
+    residual of the update formula is in the products' error bound): its products stay, but every point's
+    score against it changes with ||c||^2, so the lists take its new scores like those of the centroids the
+    labels moved. From a fixed point, where no label moves any centroid."""
+    generator = torch.Generator().manual_seed(8)
+    x = torch.nn.functional.normalize(torch.randn(1500, 16, generator=generator), dim=1)
+    state, centroids = run_to_moved_passes(x, 10, passes=2)
+    for _ in range(60):
+        state(centroids)
+        centroids = lloyd_update(x, state.labels, 10)
+        if torch.equal(state.labels, state.basis_labels):
+            break
+    assert torch.equal(state.labels, state.basis_labels), "no fixed point reached"
+    state(centroids, dense_changes=-1.0)  # a dense pass resets the products' error bound
+    centroids[3] += 4e-6 * centroids[3] / centroids[3].norm()  # ||c_3||^2 grows by ~8e-6 ||c_3||
+    distances, counts = state(centroids)
+    assert counts.tolist()[1:] == [0, 0], "expected a moved pass with nothing to move"
+    assert_kmeans_assign_labels(state, centroids, distances)
+    assert_top_lists_hold(state, centroids)
+
+
+def test_a_single_listed_score_is_settled_against_the_floor():
+    """A point's second-best score is bounded by its list's floor as well as by its second listed score:
+    points whose list holds one centroid, the higher of two at exactly the same distance (midpoints of integer
+    centroids), with the lower one's score as the floor, are settled in float64 and take the lower index, as
+    kmeans_assign does."""
+    generator = torch.Generator().manual_seed(12)
+    centroids = torch.randn(8, 10, generator=generator).mul(10).round()
+    centroids[1::2] = centroids[0::2] + torch.eye(10)[:4] * 2  # pairs 2 apart, far from the other pairs
+    noisy = centroids + torch.randn(8, 10, generator=generator)
+    x = torch.cat([(centroids[0::2] + centroids[1::2]) / 2, noisy])
+    state = Pass(x, 8)
+    state(centroids)
+    state.basis_labels.copy_(state.labels)  # the same centroids again: a pass that moves nothing
+    ties = torch.arange(4)
+    higher = 2 * ties + 1
+    chosen = centroids[higher].double()
+    score = (chosen ** 2).sum(1) - 2 * (chosen * x[ties].double()).sum(1)
+    state.tops[:TOP_SLOTS, ties] = float("inf")
+    state.tops[TOP_SLOTS:2 * TOP_SLOTS, ties] = -1.0
+    state.tops[0, ties] = score.float()  # exact: integer and half-integer coordinates
+    state.tops[TOP_SLOTS, ties] = higher.float()
+    state.tops[-1, ties] = score.float()  # the lower centroid's score, the same: the floor
+    assert_top_lists_hold(state, centroids)
+    distances, counts = state(centroids, dense_changes=0.0)
+    assert counts.tolist()[1:] == [0, 0]
+    assert_kmeans_assign_labels(state, centroids, distances)
+    assert torch.equal(state.labels[ties], 2 * ties)

@@ -24,6 +24,71 @@ enum class CpuCapability : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 // column sums, and gx / gy of one row before a channels-last output interleaves them.
 constexpr int64_t kSobelScratchRows = 9;
 
+// kmeans_assign_delta keeps, per point, a top list of its best scores ||c_j||^2 - 2 x . c_j under the kept
+// products (kmeans_delta_kernel.cpp), so that a moved pass reads only the runs of the centroids whose scores
+// changed. A point's list is kDeltaTopRows floats `stride` apart: rows 0 .. kDeltaTopSlots - 1 its listed
+// scores in ascending order (+inf: an empty slot), the next kDeltaTopSlots rows their centroids' indices as
+// floats (-1: empty), the last row the floor tau: every score not listed is >= tau (NaN: the list is not valid).
+// Every listed score is <= tau, so the smallest listed score is the point's best and min(second listed, tau) a
+// lower bound on its second best.
+constexpr int kDeltaTopSlots = 4;
+constexpr int kDeltaTopRows = 2 * kDeltaTopSlots + 1;
+
+// Folds score v of centroid j into a point's top list: listed when it is below both the last listed score and
+// tau (the last one then leaves the list, tau taking its score if lower), else tau = min(tau, v). NaN scores
+// never enter (as in kmeans_assign's fold), nor does anything into a list whose tau is NaN.
+inline void delta_tops_fold(float* tops, int64_t stride, float v, int32_t j) {
+  float* score = tops;
+  float* index = tops + kDeltaTopSlots * stride;
+  float* tau = tops + 2 * kDeltaTopSlots * stride;
+  const float last = score[(kDeltaTopSlots - 1) * stride];
+  if (!(v < last && v < *tau)) {
+    if (v < *tau) *tau = v;
+    return;
+  }
+  if (last < *tau) *tau = last;
+  int s = kDeltaTopSlots - 1;
+  for (; s > 0 && v < score[(s - 1) * stride]; --s) {
+    score[s * stride] = score[(s - 1) * stride];
+    index[s * stride] = index[(s - 1) * stride];
+  }
+  score[s * stride] = v;
+  index[s * stride] = static_cast<float>(j);
+}
+
+// Empties a point's top list (tau = +inf, the start of a fold over every centroid).
+inline void delta_tops_clear(float* tops, int64_t stride) {
+  for (int s = 0; s < kDeltaTopSlots; ++s) {
+    tops[s * stride] = __builtin_inff();
+    tops[(kDeltaTopSlots + s) * stride] = -1.0f;
+  }
+  tops[2 * kDeltaTopSlots * stride] = __builtin_inff();
+}
+
+// Takes the centroids flagged in `touched` (k of them: their scores changed) out of a point's list, keeping the
+// order of the rest; a list naming no centroid in [0, k) where it lists a score is marked not valid (tau = NaN).
+inline void delta_tops_remove(float* tops, int64_t stride, const uint8_t* touched, int64_t k) {
+  float* score = tops;
+  float* index = tops + kDeltaTopSlots * stride;
+  int kept = 0;
+  for (int s = 0; s < kDeltaTopSlots; ++s) {
+    const float j = index[s * stride];
+    if (!(score[s * stride] < __builtin_inff())) break;  // the empty tail
+    if (!(j >= 0.0f && j < static_cast<float>(k))) {
+      tops[2 * kDeltaTopSlots * stride] = __builtin_nanf("");
+      return;
+    }
+    if (touched[static_cast<int64_t>(j)]) continue;
+    score[kept * stride] = score[s * stride];
+    index[kept * stride] = j;
+    ++kept;
+  }
+  for (; kept < kDeltaTopSlots; ++kept) {
+    score[kept * stride] = __builtin_inff();
+    index[kept * stride] = -1.0f;
+  }
+}
+
 struct CpuKernels {
   const char* name;
   // floats per vector register in the loops of this level (4, 8, 16): what the level's unit was compiled for
@@ -34,19 +99,23 @@ struct CpuKernels {
   // index, second-best score) under kmeans_prefer; NaN scores never enter.
   void (*fold_row_top2)(const float* dot, const float* centroid_sq_norms, int64_t n, int64_t j0,
                         float* best_score, int64_t* best_index, float* second_score);
-  // fold_row_top2 of `count` points at once from their products stored by centroid: dot[j * stride + r] is
-  // point r's product with centroid j (j < k); best_score[r], best_index[r] and second_score[r] are set (the
-  // same values as fold_row_top2 over the point's row from +inf).
-  void (*fold_columns_top2)(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k,
-                            int64_t count, float* best_score, int32_t* best_index, float* second_score);
-  // fold_columns_top2 after moving the products of the centroids with scale[j] != 1 or any added products
-  // (kmeans_delta_kernel.cpp): dot[j * stride + r] = dot[j * stride + r] * scale[j] + a, where a is the float32
-  // sum of gain[q] * products[row[q] * count + r] over q from start[j] to start[j + 1] - 1, in that order (every
-  // product and sum rounded to float32, no fused multiply-add).
-  void (*update_fold_columns_top2)(float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k,
-                                   int64_t count, const float* scale, const int64_t* start, const int32_t* row,
-                                   const float* gain, const float* products, float* best_score, int32_t* best_index,
-                                   float* second_score);
+  // Top lists of `count` points from scratch (kmeans_assign_delta's dense pass) from their products stored by
+  // centroid: dot[j * stride + r] is point r's product with centroid j (j < k); point r's list goes to tops + r
+  // (rows tops_stride apart): its kDeltaTopSlots smallest scores ||c_j||^2 - 2 dot in ascending order (ties in
+  // centroid order, NaN never listed), their centroids, and the next smallest score as the floor (+inf when
+  // there is none). sorted: scratch of 2 (kDeltaTopSlots + 1) count floats.
+  void (*fold_columns_tops)(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k,
+                            int64_t count, float* tops, int64_t tops_stride, float* sorted);
+  // The moved pass of kmeans_assign_delta for `count` points (kmeans_delta_kernel.cpp): for each centroid j of
+  // columns[0 .. n_columns - 1] (ascending), its products dot[j * stride + r] are first moved, when scale is not
+  // null and scale[j] != 1 or start[j + 1] > start[j]: dot = dot * scale[j] + a, a being the float32 sum of
+  // gain[q] * products[row[q] * count + r] over q from start[j] to start[j + 1] - 1, in that order (every product
+  // and sum rounded to float32, no fused multiply-add), and stored; then each point's score ||c_j||^2 - 2 dot is
+  // folded into its top list (point r's list at tops + r, rows tops_stride apart; delta_tops_fold's rule).
+  void (*update_fold_column_tops)(float* dot, int64_t stride, const float* centroid_sq_norms, const int32_t* columns,
+                                  int64_t n_columns, int64_t count, const float* scale, const int64_t* start,
+                                  const int32_t* row, const float* gain, const float* products, float* tops,
+                                  int64_t tops_stride);
   // dst[j * dst_stride + r] = src[j * src_stride + r] for j < runs and r < count, with streaming stores where
   // dst is aligned to the vector (memory written once and not read soon), fenced before return.
   void (*copy_runs_streaming)(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t runs,

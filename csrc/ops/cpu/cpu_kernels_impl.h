@@ -600,42 +600,133 @@ inline void fold_one(float norm, int32_t j, float d, float* best_score, int32_t*
   *best_index = better ? j : *best_index;
 }
 
-// The running (best, index, second) of every point in memory (the points of a row block are the lanes): each
-// centroid's products are one contiguous run, read once; fold_row_top2's comparisons, so its values. With
-// `scale` (update_fold_columns_top2), a centroid's run is first moved to its new centroid and stored.
-void update_fold_columns_top2(float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k, int64_t count,
-                              const float* scale, const int64_t* start, const int32_t* row, const float* gain,
-                              const float* products, float* best_score, int32_t* best_index, float* second_score) {
-  for (int64_t r = 0; r < count; ++r) {
-    best_score[r] = kKMeansInf;
-    second_score[r] = kKMeansInf;
-    best_index[r] = 0;
+// The runs are separate 4 KiB streams 4 * stride bytes apart, each cold when its turn comes: the run
+// kFoldPrefetchRuns ahead is prefetched a cache line per step of this one. The moved passes of an unstructured
+// 100k x 256, k = 1000 run (AMD EPYC Zen 4, 2 threads, separate processes, 3 runs each): 1.14-1.27 s ->
+// 1.01-1.09 s at avx512, 1.20-1.26 s -> 1.01-1.06 s at avx2; 1, 4 and 8 runs ahead were no different.
+constexpr int64_t kFoldPrefetchRuns = 2;
+constexpr int64_t kLineFloats = 16;
+
+// The lanes of a comparison's result that are set, one bit per lane from the lowest.
+inline uint32_t set_lanes(const fold_ints& mask) {
+#if PYDC_CPU_LEVEL >= 2
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(mask));
+#elif PYDC_CPU_LEVEL >= 1
+  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(mask)));
+#else
+  uint32_t bits = 0;
+  for (int m = 0; m < kFoldWidth; ++m) bits |= static_cast<uint32_t>(mask[m] & 1) << m;
+  return bits;
+#endif
+}
+
+// Top lists from scratch for `count` points (the lanes) from every centroid's run, read once: the
+// kDeltaTopSlots + 1 smallest scores per point, sorted, in `sorted` (their centroids in the next kDeltaTopSlots + 1
+// rows, count floats a row), then the first kDeltaTopSlots listed and the last one the floor. A run's scores are
+// compared with each point's current last (the screen); only a vector of points where some score is below it goes
+// through the insertion network, which places a score in every lane at once.
+void fold_columns_tops(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k, int64_t count,
+                       float* tops, int64_t tops_stride, float* sorted) {
+  constexpr int kSorted = kDeltaTopSlots + 1;
+  static_assert(kSorted == 5, "fold_columns_tops' insertion network is written out for 5 slots");
+  float* index = sorted + kSorted * count;
+  for (int c = 0; c < kSorted; ++c) {
+    for (int64_t r = 0; r < count; ++r) {
+      sorted[c * count + r] = kKMeansInf;
+      index[c * count + r] = -1.0f;
+    }
   }
   const int64_t vectors_end = count / kFoldWidth * kFoldWidth;
   const fold_floats two = splat(2.0f);
-  // The runs are separate 4 KiB streams 4 * stride bytes apart, each cold when its turn comes: the run
-  // kFoldPrefetchRuns ahead is prefetched a cache line per step of this one. The moved passes of an unstructured
-  // 100k x 256, k = 1000 run (AMD EPYC Zen 4, 2 threads, separate processes, 3 runs each): 1.14-1.27 s ->
-  // 1.01-1.09 s at avx512, 1.20-1.26 s -> 1.01-1.06 s at avx2; 1, 4 and 8 runs ahead were no different.
-  constexpr int64_t kFoldPrefetchRuns = 2;
-  constexpr int64_t kLineFloats = 16;
   for (int64_t j = 0; j < k; ++j) {
-    float* run = dot + j * stride;
+    const float* run = dot + j * stride;
     const float* ahead = j + kFoldPrefetchRuns < k ? dot + (j + kFoldPrefetchRuns) * stride : nullptr;
-    const auto prefetch = [&](int64_t r) {
-      if (ahead != nullptr && r % kLineFloats == 0) __builtin_prefetch(ahead + r, 1, 0);
-    };
     const fold_floats norm = splat(centroid_sq_norms[j]);
-    fold_ints index;
-    for (int m = 0; m < kFoldWidth; ++m) index[m] = static_cast<int32_t>(j);
+    const fold_floats id = splat(static_cast<float>(j));
+    for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
+      if (ahead != nullptr && r % kLineFloats == 0) __builtin_prefetch(ahead + r, 0, 0);
+      fold_floats d, last;
+      std::memcpy(&d, run + r, sizeof(d));
+      std::memcpy(&last, sorted + (kSorted - 1) * count + r, sizeof(last));
+      const fold_floats score = norm - two * d;
+      if (set_lanes(score < last) == 0) continue;
+      // slot c takes slot c - 1's entry where the score goes before that one, the score where it goes at c
+      // (named registers: arrays of vectors were kept on the stack, in halves)
+      float* const v = sorted + r;
+      float* const w = index + r;
+      fold_floats v0, v1, v2, v3, v4, n0, n1, n2, n3, n4;
+      std::memcpy(&v0, v, sizeof(v0));
+      std::memcpy(&v1, v + count, sizeof(v1));
+      std::memcpy(&v2, v + 2 * count, sizeof(v2));
+      std::memcpy(&v3, v + 3 * count, sizeof(v3));
+      v4 = last;
+      std::memcpy(&n0, w, sizeof(n0));
+      std::memcpy(&n1, w + count, sizeof(n1));
+      std::memcpy(&n2, w + 2 * count, sizeof(n2));
+      std::memcpy(&n3, w + 3 * count, sizeof(n3));
+      std::memcpy(&n4, w + 4 * count, sizeof(n4));
+      const fold_ints b0 = score < v0, b1 = score < v1, b2 = score < v2, b3 = score < v3, b4 = score < v4;
+      const fold_floats o4 = b3 ? v3 : (b4 ? score : v4), m4 = b3 ? n3 : (b4 ? id : n4);
+      const fold_floats o3 = b2 ? v2 : (b3 ? score : v3), m3 = b2 ? n2 : (b3 ? id : n3);
+      const fold_floats o2 = b1 ? v1 : (b2 ? score : v2), m2 = b1 ? n1 : (b2 ? id : n2);
+      const fold_floats o1 = b0 ? v0 : (b1 ? score : v1), m1 = b0 ? n0 : (b1 ? id : n1);
+      const fold_floats o0 = b0 ? score : v0, m0 = b0 ? id : n0;
+      std::memcpy(v, &o0, sizeof(o0));
+      std::memcpy(v + count, &o1, sizeof(o1));
+      std::memcpy(v + 2 * count, &o2, sizeof(o2));
+      std::memcpy(v + 3 * count, &o3, sizeof(o3));
+      std::memcpy(v + 4 * count, &o4, sizeof(o4));
+      std::memcpy(w, &m0, sizeof(m0));
+      std::memcpy(w + count, &m1, sizeof(m1));
+      std::memcpy(w + 2 * count, &m2, sizeof(m2));
+      std::memcpy(w + 3 * count, &m3, sizeof(m3));
+      std::memcpy(w + 4 * count, &m4, sizeof(m4));
+    }
+    for (int64_t r = vectors_end; r < count; ++r) {
+      const float score = kmeans_score(centroid_sq_norms[j], run[r]);
+      int c = kSorted;
+      while (c > 0 && score < sorted[(c - 1) * count + r]) --c;
+      if (c == kSorted) continue;
+      for (int e = kSorted - 1; e > c; --e) {
+        sorted[e * count + r] = sorted[(e - 1) * count + r];
+        index[e * count + r] = index[(e - 1) * count + r];
+      }
+      sorted[c * count + r] = score;
+      index[c * count + r] = static_cast<float>(j);
+    }
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    for (int c = 0; c < kDeltaTopSlots; ++c) {
+      tops[c * tops_stride + r] = sorted[c * count + r];
+      tops[(kDeltaTopSlots + c) * tops_stride + r] = index[c * count + r];
+    }
+    tops[2 * kDeltaTopSlots * tops_stride + r] = sorted[kDeltaTopSlots * count + r];
+  }
+}
+
+// Most scores fall at or above their point's floor tau and change nothing; the few below it go through
+// delta_tops_fold, one point at a time.
+void update_fold_column_tops(float* dot, int64_t stride, const float* centroid_sq_norms, const int32_t* columns,
+                             int64_t n_columns, int64_t count, const float* scale, const int64_t* start,
+                             const int32_t* row, const float* gain, const float* products, float* tops,
+                             int64_t tops_stride) {
+  const int64_t vectors_end = count / kFoldWidth * kFoldWidth;
+  const fold_floats two = splat(2.0f);
+  const float* tau = tops + 2 * kDeltaTopSlots * tops_stride;
+  for (int64_t c = 0; c < n_columns; ++c) {
+    const int64_t j = columns[c];
+    float* run = dot + j * stride;
+    const float* ahead = c + kFoldPrefetchRuns < n_columns ? dot + columns[c + kFoldPrefetchRuns] * stride : nullptr;
+    const fold_floats norm = splat(centroid_sq_norms[j]);
     const bool moved = scale != nullptr && (scale[j] != 1.0f || start[j + 1] > start[j]);
-    if (moved) {
-      const int64_t q0 = start[j], q1 = start[j + 1];
-      const fold_floats s = splat(scale[j]);
-      for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
-        prefetch(r);
-        fold_floats d, added = splat(0.0f);
-        std::memcpy(&d, run + r, sizeof(d));
+    const int64_t q0 = moved ? start[j] : 0, q1 = moved ? start[j + 1] : 0;
+    const fold_floats s = splat(moved ? scale[j] : 1.0f);
+    for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
+      if (ahead != nullptr && r % kLineFloats == 0) __builtin_prefetch(ahead + r, 1, 0);
+      fold_floats d;
+      std::memcpy(&d, run + r, sizeof(d));
+      if (moved) {
+        fold_floats added = splat(0.0f);
         for (int64_t q = q0; q < q1; ++q) {
           fold_floats p;
           std::memcpy(&p, products + row[q] * count + r, sizeof(p));
@@ -643,33 +734,26 @@ void update_fold_columns_top2(float* dot, int64_t stride, const float* centroid_
         }
         d = d * s + added;
         std::memcpy(run + r, &d, sizeof(d));
-        fold_lanes(norm, two, index, d, best_score + r, best_index + r, second_score + r);
       }
-      for (int64_t r = vectors_end; r < count; ++r) {
-        float added = 0.0f;
-        for (int64_t q = q0; q < q1; ++q) added = added + gain[q] * products[row[q] * count + r];
-        const float d = run[r] * scale[j] + added;
-        run[r] = d;
-        fold_one(centroid_sq_norms[j], static_cast<int32_t>(j), d, best_score + r, best_index + r, second_score + r);
+      const fold_floats score = norm - two * d;
+      fold_floats floor;
+      std::memcpy(&floor, tau + r, sizeof(floor));
+      for (uint32_t bits = set_lanes(score < floor); bits != 0; bits &= bits - 1) {
+        const int m = __builtin_ctz(bits);
+        delta_tops_fold(tops + r + m, tops_stride, score[m], static_cast<int32_t>(j));
       }
-      continue;
-    }
-    for (int64_t r = 0; r < vectors_end; r += kFoldWidth) {
-      prefetch(r);
-      fold_floats d;
-      std::memcpy(&d, run + r, sizeof(d));
-      fold_lanes(norm, two, index, d, best_score + r, best_index + r, second_score + r);
     }
     for (int64_t r = vectors_end; r < count; ++r) {
-      fold_one(centroid_sq_norms[j], static_cast<int32_t>(j), run[r], best_score + r, best_index + r, second_score + r);
+      float d = run[r];
+      if (moved) {
+        float added = 0.0f;
+        for (int64_t q = q0; q < q1; ++q) added = added + gain[q] * products[row[q] * count + r];
+        d = d * scale[j] + added;
+        run[r] = d;
+      }
+      delta_tops_fold(tops + r, tops_stride, kmeans_score(centroid_sq_norms[j], d), static_cast<int32_t>(j));
     }
   }
-}
-
-void fold_columns_top2(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k, int64_t count,
-                       float* best_score, int32_t* best_index, float* second_score) {
-  update_fold_columns_top2(const_cast<float*>(dot), stride, centroid_sq_norms, k, count, nullptr, nullptr, nullptr,
-                           nullptr, nullptr, best_score, best_index, second_score);  // nothing moved: nothing written
 }
 
 float elkan_anchor_row(const float* dot, const float* centroid_sq_norms, const float* offset_down, float base,
@@ -1253,8 +1337,9 @@ int64_t syrk_scratch_floats(int64_t d) {
 
 extern const CpuKernels kKernels;
 const CpuKernels kKernels{
-    PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &fold_columns_top2,
-    &update_fold_columns_top2,                 &copy_runs_streaming, &group_min_scores,     &block_scores8,  &group_block_minima, &decay_group_bounds,
+    PYDC_CPU_NAME,       kFoldWidth,           &fold_row_top2,       &fold_columns_tops,
+    &update_fold_column_tops, &copy_runs_streaming, &group_min_scores,     &block_scores8,  &group_block_minima,
+    &decay_group_bounds,
     &centroid_dots,      &elkan_candidates,    &elkan_anchor_row,     &dot_f64,
     &squared_distance_f64, &bf16_rounding_sq_norms, &accumulate_row,    &center_row_float,     &add_row_float,
     &normalize_row_float, &normalize_row_double, &sobel_band_u8,      &row_max_float,

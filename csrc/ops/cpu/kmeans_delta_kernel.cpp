@@ -1,7 +1,7 @@
 // CPU kernel of one assignment pass of k-means by updated dot products (pydc/cluster/kmeans_delta.py):
 //
 // kmeans_assign_delta(x, centroids, x_sq_norms, dense_changes, labels(a!), dots(b!), column_error(c!),
-//                     basis_labels(d!), basis_centroids(e!)) -> (distances, counts)
+//                     basis_labels(d!), basis_centroids(e!), tops(f!)) -> (distances, counts)
 //   The state, kept between passes: dots (k N,) float32, the products p[j, i] in blocks of kLayoutRows = 1024
 //   points (the last one ragged): block b (points 1024 b .. 1024 b + rows_b - 1) holds its k runs of rows_b
 //   products centroid after centroid, so p[j, i] = dots[1024 b k + j rows_b + r] for i = 1024 b + r
@@ -19,8 +19,15 @@
 //   its float32 rounding, (n_j b_j + sum P_j - sum Q_j) / n'_j (n, n': cluster sizes under basis_labels and
 //   labels), so
 //       p[j, i] <- p[j, i] * (n_j / n'_j) + (sum_{y in P_j} x_i . y - sum_{y in Q_j} x_i . y) / n'_j.
+//   tops (kDeltaTopRows, N) float32: each point's top list under the kept products (cpu_kernels.h: its
+//   kDeltaTopSlots best scores, their centroids and a floor under the others), set by a dense pass; a moved pass
+//   takes the centroids it touches (those that gained or lost points, or whose centroid changed at all) out of
+//   every list and folds only their runs back in, so the runs of the other centroids are not read (late in an
+//   unstructured run 10-20% of the centroids are touched). A list with a NaN floor is not valid: it is folded
+//   again from the point's products (a whole piece's runs at once when more than kRefoldRows of its points
+//   need it). The lists follow the products: a caller who changes dots between passes fills tops with NaN.
 //   On return labels are the labels kmeans_assign would give for `centroids` (bitwise), basis_labels the labels
-//   it was given, basis_centroids = centroids and dots, column_error their state; distances (N,) float64: the
+//   it was given, basis_centroids = centroids and dots, column_error, tops their state; distances (N,) float64: the
 //   squared distance of every point to its new centroid (float32 arithmetic, as kmeans_assign's); counts (3,)
 //   int64 = (rows settled in float64, dot products computed: N x m, or N x k for a dense pass, 1 when dense).
 //
@@ -33,9 +40,10 @@
 // every centroid (the centroids' own float32 rounding; a column nothing moved into or out of keeps its dots, and
 // its residual is ||c'_j - b_j||, 0 after a Lloyd update). Every term is rounded up (1% slack), so each float32
 // score ||c'_j||^2 - 2 dots[j, i] errs by at most kmeans_score_error_bound + 2 ||x_i|| max_j column_error[j],
-// and a row whose best two scores are further apart than twice that keeps its float32 winner; any other row
-// is settled in float64 among the centroids within that margin of its best (kmeans_settle_near_best), as
-// kmeans_assign settles its near-ties. So the labels are kmeans_assign's. When the bound grows past
+// and a row whose best two scores are further apart than twice that keeps its float32 winner (its best listed
+// score, the second best being at least min(second listed score, floor)); any other row is settled in float64
+// among the centroids within that margin of its best (kmeans_settle_near_best), as kmeans_assign settles its
+// near-ties. So the labels are kmeans_assign's. When the bound grows past
 // kMaxErrorGrowth times the GEMM's own (an empty-cluster split, a spherical renormalisation, or centroids that
 // are not the means of `labels`), the pass is dense instead, which resets it.
 #include <ATen/ATen.h>
@@ -72,6 +80,9 @@ constexpr double kMaxErrorGrowth = 8.0;
 // the passes ~15% slower (more, shorter runs).
 constexpr int64_t kLayoutRows = 1024;
 constexpr int64_t kDenseRows = 256;  // points per GEMM of a dense pass
+// A moved pass folds every run of a piece into fresh top lists when more than this many of its points have no
+// valid list; fewer are folded again one by one from their rows (k products kLayoutRows floats apart each).
+constexpr int64_t kRefoldRows = 8;
 
 // An upper bound on ||v|| from a float32 ||v||^2 summed in any order (kmeans_norm_rounding).
 double norm_up(float sq_norm, int64_t d) {
@@ -156,11 +167,13 @@ bool plan_update(const at::Tensor& x, const float* pn, const at::Tensor& centroi
       error[j] = e * kRoundUp;
     }
   });
-  double max_error = 0.0, max_point = 0.0;
+  double max_error = 0.0;
   for (int64_t j = 0; j < k; ++j) {
     if (!(error[j] <= max_error)) max_error = std::isnan(error[j]) ? HUGE_VAL : error[j];
   }
-  for (int64_t i = 0; i < n; ++i) max_point = std::max(max_point, norm_up(pn[i], d));
+  float max_sq = 0.0f;  // norm_up grows with the squared norm: one root for the largest
+  for (int64_t i = 0; i < n; ++i) max_sq = pn[i] > max_sq ? pn[i] : max_sq;
+  const double max_point = norm_up(max_sq, d);
   if (!(max_error <= kMaxErrorGrowth * kmeans_gamma(d + 2) * (max_point + max_centroid_norm))) return false;
   std::copy(error.begin(), error.end(), column_error);
   for (int64_t j = 0; j < k; ++j) {
@@ -210,59 +223,61 @@ struct Pass {
   int64_t first_point(const Piece& piece) const { return piece.block * kLayoutRows + piece.r0; }
 };
 
-// Settles in float64 the piece's points whose folded best two scores are within twice the score error bound
-// (kmeans_score_error_bound, plus 2 ||x|| max_error) and writes every label and distance; returns how many were
-// settled.
-int64_t finish_block(const Pass& p, const Piece& piece, const float* best, const int32_t* index,
-                     const float* second) {
-  int64_t settled = 0;
-  const int64_t i0 = p.first_point(piece), stride = p.stride(piece);
-  const float* runs = p.runs(piece);
-  for (int64_t r = 0; r < piece.rows; ++r) {
-    const int64_t i = i0 + r;
-    const double margin = 2.0 * (kmeans_score_error_bound(p.pn[i], p.info->max_norm, p.d) +
-                                 2.0 * norm_up(p.pn[i], p.d) * p.max_error);
-    float score = best[r];
-    int64_t position = index[r];
-    if (!(static_cast<double>(second[r]) - static_cast<double>(best[r]) > margin)) {
-      double exact;
-      const float* column = runs + r;  // point i's products, k of them, stride apart
-      const auto visit = [&](auto fn) {
-        for (int64_t j = 0; j < p.k; ++j) fn(j, kmeans_score(p.cn[j], column[j * stride]));
-      };
-      position = kmeans_settle_near_best(p.xs + i * p.d, p.cs, p.info->sq_norms_f64.data(), nullptr, p.d, best[r],
-                                         margin, &exact, visit);
-      score = static_cast<float>(exact);
-      ++settled;
-    }
-    p.label[i] = position;
-    p.distance_out[i] = kmeans_distance(p.pn[i], score);
-  }
-  return settled;
-}
-
-// Calls block_fn(i0, rows, runs, stride, scratch, best, index, second) for the pieces of the layout on torch's
-// threads (one BLAS thread each; points i0 .. i0 + rows - 1, their products at runs with centroids stride apart;
-// scratch: scratch_floats floats of the thread's own), which folds the piece's products into best, index and
-// second, and finishes the piece; returns the number of rows settled.
-template <typename BlockFn>
-int64_t for_blocks(const Pass& p, int64_t scratch_floats, BlockFn block_fn) {
+// Calls piece_fn(piece, scratch) for the pieces of the layout on torch's threads (one BLAS thread each; scratch:
+// scratch_floats floats of the thread's own), which returns the number of rows it settled; returns their sum.
+template <typename PieceFn>
+int64_t for_pieces(const Pass& p, int64_t scratch_floats, PieceFn piece_fn) {
   const std::vector<Piece> pieces = layout_pieces(p.n);
   std::atomic<int64_t> settled{0};
   PerThreadCpuGemm one_thread_each;
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t q_begin, int64_t q_end) {
-    std::vector<float> best(kLayoutRows), second(kLayoutRows), scratch(scratch_floats);
-    std::vector<int32_t> index(kLayoutRows);
+    std::vector<float> scratch(scratch_floats);
     int64_t here = 0;
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      const Piece& piece = pieces[q];
-      block_fn(p.first_point(piece), piece.rows, p.runs(piece), p.stride(piece), scratch.data(), best.data(),
-               index.data(), second.data());
-      here += finish_block(p, piece, best.data(), index.data(), second.data());
-    }
+    for (int64_t q = q_begin; q < q_end; ++q) here += piece_fn(pieces[q], scratch.data());
     settled += here;
   });
   return settled.load();
+}
+
+// A point's label and distance from its top list (kDeltaTopRows floats of `tops`, n apart): the best listed
+// score wins, provably (kmeans_assign's rule) when min(second listed, tau) is further from it than the margin;
+// otherwise, or when the list is empty or not valid, the point's whole row of products is read: the list is
+// folded again from every product (when not valid or empty) and near-ties are settled in float64 among the
+// centroids within the margin of the best (kmeans_settle_near_best), as kmeans_assign settles its own. Returns
+// whether the row was settled.
+bool finish_from_tops(const Pass& p, const Piece& piece, int64_t r, float* tops) {
+  const int64_t i = p.first_point(piece) + r, stride = p.stride(piece), n = p.n;
+  const float* column = p.runs(piece) + r;  // point i's products, k of them, stride apart
+  const auto listed_best = [&] {
+    const float j = tops[kDeltaTopSlots * n];
+    return tops[0] < kKMeansInf && j >= 0.0f && j < static_cast<float>(p.k);
+  };
+  if (std::isnan(tops[2 * kDeltaTopSlots * n]) || !listed_best()) {
+    delta_tops_clear(tops, n);
+    for (int64_t j = 0; j < p.k; ++j) {
+      delta_tops_fold(tops, n, kmeans_score(p.cn[j], column[j * stride]), static_cast<int32_t>(j));
+    }
+  }
+  const bool any = listed_best();  // only NaN or infinite scores: label 0, as kmeans_assign's fold gives
+  float score = any ? tops[0] : kKMeansInf;
+  int64_t position = any ? static_cast<int64_t>(tops[kDeltaTopSlots * n]) : 0;
+  const float second = std::min(tops[n], tops[2 * kDeltaTopSlots * n]);
+  const double margin = 2.0 * (kmeans_score_error_bound(p.pn[i], p.info->max_norm, p.d) +
+                               2.0 * norm_up(p.pn[i], p.d) * p.max_error);
+  bool settled = false;
+  if (!(static_cast<double>(second) - static_cast<double>(score) > margin)) {
+    double exact;
+    const auto visit = [&](auto fn) {
+      for (int64_t j = 0; j < p.k; ++j) fn(j, kmeans_score(p.cn[j], column[j * stride]));
+    };
+    position = kmeans_settle_near_best(p.xs + i * p.d, p.cs, p.info->sq_norms_f64.data(), nullptr, p.d, score,
+                                       margin, &exact, visit);
+    score = static_cast<float>(exact);
+    settled = true;
+  }
+  p.label[i] = position;
+  p.distance_out[i] = kmeans_distance(p.pn[i], score);
+  return settled;
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_in, const at::Tensor& centroids_in,
@@ -270,13 +285,14 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
                                                           const at::Tensor& labels, const at::Tensor& dots,
                                                           const at::Tensor& column_error,
                                                           const at::Tensor& basis_labels,
-                                                          const at::Tensor& basis_centroids) {
+                                                          const at::Tensor& basis_centroids, const at::Tensor& tops) {
   check_points_and_centroids(kDelta, x_in, centroids_in, norms_in);
   PYDC_CHECK_DTYPE(kDelta, "labels", labels, at::kLong);
   PYDC_CHECK_DTYPE(kDelta, "dots", dots, at::kFloat);
   PYDC_CHECK_DTYPE(kDelta, "column_error", column_error, at::kDouble);
   PYDC_CHECK_DTYPE(kDelta, "basis_labels", basis_labels, at::kLong);
   PYDC_CHECK_DTYPE(kDelta, "basis_centroids", basis_centroids, at::kFloat);
+  PYDC_CHECK_DTYPE(kDelta, "tops", tops, at::kFloat);
   const int64_t n = x_in.size(0), k = centroids_in.size(0), d = x_in.size(1);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), kDelta,
               ": expected contiguous labels of shape (", n, ",), got ", describe(labels));
@@ -289,6 +305,10 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   TORCH_CHECK(basis_centroids.dim() == 2 && basis_centroids.size(0) == k && basis_centroids.size(1) == d &&
               basis_centroids.is_contiguous(), kDelta, ": expected contiguous basis_centroids of shape (", k, ", ",
               d, "), got ", describe(basis_centroids));
+  TORCH_CHECK(tops.dim() == 2 && tops.size(0) == kDeltaTopRows && tops.size(1) == n && tops.is_contiguous(), kDelta,
+              ": expected contiguous tops of shape (", kDeltaTopRows, ", ", n, "), got ", describe(tops));
+  TORCH_CHECK(k < (int64_t{1} << 24), kDelta, ": expected fewer than 2^24 centroids (tops names them as floats), got ",
+              k);
   TORCH_CHECK(!std::isnan(dense_changes), kDelta, ": expected a number for dense_changes, got NaN");
   const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous(), norms = norms_in.contiguous();
   at::Tensor distances = at::empty({n}, x.options().dtype(at::kDouble));
@@ -318,9 +338,17 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
     dense = static_cast<double>(changed) > dense_changes * static_cast<double>(k) ||
             !plan_update(x, pn, centroids, info.max_norm, basis_centroids, label, basis_label, error, &update);
   }
+  // the centroids that are not bitwise the last pass's: their scores change even where no product moves
+  std::vector<uint8_t> touched(k, 0);
+  if (!dense) {
+    const float* c = centroids.const_data_ptr<float>();
+    const float* b = basis_centroids.const_data_ptr<float>();
+    for (int64_t j = 0; j < k; ++j) touched[j] = std::memcmp(c + j * d, b + j * d, d * sizeof(float)) != 0;
+  }
   // labels become the basis of the new centroids; the pass writes the new labels
   std::memcpy(basis_label, label, n * sizeof(int64_t));
   basis_centroids.copy_(centroids);
+  float* top = tops.mutable_data_ptr<float>();
   const float* cs = centroids.const_data_ptr<float>();
   Pass pass{xs, pn, cs, info.sq_norms.const_data_ptr<float>(), &info, dot, label, distance_out, n, k, d, 0.0};
   if (dense) {
@@ -328,15 +356,19 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
     // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache for
     // the fold), then streamed out to the block's runs of products
     const int64_t sub = std::min(kDenseRows, n);
-    count[0] = for_blocks(pass, k * sub, [&](int64_t i0, int64_t rows, float* runs, int64_t stride, float* buffer,
-                                             float* best, int32_t* index, float* second) {
+    count[0] = for_pieces(pass, (k + 2 * (kDeltaTopSlots + 1)) * sub, [&](const Piece& piece, float* buffer) {
       const CpuKernels& kernels = cpu_kernels();
-      for (int64_t r0 = 0; r0 < rows; r0 += sub) {
-        const int64_t part = std::min(sub, rows - r0);
+      const int64_t i0 = pass.first_point(piece);
+      float* piece_tops = top + i0;
+      for (int64_t r0 = 0; r0 < piece.rows; r0 += sub) {
+        const int64_t part = std::min(sub, piece.rows - r0);
         cpu_gemm_abt_per_thread(at::from_blob(buffer, {k, part}, x.options()), centroids, x.narrow(0, i0 + r0, part));
-        kernels.fold_columns_top2(buffer, part, cn, k, part, best + r0, index + r0, second + r0);
-        kernels.copy_runs_streaming(buffer, part, runs + r0, stride, k, part);
+        kernels.fold_columns_tops(buffer, part, cn, k, part, piece_tops + r0, n, buffer + k * sub);
+        kernels.copy_runs_streaming(buffer, part, pass.runs(piece) + r0, pass.stride(piece), k, part);
       }
+      int64_t settled = 0;
+      for (int64_t r = 0; r < piece.rows; ++r) settled += finish_from_tops(pass, piece, r, piece_tops + r);
+      return settled;
     });
     const double gamma = kmeans_gamma(d);
     for (int64_t j = 0; j < k; ++j) error[j] = gamma * std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
@@ -346,9 +378,12 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   }
 
   // Each block of points: its products with the m changed points (one single-threaded GEMM, m x rows), then
-  // one pass over the centroids' runs of the block's products (update_fold_columns_top2): a moved centroid's
-  // run scaled by n_j / n'_j, the products of the points that joined it added and of those that left it taken
-  // off, and every run folded.
+  // one pass over the runs of the touched centroids, those that gained or lost points or moved otherwise
+  // (update_fold_column_tops): a moved centroid's run scaled by n_j / n'_j, the products of the points that
+  // joined it added and of those that left it taken off, and each touched run folded into the points' top
+  // lists, out of which the touched centroids were taken first. The runs of the other centroids are not read:
+  // their scores are those the lists already account for. A piece with more than kRefoldRows lists not valid
+  // (the first moved pass after a dense one) folds every run into fresh lists instead.
   const int64_t m = static_cast<int64_t>(update.changed.size());
   at::Tensor moved = at::empty({m, d}, x.options());
   float* ys = moved.mutable_data_ptr<float>();
@@ -372,12 +407,32 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   for (size_t q = 0; q < update.columns.size(); ++q) scale[update.columns[q]] = update.column_scale[q];
   for (int64_t j = 0; j < k; ++j) pass.max_error = std::max(pass.max_error, error[j]);
   const float* cn = pass.cn;
-  const int64_t product_floats = m * std::min(kLayoutRows, n);
-  count[0] = for_blocks(pass, product_floats, [&](int64_t i0, int64_t rows, float* runs, int64_t stride,
-                                                  float* products, float* best, int32_t* index, float* second) {
+  std::vector<int32_t> touched_columns;
+  for (int64_t j = 0; j < k; ++j) {
+    touched[j] |= static_cast<uint8_t>(scale[j] != 1.0f || start[j + 1] > start[j]);
+    if (touched[j]) touched_columns.push_back(static_cast<int32_t>(j));
+  }
+  const int64_t product_floats = (m + 2 * (kDeltaTopSlots + 1)) * std::min(kLayoutRows, n);
+  count[0] = for_pieces(pass, product_floats, [&](const Piece& piece, float* products) {
+    const int64_t i0 = pass.first_point(piece), rows = piece.rows;
+    float* piece_tops = top + i0;
+    int64_t refold = 0;
+    for (int64_t r = 0; r < rows; ++r) refold += std::isnan(piece_tops[2 * kDeltaTopSlots * n + r]);
+    if (refold <= kRefoldRows) {
+      for (int64_t r = 0; r < rows; ++r) delta_tops_remove(piece_tops + r, n, touched.data(), k);
+    }
     if (m > 0) cpu_gemm_abt_per_thread(at::from_blob(products, {m, rows}, x.options()), moved, x.narrow(0, i0, rows));
-    cpu_kernels().update_fold_columns_top2(runs, stride, cn, k, rows, scale.data(), start.data(), row.data(),
-                                           gain.data(), products, best, index, second);
+    const CpuKernels& kernels = cpu_kernels();
+    kernels.update_fold_column_tops(pass.runs(piece), pass.stride(piece), cn, touched_columns.data(),
+                                    static_cast<int64_t>(touched_columns.size()), rows, scale.data(), start.data(),
+                                    row.data(), gain.data(), products, piece_tops, n);
+    if (refold > kRefoldRows) {  // the moved products are in place: every run folded into fresh lists
+      kernels.fold_columns_tops(pass.runs(piece), pass.stride(piece), cn, k, rows, piece_tops, n,
+                                products + m * rows);
+    }
+    int64_t settled = 0;
+    for (int64_t r = 0; r < rows; ++r) settled += finish_from_tops(pass, piece, r, piece_tops + r);
+    return settled;
   });
   count[1] = n * m;
   return {distances, counts};
