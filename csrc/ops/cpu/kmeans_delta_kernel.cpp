@@ -23,7 +23,7 @@
 //   kDeltaTopSlots best scores, their centroids and a floor under the others), set by a dense pass; a moved pass
 //   takes the centroids it touches (those that gained or lost points, or whose centroid changed at all) out of
 //   every list and folds only their runs back in, so the runs of the other centroids are not read (late in an
-//   unstructured run 10-20% of the centroids are touched). A list with a NaN floor is not valid: it is folded
+//   unstructured run 10-35% of the centroids are touched). A list with a NaN floor is not valid: it is folded
 //   again from the point's products (a whole piece's runs at once when more than kRefoldRows of its points
 //   need it). The lists follow the products: a caller who changes dots between passes fills tops with NaN.
 //   On return labels are the labels kmeans_assign would give for `centroids` (bitwise), basis_labels the labels
@@ -353,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   Pass pass{xs, pn, cs, info.sq_norms.const_data_ptr<float>(), &info, dot, label, distance_out, n, k, d, 0.0};
   if (dense) {
     const float* cn = pass.cn;
-    // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache for
-    // the fold), then streamed out to the block's runs of products
+    // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache while
+    // it is folded into the points' top lists), then streamed out to the block's runs of products
     const int64_t sub = std::min(kDenseRows, n);
     count[0] = for_pieces(pass, (k + 2 * (kDeltaTopSlots + 1)) * sub, [&](const Piece& piece, float* buffer) {
       const CpuKernels& kernels = cpu_kernels();
