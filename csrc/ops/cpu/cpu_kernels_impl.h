@@ -1200,9 +1200,53 @@ inline void tile_products(const float* a, int64_t lda, int64_t a_step, const flo
 
 // out[r][c] = a[r] . panel column c for r < kRows and c < cols, summed in feature order with fused multiply-adds
 // where the level has them.
+#if PYDC_CPU_LEVEL >= 1
+// The full 6 x 16 tile (the bulk of every k-means GEMM) with its twelve sums in named registers, stored
+// straight to `out`: kept in an array, they went through the stack before and after every tile.
+inline void gemm_tile6_full(const float* a, int64_t lda, const float* panel, int64_t d, float* out, int64_t ldo) {
+  fold_floats c00 = splat(0.0f), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+              c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t t = 0; t < d; ++t) {
+    fold_floats b0, b1;
+    std::memcpy(&b0, panel + t * kGemmPanel, sizeof(b0));
+    std::memcpy(&b1, panel + t * kGemmPanel + kFoldWidth, sizeof(b1));
+    const auto row = [&](const float* ar, fold_floats& low, fold_floats& high) {
+      const fold_floats v = splat(ar[t]);
+      low = fused_multiply_add(low, v, b0);
+      high = fused_multiply_add(high, v, b1);
+    };
+    row(a0, c00, c01);
+    row(a1, c10, c11);
+    row(a2, c20, c21);
+    row(a3, c30, c31);
+    row(a4, c40, c41);
+    row(a5, c50, c51);
+  }
+  const auto store = [&](int r, const fold_floats& low, const fold_floats& high) {
+    std::memcpy(out + r * ldo, &low, sizeof(low));
+    std::memcpy(out + r * ldo + kFoldWidth, &high, sizeof(high));
+  };
+  store(0, c00, c01);
+  store(1, c10, c11);
+  store(2, c20, c21);
+  store(3, c30, c31);
+  store(4, c40, c41);
+  store(5, c50, c51);
+}
+#endif
+
 template <int kRows>
 inline void gemm_tile(const float* a, int64_t lda, const float* panel, int64_t d, float* out, int64_t ldo,
                       int64_t cols) {
+#if PYDC_CPU_LEVEL >= 1
+  if constexpr (kRows == 6) {
+    if (cols == kGemmPanel) {
+      gemm_tile6_full(a, lda, panel, d, out, ldo);
+      return;
+    }
+  }
+#endif
   fold_floats acc[kRows][2];
   tile_products<kRows>(a, lda, 1, panel, kGemmPanel, d, acc);
   for (int r = 0; r < kRows; ++r) {
