@@ -150,7 +150,9 @@ std::tuple<at::Tensor, at::Tensor> pca_transform_impl(const at::Tensor& x, const
     ops.center_rows(rows_with_unit_stride(x.narrow(0, start, rows)), mean, centred, nonfinite_rows, at::Tensor());
     at::Tensor out_rows = out.narrow(0, start, rows);
     at::Tensor projected = wide.defined() ? wide.narrow(0, 0, rows) : out_rows;
-    at::mm_out(projected, centred, projection_t);
+    if (ops.project == nullptr || !ops.project(centred, projection, projected)) {
+      at::mm_out(projected, centred, projection_t);
+    }
     ops.normalize_rows(projected, out_rows, norm_eps);
   }
   return {out, nonfinite_rows};

@@ -32,6 +32,10 @@ struct PcaDeviceOps {
   // Optional (nullptr: at::empty per call). A contiguous (rows, d) scratch tensor of `options`; the CPU keeps
   // one per thread and dtype across calls (a fresh 32 MB block costs ~9 ms of page faults per call there).
   at::Tensor (*scratch)(int64_t rows, int64_t d, const at::TensorOptions& options);
+  // Optional (nullptr: at::mm_out). Writes out = centred @ projection^T (centred (R, D) contiguous, projection
+  // (K, D), out (R, K) rows of unit stride) and returns true, or returns false, touching nothing, when it cannot
+  // (pca_transform then uses at::mm_out).
+  bool (*project)(const at::Tensor& centred, const at::Tensor& projection, const at::Tensor& out);
 };
 
 // Checks the arguments of pydc::pca_accumulate (TORCH_CHECK, expected vs got), then adds

@@ -45,6 +45,7 @@ import warnings
 import torch
 
 from pydc.ops._registry import HAS_OPS, warn_fallback
+from pydc.ops.cpu_gemm import ensure_cpu_gemm
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NORM_EPS = 1e-10
@@ -250,6 +251,8 @@ def pca_transform(x, mean, projection, norm_eps: float = NORM_EPS):
             empty = x.new_empty((0, projection.shape[0]), dtype=torch.float32)
             return empty, torch.zeros((), dtype=torch.int64, device=x.device)
         return torch.cat([out for out, _ in parts]), torch.stack([bad for _, bad in parts]).sum()
+    if x.device.type == "cpu":
+        ensure_cpu_gemm()  # the float32 projection runs on the k-means GEMM (pydc.ops.cpu_gemm)
     return torch.ops.pydc.pca_transform(x, mean, projection, norm_eps)
 
 

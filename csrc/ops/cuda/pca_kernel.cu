@@ -187,7 +187,7 @@ bool gram_3xtf32(const at::Tensor& centred, const at::Tensor& gram) {
 // GEMM of both triangles. float16/bfloat16 batches multiply in their own dtype on the tensor cores with
 // float32 products.
 const PcaDeviceOps kCudaOps{&center_rows_cuda, &normalize_rows_cuda, int64_t(1) << 26, 16384, true, 0,
-                           &gram_3xtf32, nullptr};
+                           &gram_3xtf32, nullptr, nullptr};
 
 void pca_accumulate_cuda(const at::Tensor& batch, const at::Tensor& shift, at::Tensor& sum, at::Tensor& gram,
                          at::Tensor& nonfinite_rows) {
