@@ -10,16 +10,17 @@ them: c'_j = (n_j c_j + sum of the points that joined - sum of those that left) 
 this assigner keeps every product x_i . c_j (k N float32, the same memory as Elkan's bounds; in blocks of
 LAYOUT_ROWS points, each block's k runs of products centroid after centroid: products_by_centroid) and, once
 at most DENSE_CHANGES * k points changed label, moves them to the new centroids with one GEMM of the points by
-the m changed points (N x m x d multiply-adds instead of N x k x d) and, per block of points,
-one pass over the moved centroids' runs of products that scales them, adds the joined points' products, takes
-off the left points' and folds them into each point's top list (its TOP_SLOTS best scores and a floor under the
-others, set by the dense passes), so the runs of the centroids nothing moved are not read: 10-35% of them are
-moved late in the run above (torch.ops.pydc.kmeans_assign_delta, csrc/ops/cpu/kmeans_delta_kernel.cpp; the
-passes of the last third took 25 instead of 33 ms each capped at AVX2, AMD EPYC Zen 4, 2 threads). A rigorous per-centroid bound on the products' accumulated error widens
-kmeans_assign's near-tie margin; rows inside it are settled in float64, so the labels are kmeans_assign's
-exactly (and the centroids plain Lloyd's, bitwise). Passes with more changes, the first one, and any pass whose
-error bound has grown too far (an empty-cluster split, a spherical renormalisation: centroids that are not the
-means of the last labels) score every pair by GEMM, which resets the products. Early passes change too many
+the m changed points (N x m x d multiply-adds instead of N x k x d) and, per block of points, one pass over
+the moved centroids' runs of products that scales them, adds the joined points' products, takes off the left
+points' and folds them into each point's top list (its TOP_SLOTS best scores and a floor under the others, set
+by the dense passes), so the runs of the centroids nothing moved are not read: 10-35% of them are moved late
+in the run above (torch.ops.pydc.kmeans_assign_delta, csrc/ops/cpu/kmeans_delta_kernel.cpp; the passes of the
+last third took 25 instead of 33 ms each capped at AVX2, AMD EPYC Zen 4, 2 threads). A rigorous per-centroid
+bound on the products' accumulated error widens kmeans_assign's near-tie margin; rows inside it are settled in
+float64, so the labels are kmeans_assign's exactly (and the centroids plain Lloyd's, bitwise). Passes with
+more changes, the first one, and any pass whose error bound has grown too far (an empty-cluster split, a
+spherical renormalisation: centroids that are not the means of the last labels) score every pair by GEMM,
+which resets the products. Early passes change too many
 labels for this (16.7k down to 0.8k in the first nine passes of the run above), so those stay dense, and
 those whose successor is not expected to move products either (KEEP_CHANGES) run plain kmeans_assign, which
 does not write the N x k products out, or its bfloat16-screened form where that is faster (kmeans_assign_bf16,
