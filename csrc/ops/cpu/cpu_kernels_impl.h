@@ -572,34 +572,6 @@ inline fold_floats splat(float value) {
 #endif
 }
 
-// One fold_row_top2 step for point lanes: score = ||c||^2 - 2 dot, the running (best, index, second) updated.
-inline void fold_lanes(const fold_floats& norm, const fold_floats& two, const fold_ints& index, const fold_floats& d,
-                       float* best_score, int32_t* best_index, float* second_score) {
-  fold_floats best, second;
-  fold_ints position;
-  std::memcpy(&best, best_score, sizeof(best));
-  std::memcpy(&second, second_score, sizeof(second));
-  std::memcpy(&position, best_index, sizeof(position));
-  const fold_floats score = norm - two * d;
-  const fold_ints better = score < best;  // strict: the lowest index keeps a tie
-  const fold_floats runner_up = score < second ? score : second;
-  second = better ? best : runner_up;
-  best = better ? score : best;
-  position = better ? index : position;
-  std::memcpy(best_score, &best, sizeof(best));
-  std::memcpy(second_score, &second, sizeof(second));
-  std::memcpy(best_index, &position, sizeof(position));
-}
-
-inline void fold_one(float norm, int32_t j, float d, float* best_score, int32_t* best_index, float* second_score) {
-  const float score = kmeans_score(norm, d);
-  const bool better = score < *best_score;
-  const float runner_up = score < *second_score ? score : *second_score;
-  *second_score = better ? *best_score : runner_up;
-  *best_score = better ? score : *best_score;
-  *best_index = better ? j : *best_index;
-}
-
 // The runs are separate 4 KiB streams 4 * stride bytes apart, each cold when its turn comes: the run
 // kFoldPrefetchRuns ahead is prefetched a cache line per step of this one. The moved passes of an unstructured
 // 100k x 256, k = 1000 run (AMD EPYC Zen 4, 2 threads, separate processes, 3 runs each): 1.14-1.27 s ->
@@ -1198,8 +1170,6 @@ inline void tile_products(const float* a, int64_t lda, int64_t a_step, const flo
   }
 }
 
-// out[r][c] = a[r] . panel column c for r < kRows and c < cols, summed in feature order with fused multiply-adds
-// where the level has them.
 #if PYDC_CPU_LEVEL >= 1
 // The full 6 x 16 tile (the bulk of every k-means GEMM) with its twelve sums in named registers, stored
 // straight to `out`: kept in an array, they went through the stack before and after every tile.
@@ -1236,6 +1206,8 @@ inline void gemm_tile6_full(const float* a, int64_t lda, const float* panel, int
 }
 #endif
 
+// out[r][c] = a[r] . panel column c for r < kRows and c < cols, summed in feature order with fused multiply-adds
+// where the level has them.
 template <int kRows>
 inline void gemm_tile(const float* a, int64_t lda, const float* panel, int64_t d, float* out, int64_t ldo,
                       int64_t cols) {
