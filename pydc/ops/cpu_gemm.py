@@ -46,15 +46,22 @@ _chosen: str | None = None
 _report: dict = {}
 
 
+def choice(raw, choices: tuple[str, ...], source: str, what: str, aliases: dict[str, str] | None = None) -> str:
+    """A setting of pydc's CPU kernels (this module's PYDC_CPU_GEMM, pydc.ops.pca's PYDC_CPU_SYRK) as one of
+    `choices`: stripped, lower-cased, mapped through `aliases`; ValueError naming `source` and `what` for
+    anything else."""
+    normalised = str(raw).strip().lower()
+    normalised = (aliases or {}).get(normalised, normalised)
+    if normalised not in choices:
+        raise ValueError(f"{source}: expected one of {', '.join(choices)} ({what}), got {raw!r}")
+    return normalised
+
+
 def requested(value: str | None = None) -> str:
     """The validated request: `value`, or PYDC_CPU_GEMM (default "auto"); ValueError for anything else."""
     source = "use_cpu_gemm" if value is not None else ENV_VAR
-    value = os.environ.get(ENV_VAR, "auto") if value is None else value
-    normalised = value.strip().lower() if isinstance(value, str) else value
-    if normalised not in CHOICES:
-        raise ValueError(f"{source}: expected one of {', '.join(CHOICES)} (the BLAS of pydc's CPU k-means GEMMs), "
-                         f"got {value!r}")
-    return normalised
+    raw = os.environ.get(ENV_VAR, "auto") if value is None else value
+    return choice(raw, CHOICES, source, "the BLAS of pydc's CPU k-means GEMMs")
 
 
 def _scipy_sgemm():

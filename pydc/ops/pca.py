@@ -45,7 +45,7 @@ import warnings
 import torch
 
 from pydc.ops._registry import HAS_OPS, warn_fallback
-from pydc.ops.cpu_gemm import ensure_cpu_gemm
+from pydc.ops.cpu_gemm import choice, ensure_cpu_gemm
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NORM_EPS = 1e-10
@@ -150,11 +150,7 @@ def syrk_requested(value: str | None = None) -> str:
     panels, as before pydc's own syrk); ValueError for anything else."""
     source = "use_cpu_syrk" if value is not None else SYRK_ENV_VAR
     raw = os.environ.get(SYRK_ENV_VAR, "auto") if value is None else value
-    normalised = {"1": "auto", "0": "panels"}.get(str(raw).strip().lower(), str(raw).strip().lower())
-    if normalised not in SYRK_CHOICES:
-        raise ValueError(f"{source}: expected one of {', '.join(SYRK_CHOICES)} (the CPU PCA Gram), "
-                         f"got {raw!r}")
-    return normalised
+    return choice(raw, SYRK_CHOICES, source, "the CPU PCA Gram", aliases={"1": "auto", "0": "panels"})
 
 
 def use_cpu_syrk(enabled: bool | str = True) -> bool:
