@@ -16,6 +16,7 @@ import torch
 from pydc.cluster import kmeans
 from pydc.cluster.kmeans import initial_centroids
 from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+from pydc.ops.cpu_gemm import ensure_cpu_gemm
 
 
 def clustered(n=4000, d=24, centres=40, seed=0):
@@ -330,6 +331,10 @@ def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
     assert elkan.passes[:2] == ["plain", "dense"] and "sparse" in elkan.passes
     assert elkan.rows_computed[0] == x.shape[0] and elkan.anchors is None
     assert handed[0] is not None and delta.dots.data_ptr() == handed[0].data_ptr()
+    # the points packed for pydc's GEMM follow the products in the same memory, where that GEMM is chosen
+    assert (delta.packed_x is not None) == (ensure_cpu_gemm() == "pydc")
+    if delta.packed_x is not None:
+        assert delta.packed_x.data_ptr() == handed[0].data_ptr() + 4 * handed[0].numel() - 4 * delta.packed_x.numel()
     assert delta.passes[0] == "dense" and "moved" in delta.passes
     with pytest.raises(RuntimeError, match="after release"):
         elkan(centroids)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from pydc.cluster.kmeans import initial_centroids
+from pydc.cluster.kmeans_bounded import PACKED_HEADER, packed_points_floats
 from pydc.cluster.kmeans_delta import LAYOUT_ROWS, TOP_SLOTS, empty_tops, products_by_centroid
+from pydc.ops import cpu_gemm
 from pydc.ops._registry import HAS_OPS
-from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
+from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, cpu_vector_width, supported_levels
 
 pytestmark = pytest.mark.skipif(not HAS_OPS, reason="needs the compiled pydc ops")
 
@@ -25,8 +27,9 @@ def clustered(n, d, centres, seed, scale=3.0):
 class Pass:
     """The state a caller keeps between passes, as pydc.cluster.kmeans_delta.DeltaAssigner does."""
 
-    def __init__(self, x, k):
+    def __init__(self, x, k, packed=False):
         n, d = x.shape
+        self.packed_x = torch.empty(packed_points_floats(n, d)) if packed else None
         self.x, self.norms = x, (x * x).sum(1)
         self.labels = torch.zeros(n, dtype=torch.int64)
         self.dots = torch.empty(k * n, dtype=torch.float32)
@@ -41,7 +44,11 @@ class Pass:
         self.started = True
         return torch.ops.pydc.kmeans_assign_delta(self.x, centroids, self.norms, changes, self.labels, self.dots,
                                                   self.column_error, self.basis_labels, self.basis_centroids,
-                                                  self.tops)
+                                                  self.tops, self.packed_x)
+
+    def packed_layout(self):
+        """The header kmeans_assign_delta wrote behind the packed points: (panel rows, N, d), zeros when not valid."""
+        return self.packed_x[-PACKED_HEADER:].view(torch.int64)[:3].tolist()
 
 
 def lloyd_update(x, labels, k):
@@ -211,6 +218,91 @@ def test_near_ties_and_duplicates_match_kmeans_assign():
     assert settled_total > 0
 
 
+@pytest.fixture
+def pydc_gemm():
+    """pydc's own GEMM behind the CPU k-means passes (the one whose panels packed_x holds), then the process's
+    choice again."""
+    from pydc import _C
+
+    previous = _C.cpu_gemm()
+    cpu_gemm.use_cpu_gemm("pydc")
+    yield
+    cpu_gemm.use_cpu_gemm(previous)
+
+
+def run_packed_and_not(x, k, steps, level=None, threads=2):
+    """Two states through the same Lloyd run, one with packed_x, one without; checks every pass of both."""
+    states = [Pass(x, k, packed=True), Pass(x, k)]
+    centroids = initial_centroids(x, k, seed=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with cpu_capability_level(level or "default"):
+            kinds = []
+            for _ in range(steps):
+                (d_packed, c_packed), (d_plain, c_plain) = states[0](centroids), states[1](centroids)
+                assert torch.equal(states[0].labels, states[1].labels) and torch.equal(c_packed, c_plain)
+                assert torch.equal(states[0].dots, states[1].dots) and torch.equal(d_packed, d_plain)
+                assert_kmeans_assign_labels(states[0], centroids, d_packed)
+                kinds.append(c_packed.tolist()[2])
+                centroids = lloyd_update(x, states[0].labels, k)
+    finally:
+        torch.set_num_threads(previous)
+    return states[0], kinds, centroids
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_packed_points_give_the_same_passes(level, pydc_gemm):
+    """With packed_x the dense pass packs the points there and marks the layout (the level's panel rows, N, d);
+    the moved passes multiply them from there: the same labels, products and distances, bit for bit."""
+    if level not in supported_levels():
+        pytest.skip(f"CPU lacks {level}")
+    x = torch.nn.functional.normalize(torch.randn(2503, 20, generator=torch.Generator().manual_seed(4)), dim=1)
+    state, kinds, _ = run_packed_and_not(x, 30, steps=8, level=level)
+    assert kinds[0] == 1 and 0 in kinds  # a dense pass, then moved ones
+    with cpu_capability_level(level):
+        panel = 2 * cpu_vector_width()
+    assert state.packed_layout() == [panel, 2503, 20]
+    packed = state.packed_x[:-PACKED_HEADER].view(-1, 20, panel)  # panel p holds points p * panel ..., by feature
+    assert torch.equal(packed[:2503 // panel].transpose(1, 2).reshape(-1, 20), x[:2503 // panel * panel])
+
+
+def test_packed_points_are_used_only_in_their_layout(pydc_gemm):
+    """A moved pass reads packed_x only when its header matches the level, N and d: panels packed at another
+    level (or damaged ones under a header that does not match) are ignored, not misread."""
+    levels = [level for level in LEVELS if level in supported_levels()]
+    x = torch.nn.functional.normalize(torch.randn(2503, 20, generator=torch.Generator().manual_seed(5)), dim=1)
+    state, _, centroids = run_packed_and_not(x, 30, steps=3, level=levels[-1])
+    # damaged panels under a header for other rows: the next passes pack their own, exact
+    state.packed_x[:-PACKED_HEADER] = 0.0
+    header = state.packed_x[-PACKED_HEADER:].view(torch.int64)
+    with cpu_capability_level(levels[-1]):
+        panel = 2 * cpu_vector_width()
+        for wrong in ([panel, 2502, 20], [panel, 2503, 19], [panel // 2, 2503, 20]):
+            header[:3] = torch.tensor(wrong)
+            saved = (state.labels.clone(), state.dots.clone(), state.column_error.clone(),
+                     state.basis_labels.clone(), state.basis_centroids.clone(), state.tops.clone())
+            distances, counts = state(centroids)
+            assert counts.tolist()[2] == 0  # a moved pass
+            assert_kmeans_assign_labels(state, centroids, distances)
+            assert_products_within_bound(state, centroids)
+            (state.labels, state.dots, state.column_error, state.basis_labels, state.basis_centroids,
+             state.tops) = saved
+    # under the matching header the damaged panels are read: proof that the moved pass multiplies them
+    with cpu_capability_level(levels[-1]):
+        header[:3] = torch.tensor([panel, 2503, 20])
+        state(centroids)
+        with pytest.raises(AssertionError):
+            assert_products_within_bound(state, centroids)
+    if len(levels) > 1:  # packed at one level, moved at another: the layouts differ, the passes stay exact
+        state, _, centroids = run_packed_and_not(x, 30, steps=2, level=levels[0])
+        with cpu_capability_level(levels[-1]):
+            distances, counts = state(centroids)
+            assert counts.tolist()[2] == 0
+            assert_kmeans_assign_labels(state, centroids, distances)
+            assert_products_within_bound(state, centroids)
+
+
 def test_bad_arguments_are_refused():
     x = torch.randn(20, 4)
     state = Pass(x, 3)
@@ -231,6 +323,10 @@ def test_bad_arguments_are_refused():
         op(x.double(), centroids, state.norms, -1.0, *args)
     with pytest.raises(RuntimeError, match="NaN"):
         op(x, centroids, state.norms, float("nan"), *args)
+    with pytest.raises(RuntimeError, match="packed_x"):
+        op(x, centroids, state.norms, -1.0, *args, torch.empty(packed_points_floats(20, 4), dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"packed_x contiguous with 0 or at least 136 elements"):
+        op(x, centroids, state.norms, -1.0, *args, torch.empty(135))
     state(centroids)
     bad = state.labels.clone()
     bad[4] = 3
@@ -250,10 +346,10 @@ def test_fake_matches_the_kernel():
     centroids = initial_centroids(x, 10, seed=1)
     state(centroids)
     centroids = lloyd_update(x, state.labels, 10)
-    for changes in (-1.0, 1e9):
+    for changes, packed in ((-1.0, None), (1e9, None), (-1.0, torch.zeros(packed_points_floats(300, 12)))):
         arguments = (x, centroids, state.norms, changes, state.labels.clone(), state.dots.clone(),
                      state.column_error.clone(), state.basis_labels.clone(), state.basis_centroids.clone(),
-                     state.tops.clone())
+                     state.tops.clone(), packed)
         torch.library.opcheck(torch.ops.pydc.kmeans_assign_delta.default, arguments,
                               test_utils=("test_schema", "test_faketensor"))
 

@@ -100,7 +100,7 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   // k-means by updated dot products (the points that changed label) on the CPU: ops/cpu/kmeans_delta_kernel.cpp.
   m.def("kmeans_assign_delta(Tensor x, Tensor centroids, Tensor x_sq_norms, float dense_changes, Tensor(a!) labels, "
         "Tensor(b!) dots, Tensor(c!) column_error, Tensor(d!) basis_labels, Tensor(e!) basis_centroids, "
-        "Tensor(f!) tops) -> (Tensor distances, Tensor counts)");
+        "Tensor(f!) tops, Tensor(g!)? packed_x=None) -> (Tensor distances, Tensor counts)");
   // kmeans_assign's labels from a bfloat16 screening GEMM (MKL's), CPU only: ops/cpu/kmeans_bf16_kernel.cpp.
   m.def("kmeans_assign_bf16(Tensor x, Tensor x_bf16, Tensor centroids, Tensor x_sq_norms) -> "
         "(Tensor labels, Tensor distances)");

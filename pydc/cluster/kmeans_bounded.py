@@ -74,6 +74,24 @@ _ROUND_UP = 1.0 + 1e-12  # float64 norms and square roots of float32 data: relat
 
 
 ELKAN_MAX_BYTES = 1 << 30  # per-pair bounds (kmeans_elkan.py): N x k x 4 bytes at most 1 GiB
+# kmeans_assign_delta's packed_x: N rounded up to MAX_GEMM_PANEL times d floats and a header of PACKED_HEADER
+# (kMaxGemmPanel in csrc/ops/cpu/blas_gemm.h, kPackedHeader in csrc/ops/cpu/kmeans_delta_kernel.cpp).
+MAX_GEMM_PANEL = 32
+PACKED_HEADER = 8
+
+
+def packed_points_floats(n: int, d: int) -> int:
+    """Floats of kmeans_assign_delta's packed_x for n points of d features."""
+    return -(-n // MAX_GEMM_PANEL) * MAX_GEMM_PANEL * d + PACKED_HEADER
+
+
+def pair_state_floats(n: int, k: int, d: int) -> int:
+    """Floats of the memory that Elkan's bounds and then delta's products take in one run (handed from one to
+    the other, and kept for the next run: pydc.utils.memory): N x k, plus delta's packed points
+    (packed_points_floats) where pydc's own GEMM multiplies them (pydc.ops.cpu_gemm chose it)."""
+    from pydc.ops.cpu_gemm import ensure_cpu_gemm
+
+    return n * k + (packed_points_floats(n, d) if ensure_cpu_gemm() == "pydc" else 0)
 BOUNDS_CHOICES = ("auto", "delta", "elkan", "yinyang")
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from pydc.cluster.kmeans_bounded import DENSE_FRACTION
+from pydc.cluster.kmeans_bounded import DENSE_FRACTION, packed_points_floats, pair_state_floats
 from pydc.cluster.kmeans_elkan import ElkanAssigner
 from pydc.ops.bf16_screen import ScreenedPoints
 from pydc.utils.memory import kept_empty
@@ -98,8 +98,9 @@ class DeltaAssigner:
         """labels: the labels whose cluster means the first call's centroids are, when they are (a run handed
         over from other bounds), so that the second call can already move the products; changed: how many of
         them their pass changed, when known (None: the first call keeps its products); points: the run's
-        ScreenedPoints of x, when the assigner handing over has them; memory: N x k float32 to hold the
-        products (the bounds of an assigner handing over: their pages are already mapped, saving ~0.1 s of
+        ScreenedPoints of x, when the assigner handing over has them; memory: contiguous float32 of at least
+        N x k elements to hold the products and, from pair_state_floats(N, k, d) on, the points packed for
+        pydc's GEMM (the bounds of an assigner handing over: their pages are already mapped, saving ~0.1 s of
         page faults for 400 MB), any contents."""
         n, d = x.shape
         self.x = x
@@ -107,12 +108,14 @@ class DeltaAssigner:
         self.k = k
         self.labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels.clone()
         self.changed = n if labels is None else changed  # labels the last pass changed (None: not known)
+        self.memory = None  # flat float32: the products, then the packed points where there is room
         self.dots = None  # (k N,) float32 in layout blocks (products_by_centroid), from the first keeping pass
+        self.packed_x = None  # kmeans_assign_delta's packed_x, where the memory holds it
         if memory is not None:
-            if memory.dtype != torch.float32 or memory.numel() != k * n or not memory.is_contiguous():
-                raise ValueError(f"DeltaAssigner: memory must be {n} x {k} contiguous float32, got "
+            if memory.dtype != torch.float32 or memory.numel() < k * n or not memory.is_contiguous():
+                raise ValueError(f"DeltaAssigner: memory must be {n} x {k} contiguous float32 or more, got "
                                  f"{memory.dtype} of shape {tuple(memory.shape)}")
-            self.dots = memory.view(-1)
+            self._take(memory.view(-1))
         self.column_error = torch.zeros(k, dtype=torch.float64)
         self.basis_labels = torch.zeros(n, dtype=torch.int64)
         self.basis_centroids = torch.zeros((k, d), dtype=torch.float32)
@@ -134,11 +137,11 @@ class DeltaAssigner:
             self.labels, self.started = labels, False
             self._count(n, n * k, "screened" if self.points.screens() else "plain")
             return labels.clone(), float(distances.sum(dtype=torch.float64))
-        if self.dots is None:
-            self.dots = kept_empty(k * n, dtype=torch.float32)
+        if self.memory is None:
+            self._take(kept_empty(pair_state_floats(n, k, self.x.shape[1]), dtype=torch.float32))
         distances, counts = torch.ops.pydc.kmeans_assign_delta(
             self.x, centroids, self.point_sq_norms, DENSE_CHANGES if self.started else -1.0, self.labels,
-            self.dots, self.column_error, self.basis_labels, self.basis_centroids, self.tops)
+            self.dots, self.column_error, self.basis_labels, self.basis_centroids, self.tops, self.packed_x)
         self.started = True
         self.changed = int((self.labels != self.basis_labels).sum())
         settled, scores, dense = counts.tolist()
@@ -150,11 +153,17 @@ class DeltaAssigner:
         self.scores_computed.append(scores)
         self.passes.append(kind)
 
+    def _take(self, memory: torch.Tensor) -> None:
+        n, d = self.x.shape
+        self.memory, self.dots, self.packed_x = memory, memory[:self.k * n], None
+        if memory.numel() >= self.k * n + packed_points_floats(n, d):
+            self.packed_x = memory[self.k * n:self.k * n + packed_points_floats(n, d)]
+
     def release(self) -> torch.Tensor | None:
-        """Gives up the kept products (the run has ended) and returns their memory (None before any was
+        """Gives up the kept products (the run has ended) and returns their memory (flat; None before any was
         allocated); a later call starts again from a dense pass."""
-        dots, self.dots, self.started = self.dots, None, False
-        return dots
+        memory, self.memory, self.dots, self.packed_x, self.started = self.memory, None, None, None, False
+        return memory
 
 
 class YinyangThenDelta:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from pydc.cluster.kmeans_bounded import pair_state_floats
 from pydc.utils.memory import kept_empty
 
 # A pass whose sample has more candidate pairs than this scores every pair by GEMM. A sparse pass costs ~0.12 s +
@@ -60,7 +61,8 @@ class ElkanAssigner:
         self.x = x
         self.point_sq_norms = point_sq_norms
         self.labels = torch.zeros(n, dtype=torch.int64)
-        self.anchors = kept_empty(n, k, dtype=torch.float32)
+        self.memory = kept_empty(pair_state_floats(n, k, x.shape[1]), dtype=torch.float32)  # release() hands it on
+        self.anchors = self.memory[:n * k].view(n, k)
         self.second = torch.zeros(n, dtype=torch.float64)
         self.offsets = torch.zeros(k, dtype=torch.float64)  # cumulative drift of every centroid, rounded up
         self.previous = None
@@ -69,10 +71,10 @@ class ElkanAssigner:
         self.passes = []  # per call: "plain" (kmeans_assign, no bound set), "dense" (GEMM) or "sparse"
 
     def release(self) -> torch.Tensor:
-        """Gives up the N x k float32 bounds (a run handing over to another assigner) and returns their memory,
-        to be reused or freed; the counts stay, no pass can follow."""
-        anchors, self.anchors, self.second = self.anchors, None, None
-        return anchors
+        """Gives up the N x k float32 bounds (a run handing over to another assigner) and returns their memory
+        (flat float32, pair_state_floats long), to be reused or freed; the counts stay, no pass can follow."""
+        memory, self.memory, self.anchors, self.second = self.memory, None, None, None
+        return memory
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         if self.anchors is None:

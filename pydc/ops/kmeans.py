@@ -214,10 +214,10 @@ if HAS_OPS:
 
     @torch.library.register_fake("pydc::kmeans_assign_delta")
     def _kmeans_assign_delta_fake(x, centroids, x_sq_norms, dense_changes, labels, dots, column_error, basis_labels,
-                                  basis_centroids, tops):
+                                  basis_centroids, tops, packed_x=None):
         torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
                      lambda: "kmeans_assign_delta: expected 2-D x and one label per row")
-        # labels, dots, column_error, basis_labels, basis_centroids, tops: updated in place (schema a!-f!)
+        # labels, dots, column_error, basis_labels, basis_centroids, tops, packed_x: updated in place (a!-g!)
         return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((3,), dtype=torch.int64)
 
     @torch.library.register_fake("pydc::kmeans_assign_bf16")

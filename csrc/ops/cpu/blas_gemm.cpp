@@ -169,6 +169,21 @@ void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0
   }
 }
 
+int64_t cpu_gemm_panel() { return cpu_kernels().gemm_packed_floats(1, 1); }
+
+void pack_rows_into(const at::Tensor& b, float* packed) {
+  TORCH_CHECK(unit_rows(b) && cpu_gemm_panel() <= kMaxGemmPanel, "pydc: pack_rows_into expects float32 rows of unit "
+              "column stride");
+  cpu_kernels().pack_gemm_panels(b.const_data_ptr<float>(), b.stride(0), b.size(0), b.size(1), packed);
+}
+
+void cpu_gemm_abt_prepacked(const at::Tensor& out, const at::Tensor& a, const float* packed) {
+  TORCH_CHECK(unit_rows(out) && unit_rows(a) && out.size(0) == a.size(0), "pydc: cpu_gemm_abt_prepacked expects "
+              "float32 out (m, cols) and a (m, d) of unit column stride");
+  if (out.numel() == 0) return;
+  multiply_packed(cpu_kernels(), packed, out, a);
+}
+
 void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
                       int64_t n, int64_t d) {
   const auto options = at::TensorOptions().dtype(at::kFloat);

@@ -1,7 +1,7 @@
 // CPU kernel of one assignment pass of k-means by updated dot products (pydc/cluster/kmeans_delta.py):
 //
 // kmeans_assign_delta(x, centroids, x_sq_norms, dense_changes, labels(a!), dots(b!), column_error(c!),
-//                     basis_labels(d!), basis_centroids(e!), tops(f!)) -> (distances, counts)
+//                     basis_labels(d!), basis_centroids(e!), tops(f!), packed_x(g!)?) -> (distances, counts)
 //   The state, kept between passes: dots (k N,) float32, the products p[j, i] in blocks of kLayoutRows = 1024
 //   points (the last one ragged): block b (points 1024 b .. 1024 b + rows_b - 1) holds its k runs of rows_b
 //   products centroid after centroid, so p[j, i] = dots[1024 b k + j rows_b + r] for i = 1024 b + r
@@ -26,6 +26,12 @@
 //   unstructured run 10-35% of the centroids are touched). A list with a NaN floor is not valid: it is folded
 //   again from the point's products (a whole piece's runs at once when more than kRefoldRows of its points
 //   need it). The lists follow the products: a caller who changes dots between passes fills tops with NaN.
+//   packed_x (optional, float32, contiguous, 0 or at least packed_points_floats(N, d) elements: N rounded up to
+//   kMaxGemmPanel times d, plus kPackedHeader): x in the panels of pydc's GEMM, kept between passes where that
+//   GEMM is selected. A dense pass packs its points there (it packs them anyway) and marks the layout (the
+//   level's panel rows, N and d) in the header behind the panels; a moved pass whose level, N and d match it
+//   multiplies the points from there instead of packing all N of them again (100 MB at 100k x 256, ~5 ms of a
+//   ~25-170 ms pass, capped at AVX2 on AMD EPYC Zen 4, 2 threads). Its contents are the op's own, like dots'.
 //   On return labels are the labels kmeans_assign would give for `centroids` (bitwise), basis_labels the labels
 //   it was given, basis_centroids = centroids and dots, column_error, tops their state; distances (N,) float64: the
 //   squared distance of every point to its new centroid (float32 arithmetic, as kmeans_assign's); counts (3,)
@@ -55,6 +61,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "common/checks.h"
@@ -83,6 +90,24 @@ constexpr int64_t kDenseRows = 256;  // points per GEMM of a dense pass
 // A moved pass folds every run of a piece into fresh top lists when more than this many of its points have no
 // valid list; fewer are folded again one by one from their rows (k products kLayoutRows floats apart each).
 constexpr int64_t kRefoldRows = 8;
+// Floats after packed_x's panels: the layout they were packed in (panel rows, N, d as int64) once valid.
+constexpr int64_t kPackedHeader = 8;
+
+int64_t packed_points_floats(int64_t n, int64_t d) {
+  return (n + kMaxGemmPanel - 1) / kMaxGemmPanel * kMaxGemmPanel * d + kPackedHeader;
+}
+
+struct PackedLayout {
+  int64_t panel, n, d;
+};
+
+void write_packed_header(float* header, const PackedLayout& layout) { std::memcpy(header, &layout, sizeof(layout)); }
+
+bool packed_header_matches(const float* header, const PackedLayout& layout) {
+  PackedLayout kept;
+  std::memcpy(&kept, header, sizeof(kept));
+  return kept.panel == layout.panel && kept.n == layout.n && kept.d == layout.d;
+}
 
 // An upper bound on ||v|| from a float32 ||v||^2 summed in any order (kmeans_norm_rounding).
 double norm_up(float sq_norm, int64_t d) {
@@ -285,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
                                                           const at::Tensor& labels, const at::Tensor& dots,
                                                           const at::Tensor& column_error,
                                                           const at::Tensor& basis_labels,
-                                                          const at::Tensor& basis_centroids, const at::Tensor& tops) {
+                                                          const at::Tensor& basis_centroids, const at::Tensor& tops,
+                                                          const std::optional<at::Tensor>& packed_x) {
   check_points_and_centroids(kDelta, x_in, centroids_in, norms_in);
   PYDC_CHECK_DTYPE(kDelta, "labels", labels, at::kLong);
   PYDC_CHECK_DTYPE(kDelta, "dots", dots, at::kFloat);
@@ -310,6 +336,15 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   TORCH_CHECK(k < (int64_t{1} << 24), kDelta, ": expected fewer than 2^24 centroids (tops names them as floats), got ",
               k);
   TORCH_CHECK(!std::isnan(dense_changes), kDelta, ": expected a number for dense_changes, got NaN");
+  const bool has_packed = packed_x.has_value() && packed_x->defined() && packed_x->numel() > 0;
+  if (has_packed) {
+    PYDC_CHECK_DTYPE(kDelta, "packed_x", *packed_x, at::kFloat);
+    PYDC_CHECK_SAME_DEVICE(kDelta, "packed_x", *packed_x, "x", x_in);
+    TORCH_CHECK(packed_x->is_contiguous() && packed_x->numel() >= packed_points_floats(n, d), kDelta,
+                ": expected packed_x contiguous with 0 or at least ", packed_points_floats(n, d), " elements (N = ", n,
+                " rounded up to ", kMaxGemmPanel, ", times d = ", d, ", plus ", kPackedHeader, "), got ",
+                describe(*packed_x));
+  }
   const at::Tensor x = x_in.contiguous(), centroids = centroids_in.contiguous(), norms = norms_in.contiguous();
   at::Tensor distances = at::empty({n}, x.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({3}, x.options().dtype(at::kLong));
@@ -351,6 +386,19 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
   float* top = tops.mutable_data_ptr<float>();
   const float* cs = centroids.const_data_ptr<float>();
   Pass pass{xs, pn, cs, info.sq_norms.const_data_ptr<float>(), &info, dot, label, distance_out, n, k, d, 0.0};
+  // packed: where this pass packs the points (dense) or finds them packed (moved); nullptr: each piece packs its
+  // own (pydc's GEMM not selected, or pieces not starting on a panel: fewer points than threads x kLayoutRows)
+  float* packed = nullptr;
+  float* header = nullptr;
+  const PackedLayout layout{cpu_gemm_panel(), n, d};
+  if (has_packed) {
+    float* data = packed_x->mutable_data_ptr<float>();
+    header = data + packed_points_floats(n, d) - kPackedHeader;
+    bool aligned = cpu_gemm() == CpuGemm::kPydc;
+    for (const Piece& piece : layout_pieces(n)) aligned &= pass.first_point(piece) % layout.panel == 0;
+    if (aligned && (dense || packed_header_matches(header, layout))) packed = data;
+  }
+  if (dense && header != nullptr) write_packed_header(header, {0, 0, 0});  // valid again once every piece is packed
   if (dense) {
     const float* cn = pass.cn;
     // every product by GEMM, 256 points at a time into the thread's buffer (k x 256: in its core's cache while
@@ -362,7 +410,14 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
       float* piece_tops = top + i0;
       for (int64_t r0 = 0; r0 < piece.rows; r0 += sub) {
         const int64_t part = std::min(sub, piece.rows - r0);
-        cpu_gemm_abt_per_thread(at::from_blob(buffer, {k, part}, x.options()), centroids, x.narrow(0, i0 + r0, part));
+        const at::Tensor out = at::from_blob(buffer, {k, part}, x.options());
+        if (packed != nullptr) {
+          float* panels = packed + (i0 + r0) * d;
+          pack_rows_into(x.narrow(0, i0 + r0, part), panels);
+          cpu_gemm_abt_prepacked(out, centroids, panels);
+        } else {
+          cpu_gemm_abt_per_thread(out, centroids, x.narrow(0, i0 + r0, part));
+        }
         kernels.fold_columns_tops(buffer, part, cn, k, part, piece_tops + r0, n, buffer + k * sub);
         kernels.copy_runs_streaming(buffer, part, pass.runs(piece) + r0, pass.stride(piece), k, part);
       }
@@ -370,6 +425,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
       for (int64_t r = 0; r < piece.rows; ++r) settled += finish_from_tops(pass, piece, r, piece_tops + r);
       return settled;
     });
+    if (packed != nullptr) write_packed_header(header, layout);
     const double gamma = kmeans_gamma(d);
     for (int64_t j = 0; j < k; ++j) error[j] = gamma * std::sqrt(info.sq_norms_f64[j]) * kRoundUp;
     count[1] = n * k;
@@ -421,7 +477,11 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_delta_cpu(const at::Tensor& x_i
     if (refold <= kRefoldRows) {
       for (int64_t r = 0; r < rows; ++r) delta_tops_remove(piece_tops + r, n, touched.data(), k);
     }
-    if (m > 0) cpu_gemm_abt_per_thread(at::from_blob(products, {m, rows}, x.options()), moved, x.narrow(0, i0, rows));
+    if (m > 0 && packed != nullptr) {
+      cpu_gemm_abt_prepacked(at::from_blob(products, {m, rows}, x.options()), moved, packed + i0 * d);
+    } else if (m > 0) {
+      cpu_gemm_abt_per_thread(at::from_blob(products, {m, rows}, x.options()), moved, x.narrow(0, i0, rows));
+    }
     const CpuKernels& kernels = cpu_kernels();
     kernels.update_fold_column_tops(pass.runs(piece), pass.stride(piece), cn, touched_columns.data(),
                                     static_cast<int64_t>(touched_columns.size()), rows, scale.data(), start.data(),
