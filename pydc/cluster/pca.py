@@ -48,6 +48,7 @@ _STATE_VERSION = 1
 FULL_EIGH_MAX_DIM = 1024
 _POWER_STEPS = 1
 _FLUSH_PANEL = 256
+_SHIFT_ROWS = 1024  # rows of the first batch whose mean is the moments' shift (_start)
 
 
 @contextlib.contextmanager
@@ -106,8 +107,9 @@ def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
         except ImportError:
             pass
         else:
+            # The transpose is the same symmetric matrix in the column-major order LAPACK reads: no copy (~15 ms)
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-                _, vectors = scipy.linalg.eigh(matrix.numpy(), subset_by_index=[d - m, d - 1], driver="evr",
+                _, vectors = scipy.linalg.eigh(matrix.numpy().T, subset_by_index=[d - m, d - 1], driver="evr",
                                                overwrite_a=True, check_finite=False)
             return torch.from_numpy(vectors)
     return torch.linalg.eigh(matrix)[1][:, d - m:]
@@ -378,12 +380,14 @@ class PCAWhitening:
         if self.n_components > d:
             raise ValueError(f"PCAWhitening: n_components={self.n_components} exceeds the {d} features of the input; "
                              f"expected n_components <= {d}")
-        # The shift only conditions the products (any value is exact in theory): the first batch's mean, over
-        # its finite rows when some are not.
-        shift = batch.sum(dim=0, dtype=torch.float64) / batch.shape[0]
+        # The shift only conditions the products (any value is exact in theory): the mean of the first batch's
+        # first _SHIFT_ROWS rows, over its finite rows when some are not. Its whole 50,000 x 2048 (fit's first
+        # chunk) took 0.27 s to sum in float64 on the 2-core EPYC, 1024 rows ~6 ms; a mean of 1024 rows leaves
+        # ~3% of a standard deviation of offset, and what the shift is there for is a common offset far larger.
+        sample = batch[:_SHIFT_ROWS]
+        shift = sample.sum(dim=0, dtype=torch.float64) / sample.shape[0]
         if not bool(torch.isfinite(shift).all()):
-            finite = torch.isfinite(batch).all(dim=1)
-            kept = batch[finite]
+            kept = batch[torch.isfinite(batch).all(dim=1)][:_SHIFT_ROWS]
             shift = kept.sum(dim=0, dtype=torch.float64) / max(kept.shape[0], 1)
         self.n_features_in_ = d
         self._unchecked_nonfinite = torch.zeros((), dtype=torch.int64, device=batch.device)
