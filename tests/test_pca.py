@@ -194,6 +194,21 @@ def test_million_rows_with_large_offset_keep_precision():
     assert (naive.double() - exact).abs().max() / exact.abs().max() > 1e-3  # the test can tell the difference
 
 
+def test_covariance_across_row_blocks_equals_float64():
+    """Above the 256-row blocks in which the covariance is mirrored from the Gram's upper triangle, both
+    triangles are the float64 covariance's; and the moments about another shift are symmetric too."""
+    x = spectral_features(2000, 600, dtype=torch.float64, seed=3)
+    whitening = PCAWhitening(8).fit(x)
+    centred = x - x.mean(0)
+    exact = centred.T @ centred / x.shape[0]
+    covariance = whitening.get_covariance()
+    assert torch.equal(covariance, covariance.T)
+    torch.testing.assert_close(covariance, exact, rtol=1e-9, atol=1e-12)
+    _, gram = whitening.moments_about(torch.zeros(600, dtype=torch.float64))
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, x.T @ x, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("n,d,k", [(4000, 300, 40), (4000, 200, 190), (50, 300, 80)])
 def test_refined_eigh_matches_full_float64_eigh(monkeypatch, n, d, k):
     # The path taken above FULL_EIGH_MAX_DIM features (float32 eigh + float64 power and Rayleigh-Ritz steps),

