@@ -342,6 +342,24 @@ def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
         DeltaAssigner(x, norms, k, memory=torch.empty(6000, 59))
 
 
+def test_packed_points_only_with_pydcs_gemm_and_within_the_budget(monkeypatch):
+    """The memory a run's Elkan bounds and delta products share holds delta's packed points (a copy of x) only
+    where pydc's GEMM is chosen and they fit ELKAN_MAX_BYTES; otherwise it is the N x k state alone."""
+    from pydc.cluster import kmeans_bounded
+    from pydc.ops import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "ensure_cpu_gemm", lambda: "pydc")
+    packed = kmeans_bounded.packed_points_floats(1000, 64)
+    assert packed == 1024 * 64 + kmeans_bounded.PACKED_HEADER
+    assert kmeans_bounded.pair_state_floats(1000, 50, 64) == 1000 * 50 + packed
+    monkeypatch.setattr(kmeans_bounded, "ELKAN_MAX_BYTES", 4 * packed - 1)
+    assert kmeans_bounded.pair_state_floats(1000, 50, 64) == 1000 * 50
+    monkeypatch.setattr(kmeans_bounded, "ELKAN_MAX_BYTES", 4 * packed)
+    assert kmeans_bounded.pair_state_floats(1000, 50, 64) == 1000 * 50 + packed
+    monkeypatch.setattr(cpu_gemm, "ensure_cpu_gemm", lambda: "torch")
+    assert kmeans_bounded.pair_state_floats(1000, 50, 64) == 1000 * 50
+
+
 @pytest.mark.parametrize("screen", ["off", "on"])
 def test_delta_passes_plain_or_screened_then_kept_then_moved(screen, monkeypatch):
     """With the default limits a run of moved products starts with passes that keep nothing (plain

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pydc.cluster.kmeans_bounded import pair_state_floats
 from pydc.cluster.kmeans import initial_centroids, kmeans
 from pydc.ops._registry import HAS_OPS
 from pydc.utils.memory import (HUGE_PAGE, advise_huge_pages, empty_huge, keep, kept_bytes, kept_empty,
@@ -82,12 +83,13 @@ def test_kmeans_keeps_its_state_and_a_dirty_one_changes_nothing(nothing_kept, mo
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(5)), dim=1)
     init = initial_centroids(x, k, seed=0)
     first = kmeans(x, k, niter=12, backend="torch", init_centroids=init)
-    assert kept_bytes() == n * k * 4, f"{bounds}: the run's state was not kept"
-    dirty = kept_empty(n * k, dtype=torch.float32)
-    dirty.fill_(float("nan"))
+    state = pair_state_floats(n, k, d)  # the N x k state, and delta's packed points where pydc's GEMM runs
+    assert kept_bytes() == state * 4, f"{bounds}: the run's state was not kept"
+    dirty = kept_empty(state, dtype=torch.float32)
+    dirty.fill_(float("nan"))  # products, bounds, packed points and their header alike
     keep(dirty)
     second = kmeans(x, k, niter=12, backend="torch", init_centroids=init)
     plain = kmeans(x, k, niter=12, backend="torch", init_centroids=init, bounded=False)
     assert torch.equal(second.labels, plain.labels) and torch.equal(first.labels, plain.labels)
     assert torch.equal(second.centroids, plain.centroids)
-    assert kept_empty(n * k, dtype=torch.float32).data_ptr() == dirty.data_ptr()  # taken and given back
+    assert kept_empty(state, dtype=torch.float32).data_ptr() == dirty.data_ptr()  # taken and given back

@@ -88,10 +88,13 @@ def packed_points_floats(n: int, d: int) -> int:
 def pair_state_floats(n: int, k: int, d: int) -> int:
     """Floats of the memory that Elkan's bounds and then delta's products take in one run (handed from one to
     the other, and kept for the next run: pydc.utils.memory): N x k, plus delta's packed points
-    (packed_points_floats) where pydc's own GEMM multiplies them (pydc.ops.cpu_gemm chose it)."""
+    (packed_points_floats, a copy of x: N x d) where pydc's own GEMM multiplies them (pydc.ops.cpu_gemm chose
+    it) and they fit ELKAN_MAX_BYTES too; without them the moved passes pack their points each pass."""
     from pydc.ops.cpu_gemm import ensure_cpu_gemm
 
-    return n * k + (packed_points_floats(n, d) if ensure_cpu_gemm() == "pydc" else 0)
+    packed = packed_points_floats(n, d)
+    packs = packed * 4 <= ELKAN_MAX_BYTES and ensure_cpu_gemm() == "pydc"
+    return n * k + (packed if packs else 0)
 BOUNDS_CHOICES = ("auto", "delta", "elkan", "yinyang")
 
 
