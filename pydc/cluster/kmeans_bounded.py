@@ -95,6 +95,8 @@ def pair_state_floats(n: int, k: int, d: int) -> int:
     packed = packed_points_floats(n, d)
     packs = packed * 4 <= ELKAN_MAX_BYTES and ensure_cpu_gemm() == "pydc"
     return n * k + (packed if packs else 0)
+
+
 BOUNDS_CHOICES = ("auto", "delta", "elkan", "yinyang")
 
 

@@ -123,7 +123,7 @@ def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
         except ImportError:
             pass
         else:
-            # The transpose is the same symmetric matrix in the column-major order LAPACK reads: no copy (~15 ms)
+            # The transpose is the same symmetric matrix in the column-major order LAPACK reads: no copy (~25 ms)
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
                 _, vectors = scipy.linalg.eigh(matrix.numpy().T, subset_by_index=[d - m, d - 1], driver="evr",
                                                overwrite_a=True, check_finite=False)

@@ -66,7 +66,6 @@ class CpuGemmRhs {
   std::vector<float> packed_;
 };
 
-// cpu_gemm_abt_per_thread on raw float32 rows (out m x n, a m x d, b n x d; each ld >= its row's length).
 // Rows packed once for many products with pydc's own GEMM (the points of kmeans_assign_delta's passes): panels of
 // cpu_gemm_panel() rows (the level's: 8, 16 or 32; kMaxGemmPanel at most), feature after feature, zeros past the
 // last row. pack_rows_into packs b (rows, d; unit column stride) into gemm_packed_floats(rows, d) floats at
@@ -78,6 +77,7 @@ int64_t cpu_gemm_panel();
 void pack_rows_into(const at::Tensor& b, float* packed);
 void cpu_gemm_abt_prepacked(const at::Tensor& out, const at::Tensor& a, const float* packed);
 
+// cpu_gemm_abt_per_thread on raw float32 rows (out m x n, a m x d, b n x d; each ld >= its row's length).
 void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
                       int64_t n, int64_t d);
 

@@ -30,8 +30,8 @@
 //   kMaxGemmPanel times d, plus kPackedHeader): x in the panels of pydc's GEMM, kept between passes where that
 //   GEMM is selected. A dense pass packs its points there (it packs them anyway) and marks the layout (the
 //   level's panel rows, N and d) in the header behind the panels; a moved pass whose level, N and d match it
-//   multiplies the points from there instead of packing all N of them again (100 MB at 100k x 256, ~5 ms of a
-//   ~25-170 ms pass, capped at AVX2 on AMD EPYC Zen 4, 2 threads). Its contents are the op's own, like dots'.
+//   multiplies the points from there instead of packing all N of them again (100 MB at 100k x 256, ~3 ms of a
+//   20-170 ms pass, capped at AVX2 on AMD EPYC Zen 4, 2 threads). Its contents are the op's own, like dots'.
 //   On return labels are the labels kmeans_assign would give for `centroids` (bitwise), basis_labels the labels
 //   it was given, basis_centroids = centroids and dots, column_error, tops their state; distances (N,) float64: the
 //   squared distance of every point to its new centroid (float32 arithmetic, as kmeans_assign's); counts (3,)
