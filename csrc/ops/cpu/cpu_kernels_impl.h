@@ -593,8 +593,9 @@ inline uint32_t set_lanes(const fold_ints& mask) {
 }
 
 // Top lists from scratch for `count` points (the lanes) from every centroid's run, read once: the
-// kDeltaTopSlots + 1 smallest scores per point, sorted, in `sorted` (their centroids in the next kDeltaTopSlots + 1
-// rows, count floats a row), then the first kDeltaTopSlots listed and the last one the floor. A run's scores are
+// kDeltaTopSlots + 1 smallest scores per point of the whole vectors, sorted, in `sorted` (their centroids in the
+// next kDeltaTopSlots + 1 rows, count floats a row), then the first kDeltaTopSlots listed and the last one the
+// floor; the few points past the last vector go through delta_tops_fold. A run's scores are
 // compared with each point's current last (the screen); only a vector of points where some score is below it goes
 // through the insertion network, which places a score in every lane at once.
 void fold_columns_tops(const float* dot, int64_t stride, const float* centroid_sq_norms, int64_t k, int64_t count,
@@ -654,25 +655,22 @@ void fold_columns_tops(const float* dot, int64_t stride, const float* centroid_s
       std::memcpy(w + 3 * count, &m3, sizeof(m3));
       std::memcpy(w + 4 * count, &m4, sizeof(m4));
     }
-    for (int64_t r = vectors_end; r < count; ++r) {
-      const float score = kmeans_score(centroid_sq_norms[j], run[r]);
-      int c = kSorted;
-      while (c > 0 && score < sorted[(c - 1) * count + r]) --c;
-      if (c == kSorted) continue;
-      for (int e = kSorted - 1; e > c; --e) {
-        sorted[e * count + r] = sorted[(e - 1) * count + r];
-        index[e * count + r] = index[(e - 1) * count + r];
-      }
-      sorted[c * count + r] = score;
-      index[c * count + r] = static_cast<float>(j);
-    }
   }
-  for (int64_t r = 0; r < count; ++r) {
+  for (int64_t r = 0; r < vectors_end; ++r) {
     for (int c = 0; c < kDeltaTopSlots; ++c) {
       tops[c * tops_stride + r] = sorted[c * count + r];
       tops[(kDeltaTopSlots + c) * tops_stride + r] = index[c * count + r];
     }
     tops[2 * kDeltaTopSlots * tops_stride + r] = sorted[kDeltaTopSlots * count + r];
+  }
+  // the points past the last vector: folded one by one into their lists (the same lists: delta_tops_fold keeps
+  // the kDeltaTopSlots smallest in centroid order for ties and the next smallest as the floor)
+  for (int64_t r = vectors_end; r < count; ++r) {
+    delta_tops_clear(tops + r, tops_stride);
+    for (int64_t j = 0; j < k; ++j) {
+      delta_tops_fold(tops + r, tops_stride, kmeans_score(centroid_sq_norms[j], dot[j * stride + r]),
+                      static_cast<int32_t>(j));
+    }
   }
 }
 
