@@ -172,6 +172,8 @@ PYBIND11_MODULE(_C, m) {
         "Sets the BLAS sgemm (a scipy.linalg.cython_blas capsule, or None to clear) that the CPU k-means GEMMs "
         "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");
   m.def("has_cpu_sgemm", &pydc::has_cpu_sgemm, "Whether a run-time sgemm is set");
+  m.def("has_mkl_packed_sgemm", &pydc::has_mkl_packed_sgemm,
+        "Whether torch's BLAS is MKL with its packed sgemm (torch's GEMM then packs the centroids once per pass)");
   m.def("has_bf16_gemm", &pydc::has_bf16_gemm,
         "Whether kmeans_assign_bf16 can run here: MKL's bfloat16 GEMM was found in torch's libraries, or the CPU "
         "has AVX512-BF16 for pydc's own");

@@ -153,6 +153,28 @@ def test_pydc_gemm_sums_every_product_in_float32(level, shape):
     assert bool(out_wide[:, n:].isnan().all())  # nothing written past n
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 17, 3), (1, 300, 64), (300, 1100, 40), (256, 1000, 255)])
+def test_torch_gemm_sums_every_product_in_float32(shape):
+    """torch's GEMM as the kernels run it: on MKL's packed form of b where torch has MKL (the x86 wheels), with
+    a, b and out rows further apart than their length, one row or many, m above and below the 256 rows MKL
+    packed for; within the float32 bound gamma_d |a| |b| of every entry, nothing written past n."""
+    if torch.backends.mkl.is_available():
+        assert _C.has_mkl_packed_sgemm()  # MKL's packed API found in torch's libraries
+    m, n, d = shape
+    generator = torch.Generator().manual_seed(m + n * d)
+    a = torch.randn(m, d + 3, generator=generator)[:, 1:d + 1]
+    b = torch.randn(n, d + 2, generator=generator)[:, 2:]
+    out_wide = torch.full((m, n + 5), float("nan"))
+    out = out_wide[:, :n]
+    assert cpu_gemm.use_cpu_gemm("torch") == "torch"
+    assert cpu_gemm.cpu_gemm_report()["mkl_packed"] == bool(_C.has_mkl_packed_sgemm())
+    cpu_gemm.gemm_abt(out, a, b)
+    exact = a.double() @ b.double().T
+    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    assert bool(((out.double() - exact).abs() <= gamma * (a.double().abs() @ b.double().abs().T)).all())
+    assert bool(out_wide[:, n:].isnan().all())
+
+
 def test_gemm_abt_refuses_bad_arguments():
     a, b = torch.randn(4, 3), torch.randn(5, 3)
     with pytest.raises(ValueError, match="float32"):

@@ -16,7 +16,6 @@ import torch
 from pydc.cluster import kmeans
 from pydc.cluster.kmeans import initial_centroids
 from pydc.ops.cpu_capability import LEVELS, cpu_capability_level, supported_levels
-from pydc.ops.cpu_gemm import ensure_cpu_gemm
 
 
 def clustered(n=4000, d=24, centres=40, seed=0):
@@ -301,16 +300,32 @@ def test_yinyang_predicts_the_scores_of_its_next_filter():
     assert auto.used in ("yinyang+elkan", "yinyang+delta")
 
 
-def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
+@pytest.fixture
+def restore_cpu_gemm():
+    """The process's GEMM choice back after a test that selects one."""
+    from pydc.ops import cpu_gemm
+
+    chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
+    yield
+    cpu_gemm.use_cpu_gemm(chosen or "torch")
+    cpu_gemm._chosen, cpu_gemm._report = chosen, report
+
+
+@pytest.mark.parametrize("gemm", ["torch", "pydc"])
+def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch, restore_cpu_gemm, gemm):
     """Unscreened, auto's unstructured run goes Yinyang (first pass), Elkan (a plain pass right after the
     first, then dense and sparse passes), delta (once few labels change, in the memory of Elkan's bounds: its
-    dense and moved passes run there), and is plain Lloyd's run; the released Elkan assigner refuses passes."""
+    dense and moved passes run there, with the points packed after the products under pydc's GEMM), and is
+    plain Lloyd's run; the released Elkan assigner refuses passes. Under either GEMM, whichever this machine
+    would choose."""
     from pydc.cluster import kmeans_delta
+    from pydc.ops import cpu_gemm
     from pydc.cluster.kmeans_bounded import YinyangAssigner
     from pydc.cluster.kmeans_delta import DeltaAssigner, YinyangThenDelta
     from pydc.ops import bf16_screen
 
     monkeypatch.setenv(bf16_screen.ENV_VAR, "off")
+    assert cpu_gemm.use_cpu_gemm(gemm) == gemm
     x, k = unstructured(n=6000, d=32), 60
     norms = (x * x).sum(1)
     init = initial_centroids(x, k, seed=7)
@@ -332,7 +347,7 @@ def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch):
     assert elkan.rows_computed[0] == x.shape[0] and elkan.anchors is None
     assert handed[0] is not None and delta.dots.data_ptr() == handed[0].data_ptr()
     # the points packed for pydc's GEMM follow the products in the same memory, where that GEMM is chosen
-    assert (delta.packed_x is not None) == (ensure_cpu_gemm() == "pydc")
+    assert (delta.packed_x is not None) == (gemm == "pydc")
     if delta.packed_x is not None:
         assert delta.packed_x.data_ptr() == handed[0].data_ptr() + 4 * handed[0].numel() - 4 * delta.packed_x.numel()
     assert delta.passes[0] == "dense" and "moved" in delta.passes

@@ -102,6 +102,47 @@ void pydc_gemm_abt(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
   multiply_packed(kernels, packed.data(), out, a);
 }
 
+// MKL's packed sgemm, looked up in the libtorch_cpu that torch's MKL is linked into (LP64: MKL_INT is int); every
+// member null where torch was built without MKL. MKL_Set_Num_Threads_Local (optional) holds the packing to one
+// thread, as the per-thread products that use it run ("use the same number of threads for packing and
+// computing", MKL's reference).
+using MklPackGetSizeFn = size_t (*)(int identifier, int m, int n, int k);
+using MklPackFn = void (*)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                           int ld, float* dest);
+using MklComputeFn = void (*)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                              const float* b, int ldb, float beta, float* c, int ldc);
+using MklSetThreadsLocalFn = int (*)(int);
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasBMatrix = 162;
+
+struct MklPackedApi {
+  MklPackGetSizeFn get_size = nullptr;
+  MklPackFn pack = nullptr;
+  MklComputeFn compute = nullptr;
+  MklSetThreadsLocalFn set_threads_local = nullptr;
+};
+
+const MklPackedApi& mkl_packed_api() {
+  static const MklPackedApi api = [] {
+    MklPackedApi found;
+#ifdef PYDC_HAVE_DLADDR
+    void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+    const auto find = [&](const char* name) {
+      void* symbol = handle != nullptr ? dlsym(handle, name) : nullptr;
+      return symbol != nullptr ? symbol : dlsym(RTLD_DEFAULT, name);
+    };
+    found.get_size = reinterpret_cast<MklPackGetSizeFn>(find("cblas_sgemm_pack_get_size"));
+    found.pack = reinterpret_cast<MklPackFn>(find("cblas_sgemm_pack"));
+    found.compute = reinterpret_cast<MklComputeFn>(find("cblas_sgemm_compute"));
+    // mkl_service.h's mkl_set_num_threads_local is a macro for this; the symbol of that name takes an int*
+    found.set_threads_local = reinterpret_cast<MklSetThreadsLocalFn>(find("MKL_Set_Num_Threads_Local"));
+    if (handle != nullptr) dlclose(handle);  // drops only the reference taken above: torch keeps it loaded
+    if (found.get_size == nullptr || found.pack == nullptr || found.compute == nullptr) found = MklPackedApi{};
+#endif
+    return found;
+  }();
+  return api;
+}
+
 void gemm_abt_with(CpuGemm which, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (out.numel() == 0) return;
   const SgemmFn sgemm = g_sgemm.load();
@@ -149,11 +190,37 @@ void cpu_gemm_abt_per_thread(const at::Tensor& out, const at::Tensor& a, const a
   gemm_abt_with(cpu_gemm(), out, a, b);
 }
 
-CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which) : b_(b), which_(which) {
-  if (which_ != CpuGemm::kPydc || b.size(1) == 0 || !unit_rows(b)) return;
-  kernels_ = &cpu_kernels();
-  panel_ = kernels_->gemm_packed_floats(1, 1);  // one row of one feature fills one panel
-  pack_rhs(*kernels_, b, &packed_);
+bool has_mkl_packed_sgemm() { return mkl_packed_api().compute != nullptr; }
+
+CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which, int64_t block_rows) : b_(b), which_(which) {
+  if (b.size(0) == 0 || b.size(1) == 0 || !unit_rows(b)) return;
+  if (which_ == CpuGemm::kPydc) {
+    kernels_ = &cpu_kernels();
+    panel_ = kernels_->gemm_packed_floats(1, 1);  // one row of one feature fills one panel
+    pack_rhs(*kernels_, b, &packed_);
+    return;
+  }
+  const MklPackedApi& mkl = mkl_packed_api();
+  if (which_ != CpuGemm::kTorch || mkl.compute == nullptr || !blas_matrix(b)) return;
+  const int64_t n = b.size(0);
+  const int d = static_cast<int>(b.size(1));
+  const int ld = static_cast<int>(std::max<int64_t>(n > 1 ? b.stride(0) : d, d));
+  const int rows = static_cast<int>(kPerThreadGemmRows);  // MKL asks for the products' rows; any count may use it
+  mkl_block_ = block_rows > 0 ? std::min(block_rows, n) : n;
+  const int previous = mkl.set_threads_local != nullptr ? mkl.set_threads_local(1) : 0;
+  for (int64_t j0 = 0; j0 < n; j0 += mkl_block_) {
+    const int cols = static_cast<int>(std::min(mkl_block_, n - j0));
+    const size_t bytes = mkl.get_size(kCblasBMatrix, rows, cols, d);
+    if (bytes == 0) {
+      mkl_packed_.clear();
+      break;
+    }
+    at::Tensor packed = at::empty({static_cast<int64_t>(bytes)}, b.options().dtype(at::kByte));
+    mkl.pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, rows, cols, d, 1.0f, b.const_data_ptr<float>() + j0 * ld,
+             ld, static_cast<float*>(packed.mutable_data_ptr()));
+    mkl_packed_.push_back(std::move(packed));
+  }
+  if (mkl.set_threads_local != nullptr) mkl.set_threads_local(previous);
 }
 
 void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0) const {
@@ -164,6 +231,14 @@ void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0
   if (out.numel() == 0) return;
   if (kernels_ != nullptr && j0 % panel_ == 0 && unit_rows(out) && unit_rows(a)) {
     multiply_packed(*kernels_, packed_.data() + j0 * d, out, a);
+  } else if (!mkl_packed_.empty() && j0 % mkl_block_ == 0 && cols == std::min(mkl_block_, b_.size(0) - j0) &&
+             blas_matrix(out) && blas_matrix(a)) {
+    const int m = static_cast<int>(a.size(0)), n = static_cast<int>(cols), depth = static_cast<int>(d);
+    const int lda = static_cast<int>(std::max<int64_t>(m > 1 ? a.stride(0) : d, d));
+    const int ldc = static_cast<int>(std::max<int64_t>(m > 1 ? out.stride(0) : cols, cols));
+    mkl_packed_api().compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, depth, a.const_data_ptr<float>(), lda,
+                             static_cast<const float*>(mkl_packed_[j0 / mkl_block_].const_data_ptr()), depth, 0.0f,
+                             out.mutable_data_ptr<float>(), ldc);
   } else {
     gemm_abt_with(which_, out, a, b_.narrow(0, j0, cols));
   }
@@ -191,7 +266,8 @@ void cpu_gemm_abt_raw(float* out, int64_t ldo, const float* a, int64_t lda, cons
     return at::from_blob(const_cast<float*>(address), {rows, cols}, {ld, 1}, options);
   };
   PerThreadCpuGemm one_thread(cpu_gemm());
-  cpu_gemm_abt_per_thread(view(out, m, n, ldo), view(a, m, d, lda), view(b, n, d, ldb));
+  const CpuGemmRhs rhs(view(b, n, d, ldb));  // as the k-means passes multiply (MKL's packed form under torch's)
+  rhs.multiply(view(out, m, n, ldo), view(a, m, d, lda));
 }
 
 PerThreadCpuGemm::PerThreadCpuGemm(CpuGemm which) {

@@ -50,13 +50,20 @@ struct CpuKernels;
 
 // The right-hand side b (n, d) of many cpu_gemm_abt_per_thread calls, such as the centroids of a k-means pass:
 // packed once into pydc's panels when pydc's GEMM is selected (packing the 1 MiB of 1000 x 256 centroids on every
-// 256-row call was 4% of a capped unstructured run's samples), b itself for the other GEMMs. Construct it before
-// the parallel region; b must outlive it and not change.
+// 256-row call was 4% of a capped unstructured run's samples), packed once by MKL (cblas_sgemm_pack, found at run
+// time in torch's libraries) when torch's GEMM is selected and torch has MKL, b itself for scipy's. Construct it
+// before the parallel region; b must outlive it and not change. Not copyable (MKL's packed form may not move).
 class CpuGemmRhs {
  public:
-  explicit CpuGemmRhs(const at::Tensor& b, CpuGemm which = cpu_gemm());
+  // block_rows > 0: MKL packs b in blocks of that many rows, for products with one block at a time (0: b whole);
+  // a product with other rows of b runs unpacked.
+  explicit CpuGemmRhs(const at::Tensor& b, CpuGemm which = cpu_gemm(), int64_t block_rows = 0);
+  CpuGemmRhs(const CpuGemmRhs&) = delete;
+  CpuGemmRhs& operator=(const CpuGemmRhs&) = delete;
   // out = a @ b[j0 : j0 + out.size(1)]^T (rows j0 .. of b), on the calling thread, like cpu_gemm_abt_per_thread.
   void multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0 = 0) const;
+  // Whether products run on MKL's packed form (torch's GEMM, torch built with MKL).
+  bool mkl_packed() const { return !mkl_packed_.empty(); }
 
  private:
   at::Tensor b_;
@@ -64,7 +71,13 @@ class CpuGemmRhs {
   const CpuKernels* kernels_ = nullptr;  // the level that packed (pydc's GEMM only)
   int64_t panel_ = 0;                    // rows of b per packed panel
   std::vector<float> packed_;
+  int64_t mkl_block_ = 0;               // rows of b per MKL-packed block
+  std::vector<at::Tensor> mkl_packed_;  // MKL's packed blocks of b (bytes, 64-byte aligned), or none
 };
+
+// Whether torch's BLAS is MKL with its packed sgemm API (cblas_sgemm_pack_get_size, cblas_sgemm_pack,
+// cblas_sgemm_compute) found in torch's libraries.
+bool has_mkl_packed_sgemm();
 
 // Rows packed once for many products with pydc's own GEMM (the points of kmeans_assign_delta's passes): panels of
 // cpu_gemm_panel() rows (the level's: 8, 16 or 32; kMaxGemmPanel at most), feature after feature, zeros past the

@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   const int64_t buffer_cols = std::min(k, kCentroidBlock);
   const int64_t block = kmeans_thread_block_rows(n);
   PerThreadCpuGemm one_thread_each;
-  const CpuGemmRhs rhs(plan.centroids);
+  const CpuGemmRhs rhs(plan.centroids, cpu_gemm(), kCentroidBlock);
   at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
     at::Tensor buffer = at::empty({block, buffer_cols}, plan.x.options());
     std::vector<float> best_score(block), second_score(block);
