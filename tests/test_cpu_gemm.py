@@ -155,9 +155,10 @@ def test_pydc_gemm_sums_every_product_in_float32(level, shape):
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 17, 3), (1, 300, 64), (300, 1100, 40), (256, 1000, 255)])
 def test_torch_gemm_sums_every_product_in_float32(shape):
-    """torch's GEMM as the kernels run it: on MKL's packed form of b where torch has MKL (the x86 wheels), with
-    a, b and out rows further apart than their length, one row or many, m above and below the 256 rows MKL
-    packed for; within the float32 bound gamma_d |a| |b| of every entry, nothing written past n."""
+    """torch's GEMM as the kernels run it: on MKL's packed form of b where torch has MKL (the x86 wheels) and b
+    holds 2^14 floats or more (the last three shapes), with a, b and out rows further apart than their length,
+    one row or many, m above and below the 256 rows MKL packed for; within the float32 bound gamma_d |a| |b| of
+    every entry, nothing written past n."""
     if torch.backends.mkl.is_available():
         assert _C.has_mkl_packed_sgemm()  # MKL's packed API found in torch's libraries
     m, n, d = shape

@@ -112,6 +112,9 @@ using MklPackFn = void (*)(int layout, int identifier, int trans, int m, int n, 
 using MklComputeFn = void (*)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
                               const float* b, int ldb, float beta, float* c, int ldc);
 using MklSetThreadsLocalFn = int (*)(int);
+// MKL's packed form takes ~8 MB whatever the size (plus ~2.5x b): smaller right-hand sides, cheap to repack per
+// call, are multiplied as they are.
+constexpr int64_t kMklPackMinFloats = int64_t{1} << 14;
 constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasBMatrix = 162;
 
 struct MklPackedApi {
@@ -201,7 +204,7 @@ CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which, int64_t block_rows) :
     return;
   }
   const MklPackedApi& mkl = mkl_packed_api();
-  if (which_ != CpuGemm::kTorch || mkl.compute == nullptr || !blas_matrix(b)) return;
+  if (which_ != CpuGemm::kTorch || mkl.compute == nullptr || !blas_matrix(b) || b.numel() < kMklPackMinFloats) return;
   const int64_t n = b.size(0);
   const int d = static_cast<int>(b.size(1));
   const int ld = static_cast<int>(std::max<int64_t>(n > 1 ? b.stride(0) : d, d));

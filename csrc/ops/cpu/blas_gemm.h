@@ -51,7 +51,8 @@ struct CpuKernels;
 // The right-hand side b (n, d) of many cpu_gemm_abt_per_thread calls, such as the centroids of a k-means pass:
 // packed once into pydc's panels when pydc's GEMM is selected (packing the 1 MiB of 1000 x 256 centroids on every
 // 256-row call was 4% of a capped unstructured run's samples), packed once by MKL (cblas_sgemm_pack, found at run
-// time in torch's libraries) when torch's GEMM is selected and torch has MKL, b itself for scipy's. Construct it
+// time in torch's libraries) when torch's GEMM is selected, torch has MKL and b holds at least 2^14 floats, b
+// itself otherwise. Construct it
 // before the parallel region; b must outlive it and not change. Not copyable (MKL's packed form may not move).
 class CpuGemmRhs {
  public:
