@@ -218,9 +218,13 @@ CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which, int64_t block_rows) :
       mkl_packed_.clear();
       break;
     }
-    at::Tensor packed = at::empty({static_cast<int64_t>(bytes)}, b.options().dtype(at::kByte));
+    std::unique_ptr<void, FreeBytes> packed(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+    if (packed == nullptr) {  // no memory for it: the products repack b per call, as without MKL's API
+      mkl_packed_.clear();
+      break;
+    }
     mkl.pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, rows, cols, d, 1.0f, b.const_data_ptr<float>() + j0 * ld,
-             ld, static_cast<float*>(packed.mutable_data_ptr()));
+             ld, static_cast<float*>(packed.get()));
     mkl_packed_.push_back(std::move(packed));
   }
   if (mkl.set_threads_local != nullptr) mkl.set_threads_local(previous);
@@ -240,7 +244,7 @@ void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0
     const int lda = static_cast<int>(std::max<int64_t>(m > 1 ? a.stride(0) : d, d));
     const int ldc = static_cast<int>(std::max<int64_t>(m > 1 ? out.stride(0) : cols, cols));
     mkl_packed_api().compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, depth, a.const_data_ptr<float>(), lda,
-                             static_cast<const float*>(mkl_packed_[j0 / mkl_block_].const_data_ptr()), depth, 0.0f,
+                             static_cast<const float*>(mkl_packed_[j0 / mkl_block_].get()), depth, 0.0f,
                              out.mutable_data_ptr<float>(), ldc);
   } else {
     gemm_abt_with(which_, out, a, b_.narrow(0, j0, cols));

@@ -14,6 +14,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 namespace pydc {
@@ -52,8 +54,9 @@ struct CpuKernels;
 // packed once into pydc's panels when pydc's GEMM is selected (packing the 1 MiB of 1000 x 256 centroids on every
 // 256-row call was 4% of a capped unstructured run's samples), packed once by MKL (cblas_sgemm_pack, found at run
 // time in torch's libraries) when torch's GEMM is selected, torch has MKL and b holds at least 2^14 floats, b
-// itself otherwise. Construct it
-// before the parallel region; b must outlive it and not change. Not copyable (MKL's packed form may not move).
+// itself otherwise. Construct it before the parallel region; b must outlive it and not change. Not copyable (MKL's
+// packed form may not move). Both packed forms are the op's own scratch, outside torch's allocator (as the
+// kernels' other per-pass buffers: the memory accounting of pydc.cluster.sharded_memory leaves them out).
 class CpuGemmRhs {
  public:
   // block_rows > 0: MKL packs b in blocks of that many rows, for products with one block at a time (0: b whole);
@@ -63,17 +66,18 @@ class CpuGemmRhs {
   CpuGemmRhs& operator=(const CpuGemmRhs&) = delete;
   // out = a @ b[j0 : j0 + out.size(1)]^T (rows j0 .. of b), on the calling thread, like cpu_gemm_abt_per_thread.
   void multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0 = 0) const;
-  // Whether products run on MKL's packed form (torch's GEMM, torch built with MKL).
-  bool mkl_packed() const { return !mkl_packed_.empty(); }
 
  private:
+  struct FreeBytes {
+    void operator()(void* p) const { std::free(p); }
+  };
   at::Tensor b_;
   CpuGemm which_;
   const CpuKernels* kernels_ = nullptr;  // the level that packed (pydc's GEMM only)
   int64_t panel_ = 0;                    // rows of b per packed panel
   std::vector<float> packed_;
   int64_t mkl_block_ = 0;               // rows of b per MKL-packed block
-  std::vector<at::Tensor> mkl_packed_;  // MKL's packed blocks of b (bytes, 64-byte aligned), or none
+  std::vector<std::unique_ptr<void, FreeBytes>> mkl_packed_;  // MKL's packed blocks of b (64-byte aligned), or none
 };
 
 // Whether torch's BLAS is MKL with its packed sgemm API (cblas_sgemm_pack_get_size, cblas_sgemm_pack,
