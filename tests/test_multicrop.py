@@ -31,7 +31,7 @@ def _expected_view(index, position_in_epoch, indices, view_number, view, seed=3,
 
     batch_number, row = divmod(position_in_epoch, batch_size)
     batch_indices = indices[batch_number * batch_size:(batch_number + 1) * batch_size]
-    images = [torch.from_numpy(np.asarray(Image.open(index.paths[i]).convert("RGB"))).permute(2, 0, 1)
+    images = [torch.from_numpy(np.array(Image.open(index.paths[i]).convert("RGB"))).permute(2, 0, 1)
               for i in batch_indices]
     windows = random_resized_crops([im.shape[1] for im in images], [im.shape[2] for im in images], seed, epoch,
                                    batch_number, view.scale, view=view_number)
