@@ -40,6 +40,17 @@ def pytest_sessionstart(session):
         use_cpu_gemm()
 
 
+@pytest.fixture
+def restore_cpu_gemm():
+    """The process's CPU GEMM choice (pydc.ops.cpu_gemm) back after a test that selects one."""
+    from pydc.ops import cpu_gemm
+
+    chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
+    yield
+    cpu_gemm.use_cpu_gemm(chosen or "torch")
+    cpu_gemm._chosen, cpu_gemm._report = chosen, report
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

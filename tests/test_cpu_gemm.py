@@ -22,16 +22,14 @@ BLAS = ("torch", "scipy", "pydc")
 
 
 @pytest.fixture(autouse=True)
-def restore_choice():
-    """Each test may select a BLAS or set PYDC_CPU_GEMM; the process's earlier choice and environment come back
-    afterwards (after the test's own monkeypatch is undone: this fixture is set up before it)."""
+def restore_choice(restore_cpu_gemm):
+    """Each test may select a BLAS or set PYDC_CPU_GEMM; the process's earlier environment and then its choice
+    (conftest's restore_cpu_gemm) come back afterwards (after the test's own monkeypatch is undone: this fixture
+    is set up before it)."""
     environment = os.environ.pop(cpu_gemm.ENV_VAR, None)
-    chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
     yield
     if environment is not None:
         os.environ[cpu_gemm.ENV_VAR] = environment
-    cpu_gemm.use_cpu_gemm(chosen or "torch")
-    cpu_gemm._chosen, cpu_gemm._report = chosen, report
 
 
 def clustered(n: int, k: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -300,17 +300,6 @@ def test_yinyang_predicts_the_scores_of_its_next_filter():
     assert auto.used in ("yinyang+elkan", "yinyang+delta")
 
 
-@pytest.fixture
-def restore_cpu_gemm():
-    """The process's GEMM choice back after a test that selects one."""
-    from pydc.ops import cpu_gemm
-
-    chosen, report = cpu_gemm._chosen, dict(cpu_gemm._report)
-    yield
-    cpu_gemm.use_cpu_gemm(chosen or "torch")
-    cpu_gemm._chosen, cpu_gemm._report = chosen, report
-
-
 @pytest.mark.parametrize("gemm", ["torch", "pydc"])
 def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch, restore_cpu_gemm, gemm):
     """Unscreened, auto's unstructured run goes Yinyang (first pass), Elkan (a plain pass right after the
@@ -319,10 +308,9 @@ def test_auto_runs_elkan_between_yinyang_and_delta(monkeypatch, restore_cpu_gemm
     plain Lloyd's run; the released Elkan assigner refuses passes. Under either GEMM, whichever this machine
     would choose."""
     from pydc.cluster import kmeans_delta
-    from pydc.ops import cpu_gemm
     from pydc.cluster.kmeans_bounded import YinyangAssigner
     from pydc.cluster.kmeans_delta import DeltaAssigner, YinyangThenDelta
-    from pydc.ops import bf16_screen
+    from pydc.ops import bf16_screen, cpu_gemm
 
     monkeypatch.setenv(bf16_screen.ENV_VAR, "off")
     assert cpu_gemm.use_cpu_gemm(gemm) == gemm

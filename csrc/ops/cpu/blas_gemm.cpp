@@ -62,15 +62,19 @@ bool blas_matrix(const at::Tensor& t) {
          fits_blas_int(t.stride(0));
 }
 
+// The leading dimension BLAS is given for a row-major matrix t: its row stride, which BLAS requires to be at least
+// the row's length (and 1) even where t has one row or none (its stride then arbitrary).
+int blas_ld(const at::Tensor& t) {
+  const int64_t length = std::max<int64_t>(t.size(1), 1);
+  return static_cast<int>(std::max<int64_t>(t.size(0) > 1 ? t.stride(0) : length, length));
+}
+
 // Row-major a (m, d) is the column-major d x m matrix A with lda = stride(0); likewise b (n, d) and out (m, n)
 // (column-major n x m). out^T = b a^T is then sgemm(transa = "T", transb = "N") of B (d x n) and A (d x m).
 void sgemm_abt(SgemmFn sgemm, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   char transa = 'T', transb = 'N';
   int m = static_cast<int>(b.size(0)), n = static_cast<int>(a.size(0)), k = static_cast<int>(a.size(1));
-  // BLAS requires lda >= k, ldb >= k, ldc >= m even where a dimension is 1 or 0 (stride then arbitrary)
-  int lda = static_cast<int>(std::max<int64_t>(b.size(0) > 1 ? b.stride(0) : k, std::max(k, 1)));
-  int ldb = static_cast<int>(std::max<int64_t>(a.size(0) > 1 ? a.stride(0) : k, std::max(k, 1)));
-  int ldc = static_cast<int>(std::max<int64_t>(out.size(0) > 1 ? out.stride(0) : m, std::max(m, 1)));
+  int lda = blas_ld(b), ldb = blas_ld(a), ldc = blas_ld(out);
   float alpha = 1.0f, beta = 0.0f;
   sgemm(&transa, &transb, &m, &n, &k, &alpha, const_cast<float*>(b.const_data_ptr<float>()), &lda,
         const_cast<float*>(a.const_data_ptr<float>()), &ldb, &beta, out.mutable_data_ptr<float>(), &ldc);
@@ -207,19 +211,15 @@ CpuGemmRhs::CpuGemmRhs(const at::Tensor& b, CpuGemm which, int64_t block_rows) :
   if (which_ != CpuGemm::kTorch || mkl.compute == nullptr || !blas_matrix(b) || b.numel() < kMklPackMinFloats) return;
   const int64_t n = b.size(0);
   const int d = static_cast<int>(b.size(1));
-  const int ld = static_cast<int>(std::max<int64_t>(n > 1 ? b.stride(0) : d, d));
+  const int ld = blas_ld(b);
   const int rows = static_cast<int>(kPerThreadGemmRows);  // MKL asks for the products' rows; any count may use it
   mkl_block_ = block_rows > 0 ? std::min(block_rows, n) : n;
   const int previous = mkl.set_threads_local != nullptr ? mkl.set_threads_local(1) : 0;
   for (int64_t j0 = 0; j0 < n; j0 += mkl_block_) {
     const int cols = static_cast<int>(std::min(mkl_block_, n - j0));
     const size_t bytes = mkl.get_size(kCblasBMatrix, rows, cols, d);
-    if (bytes == 0) {
-      mkl_packed_.clear();
-      break;
-    }
-    std::unique_ptr<void, FreeBytes> packed(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-    if (packed == nullptr) {  // no memory for it: the products repack b per call, as without MKL's API
+    std::unique_ptr<void, FreeBytes> packed(bytes > 0 ? std::aligned_alloc(64, (bytes + 63) / 64 * 64) : nullptr);
+    if (packed == nullptr) {  // no size or no memory for it: the products repack b per call, as without MKL's API
       mkl_packed_.clear();
       break;
     }
@@ -241,11 +241,9 @@ void CpuGemmRhs::multiply(const at::Tensor& out, const at::Tensor& a, int64_t j0
   } else if (!mkl_packed_.empty() && j0 % mkl_block_ == 0 && cols == std::min(mkl_block_, b_.size(0) - j0) &&
              blas_matrix(out) && blas_matrix(a)) {
     const int m = static_cast<int>(a.size(0)), n = static_cast<int>(cols), depth = static_cast<int>(d);
-    const int lda = static_cast<int>(std::max<int64_t>(m > 1 ? a.stride(0) : d, d));
-    const int ldc = static_cast<int>(std::max<int64_t>(m > 1 ? out.stride(0) : cols, cols));
-    mkl_packed_api().compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, depth, a.const_data_ptr<float>(), lda,
-                             static_cast<const float*>(mkl_packed_[j0 / mkl_block_].get()), depth, 0.0f,
-                             out.mutable_data_ptr<float>(), ldc);
+    mkl_packed_api().compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, depth, a.const_data_ptr<float>(),
+                             blas_ld(a), static_cast<const float*>(mkl_packed_[j0 / mkl_block_].get()), depth, 0.0f,
+                             out.mutable_data_ptr<float>(), blas_ld(out));
   } else {
     gemm_abt_with(which_, out, a, b_.narrow(0, j0, cols));
   }
