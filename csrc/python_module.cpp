@@ -153,21 +153,34 @@ PYBIND11_MODULE(_C, m) {
         "Sets the BLAS ssyrk/dsyrk (scipy.linalg.cython_blas capsules, or None to clear) that the CPU "
         "pca_accumulate uses for its Gram; see pydc.ops.pca.use_cpu_syrk");
   m.def("has_cpu_syrk", [] { return pydc::has_cpu_syrk(at::kFloat); },
-        "Whether the CPU pca_accumulate has a float32 syrk: a BLAS one set, or pydc's selected");
+        "Whether the CPU pca_accumulate has a float32 syrk: the selected one (a BLAS one set, MKL's or pydc's) "
+        "is there");
+  m.def("has_mkl_syrk", &pydc::has_mkl_syrk, "Whether torch's libraries hold MKL's ssyrk (mkl_blas_ssyrk)");
   m.def("set_cpu_float_syrk", [](const std::string& which) {
-          TORCH_CHECK(which == "blas" || which == "pydc",
-                      "pydc._C.set_cpu_float_syrk: expected 'blas' or 'pydc', got '", which, "'");
-          pydc::set_cpu_float_syrk(which == "pydc" ? pydc::CpuSyrk::kPydc : pydc::CpuSyrk::kBlas);
+          TORCH_CHECK(which == "blas" || which == "pydc" || which == "mkl",
+                      "pydc._C.set_cpu_float_syrk: expected 'blas', 'pydc' or 'mkl', got '", which, "'");
+          TORCH_CHECK(which != "mkl" || pydc::has_mkl_syrk(),
+                      "pydc._C.set_cpu_float_syrk: torch's libraries hold no MKL ssyrk (torch built without MKL?)");
+          pydc::set_cpu_float_syrk(which == "pydc"  ? pydc::CpuSyrk::kPydc
+                                   : which == "mkl" ? pydc::CpuSyrk::kMkl
+                                                    : pydc::CpuSyrk::kBlas);
         }, pybind11::arg("which"),
-        "Selects the float32 syrk of the CPU pca_accumulate: 'blas' (the one set_cpu_syrk set) or 'pydc' (its own)");
+        "Selects the float32 syrk of the CPU pca_accumulate: 'blas' (the one set_cpu_syrk set), 'pydc' (its own) "
+        "or 'mkl' (MKL's in torch's libraries)");
   m.def("time_cpu_syrks", [](int64_t rows, int64_t d, int64_t rounds) {
           const pydc::CpuSyrkTimes times = pydc::time_cpu_syrks(rows, d, rounds);
-          return std::make_tuple(times.blas_s, times.pydc_s);
+          return std::make_tuple(times.blas_s, times.pydc_s, times.mkl_s);
         }, pybind11::arg("rows"), pybind11::arg("d"), pybind11::arg("rounds"),
-        "(the BLAS syrk's (+inf when none is set), pydc's) fastest seconds for the float32 Gram of a (rows, d) "
-        "block, timed alternately");
-  m.def("cpu_float_syrk", [] { return std::string(pydc::cpu_float_syrk() == pydc::CpuSyrk::kPydc ? "pydc" : "blas"); },
-        "The float32 syrk selected for the CPU pca_accumulate, 'blas' or 'pydc'");
+        "(the BLAS syrk's, pydc's, MKL's) fastest seconds for the float32 Gram of a (rows, d) block, timed in "
+        "turn; +inf for one that is missing");
+  m.def("cpu_float_syrk", [] {
+          switch (pydc::cpu_float_syrk()) {
+            case pydc::CpuSyrk::kPydc: return std::string("pydc");
+            case pydc::CpuSyrk::kMkl: return std::string("mkl");
+            default: return std::string("blas");
+          }
+        },
+        "The float32 syrk selected for the CPU pca_accumulate, 'blas', 'pydc' or 'mkl'");
   m.def("set_cpu_sgemm", &set_cpu_sgemm, pybind11::arg("sgemm"),
         "Sets the BLAS sgemm (a scipy.linalg.cython_blas capsule, or None to clear) that the CPU k-means GEMMs "
         "use once set_cpu_gemm('scipy') selects it; see pydc.ops.cpu_gemm");

@@ -15,8 +15,8 @@ The dict's keys:
   its flags), `torch` the level ATen's own kernels chose, `gemm` the BLAS of the CPU k-means GEMMs
   (pydc.ops.cpu_gemm.cpu_gemm_report(): chosen now if not yet, which with PYDC_CPU_GEMM=auto times both),
   `bf16_gemm` the bfloat16 GEMM of the k-means screen (pydc.ops.bf16_screen: "mkl", "pydc" or "none"), `gram`
-  the float32 Gram of the CPU PCA (pydc.ops.pca.cpu_syrk_report(): "pydc", "scipy" or "panels"; chosen now if
-  not yet, which with PYDC_CPU_SYRK=auto times pydc's and scipy's syrk).
+  the float32 Gram of the CPU PCA (pydc.ops.pca.cpu_syrk_report(): "pydc", "scipy", "mkl" or "panels"; chosen
+  now if not yet, which with PYDC_CPU_SYRK=auto times pydc's, scipy's and MKL's syrk).
 - `ops`: every `torch.ops.pydc.*` operator by family, with whether the dispatcher holds a CPU and a CUDA
   kernel for it (a CUDA build registers CUDA kernels even where no GPU is visible).
 - `backends`: the optional packages pydc can use (DALI, faiss-cpu, faiss with GPU support, TorchCodec),

@@ -63,12 +63,20 @@ def scipy_syrk_available():
     return pca_ops.use_cpu_syrk("scipy") and pca_ops.cpu_syrk_report()["gram"] == "scipy"
 
 
-@pytest.fixture(params=["scipy", "pydc", "panels"])
+def mkl_syrk_available():
+    from pydc import _C
+
+    return bool(_C.has_mkl_syrk())
+
+
+@pytest.fixture(params=["scipy", "mkl", "pydc", "panels"])
 def cpu_gram(request):
-    """Runs the test with the CPU kernel's Gram as scipy's BLAS syrk, pydc's own syrk, then GEMM panels
+    """Runs the test with the CPU kernel's Gram as scipy's BLAS syrk, MKL's, pydc's own syrk, then GEMM panels
     (use_cpu_syrk); afterwards the Gram is auto's choice again."""
     if request.param == "scipy" and not scipy_syrk_available():
         pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
+    if request.param == "mkl" and not mkl_syrk_available():
+        pytest.skip("torch's libraries hold no MKL ssyrk")
     pca_ops.use_cpu_syrk(request.param)
     yield request.param
     pca_ops.use_cpu_syrk("auto")
@@ -317,10 +325,12 @@ def test_transform_bad_input(index, value, message):
 @pytest.mark.parametrize("shape", [(700, 300), (257, 37), (5, 16)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpu_syrk_updates_the_upper_triangle_only(dtype, shape, threads):
-    """Each syrk (scipy's; pydc's for float32: 16-column panels with a partial last one, 6-row strips, rows
-    split between threads by work) adds on and above the diagonal only, as the panels and the reference do."""
+    """Each syrk (scipy's; MKL's and pydc's for float32, pydc's in 16-column panels with a partial last one,
+    6-row strips, rows split between threads by work) adds on and above the diagonal only, as the panels and
+    the reference do."""
     n, d = shape
     backends = (["scipy"] if scipy_syrk_available() else []) + (["pydc"] if dtype == torch.float32 else [])
+    backends += ["mkl"] if dtype == torch.float32 and mkl_syrk_available() else []
     if not backends:
         pytest.skip("no syrk for float64 grams without scipy's BLAS")
     x = features(n, d, dtype)
@@ -348,40 +358,84 @@ def test_cpu_syrk_updates_the_upper_triangle_only(dtype, shape, threads):
 @pytest.mark.parametrize("value", ["blas", "2", "", "openblas"])
 def test_bad_syrk_choice_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("PYDC_CPU_SYRK", value)
-    with pytest.raises(ValueError, match="PYDC_CPU_SYRK: expected one of auto, pydc, scipy, panels"):
+    with pytest.raises(ValueError, match="PYDC_CPU_SYRK: expected one of auto, pydc, scipy, mkl, panels"):
         pca_ops.syrk_requested()
     with pytest.raises(ValueError, match="use_cpu_syrk: expected one of"):
         pca_ops.use_cpu_syrk(value or "none")
 
 
-@pytest.mark.parametrize("seconds, expected", [((0.010, 0.009), "pydc"), ((0.010, 0.0096), "scipy"),
-                                               ((float("inf"), 0.02), "pydc")])
-def test_auto_keeps_pydcs_syrk_only_when_clearly_faster(monkeypatch, seconds, expected):
+INF = float("inf")
+
+
+# (scipy's, pydc's, MKL's seconds): the faster BLAS one unless pydc's takes under SYRK_MARGIN of its time
+@pytest.mark.parametrize("seconds, expected", [((0.010, 0.009, INF), "pydc"), ((0.010, 0.0096, INF), "scipy"),
+                                               ((INF, 0.02, INF), "pydc"), ((0.010, 0.009, 0.008), "mkl"),
+                                               ((0.008, 0.0077, 0.009), "scipy"), ((0.012, 0.009, 0.0097), "pydc"),
+                                               ((0.012, 0.0093, 0.0097), "mkl")])
+def test_auto_keeps_the_fastest_syrk_and_pydcs_only_when_clearly_faster(monkeypatch, seconds, expected):
     from pydc import _C
 
     if not scipy_syrk_available():
         pytest.skip("scipy's BLAS (scipy.linalg.cython_blas) is not importable")
+    if seconds[2] != INF and not mkl_syrk_available():
+        pytest.skip("torch's libraries hold no MKL ssyrk")
     calls = []
     monkeypatch.setattr(_C, "time_cpu_syrks", lambda *args: calls.append(args) or seconds, raising=True)
+    monkeypatch.setattr(_C, "has_mkl_syrk", lambda: seconds[2] != INF, raising=True)
     try:
         assert pca_ops.use_cpu_syrk("auto") is True
         report = pca_ops.cpu_syrk_report()
         assert report["gram"] == expected
-        assert _C.cpu_float_syrk() == ("pydc" if expected == "pydc" else "blas")
+        assert _C.cpu_float_syrk() == {"pydc": "pydc", "mkl": "mkl"}.get(expected, "blas")
         assert calls == [(*pca_ops.SYRK_MEASURE_SHAPE, pca_ops.SYRK_MEASURE_ROUNDS)]
-        assert (report["scipy_s"], report["pydc_s"]) == seconds
+        assert (report["scipy_s"], report["pydc_s"]) == seconds[:2]
+        assert report.get("mkl_s", INF) == seconds[2]
     finally:
         monkeypatch.undo()
         pca_ops.use_cpu_syrk("auto")
 
 
-def test_time_cpu_syrks_times_both_and_keeps_the_selection():
+def test_a_missing_mkl_syrk_gives_the_panels(monkeypatch):
+    """PYDC_CPU_SYRK=mkl with a torch whose libraries hold no MKL ssyrk: the GEMM panels, not scipy's syrk
+    (which use_cpu_syrk had set), and the report says why."""
+    from pydc import _C
+
+    monkeypatch.setattr(_C, "has_mkl_syrk", lambda: False, raising=True)
+    try:
+        assert pca_ops.use_cpu_syrk("mkl") is False
+        report = pca_ops.cpu_syrk_report()
+        assert report["gram"] == "panels" and report["mkl"] == "not in torch's libraries"
+        x = features(40, 30, torch.float32)
+        shift = x.double().mean(0)
+        sum_, gram, bad = empty_state(30, "cpu", torch.float32)
+        gram -= 7.0
+        ACCUMULATE(x, shift, sum_, gram, bad)
+        # the panels write the lower triangle of their diagonal blocks; a syrk would leave it at -7
+        assert not bool((gram.tril(-1) == -7.0).all())
+    finally:
+        monkeypatch.undo()
+        pca_ops.use_cpu_syrk("auto")
+
+
+def test_mkls_syrk_is_used_where_torchs_libraries_hold_it():
+    """The lookup finds mkl_blas_ssyrk wherever libtorch_cpu exports it, and its check of one Gram of known
+    values passes (a call with the wrong triangle or sizes fails that check and leaves MKL's syrk unused)."""
+    import ctypes
+
+    from pydc import _C
+
+    library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    assert bool(_C.has_mkl_syrk()) == hasattr(library, "mkl_blas_ssyrk")
+
+
+def test_time_cpu_syrks_times_each_and_keeps_the_selection():
     from pydc import _C
 
     pca_ops.use_cpu_syrk("panels")  # no BLAS syrk set: its time is +inf
     try:
-        blas_s, pydc_s = _C.time_cpu_syrks(64, 40, 2)
-        assert blas_s == float("inf") and 0 < pydc_s < float("inf")
+        blas_s, pydc_s, mkl_s = _C.time_cpu_syrks(64, 40, 2)
+        assert blas_s == INF and 0 < pydc_s < INF
+        assert (0 < mkl_s < INF) if mkl_syrk_available() else mkl_s == INF
         assert _C.cpu_float_syrk() == "blas"
         with pytest.raises(RuntimeError, match="expects positive rows"):
             _C.time_cpu_syrks(0, 4, 1)

@@ -9,8 +9,8 @@ pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its la
     NaN or +-Inf are left out (treated as zero rows) and counted; sum += c.sum(0); gram += c^T c on and above the
     diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
     of gram is defined: on the CPU a gram of the GEMM type is updated by a syrk once use_cpu_syrk has run (it
-    runs on the first CPU call through this module; a float32 gram by pydc's own syrk or scipy's BLAS one,
-    whichever it measured faster, a float64 one by scipy's), which leaves the strict lower triangle as it
+    runs on the first CPU call through this module; a float32 gram by pydc's own syrk, scipy's BLAS one or
+    MKL's, whichever it measured fastest, a float64 one by scipy's), which leaves the strict lower triangle as it
     was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel adds
     a float32 gram in row panels gram[i:i+512, i:] too (3xTF32, below) and fills both triangles of a
     float64 one, as the reference does. Read the result through its upper triangle (PCAWhitening does).
@@ -52,11 +52,11 @@ NORM_EPS = 1e-10
 _FALLBACK_CHUNK_ROWS = 65536
 _cpu_syrk_tried = False
 SYRK_ENV_VAR = "PYDC_CPU_SYRK"
-SYRK_CHOICES = ("auto", "pydc", "scipy", "panels")
+SYRK_CHOICES = ("auto", "pydc", "scipy", "mkl", "panels")
 # auto's measurement: the float32 Gram of one block of (rows, features), fastest of this many runs of each.
 SYRK_MEASURE_SHAPE = (1024, 1024)
 SYRK_MEASURE_ROUNDS = 3
-SYRK_MARGIN = 0.95  # auto keeps scipy's BLAS syrk unless pydc's takes less than this fraction of its time
+SYRK_MARGIN = 0.95  # auto keeps the faster BLAS syrk unless pydc's takes less than this fraction of its time
 _syrk_report: dict = {}
 
 
@@ -155,18 +155,21 @@ def syrk_requested(value: str | None = None) -> str:
 
 def use_cpu_syrk(enabled: bool | str = True) -> bool:
     """Chooses how the CPU pca_accumulate kernel computes its Gram, and returns whether a syrk is in use
-    afterwards (False without the compiled ops). enabled: "auto" (True), "pydc", "scipy" or "panels" (False).
+    afterwards (False without the compiled ops). enabled: "auto" (True), "pydc", "scipy", "mkl" or "panels"
+    (False).
 
-    torch's CPU BLAS has no syrk, and GEMM panels over the upper triangle do ~56% of a full GEMM's flops at a
-    lower rate; a syrk does 50% at full rate. scipy exposes its BLAS ssyrk/dsyrk (scipy.linalg.cython_blas),
-    handed to the kernel unless "panels"; pydc has its own float32 syrk (the tiles of its k-means GEMM,
-    cpu_kernels' syrk_upper_rows). "auto" times both on one SYRK_MEASURE_SHAPE block and keeps pydc's for
-    float32 grams when it takes less than SYRK_MARGIN of scipy's time (or when scipy is missing). Measured on
-    AMD EPYC Zen 4 (2 threads), one 4096 x 2048 float32 chunk: pydc's 88-95 ms against OpenBLAS's 105-111 ms
-    at AVX-512, 88 against 97-107 ms capped at AVX2 (its Haswell kernel). float64 grams (float64 batches) use
-    scipy's dsyrk or the panels. All give the same upper triangle up to float32 summation order.
-    pca_accumulate calls this once, on its first CPU batch, with PYDC_CPU_SYRK (default auto). scipy's BLAS
-    runs on its own thread pool (OPENBLAS_NUM_THREADS, or threadpoolctl), pydc's on torch's.
+    GEMM panels over the upper triangle do ~56% of a full GEMM's flops at a lower rate; a syrk does 50% at
+    full rate. Three float32 syrks are candidates: scipy's BLAS ssyrk (scipy.linalg.cython_blas, OpenBLAS),
+    MKL's (mkl_blas_ssyrk in torch's libraries: torch's BLAS exports no ssyrk of its own) and pydc's own (the
+    tiles of its k-means GEMM, cpu_kernels' syrk_upper_rows). "auto" times each that is there on one
+    SYRK_MEASURE_SHAPE block and keeps the faster BLAS one unless pydc's takes less than SYRK_MARGIN of its
+    time (pydc's when neither BLAS is there). Measured, one 4096 x 2048 float32 chunk on 2 threads: on AMD EPYC
+    Zen 4, pydc's 88-95 ms against OpenBLAS's 105-111 ms at AVX-512, 88 against 97-107 ms capped at AVX2 (its
+    Haswell kernel); on an Intel Xeon family 6 model 207 (AVX-512), MKL's 66 ms against pydc's 95 ms, capped at
+    AVX2 151 against 172 ms. float64 grams (float64 batches) use scipy's dsyrk or the panels. All give the same
+    upper triangle up to float32 summation order. pca_accumulate calls this once, on its first CPU batch, with
+    PYDC_CPU_SYRK (default auto). scipy's BLAS runs on its own thread pool (OPENBLAS_NUM_THREADS, or
+    threadpoolctl), pydc's and MKL's on torch's.
     """
     global _cpu_syrk_tried, _syrk_report
     _cpu_syrk_tried = True
@@ -188,23 +191,26 @@ def use_cpu_syrk(enabled: bool | str = True) -> bool:
     except (TypeError, ValueError) as error:  # a scipy whose capsules do not look like ?syrk: no BLAS syrk
         _C.set_cpu_syrk(None, None)
         ssyrk = None
-        instead = "GEMM panels" if want == "scipy" else "pydc's syrk or GEMM panels"
+        instead = "GEMM panels" if want == "scipy" else "another syrk or GEMM panels"
         warnings.warn(f"pydc.ops.pca: not using scipy's BLAS syrk for the CPU Gram ({error}); "
                       f"{instead} instead", RuntimeWarning, stacklevel=2)
+    missing = {"scipy": ssyrk is None, "mkl": not _C.has_mkl_syrk()}
     report = {"requested": want}
-    if want == "auto" and ssyrk is not None:
-        blas_s, pydc_s = _C.time_cpu_syrks(*SYRK_MEASURE_SHAPE, SYRK_MEASURE_ROUNDS)
-        chosen = "pydc" if pydc_s < SYRK_MARGIN * blas_s else "scipy"
-        report.update(scipy_s=blas_s, pydc_s=pydc_s, shape=list(SYRK_MEASURE_SHAPE))
-    elif want == "auto":
-        chosen = "pydc"
-        report["scipy"] = "not importable"
-    elif want == "scipy" and ssyrk is None:
+    report.update({name: "not importable" if name == "scipy" else "not in torch's libraries"
+                   for name, absent in missing.items() if absent and want in ("auto", name)})
+    if want == "auto":
+        scipy_s, pydc_s, mkl_s = _C.time_cpu_syrks(*SYRK_MEASURE_SHAPE, SYRK_MEASURE_ROUNDS)
+        blas_times = {name: s for name, s in (("scipy", scipy_s), ("mkl", mkl_s)) if not missing[name]}
+        fastest = min(blas_times, key=blas_times.get, default=None)
+        chosen = fastest if fastest is not None and pydc_s >= SYRK_MARGIN * blas_times[fastest] else "pydc"
+        report.update({f"{name}_s": s for name, s in blas_times.items()}, pydc_s=pydc_s,
+                      shape=list(SYRK_MEASURE_SHAPE))
+    elif want in missing and missing[want]:
         chosen = "panels"
-        report["scipy"] = "not importable"
+        _C.set_cpu_syrk(None, dsyrk)  # else the kernel would take scipy's ssyrk, set above, for the panels
     else:
         chosen = want
-    _C.set_cpu_float_syrk("pydc" if chosen == "pydc" else "blas")
+    _C.set_cpu_float_syrk({"pydc": "pydc", "mkl": "mkl"}.get(chosen, "blas"))
     _syrk_report = {"gram": chosen, **report}
     return bool(_C.has_cpu_syrk())
 
@@ -219,7 +225,7 @@ def ensure_cpu_syrk() -> dict:
 
 def cpu_syrk_report() -> dict:
     """How the CPU float32 Gram is computed, for pydc.info and benchmark records: {"gram": "pydc" | "scipy" |
-    "panels" | None (not yet chosen), "requested": ..., and with auto the measured times}."""
+    "mkl" | "panels" | None (not yet chosen), "requested": ..., and with auto the measured times}."""
     return {"gram": None, **_syrk_report}
 
 

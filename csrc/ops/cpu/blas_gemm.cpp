@@ -18,6 +18,19 @@
 #endif
 
 namespace pydc {
+
+void* torch_blas_symbol(const char* name) {
+#ifdef PYDC_HAVE_DLADDR
+  void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+  void* symbol = handle != nullptr ? dlsym(handle, name) : nullptr;
+  if (handle != nullptr) dlclose(handle);  // drops only the reference taken here: torch keeps it loaded
+  return symbol != nullptr ? symbol : dlsym(RTLD_DEFAULT, name);
+#else
+  (void)name;
+  return nullptr;
+#endif
+}
+
 namespace {
 using SetThreadsFn = void (*)(int);
 using GetThreadsFn = int (*)();
@@ -131,20 +144,12 @@ struct MklPackedApi {
 const MklPackedApi& mkl_packed_api() {
   static const MklPackedApi api = [] {
     MklPackedApi found;
-#ifdef PYDC_HAVE_DLADDR
-    void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
-    const auto find = [&](const char* name) {
-      void* symbol = handle != nullptr ? dlsym(handle, name) : nullptr;
-      return symbol != nullptr ? symbol : dlsym(RTLD_DEFAULT, name);
-    };
-    found.get_size = reinterpret_cast<MklPackGetSizeFn>(find("cblas_sgemm_pack_get_size"));
-    found.pack = reinterpret_cast<MklPackFn>(find("cblas_sgemm_pack"));
-    found.compute = reinterpret_cast<MklComputeFn>(find("cblas_sgemm_compute"));
+    found.get_size = reinterpret_cast<MklPackGetSizeFn>(torch_blas_symbol("cblas_sgemm_pack_get_size"));
+    found.pack = reinterpret_cast<MklPackFn>(torch_blas_symbol("cblas_sgemm_pack"));
+    found.compute = reinterpret_cast<MklComputeFn>(torch_blas_symbol("cblas_sgemm_compute"));
     // mkl_service.h's mkl_set_num_threads_local is a macro for this; the symbol of that name takes an int*
-    found.set_threads_local = reinterpret_cast<MklSetThreadsLocalFn>(find("MKL_Set_Num_Threads_Local"));
-    if (handle != nullptr) dlclose(handle);  // drops only the reference taken above: torch keeps it loaded
+    found.set_threads_local = reinterpret_cast<MklSetThreadsLocalFn>(torch_blas_symbol("MKL_Set_Num_Threads_Local"));
     if (found.get_size == nullptr || found.pack == nullptr || found.compute == nullptr) found = MklPackedApi{};
-#endif
     return found;
   }();
   return api;

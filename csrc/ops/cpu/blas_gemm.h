@@ -84,6 +84,10 @@ class CpuGemmRhs {
 // cblas_sgemm_compute) found in torch's libraries.
 bool has_mkl_packed_sgemm();
 
+// The address of `name` in the libtorch_cpu that torch's MKL is statically linked into (else anywhere in the
+// process), nullptr where it is not found (a torch without MKL) or the platform has no dlsym.
+void* torch_blas_symbol(const char* name);
+
 // Rows packed once for many products with pydc's own GEMM (the points of kmeans_assign_delta's passes): panels of
 // cpu_gemm_panel() rows (the level's: 8, 16 or 32; kMaxGemmPanel at most), feature after feature, zeros past the
 // last row. pack_rows_into packs b (rows, d; unit column stride) into gemm_packed_floats(rows, d) floats at

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/cpu_kernels.h"
 
 namespace pydc {
@@ -19,6 +20,33 @@ namespace {
 std::atomic<SyrkFloatFn> g_float_syrk{nullptr};
 std::atomic<SyrkDoubleFn> g_double_syrk{nullptr};
 std::atomic<int> g_float_choice{static_cast<int>(CpuSyrk::kBlas)};
+
+// MKL's float32 syrk in torch's libraries (see blas_syrk.h): the entry point of MKL's core, whose integers are
+// 64-bit (torch's LP64 interface layer converts its int arguments before calling it; read as int, the lda and
+// ldc that follow it in memory made a 40-column Gram fault). An int64 read as int on little-endian x86 is the
+// same value, so the call below is right either way; a Gram of known values checks it once.
+using MklSyrkFn = void (*)(const char* uplo, const char* trans, const int64_t* n, const int64_t* k,
+                           const float* alpha, const float* a, const int64_t* lda, const float* beta, float* c,
+                           const int64_t* ldc);
+
+void call_mkl_ssyrk(MklSyrkFn syrk, int64_t n, int64_t k, const float* a, int64_t lda, float* c, int64_t ldc) {
+  const char uplo = 'L', trans = 'N';
+  const float alpha = 1.0f, beta = 1.0f;
+  syrk(&uplo, &trans, &n, &k, &alpha, a, &lda, &beta, c, &ldc);
+}
+
+MklSyrkFn mkl_ssyrk() {
+  static const MklSyrkFn checked = [] {
+    const auto syrk = reinterpret_cast<MklSyrkFn>(torch_blas_symbol("mkl_blas_ssyrk"));
+    if (syrk == nullptr) return syrk;
+    // x: 2 rows of 3 features, row-major; its Gram's upper triangle, on top of 1 everywhere
+    const float x[6] = {1, 2, 3, 4, 5, 6}, expected[9] = {18, 23, 28, 1, 30, 37, 1, 1, 46};
+    float gram[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+    call_mkl_ssyrk(syrk, 3, 2, x, 3, gram, 3);
+    return std::equal(gram, gram + 9, expected) ? syrk : nullptr;
+  }();
+  return checked;
+}
 
 bool fits_blas_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
@@ -64,8 +92,16 @@ void set_cpu_syrk(SyrkFloatFn float_syrk, SyrkDoubleFn double_syrk) {
   g_double_syrk.store(double_syrk);
 }
 
+bool has_mkl_syrk() { return mkl_ssyrk() != nullptr; }
+
 bool has_cpu_syrk(at::ScalarType t) {
-  if (t == at::kFloat) return cpu_float_syrk() == CpuSyrk::kPydc || g_float_syrk.load() != nullptr;
+  if (t == at::kFloat) {
+    switch (cpu_float_syrk()) {
+      case CpuSyrk::kPydc: return true;
+      case CpuSyrk::kMkl: return has_mkl_syrk();
+      default: return g_float_syrk.load() != nullptr;
+    }
+  }
   return t == at::kDouble && g_double_syrk.load() != nullptr;
 }
 
@@ -86,6 +122,13 @@ bool syrk_upper_with(CpuSyrk which, const at::Tensor& centred, const at::Tensor&
     return false;
   }
   if (centred.size(0) == 0 || d == 0) return true;
+  if (t == at::kFloat && which == CpuSyrk::kMkl) {
+    const MklSyrkFn syrk = mkl_ssyrk();
+    if (syrk == nullptr) return false;
+    call_mkl_ssyrk(syrk, d, centred.size(0), centred.const_data_ptr<float>(), centred.stride(0),
+                   gram.mutable_data_ptr<float>(), gram.stride(0));
+    return true;
+  }
   if (t == at::kFloat) {
     const SyrkFloatFn syrk = g_float_syrk.load();
     if (syrk == nullptr) return false;
@@ -120,13 +163,16 @@ CpuSyrkTimes time_cpu_syrks(int64_t rows, int64_t d, int64_t rounds) {
     syrk_upper_with(which, x, gram);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
-  const bool blas = g_float_syrk.load() != nullptr;  // without it blas_s stays +inf
+  const bool blas = g_float_syrk.load() != nullptr, mkl = has_mkl_syrk();  // a missing one stays at +inf
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  CpuSyrkTimes best{kInf, kInf};
+  CpuSyrkTimes best{kInf, kInf, kInf};
   for (int64_t round = -1; round < rounds; ++round) {  // round -1: untimed (first touch, BLAS threads starting)
     const double blas_s = blas ? seconds(CpuSyrk::kBlas) : kInf;
     const double pydc_s = seconds(CpuSyrk::kPydc);
-    if (round >= 0) best = {std::min(best.blas_s, blas_s), std::min(best.pydc_s, pydc_s)};
+    const double mkl_s = mkl ? seconds(CpuSyrk::kMkl) : kInf;
+    if (round >= 0) {
+      best = {std::min(best.blas_s, blas_s), std::min(best.pydc_s, pydc_s), std::min(best.mkl_s, mkl_s)};
+    }
   }
   return best;
 }

@@ -1,12 +1,12 @@
-// The syrk of the CPU Gram: a BLAS one handed in at run time, or pydc's own.
+// The syrk of the CPU Gram: a BLAS one handed in at run time, MKL's, or pydc's own.
 //
-// torch's CPU BLAS (MKL, statically linked) exports GEMM but no syrk, and a Gram as GEMM panels does ~56% of
-// a full GEMM's flops at a lower rate than one GEMM. scipy exposes its BLAS to compiled code as raw
-// function pointers (scipy.linalg.cython_blas, Fortran calling convention: every argument by pointer);
-// pydc.ops.pca passes ssyrk/dsyrk from there through pydc._C.set_cpu_syrk. pydc's own float32 syrk runs the
-// tiles of its k-means GEMM over the upper triangle (cpu_kernels' syrk_upper_rows); pydc.ops.pca.use_cpu_syrk
-// selects it (set_cpu_float_syrk) where it measured faster. With neither, cpu_syrk_upper returns false and
-// the caller uses its GEMM panels.
+// scipy exposes its BLAS to compiled code as raw function pointers (scipy.linalg.cython_blas, Fortran calling
+// convention: every argument by pointer); pydc.ops.pca passes ssyrk/dsyrk from there through
+// pydc._C.set_cpu_syrk. torch's CPU BLAS (MKL, statically linked into libtorch_cpu) has no `ssyrk_`, but exports
+// MKL's own entry point of the same convention, mkl_blas_ssyrk, looked up at run time (torch_blas_symbol). pydc's
+// own float32 syrk runs the tiles of its k-means GEMM over the upper triangle (cpu_kernels' syrk_upper_rows).
+// pydc.ops.pca.use_cpu_syrk selects one of the three for float32 Grams (set_cpu_float_syrk) by timing them.
+// Without the selected one, cpu_syrk_upper returns false and the caller uses its GEMM panels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,18 +23,23 @@ void set_cpu_syrk(SyrkFloatFn float_syrk, SyrkDoubleFn double_syrk);
 // Whether cpu_syrk_upper takes Grams of this dtype: a BLAS syrk is set for it, or (float32) pydc's is selected.
 bool has_cpu_syrk(at::ScalarType t);
 
-// The syrk of float32 Grams: the BLAS one set above (kBlas, the default) or pydc's own (kPydc: cpu_kernels'
+// The syrk of float32 Grams: the BLAS one set above (kBlas, the default), pydc's own (kPydc: cpu_kernels'
 // syrk_upper_rows, the tiles of pydc's float32 GEMM reading x in place, the rows of the Gram split between
-// torch's threads by equal work).
-enum class CpuSyrk : int { kBlas = 0, kPydc = 1 };
+// torch's threads by equal work) or MKL's (kMkl: on torch's threads, as MKL's GEMMs in torch run). float64
+// Grams always use the BLAS one set above.
+enum class CpuSyrk : int { kBlas = 0, kPydc = 1, kMkl = 2 };
 void set_cpu_float_syrk(CpuSyrk which);
 CpuSyrk cpu_float_syrk();
+// Whether torch's libraries hold MKL's ssyrk (kMkl can compute a Gram).
+bool has_mkl_syrk();
 
-// Fastest seconds of the float32 Gram (rows, d) of fixed values by the BLAS syrk (+inf when none is set) and by
-// pydc's, `rounds` timed runs each, alternating (after one untimed run of each); the selection is not touched.
+// Fastest seconds of the float32 Gram (rows, d) of fixed values by the BLAS syrk set above, by pydc's and by
+// MKL's (+inf for one that is missing), `rounds` timed runs each, in turn (after one untimed run of each); the
+// selection is not touched.
 struct CpuSyrkTimes {
   double blas_s;
   double pydc_s;
+  double mkl_s;
 };
 CpuSyrkTimes time_cpu_syrks(int64_t rows, int64_t d, int64_t rounds);
 

@@ -134,7 +134,7 @@ at::Tensor cpu_scratch(int64_t rows, int64_t d, const at::TensorOptions& options
 
 // Chunks of up to 2^23 centred values (4096 float32 rows, 32 MB, at D = 2048) and at most 4096 rows: a
 // float32 Gram summed over 50,000 rows in one GEMM drifts by ~2e-5 relative (measured at D = 6), over 4096
-// rows by ~1e-6. The Gram is a syrk (blas_syrk.h: pydc's own or scipy's BLAS one, as
+// rows by ~1e-6. The Gram is a syrk (blas_syrk.h: pydc's own, scipy's BLAS one or MKL's, as
 // pydc.ops.pca.use_cpu_syrk chose), else row panels 256 tall over the upper triangle. Measured on the idle
 // 2-core EPYC, the Gram of 49,152 x 2048 rows in 4096-row float32 chunks: full GEMM 2.13 s; panels 256 tall
 // 1.40-1.47 s (56% of the flops at ~177 GFLOP/s), 128 tall 1.70 s, 512 tall 1.47 s; recursive halving down to
