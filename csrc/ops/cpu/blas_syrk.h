@@ -20,7 +20,8 @@ using SyrkDoubleFn = void (*)(char* uplo, char* trans, int* n, int* k, double* a
 
 // Sets (or, with nullptr, clears) the BLAS syrk used for float32 and float64 Grams.
 void set_cpu_syrk(SyrkFloatFn float_syrk, SyrkDoubleFn double_syrk);
-// Whether cpu_syrk_upper takes Grams of this dtype: a BLAS syrk is set for it, or (float32) pydc's is selected.
+// Whether cpu_syrk_upper takes Grams of this dtype: a BLAS syrk is set for it, or (float32) pydc's is selected,
+// or MKL's is selected and found.
 bool has_cpu_syrk(at::ScalarType t);
 
 // The syrk of float32 Grams: the BLAS one set above (kBlas, the default), pydc's own (kPydc: cpu_kernels'
