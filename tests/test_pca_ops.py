@@ -368,10 +368,10 @@ INF = float("inf")
 
 
 # (scipy's, pydc's, MKL's seconds): the faster BLAS one unless pydc's takes under SYRK_MARGIN of its time
-@pytest.mark.parametrize("seconds, expected", [((0.010, 0.009, INF), "pydc"), ((0.010, 0.0096, INF), "scipy"),
-                                               ((INF, 0.02, INF), "pydc"), ((0.010, 0.009, 0.008), "mkl"),
-                                               ((0.008, 0.0077, 0.009), "scipy"), ((0.012, 0.009, 0.0097), "pydc"),
-                                               ((0.012, 0.0093, 0.0097), "mkl")])
+@pytest.mark.parametrize("seconds, expected", [
+    ((0.010, 0.009, INF), "pydc"), ((0.010, 0.0096, INF), "scipy"), ((INF, 0.02, INF), "pydc"),
+    ((0.010, 0.009, 0.008), "mkl"), ((0.008, 0.0077, 0.009), "scipy"), ((0.012, 0.009, 0.0097), "pydc"),
+    ((0.012, 0.0093, 0.0097), "mkl")])
 def test_auto_keeps_the_fastest_syrk_and_pydcs_only_when_clearly_faster(monkeypatch, seconds, expected):
     from pydc import _C
 

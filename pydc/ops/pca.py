@@ -10,8 +10,8 @@ pca_accumulate(batch, shift, sum, gram, nonfinite_rows) -> None, updating its la
     diagonal; nonfinite_rows += number of rows left out. Like BLAS syrk with uplo="U", only the upper triangle
     of gram is defined: on the CPU a gram of the GEMM type is updated by a syrk once use_cpu_syrk has run (it
     runs on the first CPU call through this module; a float32 gram by pydc's own syrk, scipy's BLAS one or
-    MKL's, whichever it measured fastest, a float64 one by scipy's), which leaves the strict lower triangle as it
-    was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel adds
+    MKL's, whichever it measured fastest, a float64 one by scipy's), which leaves the strict lower triangle as
+    it was, and otherwise by GEMM row panels gram[i:i+256, i:], which skip most of it; the CUDA kernel adds
     a float32 gram in row panels gram[i:i+512, i:] too (3xTF32, below) and fills both triangles of a
     float64 one, as the reference does. Read the result through its upper triangle (PCAWhitening does).
     batch: (B, D) float32/float16/bfloat16/float64; shift, sum: (D,) float64;
@@ -53,12 +53,14 @@ _FALLBACK_CHUNK_ROWS = 65536
 _cpu_syrk_tried = False
 SYRK_ENV_VAR = "PYDC_CPU_SYRK"
 SYRK_CHOICES = ("auto", "pydc", "scipy", "mkl", "panels")
-# auto's measurement: the float32 Gram of one block of (rows, features), fastest of this many runs of each, the
-# candidates in turn (~0.2 s in all). With 3 rounds, one measurement on a VM slowed ~4x for its duration ranked
-# pydc's syrk (42 ms) ahead of MKL's (71 ms), which had taken 9 ms against pydc's 11 ms an hour before.
+# auto's measurement: the float32 Gram of one block of (rows, features), fastest of this many runs of each,
+# the candidates in turn (~0.2 s in all). With 3 rounds, one measurement on a VM slowed ~4x for its duration
+# ranked pydc's syrk (42 ms) ahead of MKL's (71 ms), which had taken 9 ms against pydc's 11 ms an hour before.
 SYRK_MEASURE_SHAPE = (1024, 1024)
 SYRK_MEASURE_ROUNDS = 5
 SYRK_MARGIN = 0.95  # auto keeps the faster BLAS syrk unless pydc's takes less than this fraction of its time
+# what the report says of a syrk that is not there
+_SYRK_MISSING = {"scipy": "not importable", "mkl": "not in torch's libraries"}
 _syrk_report: dict = {}
 
 
@@ -165,13 +167,13 @@ def use_cpu_syrk(enabled: bool | str = True) -> bool:
     MKL's (mkl_blas_ssyrk in torch's libraries: torch's BLAS exports no ssyrk of its own) and pydc's own (the
     tiles of its k-means GEMM, cpu_kernels' syrk_upper_rows). "auto" times each that is there on one
     SYRK_MEASURE_SHAPE block and keeps the faster BLAS one unless pydc's takes less than SYRK_MARGIN of its
-    time (pydc's when neither BLAS is there). Measured, one 4096 x 2048 float32 chunk on 2 threads: on AMD EPYC
-    Zen 4, pydc's 88-95 ms against OpenBLAS's 105-111 ms at AVX-512, 88 against 97-107 ms capped at AVX2 (its
-    Haswell kernel); on an Intel Xeon family 6 model 207 (AVX-512), MKL's 66 ms against pydc's 95 ms, capped at
-    AVX2 151 against 172 ms. float64 grams (float64 batches) use scipy's dsyrk or the panels. All give the same
-    upper triangle up to float32 summation order. pca_accumulate calls this once, on its first CPU batch, with
-    PYDC_CPU_SYRK (default auto). scipy's BLAS runs on its own thread pool (OPENBLAS_NUM_THREADS, or
-    threadpoolctl), pydc's and MKL's on torch's.
+    time (pydc's when neither BLAS is there). Measured, one 4096 x 2048 float32 chunk on 2 threads: on AMD
+    EPYC Zen 4, pydc's 88-95 ms against OpenBLAS's 105-111 ms at AVX-512, 88 against 97-107 ms capped at AVX2
+    (its Haswell kernel); on an Intel Xeon family 6 model 207 (AVX-512), MKL's 66 ms against pydc's 95 ms,
+    capped at AVX2 151 against 172 ms. float64 grams (float64 batches) use scipy's dsyrk or the panels. All
+    give the same upper triangle up to float32 summation order. pca_accumulate calls this once, on its first
+    CPU batch, with PYDC_CPU_SYRK (default auto). scipy's BLAS runs on its own thread pool
+    (OPENBLAS_NUM_THREADS, or threadpoolctl), pydc's and MKL's on torch's.
     """
     global _cpu_syrk_tried, _syrk_report
     _cpu_syrk_tried = True
@@ -198,8 +200,8 @@ def use_cpu_syrk(enabled: bool | str = True) -> bool:
                       f"{instead} instead", RuntimeWarning, stacklevel=2)
     missing = {"scipy": ssyrk is None, "mkl": not _C.has_mkl_syrk()}
     report = {"requested": want}
-    report.update({name: "not importable" if name == "scipy" else "not in torch's libraries"
-                   for name, absent in missing.items() if absent and want in ("auto", name)})
+    report.update({name: _SYRK_MISSING[name] for name, absent in missing.items()
+                   if absent and want in ("auto", name)})
     if want == "auto":
         scipy_s, pydc_s, mkl_s = _C.time_cpu_syrks(*SYRK_MEASURE_SHAPE, SYRK_MEASURE_ROUNDS)
         blas_times = {name: s for name, s in (("scipy", scipy_s), ("mkl", mkl_s)) if not missing[name]}
