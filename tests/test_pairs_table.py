@@ -6,7 +6,9 @@ import pytest
 
 from benchmarks import pairs_table
 
-WHERE = {"cpu_model": "Intel(R) Xeon(R) Processor (family 6 model 207)", "cpu_capability": "avx2", "cpu_threads": 2,
+ASSIGN = "kmeans_assign 100k x 256, k = 1000 / faiss IndexFlatL2.search(x, 1)"
+WHERE = {"cpu_model": "Intel(R) Xeon(R) Processor (family 6 model 207)", "cpu_capability": "avx2",
+         "cpu_threads": 2,
          "commit": "bf30ae04c4af98f8766004504921a28b07678905", "date": "2026-12-06T03:22:36+00:00",
          "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell", "FAISS_OPT_LEVEL": "avx2"}
 
@@ -31,18 +33,18 @@ def test_a_column_per_run_with_where_it_ran():
     assert "Intel Xeon Processor (family 6 model 207), `avx2` capped, 2 threads, bf30ae0, 2026-12-06" in head
     assert "`avx512`, 2 threads, 4ce8f68" in head and "`avx512` capped" not in head
     assert "capped: MKL_ENABLE_INSTRUCTIONS=AVX2, OPENBLAS_CORETYPE=Haswell, FAISS_OPT_LEVEL=avx2" in text
-    assign = rows(text)["kmeans_assign 100k x 256, k = 1000 / faiss IndexFlatL2.search(x, 1)"]
-    assert assign == ["**0.80** (400 ms vs 500 ms)", "**0.15** (0.3 s vs 2 s)"]
+    assert rows(text)[ASSIGN] == ["**0.80** (400 ms vs 500 ms)", "**0.15** (0.3 s vs 2 s)"]
 
 
 @pytest.mark.parametrize("ours, theirs, missed", [(1.02, 1.0, True), (0.99, 1.0, False), (0.5, 0.5, False)])
 def test_a_ratio_over_the_target_is_marked_missed(ours, theirs, missed):
     text = pairs_table.table([run(WHERE, kmeans_assign=(ours, theirs))])
-    assert ("(missed)" in rows(text)["kmeans_assign 100k x 256, k = 1000 / faiss IndexFlatL2.search(x, 1)"][0]) == missed
+    assert ("(missed)" in rows(text)[ASSIGN][0]) == missed
 
 
 def test_each_pair_against_its_own_target_and_absent_pairs_dashed():
-    text = pairs_table.table([run(WHERE, **{"PCA-whitening fit": (2.6, 10.0), "k-means unstructured": (2.6, 10.0)})])
+    pairs = {"PCA-whitening fit": (2.6, 10.0), "k-means unstructured": (2.6, 10.0)}
+    text = pairs_table.table([run(WHERE, **pairs)])
     table = rows(text)
     assert table["PCA-whitening fit + transform 50k x 2048 -> 256 / faiss PCAMatrix(-0.5) + L2"][0].endswith(
         "(missed) (2.6 s vs 10 s)")  # 0.26 > 0.25
