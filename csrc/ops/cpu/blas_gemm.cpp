@@ -31,6 +31,8 @@ void* torch_blas_symbol(const char* name) {
 #endif
 }
 
+bool fits_blas_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
+
 namespace {
 using SetThreadsFn = void (*)(int);
 using GetThreadsFn = int (*)();
@@ -39,8 +41,6 @@ std::atomic<SgemmFn> g_sgemm{nullptr};
 std::atomic<SetThreadsFn> g_set_threads{nullptr};
 std::atomic<GetThreadsFn> g_get_threads{nullptr};
 std::atomic<int> g_choice{static_cast<int>(CpuGemm::kTorch)};
-
-bool fits_blas_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
 // scipy's cython_blas functions live in cython_blas.so, which links the OpenBLAS that does the work. dlsym on
 // a handle searches the object and its dependencies, so the thread-count functions are found from the sgemm's

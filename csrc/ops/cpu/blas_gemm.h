@@ -88,6 +88,9 @@ bool has_mkl_packed_sgemm();
 // process), nullptr where it is not found (a torch without MKL) or the platform has no dlsym.
 void* torch_blas_symbol(const char* name);
 
+// Whether v fits the BLAS's 32-bit int sizes and strides (0 <= v <= INT_MAX).
+bool fits_blas_int(int64_t v);
+
 // Rows packed once for many products with pydc's own GEMM (the points of kmeans_assign_delta's passes): panels of
 // cpu_gemm_panel() rows (the level's: 8, 16 or 32; kMaxGemmPanel at most), feature after feature, zeros past the
 // last row. pack_rows_into packs b (rows, d; unit column stride) into gemm_packed_floats(rows, d) floats at

@@ -48,8 +48,6 @@ MklSyrkFn mkl_ssyrk() {
   return checked;
 }
 
-bool fits_blas_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
-
 // Row-major (R, D) `centred` is the column-major D x R matrix A with lda = stride(0), and the row-major upper
 // triangle of `gram` is the column-major lower triangle of the same memory; so this is
 // syrk(uplo = "L", trans = "N"): C_lower += A A^T.
