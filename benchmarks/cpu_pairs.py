@@ -1,5 +1,6 @@
 """The CPU pairs of issue 12 in one process, each pair on the same inputs and checked before timing, one JSON
-line per pair as it finishes (for a busy machine, where the pytest-benchmark suites take too long):
+line per pair as it finishes (for a busy machine, where the pytest-benchmark suites take too long), and at the
+end the run as the README's table (benchmarks.pairs_table):
 
     python -m benchmarks.cpu_pairs OUT.json                       # the CPU's own ISA level
     PYDC_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2 \\
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 import pydc  # noqa: F401  (registers torch.ops.pydc)
+from benchmarks import pairs_table
 from benchmarks.conftest import machine_info
 from benchmarks.test_bench_kmeans import assert_labels_agree_except_ties, features
 from benchmarks.test_bench_pca import assert_same_whitening, faiss_whitening, pydc_whitening, synthetic_features
@@ -151,6 +153,7 @@ def main(path, names=tuple(PAIRS)):
         print(json.dumps(row), flush=True)
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
+    print(pairs_table.table([out]), flush=True)  # the README's form of this run (benchmarks.pairs_table)
 
 
 if __name__ == "__main__":
