@@ -10,9 +10,10 @@ ran it in 10.9-11.1 ms against MKL's 11.6-12.8 there (2 threads), and is slow at
 FMA: 30-40 ms). So the choice is measured, not fixed:
 
     PYDC_CPU_GEMM=auto   (default) time one block of the kernels' shape, 4096 x 1024 x 256 (DeepCluster's
-                         PCA width), run as they run it (256 rows per GEMM, one GEMM per thread at a time), with
-                         each GEMM, alternating, fastest of 3 rounds each (~0.1-0.3 s once per process), and keep
-                         the fastest only when it is more than MARGIN faster than torch's (no second library)
+                         PCA width), run as they run it (256 rows per GEMM, one GEMM per thread at a time),
+                         with each GEMM, alternating, fastest of 5 rounds each (~0.2-0.4 s once per process),
+                         and keep the fastest only when it is more than MARGIN faster than torch's (no second
+                         library)
     PYDC_CPU_GEMM=torch  torch's BLAS, no measurement and no scipy import
     PYDC_CPU_GEMM=scipy  scipy's BLAS (an error when scipy is not installed)
     PYDC_CPU_GEMM=pydc   pydc's own
@@ -45,7 +46,9 @@ from pydc.ops._registry import HAS_OPS
 ENV_VAR = "PYDC_CPU_GEMM"
 CHOICES = ("auto", "torch", "scipy", "pydc")
 MEASURE_SHAPE = (4096, 1024, 256)  # (points, centroids, features) of one block: kmeans_kernel.cpp's block size
-MEASURE_ROUNDS = 3
+# 5, as for the PCA Gram's syrk (pydc.ops.pca.SYRK_MEASURE_ROUNDS): there 3 rounds on a VM slowed ~4x for
+# the measurement's duration picked the slower syrk once; two more rounds here cost ~0.1 s once per process
+MEASURE_ROUNDS = 5
 MARGIN = 0.95  # auto keeps another GEMM than torch's only below this fraction of torch's time
 
 _chosen: str | None = None
