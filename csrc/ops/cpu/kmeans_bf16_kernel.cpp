@@ -26,7 +26,6 @@
 // float32 scores are not a ranking there.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -59,12 +58,7 @@ using GemmBf16Fn = void (*)(int layout, int transa, int transb, int m, int n, in
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS_LAYOUT, CBLAS_TRANSPOSE
 
 GemmBf16Fn mkl_gemm_bf16() {
-  static const GemmBf16Fn fn = [] {
-    void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
-    void* symbol = handle != nullptr ? dlsym(handle, "cblas_gemm_bf16bf16f32") : nullptr;
-    if (symbol == nullptr) symbol = dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
-    return reinterpret_cast<GemmBf16Fn>(symbol);
-  }();
+  static const GemmBf16Fn fn = reinterpret_cast<GemmBf16Fn>(torch_blas_symbol("cblas_gemm_bf16bf16f32"));
   return fn;
 }
 
