@@ -84,6 +84,24 @@ PYDC_HD double kmeans_score_error_bound(double point_sq_norm, double max_centroi
   return 1.01 * gamma * radius * radius;
 }
 
+// True when the float32 best and second-best scores of a point do not prove the float32 winner exact.
+PYDC_HD bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
+                                 int64_t d) {
+  if (!(fabsf(best_score) <= 3.40282347e38f)) return false;  // no finite score: index 0 stays, as in every path
+  const double gap = static_cast<double>(second_score) - static_cast<double>(best_score);
+  return !(gap > 2.0 * kmeans_score_error_bound(point_sq_norm, max_centroid_norm, d));
+}
+
+// Relative rounding of ||x||^2 as a caller computed it (float32, any order): gamma_d, with 1% slack.
+PYDC_HD double kmeans_norm_rounding(int64_t d) { return static_cast<double>(d) * 5.9604644775390625e-08 * 1.01; }
+
+// A lower bound on the exact distance from a point to every centroid whose float32 score (kmeans_score) is
+// at least group_min: the score's error and the rounding of ||x||^2 taken off. 0 for NaN.
+PYDC_HD double kmeans_group_lower_bound(double point_sq, double norm_rounding, float group_min, double error) {
+  const double lower_sq = point_sq * (1.0 - norm_rounding) + static_cast<double>(group_min) - error;
+  return lower_sq > 0.0 ? sqrt(lower_sq) : 0.0;
+}
+
 // --- bounded k-means with one lower bound per (point, centroid) (Elkan; pydc/cluster/kmeans_elkan.py) ---
 // A lower bound l on the distance from x to c_j, stored as an "anchor" a = l + D_j where D_j is the
 // centroid's cumulative drift (the sum of its moves since the start, rounded up), stays valid while c_j

@@ -41,10 +41,6 @@ KMeansCentroidInfo kmeans_centroid_info(const at::Tensor& centroids);
 int64_t kmeans_settle_row(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
                           int64_t k, int64_t d, double* score);
 
-// True when the float32 best and second-best scores of a point do not prove the float32 winner exact.
-bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
-                         int64_t d);
-
 // Points per thread-local block for n points: max_rows, or fewer so that every thread of torch's pool gets a
 // block when n is small (at least 16 rows per block).
 inline int64_t kmeans_thread_block_rows(int64_t n, int64_t max_rows = kPerThreadGemmRows) {
@@ -167,20 +163,11 @@ inline void check_points_and_centroids(const char* op, const at::Tensor& x, cons
 int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids,
                                 const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& x_sq_norms);
 
-// Relative rounding of ||x||^2 as a caller computed it (float32, any order): gamma_d, with 1% slack.
-inline double kmeans_norm_rounding(int64_t d) { return static_cast<double>(d) * 5.9604644775390625e-08 * 1.01; }
 // gamma_n = n u / (1 - n u) (u = 2^-24), with 1% slack: the error of a float32 dot product of length n, summed in
 // any order, per unit of the sum of its terms' magnitudes (|x| |y|) (the delta and bfloat16 passes' bounds).
 inline double kmeans_gamma(int64_t n) {
   const double nu = static_cast<double>(n) * 5.9604644775390625e-08;
   return 1.01 * nu / (1.0 - nu);
-}
-
-// A lower bound on the exact distance from a point to every centroid whose float32 score (kmeans_score) is
-// at least group_min: the score's error and the rounding of ||x||^2 taken off. 0 for NaN.
-inline double kmeans_group_lower_bound(double point_sq, double norm_rounding, float group_min, double error) {
-  const double lower_sq = point_sq * (1.0 - norm_rounding) + static_cast<double>(group_min) - error;
-  return lower_sq > 0.0 ? std::sqrt(lower_sq) : 0.0;
 }
 
 // Calls row_fn(p, sq_norms, dot_row) for every centroid p, in parallel: the fixed float64 squared norms of all

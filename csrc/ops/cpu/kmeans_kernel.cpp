@@ -70,13 +70,6 @@ int64_t kmeans_settle_row(const float* x, const float* centroids, const double* 
   });
 }
 
-bool kmeans_needs_settle(float best_score, float second_score, float point_sq_norm, double max_centroid_norm,
-                         int64_t d) {
-  if (!std::isfinite(best_score)) return false;  // no finite score: index 0 stays, as in every path
-  const double gap = static_cast<double>(second_score) - static_cast<double>(best_score);
-  return !(gap > 2.0 * kmeans_score_error_bound(point_sq_norm, max_centroid_norm, d));
-}
-
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor& centroids,
