@@ -9,7 +9,8 @@ iteration leaves its objective unchanged), both from the same initial centroids;
 be within 1% of faiss's (or lower) before timing.
 kmeans_assign against faiss IndexFlatL2.search(x, 1) and torch matmul + argmin on the same arrays; the
 labels must agree except at ties (exact float64 distances within float32 rounding) before timing.
-CUDA: 1,280,000 x 256, k = 10000 against a torch.cdist k-means.
+CUDA: 1,280,000 x 256, k = 10000 against a torch.cdist k-means; bounded k-means (kmeans_yinyang_pass) against
+pydc's plain CUDA Lloyd, 200,000 x 256, k = 1000, clustered.
 
 Each full k-means runs twice per side: once untimed by pytest-benchmark for the check (its wall time is kept in
 extra_info as a second sample) and once timed (seconds-long jobs on a shared machine). The ISA level is the one in
@@ -132,6 +133,31 @@ def test_kmeans_cuda(benchmark, device, impl):
         fn = synchronized(lambda: torch_cdist_kmeans(x, init, NITER), device)
     labels = benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
     assert labels.shape == (n,)
+
+
+BOUNDED_CUDA_SIZE = (200_000, 256, 1000)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+@pytest.mark.parametrize("impl", ["pydc", "reference"])
+def test_kmeans_cuda_bounded(benchmark, device, impl, monkeypatch):
+    """Bounded k-means on CUDA (PYDC_KMEANS_BOUNDS=yinyang: kmeans_yinyang_pass, one warp per point) against
+    pydc's plain CUDA Lloyd from the same start, on clustered data; records the share of scores computed."""
+    n, d, k = BOUNDED_CUDA_SIZE
+    x = features(n, d, device, "clustered")
+    init = initial_centroids(x, k, seed=0)
+    pair_roles(benchmark, f"kmeans bounded {device} clustered {n}x{d} k={k} {NITER} iters", impl,
+               "pydc plain CUDA Lloyd")
+    if impl == "pydc":
+        monkeypatch.setenv("PYDC_KMEANS_BOUNDS", "yinyang")
+    run = synchronized(lambda: kmeans(x, k, niter=NITER, backend="torch", init_centroids=init,
+                                      bounded=impl == "pydc"), device)
+    result = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    assert result.bounded == (impl == "pydc")
+    benchmark.extra_info["iterations"] = result.iterations
+    benchmark.extra_info["objective"] = result.objective[-1]
+    benchmark.extra_info["fraction_of_scores_computed"] = sum(result.scores_computed) / (
+        n * k * len(result.scores_computed))
 
 
 def assert_labels_agree_except_ties(x, centroids, ours, theirs):

@@ -54,10 +54,11 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["yinyang", "elkan", "delta", "auto"])
+@pytest.fixture(params=["yinyang", "elkan", "delta", "auto", "portable"])
 def bounds(request, monkeypatch):
     """Runs a test with each kind of bounds (delta, and auto once handed over, moving the products whatever the
-    number of changed labels, so that these small runs take that path)."""
+    number of changed labels, so that these small runs take that path; portable: kmeans_yinyang_pass, the
+    CUDA form's code run on the CPU)."""
     from pydc.cluster import kmeans_delta
 
     monkeypatch.setenv("PYDC_KMEANS_BOUNDS", request.param)

@@ -2,13 +2,16 @@
 //
 // kmeans_assign: nearest centroid of every point and its squared distance, without an N x k matrix.
 // kmeans_assign_bounds, kmeans_label_distances, kmeans_assign_yinyang, kmeans_assign_elkan, kmeans_assign_delta:
-// the steps of bounded k-means (CPU only).
+// the steps of bounded k-means (CPU only); kmeans_yinyang_pass: one bounded pass on CPU or CUDA.
 // kmeans_update: per-cluster sums of the points (of the flagged clusters only, given `clusters`) and per-cluster
 // counts (the centroid update is sums/counts).
 #include "ops/kmeans.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
 
 #include "common/checks.h"
 
@@ -17,6 +20,7 @@ namespace pydc {
 namespace {
 constexpr const char* kAssign = "pydc::kmeans_assign";
 constexpr const char* kUpdate = "pydc::kmeans_update";
+constexpr const char* kYinyangPass = "pydc::kmeans_yinyang_pass";
 }  // namespace
 
 KMeansAssignPlan plan_kmeans_assign(const at::Tensor& x, const at::Tensor& centroids,
@@ -79,6 +83,76 @@ KMeansUpdatePlan plan_kmeans_update(const at::Tensor& x, const at::Tensor& label
   return plan;
 }
 
+YinyangPassPlan plan_kmeans_yinyang_pass(const at::Tensor& x, const at::Tensor& centroids, const at::Tensor& ids,
+                                         const at::Tensor& offsets, const at::Tensor& x_sq_norms,
+                                         const at::Tensor& group_drift, const at::Tensor& labels,
+                                         const at::Tensor& group_lower) {
+  constexpr const char* op = kYinyangPass;
+  PYDC_CHECK_DIM(op, "x", x, 2);
+  PYDC_CHECK_DIM(op, "centroids", centroids, 2);
+  PYDC_CHECK_DTYPE(op, "x", x, at::kFloat);
+  PYDC_CHECK_DTYPE(op, "centroids", centroids, at::kFloat);
+  PYDC_CHECK_DTYPE(op, "centroid_ids", ids, at::kLong);
+  PYDC_CHECK_DTYPE(op, "group_offsets", offsets, at::kLong);
+  PYDC_CHECK_DTYPE(op, "x_sq_norms", x_sq_norms, at::kFloat);
+  PYDC_CHECK_DTYPE(op, "group_drift", group_drift, at::kDouble);
+  PYDC_CHECK_DTYPE(op, "labels", labels, at::kLong);
+  PYDC_CHECK_DTYPE(op, "group_lower", group_lower, at::kDouble);
+  const std::pair<const char*, const at::Tensor*> others[] = {
+      {"centroids", &centroids}, {"centroid_ids", &ids}, {"group_offsets", &offsets}, {"x_sq_norms", &x_sq_norms},
+      {"group_drift", &group_drift}, {"labels", &labels}, {"group_lower", &group_lower}};
+  for (const auto& [name, tensor] : others) PYDC_CHECK_SAME_DEVICE(op, "x", x, name, *tensor);
+  const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
+  TORCH_CHECK(d >= 1 && centroids.size(1) == d && k >= 1 && k < (int64_t(1) << 31), op,
+              ": expected x (N, d) and centroids (k, d) with the same d >= 1 and 1 <= k < 2^31, got x of shape ",
+              x.sizes(), " and centroids of shape ", centroids.sizes());
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == k, op, ": expected centroid_ids of shape (", k, ",), got ",
+              describe(ids));
+  TORCH_CHECK(x_sq_norms.dim() == 1 && x_sq_norms.size(0) == n, op, ": expected x_sq_norms of shape (", n,
+              ",), got ", describe(x_sq_norms));
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.size(0) <= 65, op, ": expected group_offsets "
+              "of shape (groups + 1,) with 1 to 64 groups, got ", describe(offsets));
+  const int64_t groups = offsets.size(0) - 1;
+  TORCH_CHECK(group_drift.dim() == 1 && group_drift.size(0) == groups, op, ": expected group_drift of shape (",
+              groups, ",), got ", describe(group_drift));
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), op,
+              ": expected contiguous labels of shape (", n, ",), got ", describe(labels));
+  TORCH_CHECK(group_lower.dim() == 2 && group_lower.size(0) == n && group_lower.size(1) == groups &&
+              group_lower.is_contiguous(), op, ": expected contiguous group_lower of shape (", n, ", ", groups,
+              "), got ", describe(group_lower));
+  YinyangPassPlan plan;
+  plan.groups = groups;
+  // the index tensors are small (k + G + 1 values): read on the host, also for CUDA tensors
+  const at::Tensor ids_host = ids.to(at::kCPU).contiguous(), offsets_host = offsets.to(at::kCPU).contiguous();
+  plan.ids.assign(ids_host.const_data_ptr<int64_t>(), ids_host.const_data_ptr<int64_t>() + k);
+  plan.offsets.assign(offsets_host.const_data_ptr<int64_t>(), offsets_host.const_data_ptr<int64_t>() + groups + 1);
+  TORCH_CHECK(plan.offsets[0] == 0 && plan.offsets[groups] == k, op, ": expected group_offsets from 0 to k = ", k,
+              ", got ", plan.offsets[0], " to ", plan.offsets[groups]);
+  plan.group_of.resize(k);
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(plan.offsets[g] <= plan.offsets[g + 1], op, ": expected non-decreasing group_offsets, got ",
+                plan.offsets[g], " then ", plan.offsets[g + 1]);
+    std::fill(plan.group_of.begin() + plan.offsets[g], plan.group_of.begin() + plan.offsets[g + 1], g);
+  }
+  plan.position_of.assign(k, -1);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t id = plan.ids[j];
+    TORCH_CHECK(id >= 0 && id < k && plan.position_of[id] < 0, op, ": expected centroid_ids to be a permutation "
+                "of 0 .. k - 1, got centroid_ids[", j, "] = ", id);
+    plan.position_of[id] = j;
+  }
+  plan.x = x.contiguous();
+  plan.centroids = centroids.contiguous();
+  plan.x_sq_norms = x_sq_norms.contiguous();
+  plan.group_drift = group_drift.contiguous();
+  plan.labels = labels;
+  plan.group_lower = group_lower;
+  plan.distances = at::empty({n}, x.options().dtype(at::kDouble));
+  plan.upper = at::empty({n}, x.options().dtype(at::kDouble));
+  plan.counts = at::zeros({2}, x.options().dtype(at::kLong));
+  return plan;
+}
+
 }  // namespace pydc
 
 TORCH_LIBRARY_FRAGMENT(pydc, m) {
@@ -93,6 +167,13 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
   m.def("kmeans_assign_yinyang(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
         "Tensor x_sq_norms, Tensor group_drift, Tensor(a!) labels, Tensor(b!) group_lower) -> "
         "(Tensor distances, Tensor counts)");
+  // One bounded (Yinyang) pass for CPU and CUDA (common/kmeans_yinyang_pass.h): refresh = score every centroid
+  // (kmeans_assign_bounds' labels and bounds), else filter by the bounds (kmeans_assign_yinyang's labels and
+  // bounds, without its centroid-separation filter). A label outside [0, k) is no error: that point is scored
+  // against every group.
+  m.def("kmeans_yinyang_pass(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
+        "Tensor x_sq_norms, Tensor group_drift, bool refresh, Tensor(a!) labels, Tensor(b!) group_lower) -> "
+        "(Tensor distances, Tensor upper, Tensor counts)");
   // Bounded k-means with one lower bound per (point, centroid) (Elkan) on the CPU: ops/cpu/kmeans_elkan_kernel.cpp.
   m.def("kmeans_assign_elkan(Tensor x, Tensor centroids, Tensor x_sq_norms, Tensor drift_offsets, float max_drift, "
         "float dense_fraction, Tensor(a!) labels, Tensor(b!) anchors, Tensor(c!) second) -> "

@@ -5,6 +5,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace pydc {
 
@@ -24,6 +25,20 @@ struct KMeansUpdatePlan {
   at::Tensor clusters;      // (k,) bool, contiguous: the clusters whose sums to compute; undefined: all
   int64_t k;
 };
+
+// kmeans_yinyang_pass's checked arguments (ops/kmeans.cpp), with host copies of the small index tensors.
+struct YinyangPassPlan {
+  at::Tensor x, centroids, x_sq_norms, group_drift;  // contiguous
+  at::Tensor labels, group_lower;                    // the caller's (a!) and (b!) tensors, contiguous
+  at::Tensor distances, upper, counts;               // outputs: (N,) float64, (N,) float64, (2,) int64
+  std::vector<int64_t> ids, offsets, position_of, group_of;  // host: (k,), (G + 1,), (k,), (k,)
+  int64_t groups = 0;
+};
+
+YinyangPassPlan plan_kmeans_yinyang_pass(const at::Tensor& x, const at::Tensor& centroids, const at::Tensor& ids,
+                                         const at::Tensor& offsets, const at::Tensor& x_sq_norms,
+                                         const at::Tensor& group_drift, const at::Tensor& labels,
+                                         const at::Tensor& group_lower);
 
 // Validates x/centroids/x_sq_norms (TORCH_CHECK with expected vs got) and allocates labels and distances.
 KMeansAssignPlan plan_kmeans_assign(const at::Tensor& x, const at::Tensor& centroids,

@@ -26,8 +26,11 @@ whose Yinyang bounds prove that their label cannot change (pydc/cluster/kmeans_b
 bounds stop paying (data without cluster structure) keep every point-centroid product and move it with the
 points that changed label (pydc/cluster/kmeans_delta.py); PYDC_KMEANS_BOUNDS=yinyang, elkan (a bound per
 point-centroid pair, pydc/cluster/kmeans_elkan.py) or delta forces one of them. The labels, centroids and
-splits are exactly those of plain Lloyd (bounded=False); the objective agrees up to float rounding. On CUDA,
-and without the compiled ops, bounded=True runs plain Lloyd.
+splits are exactly those of plain Lloyd (bounded=False); the objective agrees up to float rounding. Without
+the compiled ops, bounded=True runs plain Lloyd; on CUDA too, unless PYDC_KMEANS_BOUNDS=yinyang (or portable)
+asks for Yinyang's bounds by the kmeans_yinyang_pass op (the CUDA form, compiled and checked through its CPU
+twin, not yet run on a GPU): its labels are exact (float64-settled near-ties) in every pass, so they equal
+the CPU's plain Lloyd's and may differ from CUDA kmeans_assign's at near-ties.
 
 faiss differences: faiss picks the cluster to split by a cyclic scan with acceptance probability
 (size - 1)/(N - k) and a fixed split seed; here it is an exact draw proportional to (size - 1) from a
@@ -185,11 +188,13 @@ def _kmeans_torch(x, k, niter, seed, spherical, init_centroids, deterministic, b
     point_sq_norms = squared_row_norms(x32)
     bounded = bounded and bounded_assignment_available(x32)
     cpu_gemm = ensure_cpu_gemm() if HAS_OPS and x32.device.type == "cpu" else None
-    bounds = choose_bounds(x32.shape[0], k, spherical) if bounded else None
+    bounds = choose_bounds(x32.shape[0], k, spherical, x32.device.type) if bounded else None
     if bounds == "delta":
         assign = DeltaAssigner(x32, point_sq_norms, k)
     elif bounds == "elkan":
         assign = ElkanAssigner(x32, point_sq_norms, k)
+    elif bounds == "portable":
+        assign = YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2, portable=True)
     elif bounds in ("yinyang", "auto"):
         assign = YinyangAssigner(x32, point_sq_norms, k, group_seed=int(seed) + 2)
         if bounds == "auto":

@@ -42,20 +42,22 @@ renormalisation moves centroids like any update, and the drift is measured after
 skipped point is its float64 distance, of a scored one the kernel's float32 distance: the sum agrees with
 plain Lloyd's up to float rounding (~1e-7 relative).
 
-CUDA design (not built yet): the same state on the device: labels (N) int64, upper (N) float32 rounded up
-(or float64), lower (N, t) float32 rounded down. Per iteration: (1) drift kernel: one warp per centroid,
-float64 norm of the move, rounded up, then a segmented max per group; the k x k float64 Gram matrix of the
-centroids (cuBLAS DGEMM, k^2 d: ~1% of a pass at k = 1000) reduced to per-group separation lower bounds
-(k x t float32); (2) filter kernel, one thread per point: u = exact float64 distance to its own centroid
-(one warp-cooperative dot per point, coalesced), l_g -= group drift, l_g = max(l_g, sep(c, g) - u) where
-the separation test passes, skip flag when min_g l_g^2 - u^2 > 2 * error bound; a stream compaction (cub::
-DeviceSelect::Flagged) gathers the active rows; (3) the active rows go through the existing cuBLAS
-block GEMM + top-2 fold of kmeans_kernel.cu with FP32 (no TF32 for this path, or TF32 with its own, larger
-error bound in kmeans_score_error_bound) and a float64 settle kernel for the flagged near-ties (only the
-candidates within the margin of the best), writing labels,
-upper and the per-group minima with the rows still in shared memory (groups are contiguous after sorting the
-centroids by group, so a group minimum is a segmented reduction over the GEMM tile's columns). Labels and
-the deterministic update then match the CPU's bitwise. Memory: N x t x 4 bytes (1.28M x 64 x 4 = 330 MB).
+CUDA form (built, compiled here for sm_90; no GPU has run it yet): kmeans_yinyang_pass, one op for both
+devices whose per-point code is csrc/common/kmeans_yinyang_pass.h, run by one CPU thread per point (the CPU
+kernel, which the tests run: PYDC_KMEANS_BOUNDS=portable) or one warp per point (ops/cuda/kmeans_kernel.cu).
+The state stays on the device: labels (N) int64, group_lower (N, G) float64 (1.28M x 64 x 8 bytes = 655 MB at
+most), the groups' layout (from the CPU, k values). A refresh pass takes whole rows of fp32 dot products
+from cuBLAS (no TF32: the error bound is fp32's) in an L2-sized workspace and each warp folds its row into
+the group minima and the top-2; a filtered pass decays the bounds, takes u as the fixed-order float64
+distance to the own centroid (the CPU kernels' bits), and scores the groups it needs lane by lane (centroids
+transposed so that the 32 lanes read consecutive addresses), settling near-ties in float64 among them. The
+labels are therefore exact, as on the CPU, and the whole run equals the CPU's plain Lloyd up to the update's
+float64 summation order (CUDA's deterministic kmeans_update sums in another order than the CPU's); they may
+differ from CUDA kmeans_assign's TF32-ranked labels at near-ties, which is why YinyangAssigner's full passes
+on CUDA are refreshes, not kmeans_assign. Left for a GPU to measure first: a filtered pass compacting its
+active rows into a cuBLAS GEMM (the design of the refresh, for the early passes that score most groups), the
+centroid-separation filter (a k x k float64 Gram matrix, cuBLAS DGEMM), and whether CUDA's default should
+become bounded.
 """
 
 from __future__ import annotations
@@ -97,10 +99,18 @@ def pair_state_floats(n: int, k: int, d: int) -> int:
     return n * k + (packed if packs else 0)
 
 
-BOUNDS_CHOICES = ("auto", "delta", "elkan", "yinyang")
+BOUNDS_CHOICES = ("auto", "delta", "elkan", "yinyang", "portable")
 
 
-def choose_bounds(n: int, k: int, spherical: bool = False) -> str:
+def requested_bounds() -> str:
+    """PYDC_KMEANS_BOUNDS, checked (choose_bounds)."""
+    requested = os.environ.get("PYDC_KMEANS_BOUNDS", "auto").strip().lower() or "auto"
+    if requested not in BOUNDS_CHOICES:
+        raise ValueError(f"PYDC_KMEANS_BOUNDS must be one of {', '.join(BOUNDS_CHOICES)}, got {requested!r}")
+    return requested
+
+
+def choose_bounds(n: int, k: int, spherical: bool = False, device: str = "cpu") -> str:
     """The assigner of a bounded CPU k-means run, PYDC_KMEANS_BOUNDS: yinyang (per group of centroids, N x G
     float64), elkan (one bound per point and centroid, N x k float32), delta (every point-centroid product kept
     and moved by the points that changed label, N x k float32: kmeans_delta.py) or auto, the default:
@@ -108,10 +118,12 @@ def choose_bounds(n: int, k: int, spherical: bool = False) -> str:
     way of Elkan's bounds while many labels change, unless the full passes are bfloat16-screened), when
     the N x k products fit ELKAN_MAX_BYTES and the run is not spherical (its renormalised centroids are not
     cluster means, so every delta pass would be dense); yinyang otherwise. elkan and delta raise when their
-    state exceeds ELKAN_MAX_BYTES."""
-    requested = os.environ.get("PYDC_KMEANS_BOUNDS", "auto").strip().lower() or "auto"
-    if requested not in BOUNDS_CHOICES:
-        raise ValueError(f"PYDC_KMEANS_BOUNDS must be one of {', '.join(BOUNDS_CHOICES)}, got {requested!r}")
+    state exceeds ELKAN_MAX_BYTES. portable: Yinyang's bounds by the kmeans_yinyang_pass op, the one form that
+    also runs on CUDA (the only choice there: bounded_assignment_available); on the CPU it is slower than
+    yinyang (no blocked scores, no separation filter) and checks the GPU's code."""
+    requested = requested_bounds()
+    if device != "cpu" or requested == "portable":
+        return "portable"
     fits = n * k * 4 <= ELKAN_MAX_BYTES
     if requested in ("elkan", "delta") and not fits:
         raise ValueError(f"PYDC_KMEANS_BOUNDS={requested} needs {n} x {k} x 4 bytes of state, more than "
@@ -122,10 +134,17 @@ def choose_bounds(n: int, k: int, spherical: bool = False) -> str:
 
 
 def bounded_assignment_available(x: torch.Tensor) -> bool:
-    """True when the compiled CPU kernels of bounded k-means can run on x."""
+    """True when the compiled kernels of bounded k-means can run on x: on the CPU; on CUDA only when
+    PYDC_KMEANS_BOUNDS asks for yinyang or portable (kmeans_yinyang_pass's CUDA kernel is compiled and
+    checked here through its CPU twin, but no GPU has run it yet, so CUDA runs plain Lloyd by default)."""
     from pydc.ops._registry import HAS_OPS
 
-    return HAS_OPS and x.device.type == "cpu" and hasattr(torch.ops.pydc, "kmeans_assign_bounds")
+    if not HAS_OPS:
+        return False
+    if x.device.type == "cpu":
+        return hasattr(torch.ops.pydc, "kmeans_assign_bounds")
+    return (x.device.type == "cuda" and requested_bounds() in ("yinyang", "portable")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("pydc::kmeans_yinyang_pass", "CUDA"))
 
 
 def group_layout(k: int) -> tuple[int, int]:
@@ -171,7 +190,9 @@ class YinyangAssigner:
     """Assigns x to successive centroids of one Lloyd run, returning (labels, objective) as kmeans_assign
     would (identical labels) and computing GEMM rows only for points whose bounds do not settle them."""
 
-    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, group_seed: int):
+    def __init__(self, x: torch.Tensor, point_sq_norms: torch.Tensor, k: int, group_seed: int,
+                 portable: bool = False):
+        self.portable = portable or x.device.type != "cpu"  # kmeans_yinyang_pass for every pass
         self.x = x
         self.point_sq_norms = point_sq_norms
         self.k = k
@@ -185,28 +206,33 @@ class YinyangAssigner:
         self.rows_computed = []    # per call: points with any score computed (benchmarks and tests) ...
         self.scores_computed = []  # ... and point-centroid scores computed (N * k without bounds)
         self.unfiltered_passes = 0  # passes to run without the filter (after filters that found most rows)
-        self.points = ScreenedPoints(x)  # the full passes' GEMMs, bfloat16-screened where that pays
+        self.points = None if self.portable else ScreenedPoints(x)  # full passes' GEMMs, bfloat16-screened
         self.backoff = 1
 
     def _make_groups(self, centroids: torch.Tensor) -> None:
         from pydc.cluster.kmeans import kmeans
 
         groups, capacity = group_layout(self.k)
+        centroids = centroids.cpu()  # k x d: the grouping runs on the CPU, whatever the points' device
         if groups == 1:
             group = torch.zeros(self.k, dtype=torch.int64)
         else:  # Yinyang's grouping: a few Lloyd iterations over the initial centroids, filled to capacity
             centres = kmeans(centroids, groups, niter=5, seed=self.group_seed, backend="torch",
                              bounded=False).centroids
             group = balanced_groups(centroids, centres, capacity)
-        self.order = torch.argsort(group, stable=True)
+        order = torch.argsort(group, stable=True)
         counts = torch.bincount(group, minlength=groups)
-        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        self.group_of_sorted = group[self.order]
+        device = self.x.device
+        self.order = order.to(device)
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device)
+        self.group_of_sorted = group[order].to(device)
 
     def _compute_all(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor) -> tuple[torch.Tensor, float]:
         # Every score: exact labels and fresh group bounds from one GEMM pass + group-min fold (measured
         # faster than the local filter from zero bounds since the fold and the BLAS choice were sped up), the
         # GEMM in bfloat16 where that screen pays (the same labels; bounds looser by the screen's error).
+        if self.portable:
+            return self._portable_pass(centroids, sorted_centroids, None)
         x_bf16 = self.points.bf16()
         if x_bf16 is not None:
             labels, distances, _, self.lower = torch.ops.pydc.kmeans_assign_bounds_bf16(
@@ -219,10 +245,29 @@ class YinyangAssigner:
         self.previous = centroids.clone()
         return self.labels.clone(), float(distances.sum(dtype=torch.float64))
 
+    def _portable_pass(self, centroids: torch.Tensor, sorted_centroids: torch.Tensor,
+                       group_drift: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """One kmeans_yinyang_pass: a refresh (every score) without group_drift, else a filtered pass."""
+        n, groups = self.x.shape[0], self.offsets.numel() - 1
+        if self.labels is None:
+            self.labels = torch.zeros(n, dtype=torch.int64, device=self.x.device)
+            self.lower = torch.zeros(n, groups, dtype=torch.float64, device=self.x.device)
+        refresh = group_drift is None
+        if refresh:
+            group_drift = torch.zeros(groups, dtype=torch.float64, device=self.x.device)
+        distances, _, counts = torch.ops.pydc.kmeans_yinyang_pass(
+            self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms, group_drift, refresh,
+            self.labels, self.lower)
+        rows, scores = counts.tolist()
+        self._count(rows, scores)
+        self.previous = centroids.clone()
+        return self.labels.clone(), float(distances.sum())
+
     def _drifts(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each centroid's move since the last pass (float64 norm, rounded up) and each group's largest."""
         drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
-        group_drift = torch.zeros(self.offsets.numel() - 1, dtype=torch.float64).scatter_reduce_(
+        groups = self.offsets.numel() - 1
+        group_drift = torch.zeros(groups, dtype=torch.float64, device=drift.device).scatter_reduce_(
             0, self.group_of_sorted, drift[self.order], reduce="amax", include_self=True)
         return drift, group_drift
 
@@ -260,25 +305,34 @@ class YinyangAssigner:
             # per point, passes over the N x G bounds) for a while. Plain kmeans_assign gives the same
             # labels; the last of these passes refreshes the bounds for the next filter.
             self.unfiltered_passes -= 1
-            if self.unfiltered_passes == 0:
+            if self.unfiltered_passes == 0 or self.portable:  # portable: each full pass is exact and refreshes
                 return self._compute_all(centroids, sorted_centroids)
             self._count(self.x.shape[0], self.x.shape[0] * self.k)
             labels, distances = self.points.assign(centroids, self.point_sq_norms)
             self.labels = labels
             return labels.clone(), float(distances.sum(dtype=torch.float64))
         _, group_drift = self._drifts(centroids)
+        if self.portable:
+            labels, objective = self._portable_pass(centroids, sorted_centroids, group_drift)
+            self._back_off(self.scores_computed[-1])
+            return labels, objective
         distances, counts = torch.ops.pydc.kmeans_assign_yinyang(
             self.x, sorted_centroids, self.order, self.offsets, self.point_sq_norms, group_drift, self.labels,
             self.lower)
         rows, scores = counts.tolist()
         self._count(rows, scores)
+        self._back_off(scores)
+        self.previous = centroids.clone()
+        return self.labels.clone(), float(distances.sum())
+
+    def _back_off(self, scores: int) -> None:
+        """After a filter that scored more than DENSE_FRACTION of all pairs, the next 1, 2, 4, 8 passes (after
+        successive such filters) score everything without filtering."""
         if scores > DENSE_FRACTION * self.x.shape[0] * self.k:
             self.unfiltered_passes = self.backoff
             self.backoff = min(2 * self.backoff, MAX_BACKOFF)
         else:
             self.backoff = 1
-        self.previous = centroids.clone()
-        return self.labels.clone(), float(distances.sum())
 
     def _count(self, rows: int, scores: int) -> None:
         self.rows_computed.append(rows)

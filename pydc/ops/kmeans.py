@@ -44,6 +44,17 @@ pydc/cluster/kmeans_delta.py), and kmeans_assign_bf16 / kmeans_assign_bounds_bf1
 kmeans_assign_bounds's bounds, from a bfloat16 GEMM of MKL's that only screens the centroids, the candidates
 settled in float64; kmeans_bf16_kernel.cpp).
 
+kmeans_yinyang_pass(x, centroids, centroid_ids, group_offsets, x_sq_norms, group_drift, refresh, labels,
+group_lower) -> (distances, upper, counts) is one pass of bounded k-means on the CPU or CUDA, one point per
+thread (CPU) or per warp (CUDA) running the same code (csrc/common/kmeans_yinyang_pass.h): refresh=True scores
+every centroid (kmeans_assign_bounds' labels and group bounds, written into labels and group_lower), False
+filters by the bounds in group_lower decayed by group_drift (kmeans_assign_yinyang's labels and bounds,
+without its centroid-separation filter). distances (N,) float64, upper (N,) float64 >= the distance to the new label's
+centroid, counts = (points scored, scores computed). Labels are exact (float64-settled) on both devices, also
+on CUDA, where they may differ from kmeans_assign's at near-ties. Bounded k-means runs it on CUDA
+(pydc/cluster/kmeans_bounded.py); on the CPU it runs the faster CPU-only ops above and this op's CPU kernel is
+the check of the GPU's arithmetic.
+
 Neither op has a gradient (the assignment is piecewise constant). `kmeans_assign_reference` and
 `kmeans_update_reference` are the semantics in plain torch: the test oracles and the fallback when the
 compiled library is missing.
@@ -203,6 +214,16 @@ if HAS_OPS:
                      lambda: "kmeans_assign_yinyang: expected 2-D x and one label per row")
         # labels and group_lower are updated in place (schema a!/b!); the outputs are new tensors.
         return x.new_empty((x.shape[0],), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
+
+    @torch.library.register_fake("pydc::kmeans_yinyang_pass")
+    def _kmeans_yinyang_pass_fake(x, centroids, centroid_ids, group_offsets, x_sq_norms, group_drift, refresh,
+                                  labels, group_lower):
+        torch._check(x.dim() == 2 and labels.dim() == 1 and labels.shape[0] == x.shape[0],
+                     lambda: "kmeans_yinyang_pass: expected 2-D x and one label per row")
+        # labels and group_lower are written in place (schema a!/b!); the outputs are new tensors.
+        n = x.shape[0]
+        return (x.new_empty((n,), dtype=torch.float64), x.new_empty((n,), dtype=torch.float64),
+                x.new_empty((2,), dtype=torch.int64))
 
     @torch.library.register_fake("pydc::kmeans_assign_elkan")
     def _kmeans_assign_elkan_fake(x, centroids, x_sq_norms, drift_offsets, max_drift, dense_fraction, labels,

@@ -22,6 +22,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/isnan.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sub.h>
@@ -34,10 +38,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
+#include <vector>
 
 #include "common/kmeans_math.h"
+#include "common/kmeans_yinyang_pass.h"
 #include "ops/kmeans.h"
 
 namespace pydc {
@@ -305,10 +312,163 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x, const
   return {plan.sums, plan.counts};
 }
 
+// --- kmeans_yinyang_pass: one warp per point runs common/kmeans_yinyang_pass.h ---
+
+// The warp as a team (kmeans_yinyang_pass.h): butterfly merges leave every lane with the same result (the
+// merges are total orders: score, then index).
+struct WarpTeam {
+  int lane;
+  __host__ __device__ int rank() const { return lane; }
+  __host__ __device__ int size() const { return 32; }
+  __host__ __device__ bool leader() const { return lane == 0; }
+  __host__ __device__ void sync() const {
+#if defined(__CUDA_ARCH__)
+    __syncwarp();
+#endif
+  }
+  __host__ __device__ void merge(KMeansTopK<2>& top) const {
+#if defined(__CUDA_ARCH__)
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float s0 = __shfl_xor_sync(kFullMask, top.score[0], offset);
+      const float s1 = __shfl_xor_sync(kFullMask, top.score[1], offset);
+      const int64_t j0 = __shfl_xor_sync(kFullMask, top.index[0], offset);
+      const int64_t j1 = __shfl_xor_sync(kFullMask, top.index[1], offset);
+      top.insert(s0, j0);
+      top.insert(s1, j1);
+    }
+#endif
+  }
+  __host__ __device__ void merge_settle(double& score, int64_t& position, int64_t& id) const {
+#if defined(__CUDA_ARCH__)
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const double other = __shfl_xor_sync(kFullMask, score, offset);
+      const int64_t other_position = __shfl_xor_sync(kFullMask, position, offset);
+      const int64_t other_id = __shfl_xor_sync(kFullMask, id, offset);
+      if (other < score || (other == score && other_id < id)) {
+        score = other;
+        position = other_position;
+        id = other_id;
+      }
+    }
+#endif
+  }
+};
+
+// One thread per centroid: its float32 and fixed-order float64 squared norms (the float64 ones are the CPU's
+// bits: kmeans_dot_f64).
+__global__ void yinyang_norms_kernel(const float* __restrict__ centroids, int64_t k, int64_t d,
+                                     float* __restrict__ sq_norms, double* __restrict__ sq_norms_f64) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < k; j += stride) {
+    sq_norms[j] = kmeans_squared_norm(centroids + j * d, d);
+    sq_norms_f64[j] = kmeans_dot_f64(centroids + j * d, centroids + j * d, d);
+  }
+}
+
+// Refresh: dots holds rows row0 .. row0 + rows of x . c^T (rows x k, fp32 GEMM). Filter (dots == nullptr):
+// each lane scores its centroids from the transposed centroids (d x k: lanes read consecutive addresses).
+__global__ void __launch_bounds__(kThreads)
+yinyang_pass_kernel(YinyangPassArgs args, int64_t row0, int64_t rows, const float* __restrict__ dots,
+                    const float* __restrict__ centroids_t, unsigned long long* __restrict__ counts) {
+  const WarpTeam team{static_cast<int>(threadIdx.x & 31)};
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  unsigned long long scored_rows = 0, scores = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); r < rows; r += warps) {
+    const int64_t i = row0 + r;
+    YinyangPointCounts c;
+    if (dots != nullptr) {
+      c = yinyang_pass_point(team, args, i, true, RowScore{dots + r * args.k, args.sq_norms});
+    } else {
+      const DotScore score{args.x + i * args.d, centroids_t, args.sq_norms, args.d, /*t_stride=*/args.k,
+                           /*j_stride=*/1};
+      c = yinyang_pass_point(team, args, i, false, score);
+    }
+    scored_rows += static_cast<unsigned long long>(c.rows);
+    scores += static_cast<unsigned long long>(c.scores);
+  }
+  if (team.leader() && scored_rows > 0) {
+    atomicAdd(counts, scored_rows);
+    atomicAdd(counts + 1, scores);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cuda(
+    const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids, const at::Tensor& offsets,
+    const at::Tensor& norms, const at::Tensor& drift, bool refresh, const at::Tensor& labels,
+    const at::Tensor& lower) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  YinyangPassPlan plan = plan_kmeans_yinyang_pass(x_in, centroids_in, ids, offsets, norms, drift, labels, lower);
+  const int64_t n = plan.x.size(0), k = plan.centroids.size(0), d = plan.x.size(1);
+  if (n == 0) return {plan.distances, plan.upper, plan.counts};
+  TORCH_CHECK(d < (int64_t(1) << 31), "pydc::kmeans_yinyang_pass: expected fewer than 2^31 features on CUDA, got ",
+              d);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto long_options = plan.labels.options();
+  const auto upload = [&](const std::vector<int64_t>& values) {
+    return at::from_blob(const_cast<int64_t*>(values.data()), {static_cast<int64_t>(values.size())},
+                         at::TensorOptions().dtype(at::kLong))
+        .to(long_options);
+  };
+  const at::Tensor ids_d = upload(plan.ids), position_d = upload(plan.position_of);
+  const at::Tensor offsets_d = upload(plan.offsets), group_d = upload(plan.group_of);
+  at::Tensor sq_norms = at::empty({k}, plan.x.options());
+  at::Tensor sq_norms_f64 = at::empty({k}, plan.x.options().dtype(at::kDouble));
+  yinyang_norms_kernel<<<blocks_for(k, 256), 256, 0, stream>>>(plan.centroids.const_data_ptr<float>(), k, d,
+                                                              sq_norms.mutable_data_ptr<float>(),
+                                                              sq_norms_f64.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // the largest norm on the host (one sync; NaN norms skipped, as the CPU's kmeans_centroid_info does)
+  const double max_sq = std::max(0.0, at::where(at::isnan(sq_norms_f64), 0.0, sq_norms_f64).max().item<double>());
+
+  YinyangPassArgs args;
+  args.x = plan.x.const_data_ptr<float>();
+  args.x_sq_norms = plan.x_sq_norms.const_data_ptr<float>();
+  args.centroids = plan.centroids.const_data_ptr<float>();
+  args.sq_norms = sq_norms.const_data_ptr<float>();
+  args.sq_norms_f64 = sq_norms_f64.const_data_ptr<double>();
+  args.ids = ids_d.const_data_ptr<int64_t>();
+  args.position_of = position_d.const_data_ptr<int64_t>();
+  args.offsets = offsets_d.const_data_ptr<int64_t>();
+  args.group_of = group_d.const_data_ptr<int64_t>();
+  args.group_drift = plan.group_drift.const_data_ptr<double>();
+  args.labels = plan.labels.mutable_data_ptr<int64_t>();
+  args.group_lower = plan.group_lower.mutable_data_ptr<double>();
+  args.distances = plan.distances.mutable_data_ptr<double>();
+  args.upper = plan.upper.mutable_data_ptr<double>();
+  args.max_norm = std::sqrt(max_sq);
+  args.k = k;
+  args.d = d;
+  args.groups = plan.groups;
+  auto* counts = reinterpret_cast<unsigned long long*>(plan.counts.mutable_data_ptr<int64_t>());
+
+  if (!refresh) {
+    const at::Tensor centroids_t = plan.centroids.t().contiguous();
+    yinyang_pass_kernel<<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
+        args, 0, n, nullptr, centroids_t.const_data_ptr<float>(), counts);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {plan.distances, plan.upper, plan.counts};
+  }
+  // Refresh: whole rows of fp32 dot products (no TF32: the error bound is fp32's), a chunk of points at a time
+  // in an L2-sized workspace, each row folded by its warp right after the GEMM wrote it.
+  const int64_t chunk_rows =
+      std::max<int64_t>(1, std::min(n, env_or("PYDC_KMEANS_CUDA_WORKSPACE_FLOATS", workspace_floats()) / k));
+  at::Tensor workspace = at::empty({chunk_rows, k}, plan.x.options());
+  for (int64_t i0 = 0; i0 < n; i0 += chunk_rows) {
+    const int64_t rows = std::min(chunk_rows, n - i0);
+    chunk_dots(args.x + i0 * d, args.centroids, workspace.mutable_data_ptr<float>(), rows, k, d,
+               /*allow_tf32=*/false);
+    yinyang_pass_kernel<<<blocks_for(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+        args, i0, rows, workspace.const_data_ptr<float>(), nullptr, counts);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {plan.distances, plan.upper, plan.counts};
+}
+
 }  // namespace
 }  // namespace pydc
 
 TORCH_LIBRARY_IMPL(pydc, CUDA, m) {
   m.impl("kmeans_assign", &pydc::kmeans_assign_cuda);
   m.impl("kmeans_update", &pydc::kmeans_update_cuda);
+  m.impl("kmeans_yinyang_pass", &pydc::kmeans_yinyang_pass_cuda);
 }

@@ -1,0 +1,105 @@
+// CPU kernel of kmeans_yinyang_pass (ops/kmeans.cpp): the per-point pass of common/kmeans_yinyang_pass.h run
+// by one thread per point (SerialTeam), the same code the CUDA kernel runs one warp per point. Refresh passes
+// take the float32 dot products from torch's GEMM (at::mm, blocks of rows), filter passes compute the scores
+// of the groups they need with sequential float32 dot products.
+//
+// On the CPU, bounded k-means runs the faster kmeans_assign_bounds / kmeans_assign_yinyang kernels (blocked
+// scores, BLAS, the separation filter); this kernel is what the tests that run without a GPU check the GPU's
+// pass with, and it gives the same labels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/kmeans_math.h"
+#include "common/kmeans_yinyang_pass.h"
+#include "ops/kmeans.h"
+
+namespace pydc {
+namespace {
+
+constexpr int64_t kRefreshBlockFloats = int64_t(1) << 18;  // dot products of one refresh block (1 MiB)
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
+    const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids, const at::Tensor& offsets,
+    const at::Tensor& norms, const at::Tensor& drift, bool refresh, const at::Tensor& labels,
+    const at::Tensor& lower) {
+  YinyangPassPlan plan = plan_kmeans_yinyang_pass(x_in, centroids_in, ids, offsets, norms, drift, labels, lower);
+  const int64_t n = plan.x.size(0), k = plan.centroids.size(0), d = plan.x.size(1);
+  if (n == 0) return {plan.distances, plan.upper, plan.counts};
+  const float* cs = plan.centroids.const_data_ptr<float>();
+  std::vector<float> sq_norms(k);
+  std::vector<double> sq_norms_f64(k);
+  double max_sq = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    sq_norms[j] = kmeans_squared_norm(cs + j * d, d);
+    sq_norms_f64[j] = kmeans_dot_f64(cs + j * d, cs + j * d, d);
+    if (sq_norms_f64[j] > max_sq) max_sq = sq_norms_f64[j];  // NaN norms are skipped, as kmeans_centroid_info
+  }
+  YinyangPassArgs args;
+  args.x = plan.x.const_data_ptr<float>();
+  args.x_sq_norms = plan.x_sq_norms.const_data_ptr<float>();
+  args.centroids = cs;
+  args.sq_norms = sq_norms.data();
+  args.sq_norms_f64 = sq_norms_f64.data();
+  args.ids = plan.ids.data();
+  args.position_of = plan.position_of.data();
+  args.offsets = plan.offsets.data();
+  args.group_of = plan.group_of.data();
+  args.group_drift = plan.group_drift.const_data_ptr<double>();
+  args.labels = plan.labels.mutable_data_ptr<int64_t>();
+  args.group_lower = plan.group_lower.mutable_data_ptr<double>();
+  args.distances = plan.distances.mutable_data_ptr<double>();
+  args.upper = plan.upper.mutable_data_ptr<double>();
+  args.max_norm = std::sqrt(max_sq);
+  args.k = k;
+  args.d = d;
+  args.groups = plan.groups;
+
+  std::atomic<int64_t> rows{0}, scores{0};
+  const SerialTeam team;
+  if (refresh) {
+    const int64_t block = std::max<int64_t>(1, std::min(n, kRefreshBlockFloats / k));
+    at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
+      int64_t block_rows = 0, block_scores = 0;
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        const int64_t i0 = b * block, count = std::min(block, n - i0);
+        const at::Tensor dots = at::mm(plan.x.narrow(0, i0, count), plan.centroids.t()).contiguous();
+        const float* dot = dots.const_data_ptr<float>();
+        for (int64_t r = 0; r < count; ++r) {
+          const YinyangPointCounts c =
+              yinyang_pass_point(team, args, i0 + r, true, RowScore{dot + r * k, sq_norms.data()});
+          block_rows += c.rows;
+          block_scores += c.scores;
+        }
+      }
+      rows += block_rows;
+      scores += block_scores;
+    });
+  } else {
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      int64_t chunk_rows = 0, chunk_scores = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const DotScore score{args.x + i * d, cs, sq_norms.data(), d, /*t_stride=*/1, /*j_stride=*/d};
+        const YinyangPointCounts c = yinyang_pass_point(team, args, i, false, score);
+        chunk_rows += c.rows;
+        chunk_scores += c.scores;
+      }
+      rows += chunk_rows;
+      scores += chunk_scores;
+    });
+  }
+  int64_t* count = plan.counts.mutable_data_ptr<int64_t>();
+  count[0] = rows.load();
+  count[1] = scores.load();
+  return {plan.distances, plan.upper, plan.counts};
+}
+
+}  // namespace
+}  // namespace pydc
+
+TORCH_LIBRARY_IMPL(pydc, CPU, m) { m.impl("kmeans_yinyang_pass", &pydc::kmeans_yinyang_pass_cpu); }
