@@ -113,6 +113,15 @@ struct YinyangPassArgs {
   int64_t k = 0, d = 0, groups = 0;
 };
 
+// Per point: each scored group's smallest score, its position and the group's second-smallest score. Written
+// and read by the team's leader only (the CUDA kernel keeps one per warp in shared memory, not 32 copies in
+// local memory).
+struct YinyangGroupTops {
+  float min[kYinyangMaxGroups];
+  float second[kYinyangMaxGroups];
+  int32_t position[kYinyangMaxGroups];  // k < 2^31 (checked by the op)
+};
+
 struct YinyangPointCounts {
   int64_t rows = 0;    // 1 when any score of the point was computed
   int64_t scores = 0;  // centroid scores computed
@@ -122,7 +131,7 @@ struct YinyangPointCounts {
 // or a dot product of its own). Returns what it computed (every team thread returns the same).
 template <typename Team, typename Score>
 PYDC_HD YinyangPointCounts yinyang_pass_point(const Team& team, const YinyangPassArgs& a, int64_t i, bool refresh,
-                                              const Score& score) {
+                                              const Score& score, YinyangGroupTops& tops) {
   const int64_t d = a.d, groups = a.groups;
   const float* x = a.x + i * d;
   const float point_norm = a.x_sq_norms[i];
@@ -158,8 +167,6 @@ PYDC_HD YinyangPointCounts yinyang_pass_point(const Team& team, const YinyangPas
     }
   }
   // Score the needed groups: each group's top-2 (score, position), and the point's top-2 over all of them.
-  float group_min[kYinyangMaxGroups], group_second[kYinyangMaxGroups];
-  int64_t group_position[kYinyangMaxGroups];
   KMeansTopK<2> best;
   best.reset();
   YinyangPointCounts counts;
@@ -170,9 +177,11 @@ PYDC_HD YinyangPointCounts yinyang_pass_point(const Team& team, const YinyangPas
     top.reset();
     for (int64_t j = a.offsets[g] + team.rank(); j < a.offsets[g + 1]; j += team.size()) top.insert(score(j), j);
     team.merge(top);
-    group_min[g] = top.score[0];
-    group_position[g] = top.index[0];
-    group_second[g] = top.score[1];
+    if (team.leader()) {
+      tops.min[g] = top.score[0];
+      tops.position[g] = static_cast<int32_t>(top.index[0]);
+      tops.second[g] = top.score[1];
+    }
     best.insert(top.score[0], top.index[0]);
     best.insert(top.score[1], top.index[1]);
     counts.scores += a.offsets[g + 1] - a.offsets[g];
@@ -216,7 +225,7 @@ PYDC_HD YinyangPointCounts yinyang_pass_point(const Team& team, const YinyangPas
   for (int64_t g = 0; g < groups; ++g) {
     if (!((need >> g) & 1)) continue;
     // the group's smallest score other than the winner's
-    const float others = g == winner_group && group_position[g] == position ? group_second[g] : group_min[g];
+    const float others = g == winner_group && tops.position[g] == position ? tops.second[g] : tops.min[g];
     lower[g] = kmeans_group_lower_bound(point_sq, norm_rounding, others, error);
   }
   return counts;

@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
   if (refresh) {
     const int64_t block = std::max<int64_t>(1, std::min(n, kRefreshBlockFloats / k));
     at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b_begin, int64_t b_end) {
+      YinyangGroupTops tops;
       int64_t block_rows = 0, block_scores = 0;
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t i0 = b * block, count = std::min(block, n - i0);
@@ -72,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
         const float* dot = dots.const_data_ptr<float>();
         for (int64_t r = 0; r < count; ++r) {
           const YinyangPointCounts c =
-              yinyang_pass_point(team, args, i0 + r, true, RowScore{dot + r * k, sq_norms.data()});
+              yinyang_pass_point(team, args, i0 + r, true, RowScore{dot + r * k, sq_norms.data()}, tops);
           block_rows += c.rows;
           block_scores += c.scores;
         }
@@ -82,10 +83,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
     });
   } else {
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      YinyangGroupTops tops;
       int64_t chunk_rows = 0, chunk_scores = 0;
       for (int64_t i = begin; i < end; ++i) {
         const DotScore score{args.x + i * d, cs, sq_norms.data(), d, /*t_stride=*/1, /*j_stride=*/d};
-        const YinyangPointCounts c = yinyang_pass_point(team, args, i, false, score);
+        const YinyangPointCounts c = yinyang_pass_point(team, args, i, false, score, tops);
         chunk_rows += c.rows;
         chunk_scores += c.scores;
       }

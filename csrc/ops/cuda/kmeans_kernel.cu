@@ -371,17 +371,19 @@ __global__ void __launch_bounds__(kThreads)
 yinyang_pass_kernel(YinyangPassArgs args, int64_t row0, int64_t rows, const float* __restrict__ dots,
                     const float* __restrict__ centroids_t, unsigned long long* __restrict__ counts) {
   const WarpTeam team{static_cast<int>(threadIdx.x & 31)};
+  __shared__ YinyangGroupTops warp_tops[kWarpsPerBlock];  // the leader's, one per warp (768 bytes each)
+  YinyangGroupTops& tops = warp_tops[threadIdx.x >> 5];
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   unsigned long long scored_rows = 0, scores = 0;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); r < rows; r += warps) {
     const int64_t i = row0 + r;
     YinyangPointCounts c;
     if (dots != nullptr) {
-      c = yinyang_pass_point(team, args, i, true, RowScore{dots + r * args.k, args.sq_norms});
+      c = yinyang_pass_point(team, args, i, true, RowScore{dots + r * args.k, args.sq_norms}, tops);
     } else {
       const DotScore score{args.x + i * args.d, centroids_t, args.sq_norms, args.d, /*t_stride=*/args.k,
                            /*j_stride=*/1};
-      c = yinyang_pass_point(team, args, i, false, score);
+      c = yinyang_pass_point(team, args, i, false, score, tops);
     }
     scored_rows += static_cast<unsigned long long>(c.rows);
     scores += static_cast<unsigned long long>(c.scores);
