@@ -87,6 +87,24 @@ def test_points_the_bounds_settle_keep_their_label_and_the_cpu_float64_distance(
     assert bool((upper >= distances.sqrt()).all())
 
 
+def test_separation_alone_skips_the_groups_of_far_centroids():
+    """With every group bound at 0 only the centroids' separation can settle a group: on separated clusters it
+    settles most of them, and the labels stay exact and the bounds it leaves valid."""
+    generator = torch.Generator().manual_seed(21)
+    means = torch.randn(K, 16, generator=generator) * 3
+    x = means[torch.randint(0, K, (1500,), generator=generator)] + torch.randn(1500, 16, generator=generator)
+    labels, lower = fresh_state(x.shape[0])
+    run_pass(x, means, None, True, labels, lower)
+    lower.zero_()
+    no_drift = torch.zeros(OFFSETS.numel() - 1, dtype=torch.float64)
+    _, _, counts = run_pass(x, means, no_drift, False, labels, lower)
+    plain_labels, _ = torch.ops.pydc.kmeans_assign(x, means, None, True)
+    assert torch.equal(labels, plain_labels)
+    assert_bounds_hold(x, means, ORDER, OFFSETS, labels, lower)
+    rows, scores = counts.tolist()
+    assert 0 < rows < 0.5 * x.shape[0] and scores < 0.5 * x.shape[0] * K  # most points settled with no score
+
+
 def test_filtered_pass_equals_the_cpu_yinyang_kernel():
     """The same state through kmeans_assign_yinyang (blocked scores, separation filter) and this pass: the
     same labels, both bounds valid."""

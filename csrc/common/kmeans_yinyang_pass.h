@@ -13,8 +13,10 @@
 //   arg-min among them (the unscored ones are provably farther) and fresh bounds; the others keep their
 //   decayed bounds.
 //
-// The centroid-separation filter of the CPU's Yinyang kernel is not part of this form (it only skips more
-// scores; the labels are the same): a GPU would compute the k x k float64 Gram matrix once per pass.
+// filter passes also apply the centroid-separation filter (Elkan's lemma, as the CPU's Yinyang kernel does per
+//   group): d(x, j) >= d(c, j) - u for the own centroid c, so a group whose members are all at least s from c
+//   (separation[own][g], from a float64 Gram matrix: yinyang_separation_row) with (s - u)^2 - u^2 > twice
+//   the error bound holds only centroids farther than c: it is not scored and keeps max(decayed bound, s - u).
 //
 // A team of T threads scores the members of a group T at a time (thread r takes members r, r + T, ...),
 // each score a sequential float32 dot product (any order is inside kmeans_score_error_bound), and merges the
@@ -76,6 +78,27 @@ PYDC_HD double kmeans_squared_distance_f64(const float* a, const float* b, int64
   return kmeans_sum_lanes8(lane);
 }
 
+// Row p of the separation table: for each group g, a lower bound (float32, rounded down) on the distance from
+// centroid p to every other member of g (+inf for none), from the float64 squared norms (sorted positions) and
+// row p of the float64 Gram matrix of the sorted centroids. A NaN pair gives 0 (never skips).
+PYDC_HD void yinyang_separation_row(int64_t p, const double* sq_norms_f64, const double* gram_row,
+                                    const int64_t* group_of, int64_t k, int64_t d, int64_t groups, float* out) {
+  for (int64_t g = 0; g < groups; ++g) out[g] = kKMeansInf;
+  for (int64_t j = 0; j < k; ++j) {
+    if (j == p) continue;
+    const float lower = centroid_separation_bound(sq_norms_f64[p], sq_norms_f64[j], gram_row[j], d);
+    float& slot = out[group_of[j]];
+    slot = lower < slot ? lower : slot;
+  }
+}
+
+// Whether centroids at least `separation` from the own centroid are provably farther from the point than the
+// own centroid (u >= its distance), with the margin of the group test.
+PYDC_HD bool yinyang_separation_skips(float separation, double upper, double margin) {
+  const double lower = static_cast<double>(separation) - upper;
+  return lower > 0.0 && lower * lower - upper * upper > margin;
+}
+
 // A group's lower bound after its centroids moved by at most drift (NaN bounds decay to 0).
 PYDC_HD double yinyang_decayed_bound(double lower, double drift) {
   const double decayed = lower - drift;
@@ -105,6 +128,7 @@ struct YinyangPassArgs {
   const int64_t* offsets = nullptr;    // (G + 1,)
   const int64_t* group_of = nullptr;   // (k,) group of each position
   const double* group_drift = nullptr;  // (G,) filter passes only
+  const float* separation = nullptr;   // (k, G) filter passes: yinyang_separation_row of every position
   int64_t* labels = nullptr;           // (N,) original indices: in (filter) and out
   double* group_lower = nullptr;       // (N, G): in (filter) and out
   double* distances = nullptr;         // (N,) out: squared distance to the new label's centroid
@@ -152,9 +176,26 @@ PYDC_HD YinyangPointCounts yinyang_pass_point(const Team& team, const YinyangPas
         const double l = yinyang_decayed_bound(lower[g], a.group_drift[g]);
         if (!(l * l - upper_sq > margin)) need |= uint64_t{1} << g;
       }
+      const float* separation = a.separation != nullptr ? a.separation + own * groups : nullptr;
+      uint64_t separated = 0;
+      if (separation != nullptr) {
+        for (int64_t g = 0; g < groups; ++g) {
+          if (((need >> g) & 1) && yinyang_separation_skips(separation[g], upper, margin)) {
+            separated |= uint64_t{1} << g;
+          }
+        }
+        need &= ~separated;
+      }
       team.sync();  // every thread has read the bounds (and so computes the same flags) before they change
       if (team.leader()) {
-        for (int64_t g = 0; g < groups; ++g) lower[g] = yinyang_decayed_bound(lower[g], a.group_drift[g]);
+        for (int64_t g = 0; g < groups; ++g) {
+          double l = yinyang_decayed_bound(lower[g], a.group_drift[g]);
+          if ((separated >> g) & 1) {
+            const double s = static_cast<double>(separation[g]) - upper;
+            l = s > l ? s : l;
+          }
+          lower[g] = l;
+        }
       }
       if (need == 0) {  // the global filter: the label stays
         if (team.leader()) {

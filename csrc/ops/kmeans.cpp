@@ -169,7 +169,7 @@ TORCH_LIBRARY_FRAGMENT(pydc, m) {
         "(Tensor distances, Tensor counts)");
   // One bounded (Yinyang) pass for CPU and CUDA (common/kmeans_yinyang_pass.h): refresh = score every centroid
   // (kmeans_assign_bounds' labels and bounds), else filter by the bounds (kmeans_assign_yinyang's labels and
-  // bounds, without its centroid-separation filter). A label outside [0, k) is no error: that point is scored
+  // bounds; the centroid-separation filter per group only). A label outside [0, k) is no error: that point is scored
   // against every group.
   m.def("kmeans_yinyang_pass(Tensor x, Tensor centroids, Tensor centroid_ids, Tensor group_offsets, "
         "Tensor x_sq_norms, Tensor group_drift, bool refresh, Tensor(a!) labels, Tensor(b!) group_lower) -> "

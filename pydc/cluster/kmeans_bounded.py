@@ -49,15 +49,16 @@ The state stays on the device: labels (N) int64, group_lower (N, G) float64 (1.2
 most), the groups' layout (from the CPU, k values). A refresh pass takes whole rows of fp32 dot products
 from cuBLAS (no TF32: the error bound is fp32's) in an L2-sized workspace and each warp folds its row into
 the group minima and the top-2; a filtered pass decays the bounds, takes u as the fixed-order float64
-distance to the own centroid (the CPU kernels' bits), and scores the groups it needs lane by lane (centroids
-transposed so that the 32 lanes read consecutive addresses), settling near-ties in float64 among them. The
+distance to the own centroid (the CPU kernels' bits), drops the groups that the bounds or the centroids'
+separation settle (a k x G table per pass from the float64 Gram matrix, cuBLAS DGEMM: the per-group form of
+the CPU kernel's filter), and scores the rest lane by lane (centroids transposed so that the 32 lanes read
+consecutive addresses), settling near-ties in float64 among them. The
 labels are therefore exact, as on the CPU, and the whole run equals the CPU's plain Lloyd up to the update's
 float64 summation order (CUDA's deterministic kmeans_update sums in another order than the CPU's); they may
 differ from CUDA kmeans_assign's TF32-ranked labels at near-ties, which is why YinyangAssigner's full passes
 on CUDA are refreshes, not kmeans_assign. Left for a GPU to measure first: a filtered pass compacting its
 active rows into a cuBLAS GEMM (the design of the refresh, for the early passes that score most groups), the
-centroid-separation filter (a k x k float64 Gram matrix, cuBLAS DGEMM), and whether CUDA's default should
-become bounded.
+separation filter per block of 8 centroids, and whether CUDA's default should become bounded.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def choose_bounds(n: int, k: int, spherical: bool = False, device: str = "cpu") 
     cluster means, so every delta pass would be dense); yinyang otherwise. elkan and delta raise when their
     state exceeds ELKAN_MAX_BYTES. portable: Yinyang's bounds by the kmeans_yinyang_pass op, the one form that
     also runs on CUDA (the only choice there: bounded_assignment_available); on the CPU it is slower than
-    yinyang (no blocked scores, no separation filter) and checks the GPU's code."""
+    yinyang (no blocked scores, separation per group only) and checks the GPU's code."""
     requested = requested_bounds()
     if device != "cpu" or requested == "portable":
         return "portable"

@@ -48,8 +48,8 @@ kmeans_yinyang_pass(x, centroids, centroid_ids, group_offsets, x_sq_norms, group
 group_lower) -> (distances, upper, counts) is one pass of bounded k-means on the CPU or CUDA, one point per
 thread (CPU) or per warp (CUDA) running the same code (csrc/common/kmeans_yinyang_pass.h): refresh=True scores
 every centroid (kmeans_assign_bounds' labels and group bounds, written into labels and group_lower), False
-filters by the bounds in group_lower decayed by group_drift (kmeans_assign_yinyang's labels and bounds,
-without its centroid-separation filter). distances (N,) float64, upper (N,) float64 >= the distance to the new label's
+filters by the bounds in group_lower decayed by group_drift and by the centroids' separation, per group
+(kmeans_assign_yinyang's labels and bounds; its separation filter also works per block of 8 centroids). distances (N,) float64, upper (N,) float64 >= the distance to the new label's
 centroid, counts = (points scored, scores computed). Labels are exact (float64-settled) on both devices, also
 on CUDA, where they may differ from kmeans_assign's at near-ties. Bounded k-means runs it on CUDA
 (pydc/cluster/kmeans_bounded.py); on the CPU it runs the faster CPU-only ops above and this op's CPU kernel is

@@ -190,18 +190,4 @@ void kmeans_centroid_gram_rows(const at::Tensor& centroids, RowFn row_fn) {
   }
 }
 
-// A lower bound, rounded down to float32, on the distance between two float32 centroids from their float64
-// squared norms and float64 dot product (a Gram matrix entry): each float64 sum of d terms errs by at most
-// gamma_d (d 2^-53 / (1 - d 2^-53)) times the sum of |terms| <= (||c_p||^2 + ||c_j||^2) / 2 (Cauchy-Schwarz), so
-// with the three final roundings the error is below 4 (d + 4) 2^-53 (||c_p||^2 + ||c_j||^2), taken off before a
-// square root rounded down. 0 for NaN.
-inline float centroid_separation_bound(double sq_norm_p, double sq_norm_j, double dot, int64_t d) {
-  const double relative = 4.0 * static_cast<double>(d + 4) * 1.1102230246251565e-16;  // 4 (d + 4) 2^-53
-  const double sq = sq_norm_p + sq_norm_j - 2.0 * dot - relative * (sq_norm_p + sq_norm_j);
-  const double root = sq > 0.0 ? std::sqrt(sq) / (1.0 + 1e-12) : 0.0;
-  float lower = static_cast<float>(root);
-  if (static_cast<double>(lower) > root) lower = std::nextafter(lower, 0.0f);
-  return lower;
-}
-
 }  // namespace pydc

@@ -4,7 +4,7 @@
 // of the groups they need with sequential float32 dot products.
 //
 // On the CPU, bounded k-means runs the faster kmeans_assign_bounds / kmeans_assign_yinyang kernels (blocked
-// scores, BLAS, the separation filter); this kernel is what the tests that run without a GPU check the GPU's
+// scores, BLAS, the separation filter per block of 8 too); this kernel is what the tests that run without a GPU check the GPU's
 // pass with, and it gives the same labels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,6 +23,7 @@ namespace pydc {
 namespace {
 
 constexpr int64_t kRefreshBlockFloats = int64_t(1) << 18;  // dot products of one refresh block (1 MiB)
+constexpr int64_t kGramDoubles = int64_t(1) << 22;         // rows of the centroids' Gram matrix at a time (32 MiB)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
     const at::Tensor& x_in, const at::Tensor& centroids_in, const at::Tensor& ids, const at::Tensor& offsets,
@@ -59,6 +60,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
   args.k = k;
   args.d = d;
   args.groups = plan.groups;
+
+  // filter passes: the separation table (k x G), from the float64 Gram matrix a block of rows at a time
+  std::vector<float> separation;
+  if (!refresh) {
+    separation.resize(k * plan.groups);
+    const at::Tensor c64 = plan.centroids.to(at::kDouble);
+    const int64_t gram_rows = std::max<int64_t>(1, std::min(k, kGramDoubles / k));
+    for (int64_t p0 = 0; p0 < k; p0 += gram_rows) {
+      const int64_t p1 = std::min(k, p0 + gram_rows);
+      const at::Tensor gram = at::mm(c64.slice(0, p0, p1), c64.t()).contiguous();
+      const double* gram_rows_data = gram.const_data_ptr<double>();
+      at::parallel_for(p0, p1, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          yinyang_separation_row(p, sq_norms_f64.data(), gram_rows_data + (p - p0) * k, plan.group_of.data(), k, d,
+                                 plan.groups, separation.data() + p * plan.groups);
+        }
+      });
+    }
+    args.separation = separation.data();
+  }
 
   std::atomic<int64_t> rows{0}, scores{0};
   const SerialTeam team;

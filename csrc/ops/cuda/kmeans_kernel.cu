@@ -25,6 +25,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/isnan.h>
 #include <ATen/ops/max.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
@@ -365,6 +366,17 @@ __global__ void yinyang_norms_kernel(const float* __restrict__ centroids, int64_
   }
 }
 
+// Rows p0 .. p0 + rows of the separation table (k x G) from the same rows of the centroids' float64 Gram matrix.
+__global__ void yinyang_separation_kernel(int64_t p0, int64_t rows, const double* __restrict__ sq_norms_f64,
+                                          const double* __restrict__ gram, const int64_t* __restrict__ group_of,
+                                          int64_t k, int64_t d, int64_t groups, float* __restrict__ separation) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
+    yinyang_separation_row(p0 + r, sq_norms_f64, gram + r * k, group_of, k, d, groups,
+                           separation + (p0 + r) * groups);
+  }
+}
+
 // Refresh: dots holds rows row0 .. row0 + rows of x . c^T (rows x k, fp32 GEMM). Filter (dots == nullptr):
 // each lane scores its centroids from the transposed centroids (d x k: lanes read consecutive addresses).
 __global__ void __launch_bounds__(kThreads)
@@ -444,6 +456,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cuda(
   auto* counts = reinterpret_cast<unsigned long long*>(plan.counts.mutable_data_ptr<int64_t>());
 
   if (!refresh) {
+    // the separation table from the float64 Gram matrix (cuBLAS DGEMM), at most 32 MiB of it at a time
+    at::Tensor separation = at::empty({k, plan.groups}, plan.x.options());
+    const at::Tensor c64 = plan.centroids.to(at::kDouble);
+    const int64_t gram_rows = std::max<int64_t>(1, std::min(k, (int64_t(1) << 22) / k));
+    for (int64_t p0 = 0; p0 < k; p0 += gram_rows) {
+      const int64_t rows = std::min(gram_rows, k - p0);
+      const at::Tensor gram = at::mm(c64.narrow(0, p0, rows), c64.t()).contiguous();
+      yinyang_separation_kernel<<<blocks_for(rows, 128), 128, 0, stream>>>(
+          p0, rows, args.sq_norms_f64, gram.const_data_ptr<double>(), args.group_of, k, d, plan.groups,
+          separation.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    args.separation = separation.const_data_ptr<float>();
     const at::Tensor centroids_t = plan.centroids.t().contiguous();
     yinyang_pass_kernel<<<blocks_for(n, kWarpsPerBlock), kThreads, 0, stream>>>(
         args, 0, n, nullptr, centroids_t.const_data_ptr<float>(), counts);
