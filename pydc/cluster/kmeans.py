@@ -65,8 +65,8 @@ class KMeansResult:
     backend: str = "torch"    # the backend that ran: "torch", "faiss-cpu" or "faiss-gpu"
     splits: int = 0           # empty clusters refilled over all iterations (torch backend)
     iterations: int = 0       # Lloyd iterations run (< niter when the run stopped at a fixed point)
-    bounded: bool = False     # whether the assignments used bounds (torch backend on the CPU) ...
-    bounds: str | None = None  # ... which: "yinyang" (per group of centroids) or "elkan" (per pair)
+    bounded: bool = False     # whether the assignments used bounds (torch backend; CUDA: when asked) ...
+    bounds: str | None = None  # ... which: "yinyang", "elkan", "delta", their auto chain, or "portable"
     rows_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: points whose
     # distances were computed (all N without bounds; fewer when the bounds settle points)
     scores_computed: list[int] = dataclasses.field(default_factory=list)  # per assignment pass: point-centroid
