@@ -4,8 +4,8 @@ one ISA level), so that the table's figures are the committed measurements rathe
     python -m benchmarks.pairs_table benchmarks/results/cpu_pairs_A.json benchmarks/results/cpu_pairs_B.json
 
 Each column's header names the CPU model, the ISA level pydc ran at (and the BLAS caps when capped), the
-thread count, the commit and the UTC date of its file; each cell gives pydc's time / the reference's, then
-both times. A ratio above issue 12's target is marked "(missed)"; a pair the file does not have is "-".
+thread count, the commit and the UTC date and time of its file; each cell gives pydc's time / the
+reference's, then both times. A ratio above issue 12's target is marked "(missed)"; a pair the file does not have is "-".
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def header(where: dict) -> str:
     model = where.get("cpu_model", "?").replace("(R)", "")
     level = f"`{where.get('cpu_capability', '?')}`" + (" capped" if capped(where) else "")
     commit = (where.get("commit") or "")[:7] or "commit not recorded"
-    threads, date = where.get("cpu_threads", "?"), where.get("date", "undated")[:10]
-    return f"{model}, {level}, {threads} threads, {commit}, {date}"
+    threads, date = where.get("cpu_threads", "?"), where.get("date", "undated")
+    when = f"{date[:10]} {date[11:16]} UTC" if len(date) >= 16 else date[:10]  # two runs of one day apart
+    return f"{model}, {level}, {threads} threads, {commit}, {when}"
 
 
 def times(ours: float, reference: float) -> str:
