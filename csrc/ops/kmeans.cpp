@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "common/checks.h"
@@ -151,6 +152,31 @@ YinyangPassPlan plan_kmeans_yinyang_pass(const at::Tensor& x, const at::Tensor& 
   plan.upper = at::empty({n}, x.options().dtype(at::kDouble));
   plan.counts = at::zeros({2}, x.options().dtype(at::kLong));
   return plan;
+}
+
+YinyangPassArgs yinyang_pass_args(const YinyangPassPlan& plan, const int64_t* ids, const int64_t* position_of,
+                                  const int64_t* offsets, const int64_t* group_of, const float* sq_norms,
+                                  const double* sq_norms_f64, double max_sq) {
+  YinyangPassArgs args;
+  args.x = plan.x.const_data_ptr<float>();
+  args.x_sq_norms = plan.x_sq_norms.const_data_ptr<float>();
+  args.centroids = plan.centroids.const_data_ptr<float>();
+  args.sq_norms = sq_norms;
+  args.sq_norms_f64 = sq_norms_f64;
+  args.ids = ids;
+  args.position_of = position_of;
+  args.offsets = offsets;
+  args.group_of = group_of;
+  args.group_drift = plan.group_drift.const_data_ptr<double>();
+  args.labels = plan.labels.mutable_data_ptr<int64_t>();
+  args.group_lower = plan.group_lower.mutable_data_ptr<double>();
+  args.distances = plan.distances.mutable_data_ptr<double>();
+  args.upper = plan.upper.mutable_data_ptr<double>();
+  args.max_norm = std::sqrt(max_sq);
+  args.k = plan.centroids.size(0);
+  args.d = plan.x.size(1);
+  args.groups = plan.groups;
+  return args;
 }
 
 }  // namespace pydc

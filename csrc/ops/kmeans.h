@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/kmeans_yinyang_pass.h"
+
 namespace pydc {
 
 struct KMeansAssignPlan {
@@ -34,6 +36,12 @@ struct YinyangPassPlan {
   std::vector<int64_t> ids, offsets, position_of, group_of;  // host: (k,), (G + 1,), (k,), (k,)
   int64_t groups = 0;
 };
+
+// The pass's arguments (common/kmeans_yinyang_pass.h) from a plan, with the index arrays, the centroids' squared
+// norms and the largest float64 squared norm on the kernel's device (the CPU's: the plan's host vectors).
+YinyangPassArgs yinyang_pass_args(const YinyangPassPlan& plan, const int64_t* ids, const int64_t* position_of,
+                                  const int64_t* offsets, const int64_t* group_of, const float* sq_norms,
+                                  const double* sq_norms_f64, double max_sq);
 
 YinyangPassPlan plan_kmeans_yinyang_pass(const at::Tensor& x, const at::Tensor& centroids, const at::Tensor& ids,
                                          const at::Tensor& offsets, const at::Tensor& x_sq_norms,

@@ -1,11 +1,12 @@
 // CPU kernel of kmeans_yinyang_pass (ops/kmeans.cpp): the per-point pass of common/kmeans_yinyang_pass.h run
 // by one thread per point (SerialTeam), the same code the CUDA kernel runs one warp per point. Refresh passes
 // take the float32 dot products from torch's GEMM (at::mm, blocks of rows), filter passes compute the scores
-// of the groups they need with sequential float32 dot products.
+// of the groups they need with sequential float32 dot products, after the separation table of the pass
+// (yinyang_separation_row over the float64 Gram matrix, at::mm, a block of rows at a time).
 //
 // On the CPU, bounded k-means runs the faster kmeans_assign_bounds / kmeans_assign_yinyang kernels (blocked
-// scores, BLAS, the separation filter per block of 8 too); this kernel is what the tests that run without a GPU check the GPU's
-// pass with, and it gives the same labels.
+// scores, BLAS, the separation filter per block of 8 too); this kernel is what the tests that run without a
+// GPU check the GPU's pass with, and it gives the same labels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -41,25 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cpu(
     sq_norms_f64[j] = kmeans_dot_f64(cs + j * d, cs + j * d, d);
     if (sq_norms_f64[j] > max_sq) max_sq = sq_norms_f64[j];  // NaN norms are skipped, as kmeans_centroid_info
   }
-  YinyangPassArgs args;
-  args.x = plan.x.const_data_ptr<float>();
-  args.x_sq_norms = plan.x_sq_norms.const_data_ptr<float>();
-  args.centroids = cs;
-  args.sq_norms = sq_norms.data();
-  args.sq_norms_f64 = sq_norms_f64.data();
-  args.ids = plan.ids.data();
-  args.position_of = plan.position_of.data();
-  args.offsets = plan.offsets.data();
-  args.group_of = plan.group_of.data();
-  args.group_drift = plan.group_drift.const_data_ptr<double>();
-  args.labels = plan.labels.mutable_data_ptr<int64_t>();
-  args.group_lower = plan.group_lower.mutable_data_ptr<double>();
-  args.distances = plan.distances.mutable_data_ptr<double>();
-  args.upper = plan.upper.mutable_data_ptr<double>();
-  args.max_norm = std::sqrt(max_sq);
-  args.k = k;
-  args.d = d;
-  args.groups = plan.groups;
+  YinyangPassArgs args = yinyang_pass_args(plan, plan.ids.data(), plan.position_of.data(), plan.offsets.data(),
+                                           plan.group_of.data(), sq_norms.data(), sq_norms_f64.data(), max_sq);
 
   // filter passes: the separation table (k x G), from the float64 Gram matrix a block of rows at a time
   std::vector<float> separation;

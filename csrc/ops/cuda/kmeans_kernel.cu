@@ -434,25 +434,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kmeans_yinyang_pass_cuda(
   // the largest norm on the host (one sync; NaN norms skipped, as the CPU's kmeans_centroid_info does)
   const double max_sq = std::max(0.0, at::where(at::isnan(sq_norms_f64), 0.0, sq_norms_f64).max().item<double>());
 
-  YinyangPassArgs args;
-  args.x = plan.x.const_data_ptr<float>();
-  args.x_sq_norms = plan.x_sq_norms.const_data_ptr<float>();
-  args.centroids = plan.centroids.const_data_ptr<float>();
-  args.sq_norms = sq_norms.const_data_ptr<float>();
-  args.sq_norms_f64 = sq_norms_f64.const_data_ptr<double>();
-  args.ids = ids_d.const_data_ptr<int64_t>();
-  args.position_of = position_d.const_data_ptr<int64_t>();
-  args.offsets = offsets_d.const_data_ptr<int64_t>();
-  args.group_of = group_d.const_data_ptr<int64_t>();
-  args.group_drift = plan.group_drift.const_data_ptr<double>();
-  args.labels = plan.labels.mutable_data_ptr<int64_t>();
-  args.group_lower = plan.group_lower.mutable_data_ptr<double>();
-  args.distances = plan.distances.mutable_data_ptr<double>();
-  args.upper = plan.upper.mutable_data_ptr<double>();
-  args.max_norm = std::sqrt(max_sq);
-  args.k = k;
-  args.d = d;
-  args.groups = plan.groups;
+  YinyangPassArgs args = yinyang_pass_args(plan, ids_d.const_data_ptr<int64_t>(), position_d.const_data_ptr<int64_t>(),
+                                           offsets_d.const_data_ptr<int64_t>(), group_d.const_data_ptr<int64_t>(),
+                                           sq_norms.const_data_ptr<float>(), sq_norms_f64.const_data_ptr<double>(),
+                                           max_sq);
   auto* counts = reinterpret_cast<unsigned long long*>(plan.counts.mutable_data_ptr<int64_t>());
 
   if (!refresh) {
