@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounds_
                                                      float score) {
     thread_local std::vector<float> group_min;
     group_min.resize(groups);
-    label_out[i] = ids[position];
+    label_out[i] = std::isfinite(best) ? ids[position] : 0;  // no finite score (a NaN point): 0, as kmeans_assign
     distance_out[i] = kmeans_distance(pn[i], score);
     const double error = kmeans_score_error_bound(pn[i], info.max_norm, d);
     const double point_sq = static_cast<double>(pn[i]);
