@@ -113,6 +113,51 @@ def test_bounded_stays_exact_on_near_ties(bounds):
     assert torch.equal(labels, first_min)
 
 
+def test_bounded_equals_plain_lloyd_on_data_with_nan_rows(bounds):
+    """NaN rows (label 0, as kmeans_assign gives) make their cluster's centroid NaN: every bounded path must
+    still give plain Lloyd's labels and centroids, not stop on the screening ops' domain or a NaN drift."""
+    x = clustered(n=3000, d=16, centres=30, seed=3)
+    x[[5, 700]] = float("nan")
+    init = initial_centroids(x[10:690], 30, seed=7)
+    plain = kmeans(x, 30, niter=8, backend="torch", init_centroids=init, bounded=False)
+    bounded = kmeans(x, 30, niter=8, backend="torch", init_centroids=init, bounded=True)
+    assert bounded.bounded and plain.labels[5] == 0 and plain.centroids[0].isnan().all()
+    assert torch.equal(bounded.labels, plain.labels)
+    assert torch.equal(bounded.centroids.nan_to_num(), plain.centroids.nan_to_num())
+
+
+def test_assign_bounds_gives_nan_rows_label_zero():
+    """kmeans_assign_bounds labels a row without a finite score 0 (kmeans_assign's label), not the original
+    index of the first sorted centroid."""
+    x = clustered(n=64, d=8, centres=30, seed=6)
+    x[3] = float("nan")
+    centroids = initial_centroids(x[4:], 30, seed=1)
+    order = torch.arange(30).roll(7)  # the first sorted centroid is centroid 23
+    offsets = torch.tensor([0, 16, 30])
+    labels, *_ = torch.ops.pydc.kmeans_assign_bounds(x, centroids[order], order, offsets, (x * x).sum(1))
+    assert torch.equal(labels, torch.ops.pydc.kmeans_assign(x, centroids, None, True)[0])
+    assert labels[3] == 0
+
+
+def test_screen_domain_excludes_non_finite_and_huge_inputs():
+    from pydc.ops.bf16_screen import ScreenedPoints
+
+    x = clustered(n=200, d=8, centres=5, seed=1)
+    norms = (x * x).sum(1)
+    centroids = x[:5].clone()
+    assert ScreenedPoints(x).in_domain(centroids, norms)
+    assert not ScreenedPoints(x).in_domain(centroids * 1e16, norms)  # ||c||^2 near float32's overflow
+    nan_centroids = centroids.clone()
+    nan_centroids[2, 1] = float("nan")
+    assert not ScreenedPoints(x).in_domain(nan_centroids, norms)
+    bad = x.clone()
+    bad[9, 0] = float("inf")
+    assert not ScreenedPoints(bad).in_domain(centroids, (bad * bad).sum(1))
+    screened = ScreenedPoints(x)
+    screened._screen = True  # as a run that screens (no bfloat16 GEMM runs here)
+    assert screened.bf16_for(centroids, norms) is not None and screened.bf16_for(nan_centroids, norms) is None
+
+
 def assert_group_bounds_hold(x, centroids, order, offsets, labels, upper, lower) -> torch.Tensor:
     """upper >= the exact distance to the labelled centroid, and each group's lower bound <= the exact distance to
     every member of the group but the labelled one (+inf for an empty group); returns the exact distances."""

@@ -234,7 +234,7 @@ class YinyangAssigner:
         # GEMM in bfloat16 where that screen pays (the same labels; bounds looser by the screen's error).
         if self.portable:
             return self._portable_pass(centroids, sorted_centroids, None)
-        x_bf16 = self.points.bf16()
+        x_bf16 = self.points.bf16_for(centroids, self.point_sq_norms)
         if x_bf16 is not None:
             labels, distances, _, self.lower = torch.ops.pydc.kmeans_assign_bounds_bf16(
                 self.x, x_bf16, sorted_centroids, self.order, self.offsets, self.point_sq_norms)

@@ -89,6 +89,7 @@ class ElkanAssigner:
             max_drift, dense_fraction = 0.0, 0.0  # the first pass sets every bound
         else:
             drift = (centroids.double() - self.previous.double()).norm(dim=1) * _ROUND_UP
+            drift = drift.nan_to_num(nan=float("inf"))  # a NaN centroid (a cluster with a NaN row): no bound
             # rounded-up sums, so that D_j(now) - D_j(then) >= every move in between
             self.offsets = torch.nextafter(self.offsets + drift, torch.tensor(float("inf"), dtype=torch.float64))
             max_drift, dense_fraction = float(drift.max()), DENSE_FRACTION

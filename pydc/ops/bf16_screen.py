@@ -148,15 +148,23 @@ def use_bf16_screen() -> bool:
     return _chosen[gemm]
 
 
+# The screening ops refuse non-finite points or centroids and norms whose float32 scores could overflow
+# (||x|| ||c|| or ||c||^2 at 1e37 and above, kmeans_bf16_kernel.cpp): a pass whose inputs are not well inside
+# (finite, both products below SAFE_SCORE) runs the float32 op instead, with the same labels.
+SAFE_SCORE = 1e30
+
+
 class ScreenedPoints:
     """One k-means run's points for its full passes: asks use_bf16_screen() once, keeps x rounded to bfloat16
-    when the run screens, and assigns with kmeans_assign_bf16 then (kmeans_assign otherwise; the same labels).
-    Shared by the assigners a run hands over between (kmeans_bounded.py, kmeans_delta.py)."""
+    when the run screens, and assigns with kmeans_assign_bf16 then (kmeans_assign otherwise, and for passes
+    outside the screen's domain, in_domain; the same labels). Shared by the assigners a run hands over
+    between (kmeans_bounded.py, kmeans_delta.py)."""
 
     def __init__(self, x: torch.Tensor):
         self.x = x
         self._screen: bool | None = None
         self._bf16: torch.Tensor | None = None
+        self._max_sq_norm: float | None = None  # the points' largest squared norm (+inf unless all finite)
 
     def screens(self) -> bool:
         """Whether the run screens (use_bf16_screen(), asked on first use)."""
@@ -172,9 +180,26 @@ class ScreenedPoints:
             self._bf16 = self.x.to(torch.bfloat16)
         return self._bf16
 
+    def in_domain(self, centroids: torch.Tensor, x_sq_norms: torch.Tensor) -> bool:
+        """Whether a screened pass can take these centroids: finite points and centroids whose scores stay
+        far from float32's overflow (SAFE_SCORE). Data with NaN or huge rows, and the NaN centroids of clusters
+        that hold such rows, make every pass plain float32. x_sq_norms: the points' squared norms (a row with a
+        NaN or infinite feature has a NaN or infinite one), read once."""
+        if self._max_sq_norm is None:
+            finite = bool(torch.isfinite(x_sq_norms).all()) and x_sq_norms.numel() > 0
+            self._max_sq_norm = float(x_sq_norms.double().max()) if finite else float("inf")
+        if not torch.isfinite(centroids).all():
+            return False
+        max_c = float(centroids.double().norm(dim=1).max())
+        return self._max_sq_norm ** 0.5 * max_c < SAFE_SCORE and max_c * max_c < SAFE_SCORE
+
+    def bf16_for(self, centroids: torch.Tensor, x_sq_norms: torch.Tensor) -> torch.Tensor | None:
+        """x in bfloat16 for a screened pass over these centroids, None for a float32 one."""
+        return self.bf16() if self.screens() and self.in_domain(centroids, x_sq_norms) else None
+
     def assign(self, centroids: torch.Tensor, x_sq_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels, distances) of kmeans_assign, screened where the run screens."""
-        x_bf16 = self.bf16()
+        """(labels, distances) of kmeans_assign, screened where the run screens and the pass is in_domain."""
+        x_bf16 = self.bf16_for(centroids, x_sq_norms)
         if x_bf16 is not None:
             return torch.ops.pydc.kmeans_assign_bf16(self.x, x_bf16, centroids, x_sq_norms)
         return torch.ops.pydc.kmeans_assign(self.x, centroids, x_sq_norms, True)
