@@ -92,10 +92,13 @@ PYDC_HD void yinyang_separation_row(int64_t p, const double* sq_norms_f64, const
   }
 }
 
+// A lower bound on d(x, j) for every centroid j at least `separation` from the own centroid, u >= d(x, own).
+PYDC_HD double yinyang_separated_lower_bound(double separation, double upper) { return separation - upper; }
+
 // Whether centroids at least `separation` from the own centroid are provably farther from the point than the
-// own centroid (u >= its distance), with the margin of the group test.
-PYDC_HD bool yinyang_separation_skips(float separation, double upper, double margin) {
-  const double lower = static_cast<double>(separation) - upper;
+// own centroid (u >= its distance), with the margin of the group test (the CPU's Yinyang kernel's test too).
+PYDC_HD bool yinyang_separation_skips(double separation, double upper, double margin) {
+  const double lower = yinyang_separated_lower_bound(separation, upper);
   return lower > 0.0 && lower * lower - upper * upper > margin;
 }
 
@@ -191,7 +194,7 @@ PYDC_HD YinyangPointCounts yinyang_pass_point(const Team& team, const YinyangPas
         for (int64_t g = 0; g < groups; ++g) {
           double l = yinyang_decayed_bound(lower[g], a.group_drift[g]);
           if ((separated >> g) & 1) {
-            const double s = static_cast<double>(separation[g]) - upper;
+            const double s = yinyang_separated_lower_bound(separation[g], upper);
             l = s > l ? s : l;
           }
           lower[g] = l;

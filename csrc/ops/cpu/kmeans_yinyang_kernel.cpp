@@ -42,6 +42,7 @@
 
 #include "common/checks.h"
 #include "common/kmeans_math.h"
+#include "common/kmeans_yinyang_pass.h"
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/kmeans_cpu.h"
 
@@ -158,16 +159,6 @@ CentroidSeparation centroid_separation(const at::Tensor& centroids, const Transp
   return separation;
 }
 
-// A lower bound on d(x, j) for every centroid j at least `separation` from the own centroid, u >= d(x, own).
-inline double separated_lower_bound(double separation, double upper) { return separation - upper; }
-
-// True when centroids at least `separation` from the own centroid are provably farther from the point than
-// the own centroid, with the margin of the group test (lower^2 - u^2 > margin).
-inline bool separation_skips(double separation, double upper, double margin) {
-  const double lower = separated_lower_bound(separation, upper);
-  return lower > 0.0 && lower * lower - upper * upper > margin;
-}
-
 // kmeans_settle_near_best (kmeans_cpu.h) over the needed groups' scored centroids of a row of block scores.
 int64_t settle_among_scored(const float* x, const float* centroids, const double* sq_norms_f64, const int64_t* ids,
                             int64_t d, const TransposedBlocks& blocks, const float* row_scores, const uint8_t* need,
@@ -239,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
       const int64_t own = position_of[label[i]];
       own_sq_all[i] = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
       const double farthest = std::sqrt(info.sq_norms_f64[own]) + info.max_norm;
-      count += separation_skips(farthest * kRoundUp, std::sqrt(own_sq_all[i]) * kRoundUp,
+      count += yinyang_separation_skips(farthest * kRoundUp, std::sqrt(own_sq_all[i]) * kRoundUp,
                                 2.0 * kmeans_score_error_bound(pn[i], info.max_norm, d));
     }
     may_separate += count;
@@ -282,13 +273,13 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
           continue;  // the global filter: the label stays
         }
         bool any = false;
-        separable[r] = separation.enabled && separation_skips(separation.largest[own], upper, 2.0 * error[r]);
+        separable[r] = separation.enabled && yinyang_separation_skips(separation.largest[own], upper, 2.0 * error[r]);
         if (separable[r]) {
           const float* separation_row = separation.group_min.data() + own * groups;
           for (int64_t g = 0; g < groups; ++g) {
-            if (need[g] && separation_skips(separation_row[g], upper, 2.0 * error[r])) {
+            if (need[g] && yinyang_separation_skips(separation_row[g], upper, 2.0 * error[r])) {
               need[g] = 0;
-              lower_row[g] = std::max(lower_row[g], separated_lower_bound(separation_row[g], upper));
+              lower_row[g] = std::max(lower_row[g], yinyang_separated_lower_bound(separation_row[g], upper));
             }
             any |= need[g] != 0;
           }
@@ -319,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
             if (separable[r] && own_block != b && own_block != b + pair - 1) {
               const float* separation_row = separation.block_min.data() + own_of[r] * n_blocks + b;
               const float nearest = pair == 2 ? std::min(separation_row[0], separation_row[1]) : separation_row[0];
-              if (separation_skips(nearest, upper_of[r], 2.0 * error[r])) {  // provably farther: +inf scores
+              if (yinyang_separation_skips(nearest, upper_of[r], 2.0 * error[r])) {  // provably farther: +inf scores
                 std::fill(row_scores, row_scores + pair * kBlockWidth, kKMeansInf);
                 double& skipped = skipped_min[r * groups + g];
                 skipped = std::min(skipped, static_cast<double>(nearest));
@@ -392,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
             });
           }
           lower_row[g] = std::min(kmeans_group_lower_bound(point_sq, norm_rounding, others_min, error[r]),
-                                  separated_lower_bound(skipped_min[r * groups + g], upper_of[r]));
+                                  yinyang_separated_lower_bound(skipped_min[r * groups + g], upper_of[r]));
         }
       }
       chunk_rows += static_cast<int64_t>(active.size());
