@@ -89,31 +89,20 @@ YinyangPassPlan plan_kmeans_yinyang_pass(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& group_drift, const at::Tensor& labels,
                                          const at::Tensor& group_lower) {
   constexpr const char* op = kYinyangPass;
-  PYDC_CHECK_DIM(op, "x", x, 2);
-  PYDC_CHECK_DIM(op, "centroids", centroids, 2);
-  PYDC_CHECK_DTYPE(op, "x", x, at::kFloat);
-  PYDC_CHECK_DTYPE(op, "centroids", centroids, at::kFloat);
-  PYDC_CHECK_DTYPE(op, "centroid_ids", ids, at::kLong);
-  PYDC_CHECK_DTYPE(op, "group_offsets", offsets, at::kLong);
-  PYDC_CHECK_DTYPE(op, "x_sq_norms", x_sq_norms, at::kFloat);
-  PYDC_CHECK_DTYPE(op, "group_drift", group_drift, at::kDouble);
-  PYDC_CHECK_DTYPE(op, "labels", labels, at::kLong);
-  PYDC_CHECK_DTYPE(op, "group_lower", group_lower, at::kDouble);
   const std::pair<const char*, const at::Tensor*> others[] = {
       {"centroids", &centroids}, {"centroid_ids", &ids}, {"group_offsets", &offsets}, {"x_sq_norms", &x_sq_norms},
       {"group_drift", &group_drift}, {"labels", &labels}, {"group_lower", &group_lower}};
   for (const auto& [name, tensor] : others) PYDC_CHECK_SAME_DEVICE(op, "x", x, name, *tensor);
-  const int64_t n = x.size(0), k = centroids.size(0), d = x.size(1);
-  TORCH_CHECK(d >= 1 && centroids.size(1) == d && k >= 1 && k < (int64_t(1) << 31), op,
-              ": expected x (N, d) and centroids (k, d) with the same d >= 1 and 1 <= k < 2^31, got x of shape ",
-              x.sizes(), " and centroids of shape ", centroids.sizes());
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == k, op, ": expected centroid_ids of shape (", k, ",), got ",
-              describe(ids));
-  TORCH_CHECK(x_sq_norms.dim() == 1 && x_sq_norms.size(0) == n, op, ": expected x_sq_norms of shape (", n,
-              ",), got ", describe(x_sq_norms));
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.size(0) <= 65, op, ": expected group_offsets "
               "of shape (groups + 1,) with 1 to 64 groups, got ", describe(offsets));
-  const int64_t groups = offsets.size(0) - 1;
+  // x, centroids, centroid_ids, group_offsets (from 0 to k, non-decreasing) and x_sq_norms, as the CPU's
+  // bounded ops check them
+  const int64_t groups = check_grouped_centroids(op, x, centroids, ids, offsets, x_sq_norms);
+  const int64_t n = x.size(0), k = centroids.size(0);
+  TORCH_CHECK(k < (int64_t(1) << 31), op, ": expected fewer than 2^31 centroids, got ", k);
+  PYDC_CHECK_DTYPE(op, "group_drift", group_drift, at::kDouble);
+  PYDC_CHECK_DTYPE(op, "labels", labels, at::kLong);
+  PYDC_CHECK_DTYPE(op, "group_lower", group_lower, at::kDouble);
   TORCH_CHECK(group_drift.dim() == 1 && group_drift.size(0) == groups, op, ": expected group_drift of shape (",
               groups, ",), got ", describe(group_drift));
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n && labels.is_contiguous(), op,
@@ -127,12 +116,8 @@ YinyangPassPlan plan_kmeans_yinyang_pass(const at::Tensor& x, const at::Tensor& 
   const at::Tensor ids_host = ids.to(at::kCPU).contiguous(), offsets_host = offsets.to(at::kCPU).contiguous();
   plan.ids.assign(ids_host.const_data_ptr<int64_t>(), ids_host.const_data_ptr<int64_t>() + k);
   plan.offsets.assign(offsets_host.const_data_ptr<int64_t>(), offsets_host.const_data_ptr<int64_t>() + groups + 1);
-  TORCH_CHECK(plan.offsets[0] == 0 && plan.offsets[groups] == k, op, ": expected group_offsets from 0 to k = ", k,
-              ", got ", plan.offsets[0], " to ", plan.offsets[groups]);
   plan.group_of.resize(k);
   for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK(plan.offsets[g] <= plan.offsets[g + 1], op, ": expected non-decreasing group_offsets, got ",
-                plan.offsets[g], " then ", plan.offsets[g + 1]);
     std::fill(plan.group_of.begin() + plan.offsets[g], plan.group_of.begin() + plan.offsets[g + 1], g);
   }
   plan.position_of.assign(k, -1);

@@ -28,6 +28,12 @@ struct KMeansUpdatePlan {
   int64_t k;
 };
 
+// Checks the arguments shared by the bounded-assignment ops (x (N, d) and centroids (k, d) float32, centroid
+// ids (k,) int64, group offsets (G + 1,) int64 from 0 to k, non-decreasing, x_sq_norms (N,) float32) and
+// returns the number of groups G. Reads group_offsets on the host (a copy for CUDA tensors).
+int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids,
+                                const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& x_sq_norms);
+
 // kmeans_yinyang_pass's checked arguments (ops/kmeans.cpp), with host copies of the small index tensors.
 struct YinyangPassPlan {
   at::Tensor x, centroids, x_sq_norms, group_drift;  // contiguous

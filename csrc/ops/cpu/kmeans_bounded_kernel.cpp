@@ -58,7 +58,7 @@ int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::T
               describe(norms));
   TORCH_CHECK(offsets_in.dim() == 1 && offsets_in.size(0) >= 2, op, ": expected group_offsets of shape "
               "(groups + 1,) with at least one group, got ", describe(offsets_in));
-  const at::Tensor offsets_t = offsets_in.contiguous();
+  const at::Tensor offsets_t = offsets_in.to(at::kCPU).contiguous();  // G + 1 values, also of CUDA tensors
   const int64_t groups = offsets_t.size(0) - 1;
   const int64_t* offsets = offsets_t.const_data_ptr<int64_t>();
   TORCH_CHECK(offsets[0] == 0 && offsets[groups] == k, op, ": expected group_offsets from 0 to k = ", k, ", got ",

@@ -24,6 +24,7 @@
 #include "common/kmeans_math.h"
 #include "ops/cpu/blas_gemm.h"
 #include "ops/cpu/cpu_kernels.h"
+#include "ops/kmeans.h"
 
 namespace pydc {
 
@@ -157,11 +158,6 @@ inline void check_points_and_centroids(const char* op, const at::Tensor& x, cons
 
 // --- bounded (Yinyang) k-means: kmeans_bounded_kernel.cpp, kmeans_yinyang_kernel.cpp ---
 
-// Checks the arguments shared by the bounded-assignment ops (x (N, d) and centroids (k, d) float32, centroid
-// ids (k,) int64, group offsets (G + 1,) int64 from 0 to k, non-decreasing, x_sq_norms (N,) float32) and
-// returns the number of groups G.
-int64_t check_grouped_centroids(const char* op, const at::Tensor& x, const at::Tensor& centroids,
-                                const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& x_sq_norms);
 
 // gamma_n = n u / (1 - n u) (u = 2^-24), with 1% slack: the error of a float32 dot product of length n, summed in
 // any order, per unit of the sum of its terms' magnitudes (|x| |y|) (the delta and bfloat16 passes' bounds).
