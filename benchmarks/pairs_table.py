@@ -5,7 +5,8 @@ one ISA level), so that the table's figures are the committed measurements rathe
 
 Each column's header names the CPU model, the ISA level pydc ran at (and the BLAS caps when capped), the
 thread count, the commit and the UTC date and time of its file; each cell gives pydc's time / the
-reference's, then both times. A ratio above issue 12's target is marked "(missed)"; a pair the file does not have is "-".
+reference's, then both times. A ratio above issue 12's target is marked "(missed)"; a pair the file does not
+have is "-".
 """
 
 from __future__ import annotations

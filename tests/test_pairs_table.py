@@ -30,8 +30,8 @@ def test_a_column_per_run_with_where_it_ran():
                "commit": "4ce8f683615b"}, kmeans_assign=(0.3, 2.0))
     text = pairs_table.table([capped, own])
     head = text.splitlines()[0]
-    assert ("Intel Xeon Processor (family 6 model 207), `avx2` capped, 2 threads, bf30ae0, 2026-12-06 03:22 UTC"
-            in head)
+    assert ("Intel Xeon Processor (family 6 model 207), `avx2` capped, 2 threads, bf30ae0, "
+            "2026-12-06 03:22 UTC" in head)
     assert "`avx512`, 2 threads, 4ce8f68" in head and "`avx512` capped" not in head
     assert "capped: MKL_ENABLE_INSTRUCTIONS=AVX2, OPENBLAS_CORETYPE=Haswell, FAISS_OPT_LEVEL=avx2" in text
     assert rows(text)[ASSIGN] == ["**0.80** (400 ms vs 500 ms)", "**0.15** (0.3 s vs 2 s)"]

@@ -182,9 +182,9 @@ class ScreenedPoints:
 
     def in_domain(self, centroids: torch.Tensor, x_sq_norms: torch.Tensor) -> bool:
         """Whether a screened pass can take these centroids: finite points and centroids whose scores stay
-        far from float32's overflow (SAFE_SCORE). Data with NaN or huge rows, and the NaN centroids of clusters
-        that hold such rows, make every pass plain float32. x_sq_norms: the points' squared norms (a row with a
-        NaN or infinite feature has a NaN or infinite one), read once."""
+        far from float32's overflow (SAFE_SCORE). Data with NaN or huge rows, and the NaN centroids of
+        clusters that hold such rows, make every pass plain float32. x_sq_norms: the points' squared norms (a
+        row with a NaN or infinite feature has a NaN or infinite one), read once."""
         if self._max_sq_norm is None:
             finite = bool(torch.isfinite(x_sq_norms).all()) and x_sq_norms.numel() > 0
             self._max_sq_norm = float(x_sq_norms.double().max()) if finite else float("inf")

@@ -158,7 +158,6 @@ inline void check_points_and_centroids(const char* op, const at::Tensor& x, cons
 
 // --- bounded (Yinyang) k-means: kmeans_bounded_kernel.cpp, kmeans_yinyang_kernel.cpp ---
 
-
 // gamma_n = n u / (1 - n u) (u = 2^-24), with 1% slack: the error of a float32 dot product of length n, summed in
 // any order, per unit of the sum of its terms' magnitudes (|x| |y|) (the delta and bfloat16 passes' bounds).
 inline double kmeans_gamma(int64_t n) {

@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_yinyang_cpu(const at::Tensor& x
       own_sq_all[i] = kernels.squared_distance_f64(xs + i * d, cs + own * d, d);
       const double farthest = std::sqrt(info.sq_norms_f64[own]) + info.max_norm;
       count += yinyang_separation_skips(farthest * kRoundUp, std::sqrt(own_sq_all[i]) * kRoundUp,
-                                2.0 * kmeans_score_error_bound(pn[i], info.max_norm, d));
+                                        2.0 * kmeans_score_error_bound(pn[i], info.max_norm, d));
     }
     may_separate += count;
   });
