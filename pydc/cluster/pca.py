@@ -122,7 +122,8 @@ def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
         except ImportError:
             pass
         else:
-            # The transpose is the same symmetric matrix in the column-major order LAPACK reads: no copy (~25 ms)
+            # The transpose is the same symmetric matrix in the column-major order LAPACK reads (ssytrd reduces a
+            # copy, so that torch.linalg.eigh still has the matrix if LAPACK fails)
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
                 vectors = _top_vectors_dc(matrix.numpy().T, m)
             if vectors is not None:
@@ -156,14 +157,11 @@ def _top_vectors_dc(a, m: int):
     if info != 0:
         return None
     top = vectors[:, n - m:]  # eigenvalues ascending; the last m columns, contiguous in column-major order
-    if n > 1:
-        # Q = H(1) ... H(n-1), H(i)'s vector 1 at row i + 1 and below it column i of the reflectors: the QR
-        # form of the trailing (n-1) x (n-1) block, applied to rows 2..n (sormtr's lower case); the workspace
-        # is sormqr's optimum for blocks of up to 64 reflectors (m x 64, and its 65 x 64 block reflector)
-        top[1:], _, info = lapack.sormqr(b"L", b"N", reflectors[1:, :n - 1], tau, top[1:], 64 * m + 65 * 64)
-        if info != 0:
-            return None
-    return top
+    # Q = H(1) ... H(n-1), H(i)'s vector 1 at row i + 1 and below it column i of the reflectors: the QR form of
+    # the trailing (n-1) x (n-1) block, applied to rows 2..n (sormtr's lower case); the workspace is sormqr's
+    # optimum for blocks of up to 64 reflectors (m x 64, and its 65 x 64 block reflector)
+    top[1:], _, info = lapack.sormqr(b"L", b"N", reflectors[1:, :n - 1], tau, top[1:], 64 * m + 65 * 64)
+    return top if info == 0 else None
 
 
 _MOMENT_KEYS = ("shift", "sum", "gram")  # gram: float64, upper triangle defined (see pydc.ops.pca)
