@@ -229,8 +229,8 @@ def test_refined_eigh_matches_full_float64_eigh(monkeypatch, n, d, k):
 
 
 def _symmetric_with_spectrum(d, seed=0):
-    """A float32 symmetric matrix Q diag(values) Q^T: eigenvalues 1 / (i + 1), but 8 equal ones at indices 40-47
-    and 20 zeros at the bottom; and its float64 eigenvectors of the top 40."""
+    """A float32 symmetric matrix Q diag(values) Q^T: eigenvalues 1 / (i + 1), but 8 equal ones at indices
+    40-47 and 20 zeros at the bottom; and its float64 eigenvectors of the top 40."""
     generator = torch.Generator().manual_seed(seed)
     axes, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=generator))
     values = 1.0 / (torch.arange(d, dtype=torch.float64) + 1.0)
@@ -242,8 +242,9 @@ def _symmetric_with_spectrum(d, seed=0):
 
 @pytest.mark.parametrize("solver", ["lapack", "torch", "lapack-failure"])
 def test_top_float32_vectors_span_the_top_eigenspace(monkeypatch, solver):
-    # The float32 basis that top_eigenpairs refines: LAPACK's reduction, divide and conquer and back-transformation
-    # of the top m vectors (scipy), torch.linalg.eigh without scipy, and torch's where LAPACK reports a failure.
+    # The float32 basis that top_eigenpairs refines: LAPACK's reduction, divide and conquer and
+    # back-transformation of the top m vectors (scipy), torch.linalg.eigh without scipy, and torch's where
+    # LAPACK reports a failure.
     pytest.importorskip("scipy")
     from scipy.linalg import lapack
 
@@ -255,7 +256,10 @@ def test_top_float32_vectors_span_the_top_eigenspace(monkeypatch, solver):
     if solver == "torch":
         monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)  # import fails: no scipy
     if solver == "lapack-failure":
-        monkeypatch.setattr(lapack, "sstevd", lambda d, e, **kw: (d, np.zeros((d.size, d.size), np.float32), 1))
+        def failing_sstevd(d, e, **kwargs):  # info > 0: an eigenvalue that did not converge
+            return d, np.zeros((d.size, d.size), np.float32), 1
+
+        monkeypatch.setattr(lapack, "sstevd", failing_sstevd)
     before = matrix.clone()
     vectors = pca_module._top_vectors32(matrix, m)
     assert calls == ([] if solver == "torch" else [m])
@@ -266,8 +270,9 @@ def test_top_float32_vectors_span_the_top_eigenspace(monkeypatch, solver):
     # span(vectors) holds the top 40 eigenvectors and 4 directions of the 8-fold eigenvalue the 44th falls in
     assert principal_angles(vectors.T, top.T).max() < 1e-4
     spectrum = torch.linalg.eigvalsh(vectors.T @ matrix.double() @ vectors).flip(0)
-    torch.testing.assert_close(spectrum[:40], 1.0 / (torch.arange(40, dtype=torch.float64) + 1.0), rtol=1e-5, atol=0)
-    torch.testing.assert_close(spectrum[40:], torch.full((4,), 1.0 / 41, dtype=torch.float64), rtol=1e-5, atol=0)
+    expected = 1.0 / (torch.arange(40, dtype=torch.float64) + 1.0)
+    torch.testing.assert_close(spectrum[:40], expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(spectrum[40:], torch.full_like(spectrum[40:], 1.0 / 41), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -109,9 +109,9 @@ def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 
 
 def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
-    """Eigenvectors (columns, any order) of the m largest eigenvalues of a symmetric float32 matrix. On the CPU
-    with scipy: LAPACK through scipy.linalg.lapack (_top_vectors_dc: tridiagonal reduction, divide and conquer,
-    back-transformation of the m vectors only), its BLAS threads held to torch's count (the caller's
+    """Eigenvectors (columns, any order) of the m largest eigenvalues of a symmetric float32 matrix. On the
+    CPU with scipy: LAPACK through scipy.linalg.lapack (_top_vectors_dc: tridiagonal reduction, divide and
+    conquer, back-transformation of the m vectors only), its BLAS threads held to torch's count (the caller's
     eigh_threads), its own pool otherwise taking every core; elsewhere, or where LAPACK reports a failure,
     torch.linalg.eigh."""
     d = matrix.shape[0]
@@ -122,8 +122,8 @@ def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
         except ImportError:
             pass
         else:
-            # The transpose is the same symmetric matrix in the column-major order LAPACK reads (ssytrd reduces a
-            # copy, so that torch.linalg.eigh still has the matrix if LAPACK fails)
+            # The transpose is the same symmetric matrix in the column-major order LAPACK reads (ssytrd
+            # reduces a copy, so that torch.linalg.eigh still has the matrix if LAPACK fails)
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
                 vectors = _top_vectors_dc(matrix.numpy().T, m)
             if vectors is not None:
@@ -141,11 +141,11 @@ def _top_vectors_dc(a, m: int):
     0.48-0.49 s for scipy.linalg.eigh's ssyevr with the same subset, whose MRRR takes ~0.16 s for the 384
     vectors of T where the divide and conquer takes ~0.05 s for all 2048 (the reduction, ~0.19-0.3 s, is the
     same); the same residuals (2.1e-5 at eigenvalues up to 133). torch.linalg.eigh (MKL's ssyevd, every vector
-    back-transformed) took 0.33-0.37 s. After top_eigenpairs' float64 steps, the largest principal angle to the
-    float64 eigh's top 256 vectors (50k/20k x 2048 benchmark features, and 8k rows of a 1/(i+1)^1.2 spectrum)
-    is 1.7e-5 and 2.3e-5 (MRRR's basis: 7.4e-6 and 8.1e-6), the eigenvalues within 2.1e-10 relative (7.5e-12):
-    the float32 basis leaves more of the top directions outside its span (4.1e-5 and 5.8e-5 at most, MRRR's
-    1.2e-5 and 1.3e-5), which the power step damps by lambda_{m+1}/lambda_k."""
+    back-transformed) took 0.33-0.37 s. After top_eigenpairs' float64 steps, the largest principal angle to
+    the float64 eigh's top 256 vectors (20k x 2048 benchmark features, and 8k rows of a 1/(i+1)^1.2
+    spectrum) is 1.7e-5 and 2.3e-5 (MRRR's basis: 7.4e-6 and 8.1e-6), the eigenvalues within 2.1e-10
+    relative (7.5e-12): the float32 basis leaves more of the top directions outside its span (4.1e-5 and
+    5.8e-5 at most, MRRR's 1.2e-5 and 1.3e-5), which the power step damps by lambda_{m+1}/lambda_k."""
     from scipy.linalg import lapack
 
     n = a.shape[0]
@@ -157,9 +157,9 @@ def _top_vectors_dc(a, m: int):
     if info != 0:
         return None
     top = vectors[:, n - m:]  # eigenvalues ascending; the last m columns, contiguous in column-major order
-    # Q = H(1) ... H(n-1), H(i)'s vector 1 at row i + 1 and below it column i of the reflectors: the QR form of
-    # the trailing (n-1) x (n-1) block, applied to rows 2..n (sormtr's lower case); the workspace is sormqr's
-    # optimum for blocks of up to 64 reflectors (m x 64, and its 65 x 64 block reflector)
+    # Q = H(1) ... H(n-1), H(i)'s vector 1 at row i + 1 and below it column i of the reflectors: the QR form
+    # of the trailing (n-1) x (n-1) block, applied to rows 2..n (sormtr's lower case); the workspace is
+    # sormqr's optimum for blocks of up to 64 reflectors (m x 64, and its 65 x 64 block reflector)
     top[1:], _, info = lapack.sormqr(b"L", b"N", reflectors[1:, :n - 1], tau, top[1:], 64 * m + 65 * 64)
     return top if info == 0 else None
 
