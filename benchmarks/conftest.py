@@ -96,14 +96,19 @@ def cpu_model() -> str:
     return model
 
 
-BLAS_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL", "PYDC_KMEANS_BOUNDS")  # and the bounds
+# the caps of the other libraries' ISA levels (ATen's own kernels, MKL, OpenBLAS, faiss), and the bounds
+BLAS_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL",
+             "PYDC_KMEANS_BOUNDS")
 
 
 def where_it_ran() -> dict:
-    """CPU model, pydc's ISA level, BLAS ISA caps and thread count: recorded with every figure."""
+    """CPU model, pydc's ISA level and ATen's, the other libraries' ISA caps and thread count: recorded with
+    every figure."""
     from pydc.ops.cpu_capability import cpu_capability
 
-    info = {"cpu_model": cpu_model(), "cpu_capability": cpu_capability(), "cpu_threads": torch.get_num_threads()}
+    info = {"cpu_model": cpu_model(), "cpu_capability": cpu_capability(),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_threads": torch.get_num_threads()}
     info.update({name: os.environ[name] for name in BLAS_CAPS if name in os.environ})
     return info
 

@@ -3,10 +3,10 @@ one ISA level), so that the table's figures are the committed measurements rathe
 
     python -m benchmarks.pairs_table benchmarks/results/cpu_pairs_A.json benchmarks/results/cpu_pairs_B.json
 
-Each column's header names the CPU model, the ISA level pydc ran at (and the BLAS caps when capped), the
-thread count, the commit and the UTC date and time of its file; each cell gives pydc's time / the
-reference's, then both times. A ratio above issue 12's target is marked "(missed)"; a pair the file does not
-have is "-".
+Each column's header names the CPU model, the ISA level pydc ran at ("capped" when the other libraries'
+levels were capped: ATen's, the BLAS and faiss, named under the table), the thread count, the commit and
+the UTC date and time of its file; each cell gives pydc's time / the reference's, then both times. A ratio
+above issue 12's target is marked "(missed)"; a pair the file does not have is "-".
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ ROWS = (
     ("k-means unstructured, same sizes / faiss-cpu", "k-means unstructured", 0.5),
     ("PCA-whitening fit + transform 50k x 2048 -> 256 / faiss PCAMatrix(-0.5) + L2", "PCA-whitening", 0.25),
 )
-CAPS = ("MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL")
+# ATen's cap first; capped runs before 2026-12-06 14:30 UTC capped the BLAS and faiss only (ATen's elementwise
+# kernels, in pydc's Python between the ops, ran at the CPU's own level)
+CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL")
 
 
 def capped(where: dict) -> list[str]:
-    """The BLAS and faiss caps a run was made under (NAME=value), empty for none."""
+    """The ATen, BLAS and faiss caps a run was made under (NAME=value), empty for none."""
     return [f"{name}={where[name]}" for name in CAPS if where.get(name)]
 
 

@@ -15,7 +15,7 @@ pydc's plain CUDA Lloyd, 200,000 x 256, k = 1000, clustered.
 Each full k-means runs twice per side: once untimed by pytest-benchmark for the check (its wall time is kept in
 extra_info as a second sample) and once timed (seconds-long jobs on a shared machine). The ISA level is the one in
 use; to measure capped at AVX2 on an AVX-512 machine run with PYDC_CPU_CAPABILITY=avx2
-MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2.
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ row L2 normalization of all rows. Sizes from the issue: 50,000 x 2048 -> 256 on 
 is timed, both run once and their outputs must agree (assert_same_whitening).
 
 Capped at AVX2 on an AVX-512 machine: PYDC_CPU_CAPABILITY=avx2 (pydc's row passes) with
-MKL_ENABLE_INSTRUCTIONS=AVX2 (torch's GEMMs and eigh), OPENBLAS_CORETYPE=Haswell (scipy's syrk and faiss's
-BLAS) and FAISS_OPT_LEVEL=avx2.
+ATEN_CPU_CAPABILITY=avx2 (torch's elementwise kernels), MKL_ENABLE_INSTRUCTIONS=AVX2 (torch's GEMMs and eigh),
+OPENBLAS_CORETYPE=Haswell (scipy's syrk and faiss's BLAS) and FAISS_OPT_LEVEL=avx2.
 """
 
 from __future__ import annotations

@@ -37,6 +37,17 @@ def test_a_column_per_run_with_where_it_ran():
     assert rows(text)[ASSIGN] == ["**0.80** (400 ms vs 500 ms)", "**0.15** (0.3 s vs 2 s)"]
 
 
+def test_the_caps_of_each_run_are_named_aten_first():
+    earlier = run(WHERE, kmeans_assign=(0.4, 0.5))  # capped before ATen's level was
+    later = run({**WHERE, "ATEN_CPU_CAPABILITY": "avx2"}, kmeans_assign=(0.4, 0.5))
+    text = pairs_table.table([earlier, later])
+    assert text.splitlines()[0].count("`avx2` capped") == 2
+    assert text.splitlines()[-1] == (
+        "capped: ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, OPENBLAS_CORETYPE=Haswell, "
+        "FAISS_OPT_LEVEL=avx2; MKL_ENABLE_INSTRUCTIONS=AVX2, OPENBLAS_CORETYPE=Haswell, FAISS_OPT_LEVEL=avx2 "
+        "(and PYDC_CPU_CAPABILITY at the level named)")
+
+
 @pytest.mark.parametrize("ours, theirs, missed", [(1.02, 1.0, True), (0.99, 1.0, False), (0.5, 0.5, False)])
 def test_a_ratio_over_the_target_is_marked_missed(ours, theirs, missed):
     text = pairs_table.table([run(WHERE, kmeans_assign=(ours, theirs))])

@@ -7,7 +7,7 @@ ATen does with its CPU_CAPABILITY kernels. The environment variable PYDC_CPU_CAP
 set before pydc is imported, caps that level (as ATEN_CPU_CAPABILITY caps ATen's); an unknown value is
 ignored with a warning. Every level computes the same results bitwise; only the speed differs. The BLAS
 that runs the GEMMs (MKL or OpenBLAS) picks its own ISA: MKL_ENABLE_INSTRUCTIONS=AVX2 and
-OPENBLAS_CORETYPE=Haswell cap those.
+OPENBLAS_CORETYPE=Haswell cap those, ATEN_CPU_CAPABILITY=avx2 torch's own kernels.
 """
 
 from __future__ import annotations
