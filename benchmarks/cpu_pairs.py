@@ -38,7 +38,7 @@ from pydc.ops.pca import cpu_syrk_report
 from pydc.ops.sobel import IMAGENET_MEAN, IMAGENET_STD, SOBEL_KERNELS, sobel_normalize_reference
 
 N, D, K = 100_000, 256, 1000
-# 3 rounds each until 2026-12-06 14:30 UTC: one slow round of five moves a median less than one of three
+# 3 rounds each until 2026-12-06 13:45 UTC: one slow round of five moves a median less than one of three
 KMEANS_ROUNDS = 5
 PCA_ROUNDS = 5
 

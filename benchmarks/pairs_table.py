@@ -22,7 +22,7 @@ ROWS = (
     ("k-means unstructured, same sizes / faiss-cpu", "k-means unstructured", 0.5),
     ("PCA-whitening fit + transform 50k x 2048 -> 256 / faiss PCAMatrix(-0.5) + L2", "PCA-whitening", 0.25),
 )
-# ATen's cap first; capped runs before 2026-12-06 14:30 UTC capped the BLAS and faiss only (ATen's elementwise
+# ATen's cap first; capped runs before 2026-12-06 13:45 UTC capped the BLAS and faiss only (ATen's elementwise
 # kernels, in pydc's Python between the ops, ran at the CPU's own level)
 CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE", "FAISS_OPT_LEVEL")
 
