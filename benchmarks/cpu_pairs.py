@@ -4,12 +4,12 @@ end the run as the README's table (benchmarks.pairs_table):
 
     python -m benchmarks.cpu_pairs OUT.json                       # the CPU's own ISA level
     PYDC_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
-        OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2 python -m benchmarks.cpu_pairs OUT.json   # capped at AVX2
+        OPENBLAS_CORETYPE=Haswell FAISS_OPT_LEVEL=avx2 python -m benchmarks.cpu_pairs OUT.json  # capped
 
 Sobel (median of 5 rounds x 10 calls), assign (median of 5), k-means (clustered and unstructured data,
-same start) and PCA (medians of 5, every run in the JSON) alternate sides. OUT.json also records
-where it ran (CPU model, level, BLAS caps, threads, commit, UTC date) and the 1-minute load average after each
-pair (the machine may be shared), and the BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm:
+same start) and PCA (medians of 5, every run in the JSON) alternate sides. OUT.json also records where it
+ran (CPU model, pydc's and ATen's levels, caps, threads, commit, UTC date) and the 1-minute load average after
+each pair (the machine may be shared), and the BLAS of the CPU k-means GEMMs (pydc.ops.cpu_gemm:
 PYDC_CPU_GEMM=torch|scipy forces it, auto measures) with its measured block times. Names after OUT.json pick
 pairs (sobel, assign, kmeans, pca), e.g. `python -m benchmarks.cpu_pairs OUT.json kmeans`; the default runs all.
 """
@@ -92,8 +92,8 @@ def assign_pair():
 def kmeans_pair(dataset):
     x = features(N, D, "cpu", dataset)
     init = initial_centroids(x, K, seed=0)
-    # KMEANS_ROUNDS rounds, the sides alternating, medians: on a shared VM one side's single run moved by up to 1.6x
-    # between runs (faiss unstructured: 5.5-9.6 s on one Intel Xeon within an hour)
+    # KMEANS_ROUNDS rounds, the sides alternating, medians: on a shared VM one side's single run moved by up to
+    # 1.6x between runs (faiss unstructured: 5.5-9.6 s on one Intel Xeon within an hour)
     # (and pydc's plain Lloyd, bounded=False, for what the bounds give on this machine)
     ours_runs, theirs_runs, plain_runs = [], [], []
     for _ in range(KMEANS_ROUNDS):
