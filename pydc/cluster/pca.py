@@ -110,10 +110,10 @@ def top_eigenpairs(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
 
 def _top_vectors32(matrix: torch.Tensor, m: int) -> torch.Tensor:
     """Eigenvectors (columns, any order) of the m largest eigenvalues of a symmetric float32 matrix. On the
-    CPU with scipy: LAPACK through scipy.linalg.lapack (_top_vectors_dc: tridiagonal reduction, divide and
-    conquer, back-transformation of the m vectors only), its BLAS threads held to torch's count (the caller's
-    eigh_threads), its own pool otherwise taking every core; elsewhere, or where LAPACK reports a failure,
-    torch.linalg.eigh."""
+    CPU with scipy: LAPACK through scipy.linalg.lapack and torch.ormqr (_top_vectors_dc: tridiagonal
+    reduction, divide and conquer, back-transformation of the m vectors only), scipy's BLAS threads held to
+    torch's count (the caller's eigh_threads), its own pool otherwise taking every core; elsewhere, or where
+    LAPACK reports a failure, torch.linalg.eigh."""
     d = matrix.shape[0]
     if matrix.device.type == "cpu" and m < d:
         try:
@@ -135,10 +135,11 @@ def _top_vectors_dc(a, m: int):
     """The m top eigenvectors (an n x m column-major numpy array) of the symmetric float32 column-major numpy
     matrix `a` (its lower triangle read, a left as it was), or None where LAPACK reports a failure:
     ssytrd reduces a to tridiagonal T = Q^T a Q, sstevd (divide and conquer) gives T's eigenvectors, and
-    sormqr applies Q to the last m of them, those of the largest eigenvalues.
+    torch.ormqr (MKL's sormqr) applies Q to the last m of them, those of the largest eigenvalues.
 
-    D = 2048, m = 384 on 2 threads of an Intel Xeon (family 6 model 207, capped at AVX2): 0.34-0.40 s against
-    0.48-0.49 s for scipy.linalg.eigh's ssyevr with the same subset, whose MRRR takes ~0.16 s for the 384
+    D = 2048, m = 384 on 2 threads of an Intel Xeon (family 6 model 207, capped at AVX2): 0.34-0.40 s with
+    scipy's sormqr (MKL's, now: 0.28-0.35 s; top_eigenpairs 429-491 ms against 455-507, six alternating
+    runs, its vectors the same to 1.2e-8) against 0.48-0.49 s for scipy.linalg.eigh's ssyevr with the same subset, whose MRRR takes ~0.16 s for the 384
     vectors of T where the divide and conquer takes ~0.05 s for all 2048 (the reduction, ~0.19-0.3 s, is the
     same); the same residuals (2.1e-5 at eigenvalues up to 133). torch.linalg.eigh (MKL's ssyevd, every vector
     back-transformed) took 0.33-0.37 s. After top_eigenpairs' float64 steps, the largest principal angle to
@@ -158,10 +159,12 @@ def _top_vectors_dc(a, m: int):
         return None
     top = vectors[:, n - m:]  # eigenvalues ascending; the last m columns, contiguous in column-major order
     # Q = H(1) ... H(n-1), H(i)'s vector 1 at row i + 1 and below it column i of the reflectors: the QR form
-    # of the trailing (n-1) x (n-1) block, applied to rows 2..n (sormtr's lower case); the workspace is
-    # sormqr's optimum for blocks of up to 64 reflectors (m x 64, and its 65 x 64 block reflector)
-    top[1:], _, info = lapack.sormqr(b"L", b"N", reflectors[1:, :n - 1], tau, top[1:], 64 * m + 65 * 64)
-    return top if info == 0 else None
+    # of the trailing (n-1) x (n-1) block, applied to rows 2..n (sormtr's lower case). torch.ormqr is MKL's
+    # sormqr: 28-36 ms here against 59-97 ms for scipy's OpenBLAS one (D = 2048, m = 384, the same capped
+    # Xeon), the same vectors to 1.2e-7; it raises on bad arguments, the only failure sormqr reports
+    q = torch.from_numpy(reflectors)[1:, :n - 1]  # column-major views of scipy's Fortran-ordered arrays
+    top[1:] = torch.ormqr(q, torch.from_numpy(tau), torch.from_numpy(top)[1:], transpose=False).numpy()
+    return top
 
 
 _MOMENT_KEYS = ("shift", "sum", "gram")  # gram: float64, upper triangle defined (see pydc.ops.pca)
