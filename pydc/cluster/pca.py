@@ -138,15 +138,16 @@ def _top_vectors_dc(a, m: int):
     torch.ormqr (MKL's sormqr) applies Q to the last m of them, those of the largest eigenvalues.
 
     D = 2048, m = 384 on 2 threads of an Intel Xeon (family 6 model 207, capped at AVX2): 0.34-0.40 s with
-    scipy's sormqr (MKL's, now: 0.28-0.35 s; top_eigenpairs 429-491 ms against 455-507, six alternating
-    runs, its vectors the same to 1.2e-8) against 0.48-0.49 s for scipy.linalg.eigh's ssyevr with the same subset, whose MRRR takes ~0.16 s for the 384
-    vectors of T where the divide and conquer takes ~0.05 s for all 2048 (the reduction, ~0.19-0.3 s, is the
-    same); the same residuals (2.1e-5 at eigenvalues up to 133). torch.linalg.eigh (MKL's ssyevd, every vector
-    back-transformed) took 0.33-0.37 s. After top_eigenpairs' float64 steps, the largest principal angle to
-    the float64 eigh's top 256 vectors (20k x 2048 benchmark features, and 8k rows of a 1/(i+1)^1.2
-    spectrum) is 1.7e-5 and 2.3e-5 (MRRR's basis: 7.4e-6 and 8.1e-6), the eigenvalues within 2.1e-10
-    relative (7.5e-12): the float32 basis leaves more of the top directions outside its span (4.1e-5 and
-    5.8e-5 at most, MRRR's 1.2e-5 and 1.3e-5), which the power step damps by lambda_{m+1}/lambda_k."""
+    scipy's sormqr (MKL's, now: 0.28-0.35 s; top_eigenpairs 429-491 ms against 455-507, six alternating runs,
+    its vectors the same to 1.2e-8) against 0.48-0.49 s for scipy.linalg.eigh's ssyevr with the same subset,
+    whose MRRR takes ~0.16 s for the 384 vectors of T where the divide and conquer takes ~0.05 s for all 2048
+    (the reduction, ~0.19-0.3 s, is the same); the same residuals (2.1e-5 at eigenvalues up to 133).
+    torch.linalg.eigh (MKL's ssyevd, every vector back-transformed) took 0.33-0.37 s. After top_eigenpairs'
+    float64 steps, the largest principal angle to the float64 eigh's top 256 vectors (20k x 2048 benchmark
+    features, and 8k rows of a 1/(i+1)^1.2 spectrum) is 1.7e-5 and 2.3e-5 (MRRR's basis: 7.4e-6 and 8.1e-6),
+    the eigenvalues within 2.1e-10 relative (7.5e-12): the float32 basis leaves more of the top directions
+    outside its span (4.1e-5 and 5.8e-5 at most, MRRR's 1.2e-5 and 1.3e-5), which the power step damps by
+    lambda_{m+1}/lambda_k."""
     from scipy.linalg import lapack
 
     n = a.shape[0]
